@@ -1,0 +1,23 @@
+"""loramux.converters: PEFT LoRA checkpoints -> GGUF (llama.cpp) adapters, exactly.
+
+The scale convention and tensor layouts are documented once, in :mod:`loramux.converters.scale`.
+"""
+from .base_gguf import BaseModelInfo, read_base_model
+from .errors import AdapterError, BaseModelError, BaseModelMismatchError, LoramuxError, UnsupportedAdapterError
+from .gguf_adapter import OUT_TYPES, convert_peft_to_gguf
+from .peft_checkpoint import LoraModule, PeftAdapter, load_peft_adapter
+
+__all__ = [
+    "AdapterError",
+    "BaseModelError",
+    "BaseModelInfo",
+    "BaseModelMismatchError",
+    "LoraModule",
+    "LoramuxError",
+    "OUT_TYPES",
+    "PeftAdapter",
+    "UnsupportedAdapterError",
+    "convert_peft_to_gguf",
+    "load_peft_adapter",
+    "read_base_model",
+]

@@ -1,0 +1,152 @@
+"""PEFT LoRA checkpoint -> GGUF LoRA adapter that stock llama.cpp loads, with PEFT's exact deltas."""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Literal
+
+import numpy as np
+
+from .atomic import atomic_output
+from .base_gguf import BaseModelInfo, read_base_model
+from .errors import BaseModelMismatchError, UnsupportedAdapterError
+from .name_map import ARCH_TABLES, gguf_tensor_name, permutation_key, permute_rows, supported_architectures
+from .peft_checkpoint import LoraModule, PeftAdapter, load_peft_adapter
+from .scale import fold_factor
+
+OutType = Literal["f32", "f16", "bf16", "q8_0"]
+OUT_TYPES: tuple[str, ...] = ("f32", "f16", "bf16", "q8_0")
+
+# Keys loramux adds to the GGUF (llama.cpp ignores unknown keys).
+KEY_SOURCE = "loramux.source"
+KEY_BASE_FINGERPRINT = "loramux.base_fingerprint"
+KEY_PEFT_TYPE = "loramux.peft_type"
+
+
+@dataclass(frozen=True)
+class GgufLoraTensors:
+    """One module in file layout: numpy arrays ready for GGUFWriter (numpy order = ne reversed)."""
+
+    base_tensor: str
+    lora_a: np.ndarray  # (r, in), or (vocab, r) for token_embd
+    lora_b: np.ndarray  # (out, r), or (dim, r) for token_embd
+
+
+def _check_arch(base: BaseModelInfo) -> None:
+    if base.architecture not in ARCH_TABLES:
+        raise UnsupportedAdapterError(
+            f"base model {base.path} has architecture {base.architecture!r}; loramux has name tables for {supported_architectures()}"
+        )
+
+
+def plan_module(module: LoraModule, base: BaseModelInfo, alpha_file: float) -> GgufLoraTensors:
+    """Map one PEFT module onto its base tensor, validate shapes and apply the scale convention."""
+    tensor = gguf_tensor_name(base.architecture, module.name)
+    if tensor is None:
+        raise BaseModelMismatchError(
+            f"module {module.name!r} has no counterpart in a {base.architecture!r} GGUF; "
+            "the adapter targets a module llama.cpp does not adapt or was built for another architecture"
+        )
+    shape = base.tensor_shapes.get(tensor)
+    if shape is None:
+        hint = " (the base ties its output projection to token_embd)" if tensor == "output.weight" else ""
+        raise BaseModelMismatchError(
+            f"module {module.name!r} adapts {tensor!r}, which the base model {base.path.name} does not have{hint}: "
+            "was the adapter trained on another model?"
+        )
+    fold = np.float32(fold_factor(module.scaling, alpha_file, module.rank))
+    if module.kind == "embedding":
+        dim, vocab = shape
+        if module.A.shape[1] != vocab or module.B.shape[0] != dim:
+            raise BaseModelMismatchError(
+                f"embedding LoRA {module.name!r} is for vocab {module.A.shape[1]} x dim {module.B.shape[0]}, "
+                f"but {tensor!r} in the base is vocab {vocab} x dim {dim}: was the adapter trained on another model?"
+            )
+        return GgufLoraTensors(tensor, np.ascontiguousarray(module.A.T), module.B * fold)
+    n_in, n_out = shape
+    if module.A.shape[1] != n_in or module.B.shape[0] != n_out:
+        raise BaseModelMismatchError(
+            f"module {module.name!r} maps {module.A.shape[1]} -> {module.B.shape[0]} features, but {tensor!r} in the base "
+            f"maps {n_in} -> {n_out}: was the adapter trained on another model?"
+        )
+    b = module.B * fold
+    head_key = permutation_key(base.architecture, tensor)
+    if head_key is not None:
+        b = permute_rows(b, int(base.hparams[head_key]))
+    return GgufLoraTensors(tensor, module.A, np.ascontiguousarray(b))
+
+
+def _encode(array: np.ndarray, outtype: str):
+    """Return (data, raw_dtype) for GGUFWriter.add_tensor; q8_0 needs rows of 32, else f16."""
+    import gguf
+
+    if outtype == "f32":
+        return array.astype(np.float32), None
+    if outtype == "f16" or (outtype == "q8_0" and array.shape[-1] % 32):
+        return array.astype(np.float16), None
+    qtype = gguf.GGMLQuantizationType.BF16 if outtype == "bf16" else gguf.GGMLQuantizationType.Q8_0
+    return gguf.quants.quantize(array.astype(np.float32), qtype), qtype
+
+
+def plan_adapter(adapter: PeftAdapter, base: BaseModelInfo, *, skip_embeddings: bool = False) -> list[GgufLoraTensors]:
+    """Validate every module of ``adapter`` against ``base`` before anything is written."""
+    _check_arch(base)
+    alpha_file = float(adapter.config["lora_alpha"])
+    modules = adapter.modules
+    embedding = [m for m in modules if m.kind == "embedding"]
+    if embedding and base.ties_output_to_embeddings:
+        if not skip_embeddings:
+            raise UnsupportedAdapterError(
+                f"{adapter.path}: adapts the token embeddings ({embedding[0].name}), but {base.path.name} ties its output "
+                "projection to token_embd and llama.cpp would apply that LoRA to the output projection too (stock "
+                "llama.cpp aborts at the first decode). Merge the adapter into the base model, or pass --skip-embeddings "
+                "to drop the embedding LoRA (the rest stays exact, the result differs from PEFT)"
+            )
+        modules = [m for m in modules if m.kind != "embedding"]
+    if not modules:
+        raise UnsupportedAdapterError(f"{adapter.path}: nothing left to convert")
+    return [plan_module(m, base, alpha_file) for m in modules]
+
+
+def convert_peft_to_gguf(
+    peft_dir: str | os.PathLike,
+    base: str | os.PathLike,
+    out: str | os.PathLike,
+    *,
+    outtype: OutType = "f16",
+    skip_embeddings: bool = False,
+    allow_pickle: bool = False,
+    progress: Callable[[int, int], None] | None = None,
+) -> Path:
+    """Convert a PEFT LoRA folder into a GGUF adapter for ``base``; return the output path.
+
+    Raises ``AdapterError`` (and subclasses) or ``BaseModelError``; on error no output file exists.
+    """
+    import gguf
+
+    if outtype not in OUT_TYPES:
+        raise ValueError(f"outtype must be one of {OUT_TYPES}, got {outtype!r}")
+    adapter = load_peft_adapter(peft_dir, allow_pickle=allow_pickle)
+    info = read_base_model(base)
+    planned = plan_adapter(adapter, info, skip_embeddings=skip_embeddings)
+    with atomic_output(out) as tmp:
+        writer = gguf.GGUFWriter(tmp, arch=info.architecture)
+        writer.add_type(gguf.GGUFType.ADAPTER)
+        writer.add_string(gguf.Keys.Adapter.TYPE, "lora")
+        writer.add_float32(gguf.Keys.Adapter.LORA_ALPHA, float(adapter.config["lora_alpha"]))
+        writer.add_name(adapter.name)
+        writer.add_string(KEY_SOURCE, "loramux PEFT converter")
+        writer.add_string(KEY_PEFT_TYPE, "LORA+RSLORA" if adapter.config.get("use_rslora") else "LORA")
+        writer.add_string(KEY_BASE_FINGERPRINT, info.fingerprint)
+        for i, t in enumerate(planned):
+            for suffix, array in ((".lora_a", t.lora_a), (".lora_b", t.lora_b)):
+                data, raw = _encode(array, outtype)
+                writer.add_tensor(t.base_tensor + suffix, data, raw_dtype=raw)
+            if progress:
+                progress(i + 1, len(planned))
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+        writer.close()
+    return Path(out)
