@@ -1,0 +1,5 @@
+import sys
+
+from loramux.cli import main
+
+sys.exit(main())

@@ -1,0 +1,62 @@
+"""Shared test fixtures: the real base model, the real PEFT fixtures, converted once per session."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared"
+FIXTURES = SHARED / "fixtures" / "smollm2-bbh-lora"
+BAD_FIXTURES = SHARED / "fixtures" / "bad-adapters"
+BBH = SHARED / "data" / "bbh"
+
+# Fixtures by the PEFT features they exercise (see ../shared/README.md).
+PLAIN = ["boolean_expressions", "causal_judgement", "disambiguation_qa", "sports_understanding", "hyperbaton"]
+RSLORA = ["dyck_languages", "logical_deduction_seven_objects", "salient_translation_error_detection", "tracking_shuffled_objects_seven_objects"]
+PATTERNS = ["object_counting"]
+EMBEDDING = ["word_sorting"]
+
+
+def all_fixture_names() -> list[str]:
+    return sorted(p.name for p in FIXTURES.iterdir() if p.is_dir()) if FIXTURES.is_dir() else []
+
+
+@pytest.fixture(scope="session")
+def shared_dir() -> Path:
+    if not FIXTURES.is_dir():
+        pytest.fail(f"{SHARED} with the fixtures must sit beside the project (see README)")
+    return SHARED
+
+
+@pytest.fixture(scope="session")
+def base_model() -> Path:
+    from loramux.base_model import default_base_model
+
+    return default_base_model()
+
+
+@pytest.fixture(scope="session")
+def converted_dir(tmp_path_factory, base_model, shared_dir) -> Path:
+    """Every convertible fixture converted once at f16 (word_sorting with --skip-embeddings)."""
+    from loramux.converters import convert_peft_to_gguf
+
+    out = tmp_path_factory.mktemp("converted")
+    for name in all_fixture_names():
+        convert_peft_to_gguf(FIXTURES / name, base_model, out / f"{name}.gguf", skip_embeddings=name in EMBEDDING)
+    return out
+
+
+def load_rows(split: str, tasks: set[str] | None = None, limit_per_task: int | None = None) -> list[dict]:
+    rows, seen = [], {}
+    with (BBH / f"{split}.jsonl").open() as f:
+        for line in f:
+            row = json.loads(line)
+            if tasks is not None and row["task"] not in tasks:
+                continue
+            if limit_per_task is not None and seen.get(row["task"], 0) >= limit_per_task:
+                continue
+            seen[row["task"]] = seen.get(row["task"], 0) + 1
+            rows.append(row)
+    return rows
