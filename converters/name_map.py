@@ -34,6 +34,10 @@ _LLAMA_LIKE_MODULES = {
     "model.layers.{bid}.mlp.gate_proj": "blk.{bid}.ffn_gate.weight",        # FFN_GATE
     "model.layers.{bid}.mlp.up_proj": "blk.{bid}.ffn_up.weight",            # FFN_UP
     "model.layers.{bid}.mlp.down_proj": "blk.{bid}.ffn_down.weight",        # FFN_DOWN
+    # Norms: never LoRA targets, listed so a GGUF base can be rebuilt as an HF model.
+    "model.layers.{bid}.input_layernorm": "blk.{bid}.attn_norm.weight",              # ATTN_NORM
+    "model.layers.{bid}.post_attention_layernorm": "blk.{bid}.ffn_norm.weight",      # FFN_NORM
+    "model.norm": "output_norm.weight",                                              # OUTPUT_NORM
 }
 
 ARCH_TABLES: dict[str, ArchTable] = {
@@ -72,6 +76,17 @@ def permutation_key(arch: str, tensor_name: str) -> str | None:
     return ARCH_TABLES[arch].permuted_rows.get(kind)
 
 
+def hf_module_for_tensor(arch: str, tensor_name: str) -> str | None:
+    """Inverse of :func:`gguf_tensor_name`: the HF module a GGUF base tensor belongs to, or None."""
+    m = _BLOCK.search("." + tensor_name)
+    for template, target in ARCH_TABLES[arch].modules.items():
+        if m and "{bid}" in target and target.format(bid=m.group(1)) == tensor_name:
+            return template.format(bid=m.group(1))
+        if "{bid}" not in target and target == tensor_name:
+            return template
+    return None
+
+
 def permute_rows(rows: np.ndarray, n_head: int) -> np.ndarray:
     """Apply the HF->GGUF rotary row permutation to the output rows of ``rows`` (out, ...)."""
     out = rows.shape[0]
@@ -79,6 +94,16 @@ def permute_rows(rows: np.ndarray, n_head: int) -> np.ndarray:
         raise ValueError(f"cannot permute {out} rows into {n_head} heads")
     return (
         rows.reshape(n_head, 2, out // n_head // 2, *rows.shape[1:])
+        .swapaxes(1, 2)
+        .reshape(rows.shape)
+    )
+
+
+def unpermute_rows(rows: np.ndarray, n_head: int) -> np.ndarray:
+    """Inverse of :func:`permute_rows`: GGUF row order back to Hugging Face's."""
+    out = rows.shape[0]
+    return (
+        rows.reshape(n_head, out // n_head // 2, 2, *rows.shape[1:])
         .swapaxes(1, 2)
         .reshape(rows.shape)
     )
