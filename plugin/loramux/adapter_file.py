@@ -1,0 +1,136 @@
+"""Check a GGUF LoRA adapter file against a base model before llama.cpp sees it.
+
+llama.cpp refuses a misfit adapter only with a log line (and a NULL handle), and accepts one
+that later aborts the process (a ``token_embd`` LoRA on a base that ties its output projection
+to ``token_embd``). Reading the file's header with gguf-py first gives a clear, typed error
+that names the adapter.
+"""
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+
+from loramux.converters import BaseModelInfo
+from loramux.errors import AdapterError, BaseModelMismatchError, UnsupportedAdapterError
+
+_SUFFIXES = (".lora_a", ".lora_b")
+
+
+@dataclass(frozen=True)
+class GgufAdapterFacts:
+    """What the pool needs to know about a GGUF adapter file that fits the base."""
+
+    path: Path
+    architecture: str
+    alpha: float
+    n_modules: int
+    ranks: tuple[int, ...]
+    sha256: str
+
+
+def file_sha256(path: Path) -> str:
+    """sha256 of a file's bytes (adapters are a few MB)."""
+    h = hashlib.sha256()
+    with Path(path).open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _kv(reader, key: str):
+    import gguf
+
+    field = reader.fields.get(key)
+    if field is None or not field.types:
+        return None
+    if field.types[0] == gguf.GGUFValueType.STRING:
+        return bytes(field.parts[field.data[0]]).decode("utf-8", errors="replace")
+    if field.types[0] == gguf.GGUFValueType.ARRAY:
+        return list(field.data)
+    return field.parts[field.data[0]].tolist()[0]
+
+
+def check_gguf_adapter(path: str | Path, base: BaseModelInfo, *, name: str | None = None) -> GgufAdapterFacts:
+    """Validate a GGUF LoRA file against ``base``; raise a typed error naming the adapter if it does not fit."""
+    import gguf
+
+    p = Path(path)
+    label = f"adapter {name!r} ({p})" if name else f"adapter {p}"
+    if not p.is_file():
+        raise AdapterError(f"{label}: no such file")
+    try:
+        reader = gguf.GGUFReader(p, "r")
+    except Exception as exc:  # gguf raises ValueError / struct errors on bad files
+        raise AdapterError(f"{label}: cannot read as GGUF ({exc}); is the file complete?") from exc
+    if _kv(reader, "general.type") != "adapter" or _kv(reader, "adapter.type") != "lora":
+        raise AdapterError(
+            f"{label}: general.type={_kv(reader, 'general.type')!r}, adapter.type={_kv(reader, 'adapter.type')!r}; "
+            "expected a GGUF LoRA adapter (general.type='adapter', adapter.type='lora'), e.g. written by `loramux convert`"
+        )
+    arch = _kv(reader, "general.architecture")
+    if arch != base.architecture:
+        raise BaseModelMismatchError(
+            f"{label} is for architecture {arch!r}, but the base model {base.path.name} is {base.architecture!r}: "
+            "convert the adapter against this base, or pass the base it was made for with --base"
+        )
+    if _kv(reader, "adapter.alora.invocation_tokens") is not None:
+        raise UnsupportedAdapterError(
+            f"{label} is an activated LoRA (aLoRA), which only acts after its invocation tokens; "
+            "it cannot take part in a weighted mix: use plain LoRA adapters"
+        )
+    tensors = {t.name: tuple(int(d) for d in t.shape) for t in reader.tensors}
+    pairs: dict[str, dict[str, tuple[int, ...]]] = {}
+    for tname, shape in tensors.items():
+        for suffix in _SUFFIXES:
+            if tname.endswith(suffix):
+                pairs.setdefault(tname[: -len(suffix)], {})[suffix] = shape
+                break
+        else:
+            if not tname.endswith("_norm.weight"):  # llama.cpp skips norm vectors; anything else it rejects
+                raise AdapterError(f"{label}: tensor {tname!r} is neither a .lora_a nor a .lora_b tensor")
+    if not pairs:
+        raise AdapterError(f"{label}: the file holds no LoRA tensors")
+
+    ranks = set()
+    for target, found in sorted(pairs.items()):
+        if set(found) != set(_SUFFIXES):
+            raise AdapterError(f"{label}: {target!r} has only {sorted(found)} (a LoRA pair needs .lora_a and .lora_b)")
+        base_shape = base.tensor_shapes.get(target)
+        if base_shape is None:
+            raise BaseModelMismatchError(
+                f"{label} adapts {target!r}, which the base model {base.path.name} does not have: "
+                "was it made for another model?"
+            )
+        a, b = found[".lora_a"], found[".lora_b"]  # ggml ne, innermost first
+        if target == "token_embd.weight":
+            if base.ties_output_to_embeddings:
+                raise UnsupportedAdapterError(
+                    f"{label} adapts token_embd, but {base.path.name} ties its output projection to token_embd: "
+                    "llama.cpp would apply the LoRA to the output projection too and abort at the first decode. "
+                    "Convert the PEFT adapter again with --skip-embeddings (loramux convert / --skip-embeddings on "
+                    "run, chat and eval), or merge it into the base model"
+                )
+            ok = len(a) == 2 and len(b) == 2 and base_shape[0] == b[1] and base_shape[1] == a[1]
+            rank = a[0] if len(a) == 2 else -1
+        else:
+            ok = len(a) == 2 and len(b) == 2 and base_shape[0] == a[0] and base_shape[1] == b[1] and a[1] == b[0]
+            rank = a[1] if len(a) == 2 else -1
+        if not ok:
+            raise BaseModelMismatchError(
+                f"{label}: LoRA pair for {target!r} has lora_a {list(a)} and lora_b {list(b)}, which do not fit "
+                f"the base tensor {list(base_shape)} of {base.path.name}: was it made for another model?"
+            )
+        ranks.add(int(rank))
+    alpha = _kv(reader, "adapter.lora.alpha")
+    return GgufAdapterFacts(
+        path=p,
+        architecture=str(arch),
+        alpha=float(alpha) if alpha is not None else 0.0,
+        n_modules=len(pairs),
+        ranks=tuple(sorted(ranks)),
+        sha256=file_sha256(p),
+    )
+
+
+__all__ = ["GgufAdapterFacts", "check_gguf_adapter", "file_sha256"]

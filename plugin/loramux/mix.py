@@ -1,0 +1,179 @@
+"""A mix: which adapters a request uses and with what weights.
+
+A mix ``{a: w_a, b: w_b}`` means the exact output-space sum of the adapters' deltas,
+``y = W x + w_a * delta_a(x) + w_b * delta_b(x)``, which is what llama.cpp computes when
+several adapters are set on a context with those scales. The empty mix is the base model.
+
+Parsing (``"name=w,name=w"``), validation and the bounds live here, once, and every
+caller (the pool, the CLI, ``loramux eval``, routers) goes through :class:`Mix`.
+
+Bounds (documented, enforced on construction):
+
+- names are non-empty and contain none of ``=``, ``,`` or whitespace;
+- weights are finite floats with ``abs(w) <= MAX_ABS_WEIGHT`` (4.0); negative weights are
+  allowed (they subtract an adapter's delta);
+- at most ``MAX_MIX_ADAPTERS`` (64) adapters with a non-zero weight;
+- a zero weight is the same as leaving the adapter out: it is dropped from the canonical form.
+"""
+from __future__ import annotations
+
+import math
+import re
+from typing import Any, Iterable, Iterator, Mapping, Union
+
+from loramux.errors import MixError
+
+MAX_ABS_WEIGHT = 4.0
+MAX_MIX_ADAPTERS = 64
+
+_BAD_NAME = re.compile(r"[=,\s]")
+
+MixLike = Union["Mix", Mapping[str, Any], str, None]
+
+
+def _check_name(name: Any) -> str:
+    if not isinstance(name, str) or not name:
+        raise MixError(f"adapter name {name!r} in a mix must be a non-empty string")
+    if _BAD_NAME.search(name):
+        raise MixError(f"adapter name {name!r} in a mix must not contain '=', ',' or whitespace")
+    return name
+
+
+def _check_weight(name: str, weight: Any) -> float:
+    if isinstance(weight, bool):
+        raise MixError(f"weight of {name!r} is a bool ({weight}); give a number")
+    try:
+        w = float(weight)
+    except (TypeError, ValueError):
+        raise MixError(f"weight of {name!r} is {weight!r}, not a number") from None
+    if not math.isfinite(w):
+        raise MixError(f"weight of {name!r} is {w}; weights must be finite")
+    if abs(w) > MAX_ABS_WEIGHT:
+        raise MixError(f"weight of {name!r} is {w}; weights must lie in [-{MAX_ABS_WEIGHT}, {MAX_ABS_WEIGHT}]")
+    return w
+
+
+class Mix(Mapping[str, float]):
+    """An immutable, validated mapping ``adapter name -> weight`` (zero weights dropped, names sorted).
+
+    ``Mix()`` is the base model. ``Mix({"a": 0.5, "b": 0.5})``, ``Mix.parse("a=0.5,b=0.5")``,
+    ``Mix.uniform(names)`` and ``Mix.one_hot(name)`` build the others. Mixes compare equal when
+    their non-zero weights are equal, and hash accordingly.
+    """
+
+    __slots__ = ("_items",)
+
+    def __init__(self, weights: Mapping[str, Any] | Iterable[tuple[str, Any]] | None = None, /) -> None:
+        pairs = list(weights.items()) if isinstance(weights, Mapping) else list(weights or [])
+        seen: dict[str, float] = {}
+        for name, weight in pairs:
+            name = _check_name(name)
+            if name in seen:
+                raise MixError(f"adapter {name!r} appears twice in the mix")
+            seen[name] = _check_weight(name, weight)
+        kept = tuple(sorted((n, w) for n, w in seen.items() if w != 0.0))
+        if len(kept) > MAX_MIX_ADAPTERS:
+            raise MixError(f"a mix may use at most {MAX_MIX_ADAPTERS} adapters with non-zero weight, got {len(kept)}")
+        self._items: tuple[tuple[str, float], ...] = kept
+
+    # --- construction helpers -------------------------------------------------
+    @classmethod
+    def parse(cls, text: str) -> "Mix":
+        """Parse ``"name=w,name=w"`` (spaces around items are ignored; ``""`` or ``"base"`` is the empty mix)."""
+        if not isinstance(text, str):
+            raise MixError(f"a mix string must be text, got {type(text).__name__}")
+        stripped = text.strip()
+        if stripped in ("", "base", "none"):
+            return cls()
+        pairs = []
+        for item in stripped.split(","):
+            item = item.strip()
+            if not item:
+                raise MixError(f"empty item in mix {text!r}; write name=w,name=w")
+            name, sep, value = item.partition("=")
+            if not sep:
+                raise MixError(f"mix item {item!r} in {text!r} has no '='; write name=w (e.g. {item}=1.0)")
+            try:
+                weight = float(value.strip())
+            except ValueError:
+                raise MixError(f"weight {value.strip()!r} of {name.strip()!r} in mix {text!r} is not a number") from None
+            pairs.append((name.strip(), weight))
+        return cls(pairs)
+
+    @classmethod
+    def uniform(cls, names: Iterable[str]) -> "Mix":
+        """Equal weights summing to 1 over ``names`` (the empty mix for no names)."""
+        names = list(names)
+        return cls({n: 1.0 / len(names) for n in names}) if names else cls()
+
+    @classmethod
+    def one_hot(cls, name: str, weight: float = 1.0) -> "Mix":
+        """A single adapter at ``weight``."""
+        return cls({name: weight})
+
+    @classmethod
+    def coerce(cls, value: MixLike) -> "Mix":
+        """A Mix from a Mix, a mapping, a ``"name=w,..."`` string or None (the base model)."""
+        if value is None:
+            return cls()
+        if isinstance(value, Mix):
+            return value
+        if isinstance(value, str):
+            return cls.parse(value)
+        if isinstance(value, Mapping):
+            return cls(value)
+        raise MixError(f"a mix must be a mapping name -> weight, a 'name=w,...' string or None, got {type(value).__name__}")
+
+    # --- checks ---------------------------------------------------------------
+    def check_known(self, known: Iterable[str]) -> "Mix":
+        """Return self if every name is in ``known``; else raise MixError listing the known names."""
+        known_set = set(known)
+        unknown = [n for n, _ in self._items if n not in known_set]
+        if unknown:
+            listing = ", ".join(sorted(known_set)) if known_set else "(no adapters are loaded)"
+            raise MixError(f"unknown adapter(s) {', '.join(map(repr, unknown))} in mix; known adapters: {listing}")
+        return self
+
+    # --- Mapping protocol -----------------------------------------------------
+    def __getitem__(self, name: str) -> float:
+        for n, w in self._items:
+            if n == name:
+                return w
+        raise KeyError(name)
+
+    def __iter__(self) -> Iterator[str]:
+        return (n for n, _ in self._items)
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, Mix):
+            return self._items == other._items
+        if isinstance(other, Mapping):
+            try:
+                return self == Mix(other)
+            except MixError:
+                return False
+        return NotImplemented
+
+    def __hash__(self) -> int:
+        return hash(self._items)
+
+    @property
+    def is_base(self) -> bool:
+        """True for the empty mix (the base model)."""
+        return not self._items
+
+    def to_dict(self) -> dict[str, float]:
+        """A plain ``{name: weight}`` dict (JSON-ready)."""
+        return dict(self._items)
+
+    def __str__(self) -> str:
+        return ",".join(f"{n}={w!r}" for n, w in self._items) if self._items else "base"
+
+    def __repr__(self) -> str:
+        return f"Mix({self.to_dict()!r})"
+
+
+__all__ = ["MAX_ABS_WEIGHT", "MAX_MIX_ADAPTERS", "Mix", "MixLike"]
