@@ -80,8 +80,7 @@ def load_hf_model(base: str | os.PathLike, dtype: str = "float32"):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     config = LlamaConfig(**hf_llama_config(base))
-    with torch.device("meta"):
-        model = LlamaForCausalLM(config)
+    model = LlamaForCausalLM(config)  # on CPU: buffers such as rotary inv_freq must be real
     state = {k: torch.from_numpy(v).to(getattr(torch, dtype)) for k, v in hf_state_dict(base).items()}
     if config.tie_word_embeddings:
         state["lm_head.weight"] = state["model.embed_tokens.weight"]
