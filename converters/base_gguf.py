@@ -8,6 +8,7 @@ from functools import lru_cache
 from pathlib import Path
 
 from .errors import BaseModelError
+from .gguf_header import GgufHeaderError, read_gguf_header
 
 
 @dataclass(frozen=True)
@@ -29,41 +30,33 @@ class BaseModelInfo:
         return "output.weight" not in self.tensor_shapes and "token_embd.weight" in self.tensor_shapes
 
 
-def _field_value(field):
-    import gguf
-
-    if not field.types:
-        return None
-    if field.types[0] == gguf.GGUFValueType.STRING:
-        return bytes(field.parts[field.data[0]]).decode("utf-8", errors="replace")
-    if field.types[0] == gguf.GGUFValueType.ARRAY:
-        return None
-    return field.parts[field.data[0]].tolist()[0]
-
-
 @lru_cache(maxsize=8)
 def _read(path: str, mtime_ns: int, size: int) -> BaseModelInfo:
-    import gguf
+    import numpy as np
 
     try:
-        reader = gguf.GGUFReader(path, "r")
-    except Exception as exc:  # gguf raises ValueError / struct errors on bad files
+        header = read_gguf_header(path)
+    except (OSError, GgufHeaderError) as exc:
         raise BaseModelError(f"cannot read base model {path!r} as GGUF: {exc}") from exc
-    kv = {name: _field_value(f) for name, f in reader.fields.items()}
+    kv = header.metadata
     arch = kv.get("general.architecture")
     if not isinstance(arch, str):
         raise BaseModelError(f"base model {path!r} has no general.architecture: is it a GGUF model?")
     if kv.get("general.type") == "adapter":
         raise BaseModelError(f"{path!r} is a GGUF adapter, not a base model: pass the model with --base")
-    shapes = {t.name: tuple(int(d) for d in t.shape) for t in reader.tensors}
+    shapes = {t.name: t.shape for t in header.tensors}
     hparams = {k: v for k, v in kv.items() if isinstance(v, (int, float)) and k.startswith(arch + ".")}
     digest = hashlib.sha256()
     digest.update(arch.encode())
-    for t in reader.tensors:
-        digest.update(f"{t.name}:{tuple(t.shape)}:{int(t.tensor_type)};".encode())
-    emb = next((t for t in reader.tensors if t.name == "token_embd.weight"), None)
+    for t in header.tensors:
+        # The shape is written as a tuple of numpy uint64 (what this key was first computed from),
+        # so fingerprints cached by earlier versions stay valid.
+        digest.update(f"{t.name}:{tuple(np.array(t.shape, dtype=np.uint64))}:{t.tensor_type};".encode())
+    emb = next((t for t in header.tensors if t.name == "token_embd.weight"), None)
     if emb is not None:
-        digest.update(bytes(emb.data.reshape(-1).view("uint8")[: 1 << 20]))
+        with open(path, "rb") as f:
+            f.seek(emb.offset)
+            digest.update(f.read(min(1 << 20, _tensor_nbytes(emb))))
     return BaseModelInfo(
         path=Path(path),
         architecture=arch,
@@ -72,6 +65,16 @@ def _read(path: str, mtime_ns: int, size: int) -> BaseModelInfo:
         hparams=hparams,
         fingerprint=digest.hexdigest()[:16],
     )
+
+
+def _tensor_nbytes(t) -> int:
+    import gguf
+
+    block, type_size = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType(t.tensor_type)]
+    count = 1
+    for d in t.shape:
+        count *= d
+    return count // block * type_size
 
 
 def read_base_model(path: str | os.PathLike) -> BaseModelInfo:
