@@ -19,6 +19,7 @@ SUBCOMMANDS: list[str] = [
     "loramux.cli.inspect_cmd",
     "loramux.cli.fetch_cmd",
     "loramux.cli.demo_cmd",
+    "loramux.cli.onnx_cmd",
 ]
 
 
