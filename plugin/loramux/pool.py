@@ -144,6 +144,13 @@ def converted_adapter_path(folder: Path, base: BaseModelInfo, *, outtype: str = 
 
 
 def _default_threads() -> int:
+    """$LORAMUX_THREADS if set, else the number of cores (at most 8)."""
+    env = os.environ.get("LORAMUX_THREADS", "").strip()
+    if env:
+        try:
+            return max(1, int(env))
+        except ValueError:
+            raise LoramuxError(f"LORAMUX_THREADS={env!r} is not a whole number of threads") from None
     return max(1, min(8, os.cpu_count() or 1))
 
 
@@ -151,7 +158,8 @@ class AdapterPool:
     """A base GGUF loaded once through llama-cpp-python, with named adapters and per-request mixes.
 
     Parameters mirror ``llama_cpp.Llama`` (``n_ctx``, ``n_threads``, ``n_batch``, ``seed``,
-    ``verbose``; other keyword arguments are passed on). ``base`` defaults to the embedded
+    ``verbose``; other keyword arguments are passed on). ``n_threads`` defaults to
+    ``$LORAMUX_THREADS`` or the number of cores (at most 8). ``base`` defaults to the embedded
     SmolLM2-135M-Instruct Q4_1 model. Use as a context manager or call :meth:`close`.
 
     One request runs at a time: calls from other threads wait; a new request from the thread that

@@ -1,0 +1,48 @@
+"""loramux eval: task accuracy of a mix mode on BBH-style rows."""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from loramux.cli.pool_args import add_pool_arguments, open_pool
+from loramux.evaluate import evaluate, load_rows, mix_modes
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "eval",
+        help="accuracy of a mix mode on rows {task, input, target} (greedy, exact match)",
+        description=(
+            "Answer every row of --data as one user turn of the base model's chat template, greedily, stopping at the "
+            "end of the turn, under the mix --mix chooses for it; an answer is correct when it equals the target after "
+            "whitespace and case normalisation. Prints a per-task table and the macro average; --json writes "
+            '{"mix", "macro_accuracy", "tasks": {task: {"accuracy", "n"}}, "rows": [{"task", "id", "answer", "correct", "mix"}]}.'
+        ),
+        epilog=(
+            "MODE: base (no adapter); oracle (the adapter named like the row's task); uniform (all loaded adapters, equal "
+            "weights summing to 1); fixed:name=w,... (one mix for all rows); router:PATH (a trained router). "
+            f"Registered modes: {', '.join(mix_modes())}."
+        ),
+    )
+    add_pool_arguments(p)
+    p.add_argument("--data", type=Path, required=True, help="JSON-lines rows with task, input, target (and id)")
+    p.add_argument("--mix", dest="mode", default="base", metavar="MODE", help="mix mode (default: base)")
+    p.add_argument("--json", type=Path, default=None, metavar="OUT", help="write the results as JSON to OUT")
+    p.add_argument("--limit-per-task", type=int, default=None, metavar="N", help="only the first N rows of each task (quick runs)")
+    p.add_argument("--tasks", default=None, metavar="T1,T2", help="only these tasks (comma-separated)")
+    p.add_argument("--max-tokens", type=int, default=None, help="token cap per answer (default: per task, longest target + 16)")
+    p.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()] if args.tasks else None
+    rows = load_rows(args.data, tasks=tasks, limit_per_task=args.limit_per_task)
+    with open_pool(args) as pool:
+        result = evaluate(pool, rows, args.mode, max_tokens=args.max_tokens)
+    print(f"mix mode: {args.mode}  ({len(rows)} rows, {result.extra.get('seconds')} s)")
+    print(result.table())
+    if args.json:
+        result.write_json(args.json)
+        print(f"wrote {args.json}", file=sys.stderr)
+    return 0

@@ -1,0 +1,323 @@
+"""Task accuracy of a mix policy on BBH-style rows: greedy answers, exact match after normalisation.
+
+Rows are JSON lines ``{"task", "id", "input", "target"}`` (``id`` optional). Each row is asked as one
+user turn through the base model's chat template, answered greedily (temperature 0) and stopped at
+the template's end of turn; the answer is correct when it equals the target after
+:func:`normalize_answer` (whitespace runs collapsed, ends stripped, lower case).
+
+Generation is capped per task at the longest target of that task in the data (in tokens) plus
+``TOKEN_MARGIN``: an answer longer than that cannot equal any target of its task after
+normalisation, so the cap saves time without changing a score.
+
+Mix modes (``--mix MODE``) come from a small registry keyed by prefix, so other parts of loramux
+can add modes without touching the loop: :func:`register_mix_mode`. Built in:
+
+- ``base``: the empty mix;
+- ``oracle``: the adapter named like the row's task (the base model for tasks with no adapter,
+  listed under ``"tasks_without_adapter"`` in the JSON);
+- ``uniform``: every loaded adapter, equal weights summing to 1;
+- ``fixed:name=w,...``: one fixed mix for every row;
+- ``router:PATH``: ``loramux.router.Router.load(PATH).route(row input)`` per row (importing
+  ``loramux.router`` first, which may register its own ``router`` factory instead).
+"""
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable, Mapping, Protocol, Sequence
+
+from loramux.converters.atomic import atomic_output
+from loramux.errors import LoramuxError, MixError
+from loramux.mix import Mix
+from loramux.progress import progress_bar
+
+TOKEN_MARGIN = 16
+REQUIRED_KEYS = ("task", "input", "target")
+
+
+def normalize_answer(text: str) -> str:
+    """Collapse whitespace runs to one space, strip the ends, lower-case."""
+    return " ".join(str(text).split()).lower()
+
+
+def load_rows(path: str | os.PathLike, *, tasks: Iterable[str] | None = None, limit_per_task: int | None = None) -> list[dict[str, Any]]:
+    """Read JSON-lines rows, keeping the file order; optionally only ``tasks`` and the first N rows per task."""
+    p = Path(path)
+    if not p.is_file():
+        raise LoramuxError(f"data file {p} does not exist")
+    wanted = set(tasks) if tasks is not None else None
+    rows: list[dict[str, Any]] = []
+    counts: dict[str, int] = {}
+    with p.open(encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except ValueError as exc:
+                raise LoramuxError(f"{p}:{lineno}: not a JSON line ({exc})") from None
+            missing = [k for k in REQUIRED_KEYS if k not in row]
+            if missing:
+                raise LoramuxError(f"{p}:{lineno}: row lacks {missing}; rows need {list(REQUIRED_KEYS)}")
+            task = str(row["task"])
+            if wanted is not None and task not in wanted:
+                continue
+            if limit_per_task is not None and counts.get(task, 0) >= limit_per_task:
+                continue
+            counts[task] = counts.get(task, 0) + 1
+            row.setdefault("id", counts[task] - 1)
+            rows.append(row)
+    if wanted is not None:
+        absent = sorted(wanted - set(counts))
+        if absent:
+            raise LoramuxError(f"{p}: no rows for task(s) {absent}")
+    if not rows:
+        raise LoramuxError(f"{p}: no rows to evaluate")
+    return rows
+
+
+# --- mix modes ---------------------------------------------------------------------------
+
+
+class MixPolicy(Protocol):
+    """Chooses the mix for each row. ``report()`` may add keys to the result JSON."""
+
+    def mix_for(self, row: Mapping[str, Any]) -> Mix: ...
+
+    def report(self) -> dict[str, Any]: ...
+
+
+@dataclass
+class ModeContext:
+    """What a mode factory may use: the pool (adapter names, tokenizer) and the rows to evaluate."""
+
+    pool: Any  # loramux.pool.AdapterPool
+    rows: Sequence[Mapping[str, Any]]
+
+
+ModeFactory = Callable[[str | None, ModeContext], MixPolicy]
+_MODES: dict[str, ModeFactory] = {}
+
+
+def register_mix_mode(prefix: str, factory: ModeFactory) -> None:
+    """Register (or replace) the factory for ``--mix PREFIX`` / ``--mix PREFIX:ARG``."""
+    if not prefix or ":" in prefix:
+        raise ValueError(f"a mix mode prefix must be non-empty and contain no ':', got {prefix!r}")
+    _MODES[prefix] = factory
+
+
+def mix_modes() -> list[str]:
+    """Registered mode prefixes."""
+    return sorted(_MODES)
+
+
+def make_policy(mode: str, context: ModeContext) -> MixPolicy:
+    """Parse ``MODE`` (``prefix`` or ``prefix:arg``) and build its policy."""
+    prefix, sep, arg = mode.partition(":")
+    factory = _MODES.get(prefix)
+    if factory is None:
+        raise MixError(f"unknown mix mode {mode!r}; known modes: {', '.join(mix_modes())} (fixed:name=w,... and router:PATH take an argument)")
+    return factory(arg if sep else None, context)
+
+
+@dataclass
+class _Constant:
+    mix: Mix
+
+    def mix_for(self, row: Mapping[str, Any]) -> Mix:
+        return self.mix
+
+    def report(self) -> dict[str, Any]:
+        return {}
+
+
+@dataclass
+class _Oracle:
+    names: set[str]
+    missing: set[str] = field(default_factory=set)
+
+    def mix_for(self, row: Mapping[str, Any]) -> Mix:
+        task = str(row["task"])
+        if task in self.names:
+            return Mix.one_hot(task)
+        self.missing.add(task)
+        return Mix()
+
+    def report(self) -> dict[str, Any]:
+        return {"tasks_without_adapter": sorted(self.missing)} if self.missing else {}
+
+
+def _no_arg(mode: str, arg: str | None) -> None:
+    if arg is not None:
+        raise MixError(f"mix mode {mode!r} takes no argument (got {mode}:{arg})")
+
+
+def _base_mode(arg: str | None, ctx: ModeContext) -> MixPolicy:
+    _no_arg("base", arg)
+    return _Constant(Mix())
+
+
+def _oracle_mode(arg: str | None, ctx: ModeContext) -> MixPolicy:
+    _no_arg("oracle", arg)
+    names = set(ctx.pool.names)
+    missing = sorted({str(r["task"]) for r in ctx.rows} - names)
+    if missing:
+        warnings.warn(f"oracle: no adapter named like task(s) {missing}; those rows use the base model", stacklevel=2)
+    return _Oracle(names)
+
+
+def _uniform_mode(arg: str | None, ctx: ModeContext) -> MixPolicy:
+    _no_arg("uniform", arg)
+    if not ctx.pool.names:
+        raise MixError("mix mode 'uniform' needs adapters: pass --adapters")
+    return _Constant(Mix.uniform(ctx.pool.names))
+
+
+def _fixed_mode(arg: str | None, ctx: ModeContext) -> MixPolicy:
+    if not arg:
+        raise MixError("mix mode 'fixed' needs a mix: fixed:name=w,name=w")
+    return _Constant(ctx.pool.resolve_mix(Mix.parse(arg)))
+
+
+@dataclass
+class _RouterPolicy:
+    router: Any
+    pool: Any
+    path: str
+
+    def mix_for(self, row: Mapping[str, Any]) -> Mix:
+        return self.pool.resolve_mix(Mix.coerce(self.router.route(row["input"])))
+
+    def report(self) -> dict[str, Any]:
+        return {"router": self.path}
+
+
+def _router_mode(arg: str | None, ctx: ModeContext) -> MixPolicy:
+    if not arg:
+        raise MixError("mix mode 'router' needs a path: router:PATH")
+    try:
+        module = importlib.import_module("loramux.router")
+    except ImportError as exc:
+        raise LoramuxError(f"mix mode 'router' needs loramux.router, which cannot be imported: {exc}") from exc
+    own = _MODES.get("router")
+    if own is not _router_mode:  # loramux.router registered its own factory on import
+        return own(arg, ctx)
+    return _RouterPolicy(module.Router.load(arg), ctx.pool, arg)
+
+
+register_mix_mode("base", _base_mode)
+register_mix_mode("oracle", _oracle_mode)
+register_mix_mode("uniform", _uniform_mode)
+register_mix_mode("fixed", _fixed_mode)
+register_mix_mode("router", _router_mode)
+
+
+# --- the loop ---------------------------------------------------------------------------
+
+
+@dataclass
+class EvalResult:
+    """Per-row answers and per-task accuracy of one mode."""
+
+    mode: str
+    rows: list[dict[str, Any]]
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def tasks(self) -> dict[str, dict[str, Any]]:
+        by_task: dict[str, list[bool]] = {}
+        for r in self.rows:
+            by_task.setdefault(r["task"], []).append(bool(r["correct"]))
+        return {t: {"accuracy": sum(v) / len(v), "n": len(v)} for t, v in sorted(by_task.items())}
+
+    @property
+    def macro_accuracy(self) -> float:
+        tasks = self.tasks
+        return sum(t["accuracy"] for t in tasks.values()) / len(tasks) if tasks else 0.0
+
+    def to_json(self) -> dict[str, Any]:
+        """``{"mix", "macro_accuracy", "tasks", "rows"}`` plus the mode's and the run's extra keys."""
+        out: dict[str, Any] = {"mix": self.mode, "macro_accuracy": self.macro_accuracy, "tasks": self.tasks, "rows": self.rows}
+        for k, v in self.extra.items():
+            out.setdefault(k, v)
+        return out
+
+    def write_json(self, path: str | os.PathLike) -> Path:
+        """Write the JSON atomically (no partial file on failure)."""
+        with atomic_output(path) as tmp:
+            tmp.write_text(json.dumps(self.to_json(), indent=1) + "\n", encoding="utf-8")
+        return Path(path)
+
+    def table(self) -> str:
+        """A per-task table and the macro average, for the terminal."""
+        tasks = self.tasks
+        width = max([len("task"), *map(len, tasks)]) + 2
+        lines = [f"{'task':<{width}}{'n':>5}  {'accuracy':>8}"]
+        lines += [f"{t:<{width}}{v['n']:>5}  {v['accuracy']:>8.3f}" for t, v in tasks.items()]
+        lines.append(f"{'macro average (' + str(len(tasks)) + ' tasks)':<{width}}{sum(v['n'] for v in tasks.values()):>5}  {self.macro_accuracy:>8.3f}")
+        return "\n".join(lines)
+
+
+def task_token_caps(pool: Any, rows: Sequence[Mapping[str, Any]], margin: int = TOKEN_MARGIN) -> dict[str, int]:
+    """Per task: the longest target in tokens plus ``margin``."""
+    caps: dict[str, int] = {}
+    for r in rows:
+        n = len(pool.tokenize(str(r["target"]))) + margin
+        caps[str(r["task"])] = max(caps.get(str(r["task"]), 0), n)
+    return caps
+
+
+def evaluate(
+    pool: Any,
+    rows: Sequence[Mapping[str, Any]],
+    mode: str,
+    *,
+    max_tokens: int | None = None,
+) -> EvalResult:
+    """Answer every row greedily under the mix ``mode`` chooses; return per-row and per-task results."""
+    policy = make_policy(mode, ModeContext(pool=pool, rows=rows))
+    caps = task_token_caps(pool, rows) if max_tokens is None else {}
+    results: list[dict[str, Any]] = []
+    correct = 0
+    start = time.perf_counter()
+    with progress_bar(desc=f"eval {mode}", unit="row", total=len(rows)) as bar:
+        for row in rows:
+            mix = policy.mix_for(row)
+            out = pool.create_chat_completion(
+                [{"role": "user", "content": str(row["input"])}],
+                mix=mix,
+                temperature=0.0,
+                max_tokens=max_tokens or caps[str(row["task"])],
+            )
+            answer = out["choices"][0]["message"]["content"] or ""
+            ok = normalize_answer(answer) == normalize_answer(row["target"])
+            correct += ok
+            results.append({"task": str(row["task"]), "id": row["id"], "answer": answer, "correct": ok, "mix": out["mix"]})
+            bar.update(1)
+            bar.set_postfix(acc=f"{correct / len(results):.3f}", refresh=False)
+    extra = dict(policy.report())
+    extra["seconds"] = round(time.perf_counter() - start, 1)
+    extra["base"] = Path(pool.base_path).name
+    extra["adapters"] = list(pool.names)
+    return EvalResult(mode=mode, rows=results, extra=extra)
+
+
+__all__ = [
+    "EvalResult",
+    "MixPolicy",
+    "ModeContext",
+    "REQUIRED_KEYS",
+    "TOKEN_MARGIN",
+    "evaluate",
+    "load_rows",
+    "make_policy",
+    "mix_modes",
+    "normalize_answer",
+    "register_mix_mode",
+    "task_token_caps",
+]
