@@ -20,6 +20,9 @@ SUBCOMMANDS: list[str] = [
     "loramux.cli.fetch_cmd",
     "loramux.cli.demo_cmd",
     "loramux.cli.onnx_cmd",
+    "loramux.cli.run_cmd",
+    "loramux.cli.chat_cmd",
+    "loramux.cli.eval_cmd",
 ]
 
 
