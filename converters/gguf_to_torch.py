@@ -12,6 +12,7 @@ import numpy as np
 
 from .base_gguf import read_base_model
 from .errors import BaseModelError, UnsupportedAdapterError
+from .gguf_header import read_gguf_header
 from .name_map import ARCH_TABLES, hf_module_for_tensor, permutation_key, unpermute_rows
 
 
@@ -19,13 +20,19 @@ def dequantized_tensors(base: str | os.PathLike) -> dict[str, np.ndarray]:
     """Every tensor of a GGUF as float32 numpy arrays in numpy order (ne reversed)."""
     import gguf
 
-    reader = gguf.GGUFReader(base, "r")
-    return {
-        t.name: np.array(gguf.quants.dequantize(t.data, t.tensor_type), dtype=np.float32).reshape(
-            tuple(int(d) for d in reversed(t.shape))
-        )
-        for t in reader.tensors
-    }
+    # read_gguf_header, not gguf.GGUFReader: the latter spends seconds on the vocabulary arrays.
+    header = read_gguf_header(base)
+    raw = np.memmap(base, dtype=np.uint8, mode="r")
+    out: dict[str, np.ndarray] = {}
+    for t in header.tensors:
+        qtype = gguf.GGMLQuantizationType(t.tensor_type)
+        block, type_size = gguf.GGML_QUANT_SIZES[qtype]
+        shape = tuple(reversed(t.shape))  # numpy order
+        row_bytes = t.shape[0] // block * type_size
+        n_rows = int(np.prod(shape[:-1])) if len(shape) > 1 else 1
+        data = raw[t.offset : t.offset + n_rows * row_bytes].reshape(n_rows, row_bytes)
+        out[t.name] = np.array(gguf.quants.dequantize(data, qtype), dtype=np.float32).reshape(shape)
+    return out
 
 
 def hf_llama_config(base: str | os.PathLike) -> dict[str, Any]:
