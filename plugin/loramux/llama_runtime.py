@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,8 +40,9 @@ class LlamaLog:
 
 
 @contextlib.contextmanager
-def capture_llama_log() -> Iterator[LlamaLog]:
-    """Collect llama.cpp WARN/ERROR log lines during the block, then restore llama-cpp-python's logger."""
+def capture_llama_log(*, echo: bool = False) -> Iterator[LlamaLog]:
+    """Collect llama.cpp WARN/ERROR log lines during the block (``echo``: also print every line to stderr),
+    then restore llama-cpp-python's logger."""
     import llama_cpp
     from llama_cpp import _logger
 
@@ -48,8 +50,11 @@ def capture_llama_log() -> Iterator[LlamaLog]:
 
     @llama_cpp.llama_log_callback
     def _collect(level: int, text: bytes, user_data: ctypes.c_void_p) -> None:
+        line = text.decode("utf-8", errors="replace")
         if level in (_LOG_WARN, _LOG_ERROR):
-            log.lines.append(text.decode("utf-8", errors="replace"))
+            log.lines.append(line)
+        if echo:
+            sys.stderr.write(line)
 
     llama_cpp.llama_log_set(_collect, ctypes.c_void_p(0))
     try:
@@ -61,12 +66,12 @@ def capture_llama_log() -> Iterator[LlamaLog]:
 class LoraAdapterHandle:
     """Owns one llama.cpp LoRA adapter loaded on a model."""
 
-    def __init__(self, model_ptr, path: str | Path, name: str) -> None:
+    def __init__(self, model_ptr, path: str | Path, name: str, *, verbose: bool = False) -> None:
         import llama_cpp
 
         self.name = name
         self.path = Path(path)
-        with capture_llama_log() as log:
+        with capture_llama_log(echo=verbose) as log:
             ptr = llama_cpp.llama_adapter_lora_init(model_ptr, str(self.path).encode("utf-8"))
         if not ptr:
             raise RuntimeLoadError(f"llama.cpp refused adapter {name!r} ({self.path}): {log.reason()}")

@@ -187,7 +187,7 @@ class AdapterPool:
         self.base_path = base_path
         threads = n_threads or _default_threads()
         try:
-            with capture_llama_log() as log:
+            with capture_llama_log(echo=verbose) as log:
                 self._llm = llama_cpp.Llama(
                     model_path=str(base_path),
                     n_ctx=n_ctx,
@@ -201,6 +201,7 @@ class AdapterPool:
         except (ValueError, RuntimeError) as exc:
             raise RuntimeLoadError(f"llama.cpp could not load the base model {base_path}: {exc}; {log.reason()}") from exc
         self._closed = False
+        self._verbose = verbose
         self._lora = ContextLoraState(self._llm.ctx)
         self._active_mix = Mix()
         self._lock = threading.Lock()
@@ -262,7 +263,7 @@ class AdapterPool:
                 f"adapter name {name!r} is already used for other weights ({existing.source}); "
                 f"a name is never reused for different weights: load {src} under another name"
             )
-        handle = LoraAdapterHandle(self._llm.model, gguf_path, name)
+        handle = LoraAdapterHandle(self._llm.model, gguf_path, name, verbose=self._verbose)
         info = PoolAdapter(
             name=name,
             source=src,
