@@ -1,0 +1,96 @@
+// loramux.h - per-sequence LoRA adapter mixes for llama.cpp (built into the patched libllama).
+//
+// A pool of LoRA adapters is registered on a llama_context once. Each sequence id can then carry
+// its own weighted mix of at most `max_active` pool adapters; tokens of that sequence are decoded
+// with  y = W x + sum_a w_a * (alpha_a / r_a) * B_a (A_a x)  (the same sum llama_set_adapters_lora
+// computes for a whole context), while tokens of other sequences use their own mixes, all in one
+// llama_decode. Setting a mix only writes a small host table: it neither rebuilds the scheduler
+// nor prevents graph reuse. Sequences without a mix run the base model (plus any adapters set
+// with the stock llama_set_adapters_lora, which still applies to the whole context).
+//
+// Per token, the cost depends on max_active, not on the size of the pool: the pool's A and B
+// matrices are stacked per base weight and selected with ggml_mul_mat_id (top-k form).
+//
+// Every function returns an int32_t status: LORAMUX_OK (0) or a negative LORAMUX_ERR_* code
+// (loramux_strerror names it). Functions are not thread-safe with respect to llama_decode on the
+// same context: call them between decodes.
+
+#pragma once
+
+#include "llama.h"
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+#define LORAMUX_API_VERSION 1
+
+enum loramux_status {
+    LORAMUX_OK                       =   0,
+    LORAMUX_ERR_NULL_ARG             =  -1, // a required pointer is NULL
+    LORAMUX_ERR_NOT_REGISTERED       =  -2, // no pool is registered on this context
+    LORAMUX_ERR_BAD_SEQ_ID           =  -3, // seq_id < 0 or >= llama_n_seq_max(ctx)
+    LORAMUX_ERR_BAD_ADAPTER_ID       =  -4, // an adapter id is outside [0, n_adapters)
+    LORAMUX_ERR_BAD_WEIGHT           =  -5, // a weight is NaN or infinite
+    LORAMUX_ERR_TOO_MANY_ACTIVE      =  -6, // more non-zero weights than max_active
+    LORAMUX_ERR_DUPLICATE_ADAPTER    =  -7, // the same adapter twice (in a pool or in one mix)
+    LORAMUX_ERR_BAD_ARG              =  -8, // a count is out of range
+    LORAMUX_ERR_INCOMPATIBLE_ADAPTER =  -9, // adapter of another model, aLoRA, or mismatched shapes
+    LORAMUX_ERR_ALLOC                = -10, // a backend buffer could not be allocated
+};
+
+// LORAMUX_API_VERSION of the library.
+LLAMA_API int32_t loramux_api_version(void);
+
+// Static text for a status code.
+LLAMA_API const char * loramux_strerror(int32_t status);
+
+// Register the pool `adapters[0..n_adapters)` (ids 0..n_adapters-1 in that order) on ctx, with at
+// most `max_active` adapters per sequence (clamped to n_adapters). The adapters' A/B tensors are copied into stacked
+// tensors on the same devices (the adapters must stay loaded only for token-embedding LoRAs).
+// Replaces any earlier registration and clears every sequence's mix; the next decode reserves
+// the scheduler once (registration is the only slow call).
+LLAMA_API int32_t loramux_register_adapters(
+        struct llama_context       * ctx,
+        struct llama_adapter_lora ** adapters,
+        int32_t                      n_adapters,
+        int32_t                      max_active);
+
+// Drop the registered pool (all sequences go back to the base model).
+LLAMA_API int32_t loramux_unregister(struct llama_context * ctx);
+
+// Number of registered adapters (0 when none), and max_active (0 when none).
+LLAMA_API int32_t loramux_n_adapters(const struct llama_context * ctx);
+LLAMA_API int32_t loramux_max_active(const struct llama_context * ctx);
+
+// Set the mix of sequence seq_id from n (id, weight) pairs; ids index the registered pool, zero
+// weights are dropped, at most max_active may be non-zero. n == 0 clears the mix.
+LLAMA_API int32_t loramux_set_seq_mix(
+        struct llama_context * ctx,
+        llama_seq_id           seq_id,
+        int32_t                n,
+        const int32_t        * ids,
+        const float          * weights);
+
+// Same, from a dense vector of n_weights == n_adapters weights (one per pool adapter).
+LLAMA_API int32_t loramux_set_seq_weights(
+        struct llama_context * ctx,
+        llama_seq_id           seq_id,
+        const float          * weights,
+        int32_t                n_weights);
+
+// The sequence runs the base model again.
+LLAMA_API int32_t loramux_clear_seq_mix(struct llama_context * ctx, llama_seq_id seq_id);
+
+// Copy the sequence's mix into ids/weights (capacity entries); returns the number of active
+// adapters (>= 0) or a negative status.
+LLAMA_API int32_t loramux_get_seq_mix(
+        const struct llama_context * ctx,
+        llama_seq_id                 seq_id,
+        int32_t                      capacity,
+        int32_t                    * ids,
+        float                      * weights);
+
+#ifdef __cplusplus
+}
+#endif

@@ -1,0 +1,565 @@
+// llama-mux.cpp - per-sequence LoRA adapter mixes (loramux), compiled into libllama.
+//
+// Registration stacks the pool's LoRA matrices per adapted base weight; at decode time each token
+// selects the stacked matrices of its sequence's adapters with ggml_mul_mat_id (like MoE experts)
+// and scales them by per-token weights, both graph inputs filled from a host table.
+
+#include "llama-mux.h"
+
+#include "loramux.h"
+
+#include "llama-adapter.h"
+#include "llama-context.h"
+#include "llama-impl.h"
+#include "llama-model.h"
+
+#include "ggml-backend.h"
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <map>
+
+//
+// llama_mux
+//
+
+uint32_t llama_mux::n_nodes() const {
+    // per module: cont, reshape, 2 x mul_mat_id, mul, k x (view + add); per embedding LoRA: 4
+    return (uint32_t) (modules.size() * (6 + 2 * (size_t) k) + embd.size() * 6 + 16);
+}
+
+//
+// llm_graph_input_mux
+//
+
+llm_graph_input_mux::llm_graph_input_mux(const llama_mux * mux, int64_t n_tokens, int64_t n_outputs)
+    : mux(mux), n_tokens(n_tokens), n_outputs(n_outputs) {
+    for (int o = 0; o < 2; ++o) {
+        t_ids[o].assign(mux->groups.size(), nullptr);
+        t_w[o].assign(mux->groups.size(), nullptr);
+    }
+    t_embd.assign(mux->embd.size(), nullptr);
+}
+
+ggml_tensor * llm_graph_input_mux::ids(ggml_context * ctx, int32_t group, bool outputs) {
+    ggml_tensor *& t = t_ids[outputs][group];
+    if (!t) {
+        t = ggml_new_tensor_2d(ctx, GGML_TYPE_I32, mux->k, outputs ? n_outputs : n_tokens);
+        ggml_format_name(t, "mux_ids_%d%s", group, outputs ? "_out" : "");
+        ggml_set_input(t);
+    }
+    return t;
+}
+
+ggml_tensor * llm_graph_input_mux::weights(ggml_context * ctx, int32_t group, bool outputs) {
+    ggml_tensor *& t = t_w[outputs][group];
+    if (!t) {
+        t = ggml_new_tensor_3d(ctx, GGML_TYPE_F32, 1, mux->k, outputs ? n_outputs : n_tokens);
+        ggml_format_name(t, "mux_w_%d%s", group, outputs ? "_out" : "");
+        ggml_set_input(t);
+    }
+    return t;
+}
+
+ggml_tensor * llm_graph_input_mux::embd_scale(ggml_context * ctx, size_t i) {
+    ggml_tensor *& t = t_embd[i];
+    if (!t) {
+        t = ggml_new_tensor_2d(ctx, GGML_TYPE_F32, 1, n_tokens);
+        ggml_format_name(t, "mux_embd_scale_%zu", i);
+        ggml_set_input(t);
+    }
+    return t;
+}
+
+void llm_graph_input_mux::set_input(const llama_ubatch * ubatch) {
+    const int32_t k = mux->k;
+
+    // rows of the token tensors are the ubatch's tokens; rows of the output tensors are the
+    // tokens flagged as outputs, in ubatch order (the order inp_out_ids selects them in)
+    std::vector<int32_t> rows_out;
+    for (int64_t i = 0; i < n_tokens; ++i) {
+        if (ubatch->output && ubatch->output[i]) {
+            rows_out.push_back((int32_t) i);
+        }
+    }
+
+    for (int o = 0; o < 2; ++o) {
+        const int64_t n_rows = o ? n_outputs : n_tokens;
+        if (o && (int64_t) rows_out.size() != n_outputs) {
+            bool any = false;
+            for (auto * t : t_ids[1]) { any = any || t; }
+            GGML_ASSERT(!any && "loramux: output rows do not match n_outputs");
+            continue;
+        }
+        for (size_t g = 0; g < mux->groups.size(); ++g) {
+            ggml_tensor * ti = t_ids[o][g];
+            ggml_tensor * tw = t_w[o][g];
+            if (!ti && !tw) {
+                continue;
+            }
+            const auto & sub_of = mux->groups[g].sub_of;
+            buf_ids.assign((size_t) k * n_rows, 0);
+            buf_w.assign((size_t) k * n_rows, 0.0f);
+            for (int64_t r = 0; r < n_rows; ++r) {
+                const int32_t i   = o ? rows_out[r] : (int32_t) r;
+                // a token shared by several sequences takes the mix of its first sequence id
+                const llama_seq_id s = ubatch->seq_id[i][0];
+                const int32_t n   = (s >= 0 && (uint32_t) s < mux->n_seq_max) ? mux->seq_n[s] : 0;
+                int32_t slot = 0;
+                for (int32_t j = 0; j < n; ++j) {
+                    const int32_t sub = sub_of[mux->seq_ids[(size_t) s * k + j]];
+                    if (sub < 0) {
+                        continue; // this adapter does not adapt the modules of this group
+                    }
+                    buf_ids[(size_t) r * k + slot] = sub;
+                    buf_w  [(size_t) r * k + slot] = mux->seq_w[(size_t) s * k + j];
+                    ++slot;
+                }
+            }
+            if (ti) {
+                ggml_backend_tensor_set(ti, buf_ids.data(), 0, ggml_nbytes(ti));
+            }
+            if (tw) {
+                ggml_backend_tensor_set(tw, buf_w.data(), 0, ggml_nbytes(tw));
+            }
+        }
+    }
+
+    for (size_t e = 0; e < t_embd.size(); ++e) {
+        ggml_tensor * t = t_embd[e];
+        if (!t) {
+            continue;
+        }
+        const auto & em = mux->embd[e];
+        buf_w.assign(n_tokens, 0.0f);
+        for (int64_t i = 0; i < n_tokens; ++i) {
+            const llama_seq_id s = ubatch->seq_id[i][0];
+            const int32_t n = (s >= 0 && (uint32_t) s < mux->n_seq_max) ? mux->seq_n[s] : 0;
+            for (int32_t j = 0; j < n; ++j) {
+                if (mux->seq_ids[(size_t) s * k + j] == em.pool_id) {
+                    buf_w[i] = mux->seq_w[(size_t) s * k + j] * em.scale;
+                }
+            }
+        }
+        ggml_backend_tensor_set(t, buf_w.data(), 0, ggml_nbytes(t));
+    }
+}
+
+bool llm_graph_input_mux::can_reuse(const llm_graph_params & params) {
+    return params.mux == mux &&
+           params.ubatch.n_tokens == n_tokens &&
+           (int64_t) params.n_outputs == n_outputs;
+}
+
+//
+// graph hooks
+//
+
+static llm_graph_input_mux * mux_input(const llm_graph_context & g) {
+    if (!g.inp_mux) {
+        auto inp = std::make_unique<llm_graph_input_mux>(g.mux, g.n_tokens, g.n_outputs);
+        g.inp_mux = static_cast<llm_graph_input_mux *>(g.res->add_input(std::move(inp)));
+    }
+    return g.inp_mux;
+}
+
+ggml_tensor * llama_mux_build_mm(const llm_graph_context & g, ggml_tensor * w, ggml_tensor * cur, ggml_tensor * res) {
+    const llama_mux * mux = g.mux;
+    const auto it = mux->modules.find(w->name);
+    if (it == mux->modules.end()) {
+        return res;
+    }
+    const llama_mux_module & m = it->second;
+
+    const int64_t nt = cur->ne[1];
+    const bool shape_ok =
+        cur->ne[0] == m.a->ne[0] && cur->ne[2] == 1 && cur->ne[3] == 1 &&
+        res->ne[0] == m.b->ne[1] && res->ne[1] == nt && res->ne[2] == 1 && res->ne[3] == 1 &&
+        (nt == g.n_tokens || nt == g.n_outputs);
+    if (!shape_ok) {
+        static bool warned = false;
+        if (!warned) {
+            warned = true;
+            LLAMA_LOG_WARN("%s: loramux cannot apply per-sequence LoRA to '%s' with input shape [%lld, %lld, %lld]; skipped\n",
+                    __func__, w->name, (long long) cur->ne[0], (long long) cur->ne[1], (long long) cur->ne[2]);
+        }
+        return res;
+    }
+    if (nt == 0) {
+        return res;
+    }
+
+    ggml_context * ctx0 = g.ctx0;
+    const bool outputs = nt != g.n_tokens; // last layer after inp_out_ids: only the output rows
+    llm_graph_input_mux * inp = mux_input(g);
+    ggml_tensor * ids = inp->ids(ctx0, m.group, outputs);
+    ggml_tensor * wts = inp->weights(ctx0, m.group, outputs);
+
+    ggml_tensor * x = ggml_is_contiguous(cur) ? cur : ggml_cont(ctx0, cur);
+    x = ggml_reshape_3d(ctx0, x, x->ne[0], 1, nt);
+
+    ggml_tensor * t = ggml_mul_mat_id(ctx0, m.a, x, ids); // [r_max, k, nt]
+    t = ggml_mul(ctx0, t, wts);                           // per-token, per-slot weight
+    ggml_tensor * u = ggml_mul_mat_id(ctx0, m.b, t, ids); // [n_out, k, nt]
+
+    for (int32_t j = 0; j < mux->k; ++j) {
+        res = ggml_add(ctx0, res, ggml_view_2d(ctx0, u, u->ne[0], nt, u->nb[2], (size_t) j * u->nb[1]));
+    }
+    return res;
+}
+
+ggml_tensor * llama_mux_build_embd(const llm_graph_context & g, ggml_tensor * tok_embd, ggml_tensor * tokens, ggml_tensor * cur) {
+    const llama_mux * mux = g.mux;
+    if (mux->embd.empty()) {
+        return cur;
+    }
+    ggml_context * ctx0 = g.ctx0;
+    llm_graph_input_mux * inp = mux_input(g);
+    for (size_t e = 0; e < mux->embd.size(); ++e) {
+        const auto & em = mux->embd[e];
+        if (em.b->ne[1] != tok_embd->ne[0]) {
+            continue;
+        }
+        ggml_tensor * delta = ggml_mul_mat(ctx0, em.b, ggml_get_rows(ctx0, em.a, tokens)); // [n_embd, n_tokens]
+        delta = ggml_mul(ctx0, delta, inp->embd_scale(ctx0, e));
+        cur = ggml_add(ctx0, cur, delta);
+    }
+    return cur;
+}
+
+//
+// C API
+//
+
+static llama_mux * mux_of_ctx(const llama_context * ctx) {
+    return ctx ? ctx->mux.get() : nullptr;
+}
+
+static bool mux_ends_with(const std::string & s, const std::string & suffix) {
+    return s.size() >= suffix.size() && s.compare(s.size() - suffix.size(), suffix.size(), suffix) == 0;
+}
+
+// read any (float or quantized) tensor as float32
+static std::vector<float> mux_tensor_to_f32(const ggml_tensor * t) {
+    std::vector<uint8_t> raw(ggml_nbytes(t));
+    ggml_backend_tensor_get(t, raw.data(), 0, raw.size());
+    std::vector<float> out(ggml_nelements(t));
+    if (t->type == GGML_TYPE_F32) {
+        memcpy(out.data(), raw.data(), raw.size());
+    } else {
+        const auto * traits = ggml_get_type_traits(t->type);
+        GGML_ASSERT(traits->to_float);
+        traits->to_float(raw.data(), out.data(), out.size());
+    }
+    return out;
+}
+
+int32_t loramux_api_version(void) {
+    return LORAMUX_API_VERSION;
+}
+
+const char * loramux_strerror(int32_t status) {
+    switch (status) {
+        case LORAMUX_OK:                       return "ok";
+        case LORAMUX_ERR_NULL_ARG:             return "a required pointer is NULL";
+        case LORAMUX_ERR_NOT_REGISTERED:       return "no adapter pool is registered on this context";
+        case LORAMUX_ERR_BAD_SEQ_ID:           return "sequence id out of range [0, n_seq_max)";
+        case LORAMUX_ERR_BAD_ADAPTER_ID:       return "adapter id out of range [0, n_adapters)";
+        case LORAMUX_ERR_BAD_WEIGHT:           return "weight is NaN or infinite";
+        case LORAMUX_ERR_TOO_MANY_ACTIVE:      return "more non-zero weights than max_active";
+        case LORAMUX_ERR_DUPLICATE_ADAPTER:    return "the same adapter appears twice";
+        case LORAMUX_ERR_BAD_ARG:              return "count out of range";
+        case LORAMUX_ERR_INCOMPATIBLE_ADAPTER: return "adapter is for another model, is an aLoRA, or has mismatched shapes";
+        case LORAMUX_ERR_ALLOC:                return "could not allocate a backend buffer";
+        default:                               return "unknown loramux status";
+    }
+}
+
+int32_t loramux_register_adapters(llama_context * ctx, llama_adapter_lora ** adapters, int32_t n_adapters, int32_t max_active) {
+    if (!ctx || !adapters) {
+        return LORAMUX_ERR_NULL_ARG;
+    }
+    if (n_adapters < 1 || max_active < 1) {
+        return LORAMUX_ERR_BAD_ARG;
+    }
+    max_active = std::min(max_active, n_adapters);
+    const llama_model * model = &ctx->get_model();
+    for (int32_t i = 0; i < n_adapters; ++i) {
+        if (!adapters[i]) {
+            return LORAMUX_ERR_NULL_ARG;
+        }
+        if (adapters[i]->model != model || !adapters[i]->alora_invocation_tokens.empty()) {
+            return LORAMUX_ERR_INCOMPATIBLE_ADAPTER;
+        }
+        for (int32_t j = 0; j < i; ++j) {
+            if (adapters[j] == adapters[i]) {
+                return LORAMUX_ERR_DUPLICATE_ADAPTER;
+            }
+        }
+    }
+
+    auto mux = std::make_shared<llama_mux>();
+    mux->n_adapters = n_adapters;
+    mux->k          = max_active;
+    mux->n_seq_max  = ctx->n_seq_max();
+    mux->adapters.assign(adapters, adapters + n_adapters);
+    mux->seq_n.assign(mux->n_seq_max, 0);
+    mux->seq_ids.assign((size_t) mux->n_seq_max * max_active, 0);
+    mux->seq_w.assign((size_t) mux->n_seq_max * max_active, 0.0f);
+
+    // base weight name -> (pool id, lora weight), in a deterministic order
+    std::map<std::string, std::vector<std::pair<int32_t, llama_adapter_lora_weight *>>> by_name;
+    for (int32_t i = 0; i < n_adapters; ++i) {
+        const float alpha = adapters[i]->alpha;
+        for (auto & [name, lw] : adapters[i]->ab_map) {
+            if (!lw.a || !lw.b || lw.a->ne[1] != lw.b->ne[0]) {
+                return LORAMUX_ERR_INCOMPATIBLE_ADAPTER;
+            }
+            if (mux_ends_with(name, "token_embd.weight")) {
+                mux->embd.push_back({ i, lw.a, lw.b, lw.get_scale(alpha, 1.0f) });
+            } else {
+                by_name[name].push_back({ i, &lw });
+            }
+        }
+    }
+
+    // one group per distinct set of adapters
+    std::map<std::vector<int32_t>, int32_t> group_of;
+    struct plan { std::string name; int32_t group; int64_t n_in, n_out, r_max; ggml_type type_a; ggml_backend_buffer_type_t buft; };
+    std::vector<plan> plans;
+    for (auto & [name, entries] : by_name) {
+        std::vector<int32_t> members;
+        int64_t r_max = 0;
+        const int64_t n_in  = entries[0].second->a->ne[0];
+        const int64_t n_out = entries[0].second->b->ne[1];
+        bool all_f32 = true;
+        for (auto & [id, lw] : entries) {
+            if (lw->a->ne[0] != n_in || lw->b->ne[1] != n_out) {
+                return LORAMUX_ERR_INCOMPATIBLE_ADAPTER;
+            }
+            members.push_back(id);
+            r_max = std::max<int64_t>(r_max, lw->b->ne[0]);
+            all_f32 = all_f32 && lw->a->type == GGML_TYPE_F32;
+        }
+        auto git = group_of.find(members);
+        int32_t group;
+        if (git == group_of.end()) {
+            group = (int32_t) mux->groups.size();
+            group_of[members] = group;
+            llama_mux_group gr;
+            gr.sub_of.assign(n_adapters, -1);
+            for (size_t s = 0; s < members.size(); ++s) {
+                gr.sub_of[members[s]] = (int32_t) s;
+            }
+            gr.n_sub = (int32_t) members.size();
+            mux->groups.push_back(std::move(gr));
+        } else {
+            group = git->second;
+        }
+        ggml_backend_buffer_type_t buft = entries[0].second->a->buffer ? ggml_backend_buffer_get_type(entries[0].second->a->buffer) : nullptr;
+        if (!buft) {
+            return LORAMUX_ERR_INCOMPATIBLE_ADAPTER;
+        }
+        plans.push_back({ name, group, n_in, n_out, r_max, all_f32 ? GGML_TYPE_F32 : GGML_TYPE_F16, buft });
+    }
+
+    // one ggml context per buffer type holds the stacked tensors
+    std::map<ggml_backend_buffer_type_t, ggml_context *> ctx_of;
+    for (auto & p : plans) {
+        if (ctx_of.find(p.buft) == ctx_of.end()) {
+            ggml_init_params params = { /*.mem_size =*/ 2 * plans.size() * ggml_tensor_overhead(), /*.mem_buffer =*/ nullptr, /*.no_alloc =*/ true };
+            ggml_context * c = ggml_init(params);
+            if (!c) {
+                return LORAMUX_ERR_ALLOC;
+            }
+            ctx_of[p.buft] = c;
+            mux->ctxs.emplace_back(c);
+        }
+        ggml_context * c = ctx_of[p.buft];
+        const int64_t n_sub = mux->groups[p.group].n_sub;
+        llama_mux_module m;
+        m.group = p.group;
+        m.a = ggml_new_tensor_3d(c, p.type_a, p.n_in, p.r_max, n_sub);
+        m.b = ggml_new_tensor_3d(c, GGML_TYPE_F32, p.r_max, p.n_out, n_sub);
+        ggml_format_name(m.a, "mux.%s.a", p.name.c_str());
+        ggml_format_name(m.b, "mux.%s.b", p.name.c_str());
+        mux->modules[p.name] = m;
+    }
+    for (auto & [buft, c] : ctx_of) {
+        ggml_backend_buffer_t buf = ggml_backend_alloc_ctx_tensors_from_buft(c, buft);
+        if (!buf) {
+            return LORAMUX_ERR_ALLOC;
+        }
+        ggml_backend_buffer_set_usage(buf, GGML_BACKEND_BUFFER_USAGE_WEIGHTS);
+        mux->bufs.emplace_back(buf);
+    }
+
+    // fill the stacks: zero padding beyond each adapter's rank, alpha/r folded into B
+    for (auto & p : plans) {
+        const llama_mux_module & m = mux->modules[p.name];
+        const int64_t n_sub = mux->groups[p.group].n_sub;
+        std::vector<float> a_host((size_t) p.n_in * p.r_max * n_sub, 0.0f);
+        std::vector<float> b_host((size_t) p.r_max * p.n_out * n_sub, 0.0f);
+        for (auto & [id, lw] : by_name[p.name]) {
+            const int64_t sub = mux->groups[p.group].sub_of[id];
+            const int64_t r   = lw->b->ne[0];
+            const float scale = lw->get_scale(adapters[id]->alpha, 1.0f);
+            const std::vector<float> a = mux_tensor_to_f32(lw->a); // [n_in, r]
+            const std::vector<float> b = mux_tensor_to_f32(lw->b); // [r, n_out]
+            float * a_dst = a_host.data() + (size_t) sub * p.n_in * p.r_max;
+            std::copy(a.begin(), a.end(), a_dst);
+            float * b_dst = b_host.data() + (size_t) sub * p.r_max * p.n_out;
+            for (int64_t o = 0; o < p.n_out; ++o) {
+                for (int64_t j = 0; j < r; ++j) {
+                    b_dst[o * p.r_max + j] = b[o * r + j] * scale;
+                }
+            }
+        }
+        if (m.a->type == GGML_TYPE_F32) {
+            ggml_backend_tensor_set(m.a, a_host.data(), 0, ggml_nbytes(m.a));
+        } else {
+            std::vector<ggml_fp16_t> a16(a_host.size());
+            ggml_fp32_to_fp16_row(a_host.data(), a16.data(), (int64_t) a_host.size());
+            ggml_backend_tensor_set(m.a, a16.data(), 0, ggml_nbytes(m.a));
+        }
+        ggml_backend_tensor_set(m.b, b_host.data(), 0, ggml_nbytes(m.b));
+    }
+
+    size_t bytes = 0;
+    for (auto & buf : mux->bufs) {
+        bytes += ggml_backend_buffer_get_size(buf.get());
+    }
+    LLAMA_LOG_INFO("%s: loramux pool of %d adapters, max %d active per sequence: %zu modules in %zu groups, %zu embedding LoRAs, %.2f MiB\n",
+            __func__, n_adapters, max_active, mux->modules.size(), mux->groups.size(), mux->embd.size(), bytes / 1024.0 / 1024.0);
+
+    ctx->set_mux(std::move(mux));
+    return LORAMUX_OK;
+}
+
+int32_t loramux_unregister(llama_context * ctx) {
+    if (!ctx) {
+        return LORAMUX_ERR_NULL_ARG;
+    }
+    if (!ctx->mux) {
+        return LORAMUX_ERR_NOT_REGISTERED;
+    }
+    ctx->set_mux(nullptr);
+    return LORAMUX_OK;
+}
+
+int32_t loramux_n_adapters(const llama_context * ctx) {
+    const llama_mux * mux = mux_of_ctx(ctx);
+    return mux ? mux->n_adapters : 0;
+}
+
+int32_t loramux_max_active(const llama_context * ctx) {
+    const llama_mux * mux = mux_of_ctx(ctx);
+    return mux ? mux->k : 0;
+}
+
+static int32_t mux_check_seq(const llama_context * ctx, llama_seq_id seq_id, llama_mux ** out) {
+    if (!ctx) {
+        return LORAMUX_ERR_NULL_ARG;
+    }
+    llama_mux * mux = mux_of_ctx(ctx);
+    if (!mux) {
+        return LORAMUX_ERR_NOT_REGISTERED;
+    }
+    if (seq_id < 0 || (uint32_t) seq_id >= mux->n_seq_max) {
+        return LORAMUX_ERR_BAD_SEQ_ID;
+    }
+    *out = mux;
+    return LORAMUX_OK;
+}
+
+int32_t loramux_set_seq_mix(llama_context * ctx, llama_seq_id seq_id, int32_t n, const int32_t * ids, const float * weights) {
+    llama_mux * mux = nullptr;
+    const int32_t rc = mux_check_seq(ctx, seq_id, &mux);
+    if (rc != LORAMUX_OK) {
+        return rc;
+    }
+    if (n < 0) {
+        return LORAMUX_ERR_BAD_ARG;
+    }
+    if (n > 0 && (!ids || !weights)) {
+        return LORAMUX_ERR_NULL_ARG;
+    }
+    // validate everything before writing anything
+    int32_t n_active = 0;
+    for (int32_t j = 0; j < n; ++j) {
+        if (ids[j] < 0 || ids[j] >= mux->n_adapters) {
+            return LORAMUX_ERR_BAD_ADAPTER_ID;
+        }
+        if (!std::isfinite(weights[j])) {
+            return LORAMUX_ERR_BAD_WEIGHT;
+        }
+        for (int32_t i = 0; i < j; ++i) {
+            if (ids[i] == ids[j]) {
+                return LORAMUX_ERR_DUPLICATE_ADAPTER;
+            }
+        }
+        n_active += weights[j] != 0.0f;
+    }
+    if (n_active > mux->k) {
+        return LORAMUX_ERR_TOO_MANY_ACTIVE;
+    }
+    const size_t base = (size_t) seq_id * mux->k;
+    int32_t slot = 0;
+    for (int32_t j = 0; j < n; ++j) {
+        if (weights[j] != 0.0f) {
+            mux->seq_ids[base + slot] = ids[j];
+            mux->seq_w  [base + slot] = weights[j];
+            ++slot;
+        }
+    }
+    for (int32_t j = slot; j < mux->k; ++j) {
+        mux->seq_ids[base + j] = 0;
+        mux->seq_w  [base + j] = 0.0f;
+    }
+    mux->seq_n[seq_id] = slot;
+    return LORAMUX_OK;
+}
+
+int32_t loramux_set_seq_weights(llama_context * ctx, llama_seq_id seq_id, const float * weights, int32_t n_weights) {
+    llama_mux * mux = nullptr;
+    const int32_t rc = mux_check_seq(ctx, seq_id, &mux);
+    if (rc != LORAMUX_OK) {
+        return rc;
+    }
+    if (!weights) {
+        return LORAMUX_ERR_NULL_ARG;
+    }
+    if (n_weights != mux->n_adapters) {
+        return LORAMUX_ERR_BAD_ARG;
+    }
+    std::vector<int32_t> ids(n_weights);
+    for (int32_t i = 0; i < n_weights; ++i) {
+        ids[i] = i;
+    }
+    return loramux_set_seq_mix(ctx, seq_id, n_weights, ids.data(), weights);
+}
+
+int32_t loramux_clear_seq_mix(llama_context * ctx, llama_seq_id seq_id) {
+    return loramux_set_seq_mix(ctx, seq_id, 0, nullptr, nullptr);
+}
+
+int32_t loramux_get_seq_mix(const llama_context * ctx, llama_seq_id seq_id, int32_t capacity, int32_t * ids, float * weights) {
+    llama_mux * mux = nullptr;
+    const int32_t rc = mux_check_seq(ctx, seq_id, &mux);
+    if (rc != LORAMUX_OK) {
+        return rc;
+    }
+    const int32_t n = mux->seq_n[seq_id];
+    if (capacity < n) {
+        return LORAMUX_ERR_BAD_ARG;
+    }
+    if (n > 0 && (!ids || !weights)) {
+        return LORAMUX_ERR_NULL_ARG;
+    }
+    for (int32_t j = 0; j < n; ++j) {
+        ids[j]     = mux->seq_ids[(size_t) seq_id * mux->k + j];
+        weights[j] = mux->seq_w  [(size_t) seq_id * mux->k + j];
+    }
+    return n;
+}
