@@ -94,23 +94,26 @@ def test_llama_cpp_refusal_becomes_runtime_load_error_with_its_reason(pool, tmp_
         pool.load(junk)
 
 
-def test_folder_skips_the_embedding_adapter_with_a_warning_unless_asked(tmp_path, base_model):
+def test_folder_skips_the_embedding_adapter_with_a_warning_unless_asked(tmp_path, base_model, converted_dir):
     folder = tmp_path / "adapters"
     folder.mkdir()
     for name in ("boolean_expressions", "word_sorting"):
         (folder / name).symlink_to(FIXTURES / name, target_is_directory=True)
+    (folder / "snarks.gguf").symlink_to(converted_dir / "snarks.gguf")  # GGUF files and PEFT folders side by side
+    (folder / "notes.txt").write_text("not an adapter")
     with AdapterPool(base_model, **CTX) as p:
         with pytest.warns(AdapterSkippedWarning, match="'word_sorting'.*token embeddings"):
             report = p.load_adapters(folder)
-        assert [a.name for a in report.loaded] == ["boolean_expressions"]
+        assert [a.name for a in report.loaded] == ["boolean_expressions", "snarks"]
         assert [s.name for s in report.skipped] == ["word_sorting"]
-        assert p.names == ["boolean_expressions"]
+        assert p.names == ["boolean_expressions", "snarks"]
+        assert p.adapters["boolean_expressions"].from_peft and not p.adapters["snarks"].from_peft
         with pytest.raises(UnsupportedAdapterError, match="--skip-embeddings"):
             p.load_adapters(folder / "word_sorting")  # named on its own: strict
     with AdapterPool(base_model, **CTX) as p, warnings.catch_warnings():
         warnings.simplefilter("error", AdapterSkippedWarning)
         report = p.load_adapters(folder, skip_embeddings=True)
-        assert p.names == ["boolean_expressions", "word_sorting"] and not report.skipped
+        assert p.names == ["boolean_expressions", "snarks", "word_sorting"] and not report.skipped
         assert p.adapters["word_sorting"].skip_embeddings
         out = p.create_completion("Sort: b a", mix={"word_sorting": 1.0}, temperature=0, max_tokens=4)  # runs, no abort
         assert out["mix"] == {"word_sorting": 1.0}
