@@ -23,6 +23,8 @@ SUBCOMMANDS: list[str] = [
     "loramux.cli.run_cmd",
     "loramux.cli.chat_cmd",
     "loramux.cli.eval_cmd",
+    "loramux.cli.router_cmd",
+    "loramux.cli.route_cmd",
 ]
 
 
