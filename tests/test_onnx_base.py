@@ -242,3 +242,47 @@ def test_greedy_answers_agree_with_gguf_path(onnx_model, base_model, tmp_path):
     assert not not_torch, f"onnxruntime and torch + PEFT answered differently: {not_torch}"
     assert not not_near_tie, f"onnxruntime and llama.cpp differ at clear margins: {not_near_tie}"
     assert same_as_gguf >= 3, f"only {same_as_gguf} of {checked} answers agree with llama.cpp"
+
+
+def test_onnxruntime_genai_runs_the_model_with_adapters(onnx_model, base_model, prompt, tmp_path):
+    """The cached folder (model.onnx + genai_config.json) is an onnxruntime-genai model: og.Adapters work on it.
+
+    onnxruntime-genai is not part of loramux's extras; the test is skipped where it is not installed.
+    """
+    og = pytest.importorskip("onnxruntime_genai")
+    adapter = convert_peft_to_onnx_adapter(FIXTURES / "dyck_languages", base_model, tmp_path / "dyck.onnx_adapter")
+    model = og.Model(str(onnx_model.path.parent))
+    adapters = og.Adapters(model)
+    adapters.load(str(adapter), "dyck")
+    stop = end_token(base_model)
+
+    def genai_greedy(active: str | None) -> list[int]:
+        params = og.GeneratorParams(model)
+        params.set_search_options(max_length=len(prompt) + 12, do_sample=False)
+        generator = og.Generator(model, params)
+        if active:
+            generator.set_active_adapter(adapters, active)
+        generator.append_tokens(prompt)
+        new: list[int] = []
+        while not generator.is_done():
+            generator.generate_next_token()
+            token = int(generator.get_next_tokens()[0])
+            if token == stop:
+                break
+            new.append(token)
+        return new
+
+    with_adapter = genai_greedy("dyck")
+    assert with_adapter == onnx_model.generate(prompt, max_new_tokens=12, adapter=adapter, stop_ids=[stop])
+    assert genai_greedy(None) == onnx_model.generate(prompt, max_new_tokens=12, stop_ids=[stop])
+    assert with_adapter != genai_greedy(None)
+
+
+def test_cli_onnx_base_prints_and_copies(onnx_model, base_model, tmp_path, capsys):
+    from loramux.cli import main as cli_main
+
+    assert cli_main(["onnx-base", "--base", str(base_model)]) == 0
+    assert capsys.readouterr().out.strip() == str(onnx_model.path)
+    assert cli_main(["onnx-base", "-o", str(tmp_path / "exported")]) == 0
+    assert sorted(p.name for p in (tmp_path / "exported").iterdir()) == ["genai_config.json", "model.onnx"]
+    assert (tmp_path / "exported" / "model.onnx").stat().st_size == onnx_model.path.stat().st_size

@@ -2,7 +2,9 @@
 
 ``onnx_base_model()`` rebuilds the base GGUF (dequantized, float32) as an ONNX graph whose
 every linear layer has LoRA graph inputs with empty defaults (:mod:`loramux.converters.onnx_graph`),
-and caches it under ``cache_dir()/onnx/<base fingerprint>-g<graph version>/model.onnx``.
+and caches it under ``cache_dir()/onnx/<base fingerprint>-g<graph version>/model.onnx``, with a
+``genai_config.json`` beside it so that the folder also loads as an onnxruntime-genai model
+(``og.Model(folder)``, ``og.Adapters``, ``Generator.set_active_adapter``).
 :class:`OnnxLoraModel` runs it with onnxruntime, with no adapter, an onnxruntime adapter
 file or ``LoraAdapter`` (``RunOptions.add_active_adapter``), or a dict of LoRA parameters
 fed as inputs (an in-memory mix per request, see :mod:`loramux.converters.onnx_mix`).
@@ -12,6 +14,7 @@ part of the default install; no torch.
 """
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Sequence, Union
@@ -39,21 +42,91 @@ def onnx_base_path(base: str | os.PathLike | None = None) -> Path:
     return cache_dir() / "onnx" / f"{info.fingerprint}-g{GRAPH_VERSION}" / "model.onnx"
 
 
+GENAI_CONFIG = "genai_config.json"
+
+
+def _special_token(base: str | os.PathLike, key: str, default: int) -> int:
+    import gguf
+
+    field = gguf.GGUFReader(base, "r").fields.get(key)
+    return int(field.parts[field.data[0]][0]) if field is not None else default
+
+
+def genai_config(base: str | os.PathLike, model_file: str = "model.onnx") -> dict[str, Any]:
+    """An onnxruntime-genai ``genai_config.json`` for the ONNX base model of ``base``.
+
+    The keys are those onnxruntime-genai's model builder writes (``make_genai_config``) for a
+    decoder with ``input_ids``/``attention_mask``/``position_ids`` and a separate past/present
+    KV cache; search defaults to greedy.
+    """
+    c = hf_llama_config(base)
+    eos = _special_token(base, "tokenizer.ggml.eos_token_id", 2)
+    return {
+        "model": {
+            "bos_token_id": _special_token(base, "tokenizer.ggml.bos_token_id", 1),
+            "context_length": c["max_position_embeddings"],
+            "decoder": {
+                "session_options": {"log_id": "onnxruntime-genai", "provider_options": [], "log_severity_level": 3},
+                "filename": model_file,
+                "head_size": c["hidden_size"] // c["num_attention_heads"],
+                "hidden_size": c["hidden_size"],
+                "inputs": {
+                    "input_ids": "input_ids",
+                    "attention_mask": "attention_mask",
+                    "position_ids": "position_ids",
+                    "past_key_names": "past_key_values.%d.key",
+                    "past_value_names": "past_key_values.%d.value",
+                },
+                "outputs": {
+                    "logits": "logits",
+                    "present_key_names": "present.%d.key",
+                    "present_value_names": "present.%d.value",
+                },
+                "num_attention_heads": c["num_attention_heads"],
+                "num_hidden_layers": c["num_hidden_layers"],
+                "num_key_value_heads": c["num_key_value_heads"],
+            },
+            "eos_token_id": eos,
+            "pad_token_id": eos,
+            "type": "llama",
+            "vocab_size": c["vocab_size"],
+        },
+        "search": {
+            "do_sample": False,
+            "max_length": min(2048, c["max_position_embeddings"]),
+            "min_length": 0,
+            "num_beams": 1,
+            "num_return_sequences": 1,
+            "past_present_share_buffer": False,
+            "repetition_penalty": 1.0,
+            "temperature": 1.0,
+            "top_k": 1,
+            "top_p": 1.0,
+        },
+    }
+
+
 def build_onnx_base(
     base: str | os.PathLike,
     out: str | os.PathLike,
     *,
     progress: Callable[[int, int], None] | None = None,
 ) -> Path:
-    """Build the ONNX model (float32, LoRA inputs on every linear layer) for a base GGUF; write it atomically."""
+    """Build the ONNX model (float32, LoRA inputs on every linear layer) for a base GGUF; write it atomically.
+
+    A ``genai_config.json`` is written beside ``out`` (for onnxruntime-genai).
+    """
     onnx = onnx_deps.onnx()
+    out = Path(out)
     config = hf_llama_config(base)
     state = hf_state_dict(base)
     model = build_llama_graph(state, config, name=read_base_model(base).name, progress=progress)
     del state
+    with atomic_output(out.parent / GENAI_CONFIG) as tmp:
+        tmp.write_text(json.dumps(genai_config(base, out.name), indent=2))
     with atomic_output(out) as tmp:
         onnx.save_model(model, str(tmp))
-    return Path(out)
+    return out
 
 
 def onnx_base_model(
@@ -67,6 +140,9 @@ def onnx_base_model(
     path = onnx_base_path(base)
     if rebuild or not path.is_file():
         build_onnx_base(base, path, progress=progress)
+    elif not (path.parent / GENAI_CONFIG).is_file():
+        with atomic_output(path.parent / GENAI_CONFIG) as tmp:
+            tmp.write_text(json.dumps(genai_config(base, path.name), indent=2))
     return path
 
 

@@ -26,11 +26,12 @@ def register(sub: argparse._SubParsersAction) -> None:
             "onnxruntime adapter files from `loramux convert --to onnx` or `loramux onnx-mix` then run on it with "
             "RunOptions.add_active_adapter. The model is cached under the loramux cache folder, keyed by the base "
             "model's fingerprint (about 540 MB for SmolLM2-135M; about a minute to build on 2 cores); the command "
-            "prints its path. Needs the onnx extra: pip install 'loramux[onnx]'."
+            "prints its path. A genai_config.json beside it makes the folder an onnxruntime-genai model too "
+            "(og.Model(folder), og.Adapters). Needs the onnx extra: pip install 'loramux[onnx]'."
         ),
     )
     p.add_argument("--base", type=Path, default=None, help="base model GGUF (default: the embedded SmolLM2-135M-Instruct Q4_1)")
-    p.add_argument("-o", "--output", type=Path, default=None, help="also copy the model to this path")
+    p.add_argument("-o", "--output", type=Path, default=None, help="also copy the model (model.onnx + genai_config.json) into this folder")
     p.add_argument("--rebuild", action="store_true", help="build again even if a cached model exists")
     p.set_defaults(run=run_base)
 
@@ -58,9 +59,13 @@ def run_base(args: argparse.Namespace) -> int:
     with progress_bar(desc="build ONNX base", unit="layer") as bar:
         path = onnx_base_model(args.base, rebuild=args.rebuild, progress=bar.update_to)
     if args.output:
-        args.output.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(path, args.output)
-        path = args.output
+        from loramux.converters.atomic import atomic_output
+        from loramux.onnx_base import GENAI_CONFIG
+
+        for src in (path.parent / GENAI_CONFIG, path):
+            with atomic_output(args.output / src.name) as tmp:
+                shutil.copyfile(src, tmp)
+        path = args.output / path.name
     print(path)
     return 0
 
