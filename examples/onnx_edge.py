@@ -15,6 +15,7 @@ llama.cpp inference). Run from the repository root::
 
     .venv/bin/python examples/onnx_edge.py
     .venv/bin/python examples/onnx_edge.py --prompt "not ( True and False ) or False is" --mix boolean_expressions=1
+    .venv/bin/loramux router train --adapters examples/adapters --data ../shared/data/bbh/train.jsonl -o router.onnx
     .venv/bin/python examples/onnx_edge.py --router router.onnx
 
 Needs the onnx extra: pip install 'loramux[onnx]'.

@@ -286,3 +286,18 @@ def test_cli_onnx_base_prints_and_copies(onnx_model, base_model, tmp_path, capsy
     assert cli_main(["onnx-base", "-o", str(tmp_path / "exported")]) == 0
     assert sorted(p.name for p in (tmp_path / "exported").iterdir()) == ["genai_config.json", "model.onnx"]
     assert (tmp_path / "exported" / "model.onnx").stat().st_size == onnx_model.path.stat().st_size
+
+
+def test_example_onnx_edge_runs(onnx_model, capsys):
+    """examples/onnx_edge.py answers its default prompt under its default fixed mix."""
+    import importlib.util
+
+    from conftest import ROOT
+
+    spec = importlib.util.spec_from_file_location("onnx_edge", ROOT / "examples" / "onnx_edge.py")
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    assert example.main(["--max-tokens", "4"]) == 0
+    out = capsys.readouterr().out
+    assert "mix    : boolean_expressions=0.7, dyck_languages=0.3 (fixed --mix)" in out
+    assert "answer : " in out
