@@ -8,10 +8,11 @@ the base model loramux builds itself (:mod:`loramux.converters.onnx_graph`).
 
 How the builder names things (all in ``builders/base.py``):
 
-- ``make_attention``: ``/model/layers.{i}/attn/{q,k,v}_proj/MatMul`` (unpacked when LoRA
-  is used) and ``/model/layers.{i}/attn/o_proj/MatMul``; note ``attn`` where PEFT says
-  ``self_attn``.
-- ``make_mlp_unpacked``: ``/model/layers.{i}/mlp/{gate,up,down}_proj/MatMul``.
+- ``make_attention_input_proj``: ``/model/layers.{i}/attn/{q,k,v}_proj/MatMul`` (unpacked
+  when LoRA is used); ``make_attention_output_proj``: ``/model/layers.{i}/attn/o_proj/MatMul``;
+  note ``attn`` where PEFT says ``self_attn``.
+- ``make_mlp_proj``: ``/model/layers.{i}/mlp/{gate,up,down}_proj/MatMul``.
+- ``make_lm_head``: ``/lm_head/MatMul``.
 - ``make_matmul_lora``: the LoRA path of a node ``.../X/MatMul`` is ``.../X/lora_A/MatMul``
   then ``.../X/lora_B/MatMul``, added to the base MatMul; before that it multiplies
   ``lora_B`` by PEFT's ``scaling`` in place (so no separate alpha exists at run time).
@@ -34,13 +35,13 @@ import re
 # PEFT module path (with {bid} for the block index) -> ONNX prefix of its MatMul.
 # Each entry: where the builder makes that MatMul.
 ONNX_GENAI_LINEARS: dict[str, str] = {
-    "model.layers.{bid}.self_attn.q_proj": "model.layers.{bid}.attn.q_proj",    # make_attention: q_matmul_basename
-    "model.layers.{bid}.self_attn.k_proj": "model.layers.{bid}.attn.k_proj",    # make_attention: k_matmul_basename
-    "model.layers.{bid}.self_attn.v_proj": "model.layers.{bid}.attn.v_proj",    # make_attention: v_matmul_basename
-    "model.layers.{bid}.self_attn.o_proj": "model.layers.{bid}.attn.o_proj",    # make_attention: o_matmul_basename
-    "model.layers.{bid}.mlp.gate_proj": "model.layers.{bid}.mlp.gate_proj",     # make_mlp_unpacked: gate_matmul_basename
-    "model.layers.{bid}.mlp.up_proj": "model.layers.{bid}.mlp.up_proj",         # make_mlp_unpacked: up_matmul_basename
-    "model.layers.{bid}.mlp.down_proj": "model.layers.{bid}.mlp.down_proj",     # make_mlp_unpacked: down_matmul_basename
+    "model.layers.{bid}.self_attn.q_proj": "model.layers.{bid}.attn.q_proj",    # make_attention_input_proj: q_matmul_basename
+    "model.layers.{bid}.self_attn.k_proj": "model.layers.{bid}.attn.k_proj",    # make_attention_input_proj: k_matmul_basename
+    "model.layers.{bid}.self_attn.v_proj": "model.layers.{bid}.attn.v_proj",    # make_attention_input_proj: v_matmul_basename
+    "model.layers.{bid}.self_attn.o_proj": "model.layers.{bid}.attn.o_proj",    # make_attention_output_proj: o_matmul_basename
+    "model.layers.{bid}.mlp.gate_proj": "model.layers.{bid}.mlp.gate_proj",     # make_mlp_proj: gate_matmul_basename
+    "model.layers.{bid}.mlp.up_proj": "model.layers.{bid}.mlp.up_proj",         # make_mlp_proj: up_matmul_basename
+    "model.layers.{bid}.mlp.down_proj": "model.layers.{bid}.mlp.down_proj",     # make_mlp_proj: down_matmul_basename
     "lm_head": "lm_head",                                                       # make_lm_head: "/lm_head/MatMul" (untied heads only)
 }
 
