@@ -5,3 +5,4 @@ __version__ = "0.1.0"
 
 from loramux.mix import MAX_ABS_WEIGHT, MAX_MIX_ADAPTERS, Mix  # noqa: E402
 from loramux.pool import AdapterPool, AdapterSkippedWarning  # noqa: E402
+from loramux.router import Router  # noqa: E402

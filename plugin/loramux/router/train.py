@@ -55,19 +55,33 @@ class TrainConfig:
 
 @dataclass
 class RoutingCheck:
-    """Top-1 routing accuracy of the trained network on a set of rows (argmax over all outcomes)."""
+    """Top-1 routing of the trained network on a set of rows (argmax over all outcomes)."""
 
     name: str
     n: int
-    accuracy: float
+    accuracy: float                          # over every row (rows of tasks without an adapter count as "none")
+    adapter_rows: int                        # rows whose task has an adapter
+    adapter_accuracy: float                  # top-1 accuracy on those rows
+    none_rows: int                           # rows of tasks without an adapter (0 when the router has no none outcome)
+    none_recall: float | None                # share of those routed to "none"
     per_outcome: dict[str, float]
     confusions: list[tuple[str, str, int]]   # (true, predicted, count), most frequent first
 
     def to_json(self) -> dict[str, Any]:
-        return {"n": self.n, "top1_accuracy": round(self.accuracy, 4), "confusions": [list(c) for c in self.confusions[:5]]}
+        return {
+            "n": self.n,
+            "adapter_rows": self.adapter_rows,
+            "adapter_top1_accuracy": round(self.adapter_accuracy, 4),
+            "none_rows": self.none_rows,
+            "none_recall": None if self.none_recall is None else round(self.none_recall, 4),
+            "confusions": [list(c) for c in self.confusions[:5]],
+        }
 
     def summary(self) -> str:
-        lines = [f"{self.name}: top-1 routing accuracy {self.accuracy:.4f} on {self.n} rows"]
+        line = f"{self.name}: top-1 routing accuracy {self.adapter_accuracy:.4f} on {self.adapter_rows} rows of tasks with an adapter"
+        if self.none_rows:
+            line += f"; {self.none_recall:.4f} of {self.none_rows} rows of tasks without one routed to 'none'"
+        lines = [line]
         for true, pred, count in self.confusions[:5]:
             lines.append(f"  {count:3d} x {true} -> {pred}")
         return "\n".join(lines)
@@ -146,17 +160,20 @@ def _stratified_split(labels: np.ndarray, fraction: float, rng: np.random.Genera
     return np.sort(np.array(train, dtype=np.int64)), np.sort(np.array(val, dtype=np.int64))
 
 
-def _check(name: str, logits: np.ndarray, labels: np.ndarray, outcomes: Sequence[str]) -> RoutingCheck:
+def _check(name: str, logits: np.ndarray, labels: np.ndarray, outcomes: Sequence[str], none_index: int | None) -> RoutingCheck:
     pred = logits.argmax(axis=1)
-    per: dict[str, float] = {}
-    for k in np.unique(labels):
-        sel = labels == k
-        per[outcomes[k]] = float((pred[sel] == k).mean())
+    hit = pred == labels
+    is_none = labels == none_index if none_index is not None else np.zeros(len(labels), dtype=bool)
+    per: dict[str, float] = {outcomes[k]: float(hit[labels == k].mean()) for k in np.unique(labels)}
     conf = Counter((outcomes[t], outcomes[p]) for t, p in zip(labels, pred) if t != p)
     return RoutingCheck(
         name=name,
         n=int(len(labels)),
-        accuracy=float((pred == labels).mean()) if len(labels) else float("nan"),
+        accuracy=float(hit.mean()) if len(labels) else float("nan"),
+        adapter_rows=int((~is_none).sum()),
+        adapter_accuracy=float(hit[~is_none].mean()) if (~is_none).any() else float("nan"),
+        none_rows=int(is_none.sum()),
+        none_recall=float(hit[is_none].mean()) if is_none.any() else None,
         per_outcome=per,
         confusions=[(t, p, c) for (t, p), c in conf.most_common()],
     )
@@ -211,6 +228,7 @@ def train_router(
         raise RouterError(f"no training rows for adapter(s) {missing}: every adapter needs rows whose task is its name")
     none_outcome = bool(none_counts)
     outcomes = names + ([NONE_LABEL] if none_outcome else [])
+    none_index = len(names) if none_outcome else None
     y = np.array(labels, dtype=np.int64)
     if none_outcome:
         say(f"'none of these' outcome: {sum(none_counts.values())} rows from {len(none_counts)} task(s) without an adapter "
@@ -297,13 +315,13 @@ def train_router(
             validation = None
             if len(val_idx):
                 validation = _check("held-out check (validation rows of the training data)",
-                                    model.classify(x_all[val_idx]).numpy(), y[val_idx], outcomes)
+                                    model.classify(x_all[val_idx]).numpy(), y[val_idx], outcomes, none_index)
             checks = []
             for name, rs in (check_rows or {}).items():
                 labels_c = np.array([index.get(str(r["task"]), len(names) if none_outcome else -1) for r in rs])
                 keep = labels_c >= 0
                 logits_c = model.classify(pooled_of([s for s, k in zip(check_seqs[name], keep) if k])).numpy()
-                checks.append(_check(name, logits_c, labels_c[keep], outcomes))
+                checks.append(_check(name, logits_c, labels_c[keep], outcomes, none_index))
     finally:
         torch.set_num_threads(previous_threads)
 
