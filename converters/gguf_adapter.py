@@ -106,7 +106,13 @@ def plan_adapter(adapter: PeftAdapter, base: BaseModelInfo, *, skip_embeddings: 
         modules = [m for m in modules if m.kind != "embedding"]
     if not modules:
         raise UnsupportedAdapterError(f"{adapter.path}: nothing left to convert")
-    return [plan_module(m, base, alpha_file) for m in modules]
+    planned = []
+    for m in modules:
+        try:
+            planned.append(plan_module(m, base, alpha_file))
+        except BaseModelMismatchError as exc:  # say which adapter, not only which module
+            raise BaseModelMismatchError(f"{adapter.path}: {exc}") from None
+    return planned
 
 
 def convert_peft_to_gguf(

@@ -72,7 +72,7 @@ def read_gguf_header(path: str | os.PathLike) -> GgufHeader:
             nonlocal pos
             size = struct.calcsize(fmt)
             if pos + size > len(buf):
-                raise GgufHeaderError(f"header cut short at byte {pos}")
+                raise GgufHeaderError(f"header cut short at byte {pos} of {len(buf)}: truncated file?")
             value = struct.unpack_from(fmt, buf, pos)
             pos += size
             return value[0] if len(value) == 1 else value
@@ -81,7 +81,7 @@ def read_gguf_header(path: str | os.PathLike) -> GgufHeader:
             nonlocal pos
             n = take("<Q")
             if pos + n > len(buf):
-                raise GgufHeaderError(f"string of {n} bytes at byte {pos} runs past the end of the file")
+                raise GgufHeaderError(f"header cut short: a string of {n} bytes at byte {pos} runs past the end ({len(buf)} bytes): truncated file?")
             s = bytes(buf[pos : pos + n]).decode("utf-8", errors="replace")
             pos += n
             return s
@@ -103,7 +103,7 @@ def read_gguf_header(path: str | os.PathLike) -> GgufHeader:
             else:
                 raise GgufHeaderError(f"unknown metadata value type {vtype} at byte {pos}")
             if pos > len(buf):
-                raise GgufHeaderError("metadata runs past the end of the file")
+                raise GgufHeaderError(f"header cut short: metadata runs past the end of the file ({len(buf)} bytes): truncated file?")
 
         if bytes(buf[:4]) != GGUF_MAGIC:
             raise GgufHeaderError("no GGUF magic at the start of the file")

@@ -96,7 +96,10 @@ def _refuse_foreign_keys(folder: Path, names: list[str]) -> None:
                 "Merge the adapter into the base model with PEFT's merge_and_unload() and convert the merged model instead"
             )
         if name.endswith(".bias"):
-            raise UnsupportedAdapterError(f"{folder}: tensor {name!r} is a trained bias, which a LoRA adapter file cannot carry")
+            raise UnsupportedAdapterError(
+                f"{folder}: tensor {name!r} is a trained bias, which a LoRA adapter file cannot carry; retrain with "
+                "bias='none' (and lora_bias=false), or merge the adapter into the base model with PEFT's merge_and_unload()"
+            )
         if not _KEY.match(name):
             raise UnsupportedAdapterError(f"{folder}: tensor {name!r} is not a LoRA A/B matrix (modules_to_save or another method?); only plain LoRA weights can be converted")
 
