@@ -307,3 +307,15 @@ def test_cli_onnx_mix(base_model, tmp_path, capsys):
     rc = cli_main(["onnx-mix", f"{a}", "-o", str(tmp_path / "n.onnx_adapter")])
     assert rc == 2 and "PEFT_DIR=WEIGHT" in capsys.readouterr().err
     assert not (tmp_path / "n.onnx_adapter").exists()
+
+
+def test_onnx_base_without_the_extra_says_which(base_model, tmp_path, monkeypatch):
+    from loramux.onnx_base import OnnxLoraModel, build_onnx_base
+
+    monkeypatch.setitem(sys.modules, "onnx", None)
+    with pytest.raises(MissingExtraError, match=r"pip install 'loramux\[onnx\]'"):
+        build_onnx_base(base_model, tmp_path / "model.onnx")
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)
+    with pytest.raises(MissingExtraError, match=r"pip install 'loramux\[onnx\]'"):
+        OnnxLoraModel(tmp_path / "model.onnx")
+    assert leftovers(tmp_path) == []
