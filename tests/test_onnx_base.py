@@ -301,3 +301,17 @@ def test_example_onnx_edge_runs(onnx_model, capsys):
     out = capsys.readouterr().out
     assert "mix    : boolean_expressions=0.7, dyck_languages=0.3 (fixed --mix)" in out
     assert "answer : " in out
+
+
+def test_left_padded_batch_matches_single_prompts(onnx_model, base_model, prompt):
+    """attention_mask excludes left padding: a padded batch gives each prompt's own last-token logits."""
+    short = prompt[: len(prompt) // 2]
+    params = onnx_adapter_parameters(FIXTURES / "dyck_languages", base_model)
+    width = len(prompt)
+    ids = np.array([prompt, [0] * (width - len(short)) + short])
+    mask = np.array([[1] * width, [0] * (width - len(short)) + [1] * len(short)])
+    positions = np.clip(np.cumsum(mask, axis=1) - 1, 0, None)
+    feed = {"input_ids": ids, "attention_mask": mask, "position_ids": positions, **onnx_model._empty_past(2)}
+    batched = onnx_model._run(feed, params)[0][:, -1]
+    for row, single in enumerate((prompt, short)):
+        np.testing.assert_allclose(batched[row], onnx_model.logits(single, adapter=params)[0, -1], atol=1e-3, rtol=0)
