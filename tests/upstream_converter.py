@@ -139,6 +139,25 @@ def convert_many(jobs: list[tuple[Path, Path]], base_gguf: str | os.PathLike, ou
             raise RuntimeError(f"upstream convert_lora_to_gguf.py failed (exit {done.returncode}):\n{done.stderr[-3000:]}")
 
 
+_CONVERTED: dict[tuple[str, str, str], Path] = {}
+
+
+def converted_by_upstream(base_gguf: str | os.PathLike, fixtures: dict[str, Path], outtype: str = "f32") -> dict[str, Path]:
+    """``{name: GGUF written by the upstream script}``, converted once per process (one subprocess for all missing)."""
+    import atexit
+
+    key = lambda name: (str(base_gguf), name, outtype)  # noqa: E731
+    missing = {n: p for n, p in fixtures.items() if key(n) not in _CONVERTED}
+    if missing:
+        folder = Path(tempfile.mkdtemp(prefix="upstream-gguf-"))
+        atexit.register(shutil.rmtree, folder, True)
+        jobs = [(path, folder / f"{name}.{outtype}.gguf") for name, path in missing.items()]
+        convert_many(jobs, base_gguf, outtype)
+        for name, (_, out) in zip(missing, jobs):
+            _CONVERTED[key(name)] = out
+    return {n: _CONVERTED[key(n)] for n in fixtures}
+
+
 def _batch(spec: Path) -> int:
     script = str(script_path())
     sys.path.insert(0, str(Path(script).parent))
