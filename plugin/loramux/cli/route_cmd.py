@@ -19,7 +19,14 @@ def register(sub: argparse._SubParsersAction) -> None:
             '"fallback" says why the fallback mix was used ("none": the router chose its none-of-these outcome; '
             '"low_confidence": the top score was below --threshold), or is null.'
         ),
-        epilog='Example: loramux route --router router.onnx "not ( True ) and False is"',
+        epilog=(
+            "Selection: p = softmax(logits / temperature) over the adapters (and 'none' if the router has it). If 'none' "
+            "is the most probable outcome, or the top adapter's p is below --threshold, the fallback mix is used (base: "
+            "no adapter; uniform: every adapter at fallback-weight / n). Otherwise the adapter scores are renormalised, "
+            "the top-k kept, cut to the smallest set whose mass reaches top-p, renormalised, weights below min-weight "
+            "dropped (never the top adapter) and renormalised again: the weights sum to 1. "
+            'Example: loramux route --router router.onnx "not ( True ) and False is"'
+        ),
     )
     p.add_argument("--router", type=Path, required=True, help="router .onnx file (loramux router train writes one)")
     p.add_argument("--base", type=Path, default=None, help="base model GGUF the router was trained for (default: the embedded SmolLM2-135M-Instruct Q4_1)")

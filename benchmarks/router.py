@@ -1,0 +1,212 @@
+"""Router latency against the generation it steers, side by side in one run.
+
+For a ~50-token and a ~500-token prompt (real BBH dev prompts, the closest in length; the text the
+generation sees as the user turn):
+
+1. routing latency on ONE CPU thread (onnxruntime ``intra_op_num_threads=1``): tokenize (the base
+   model's tokenizer through llama.cpp), the onnxruntime run alone, and selection (numpy), p50 and
+   p99 over --iters calls each, then the whole route (tokenize + run + select);
+2. the generation the route precedes: prefill + 32 greedy tokens of the same prompt (chat template,
+   end-of-generation banned so every request decodes 32 tokens) through ``AdapterPool`` under the
+   routed mix, median over --repeats (interleaved with the routing rounds);
+3. routing as a share of that generation (p50 route / median generation);
+4. the DLP-LoRA-style baseline the seeds describe: an ALBERT-base sized classifier (~12M parameters
+   over raw text) built from its configuration with random weights (no download; latency does not
+   depend on the weights), run by torch on one thread on the same number of tokens (ids drawn at
+   random: its own sentencepiece tokenizer is not available here, so its tokenization is not counted).
+5. the same router on onnxruntime's CUDA provider when available (onnxruntime-gpu and a GPU).
+
+Run:
+
+    .venv/bin/python benchmarks/router.py                          # trains a router first if --router is absent
+    .venv/bin/python benchmarks/router.py --router out/router.onnx --json /tmp/router_bench.json
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared"
+ADAPTERS = SHARED / "fixtures" / "smollm2-bbh-lora"
+BBH = SHARED / "data" / "bbh"
+GEN_TOKENS = 32
+
+
+def pct(values: list[float], q: float) -> float:
+    return float(np.percentile(np.asarray(values), q))
+
+
+def pick_prompt(router, rows: list[dict], target: int) -> tuple[str, int]:
+    """The dev prompt whose token count is closest to ``target`` (prompts are joined if none is long enough)."""
+    lengths = [(abs(len(router.token_ids(r["input"])) - target), r["input"]) for r in rows]
+    best = min(lengths, key=lambda x: x[0])[1]
+    text = best
+    while len(router.token_ids(text)) < 0.9 * target:
+        text = text + "\n\n" + best
+    return text, len(router.token_ids(text))
+
+
+def time_calls(fn, iters: int) -> list[float]:
+    for _ in range(min(50, iters)):
+        fn()
+    out = []
+    for _ in range(iters):
+        t = time.perf_counter()
+        fn()
+        out.append((time.perf_counter() - t) * 1e3)
+    return out
+
+
+def routing_figures(router, text: str, iters: int) -> dict:
+    from loramux.router.selection import select
+
+    ids = router.token_ids(text)
+    batch = [ids]
+    logits = router.logits_for_ids(batch)[0]
+    tok = time_calls(lambda: router.token_ids(text), iters)
+    run = time_calls(lambda: router.logits_for_ids(batch), iters)
+    sel = time_calls(lambda: select(logits, router.adapters, router.settings, none_outcome=router.metadata.none_outcome), iters)
+    route = time_calls(lambda: router.route(text), iters)
+    return {
+        "tokens": int(len(ids)),
+        "tokenize_ms": {"p50": pct(tok, 50), "p99": pct(tok, 99)},
+        "onnx_ms": {"p50": pct(run, 50), "p99": pct(run, 99)},
+        "select_ms": {"p50": pct(sel, 50), "p99": pct(sel, 99)},
+        "route_ms": {"p50": pct(route, 50), "p99": pct(route, 99)},
+    }
+
+
+def generation_ms(pool, text: str, mix, ban: dict) -> float:
+    t = time.perf_counter()
+    out = pool.create_chat_completion([{"role": "user", "content": text}], mix=mix, max_tokens=GEN_TOKENS, temperature=0.0, logit_bias=ban)
+    ms = (time.perf_counter() - t) * 1e3
+    n = out["usage"]["completion_tokens"]
+    if n != GEN_TOKENS:
+        raise RuntimeError(f"expected {GEN_TOKENS} generated tokens, got {n}")
+    return ms
+
+
+def albert_figures(lengths: list[int], iters: int) -> dict:
+    import torch
+    from transformers import AlbertConfig, AlbertForSequenceClassification
+
+    torch.set_num_threads(1)
+    # albert-base-v2's published configuration; 22 labels like the router
+    config = AlbertConfig(vocab_size=30000, embedding_size=128, hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
+                          intermediate_size=3072, max_position_embeddings=512, num_labels=22)
+    model = AlbertForSequenceClassification(config).eval()
+    params = sum(p.numel() for p in model.parameters())
+    out = {"parameters": int(params), "fp32_mb": params * 4 / 1e6}
+    g = torch.Generator().manual_seed(0)
+    for n in lengths:
+        n = min(n, config.max_position_embeddings)
+        ids = torch.randint(5, config.vocab_size, (1, n), generator=g)
+        with torch.inference_mode():
+            times = time_calls(lambda: model(input_ids=ids), iters)
+        out[str(n)] = {"p50": pct(times, 50), "p99": pct(times, 99)}
+    return out
+
+
+def ensure_router(path: Path | None) -> Path:
+    if path is not None:
+        return path
+    from loramux.base_model import default_base_model
+    from loramux.evaluate import load_rows
+    from loramux.router.train import train_router
+
+    out = Path(tempfile.mkdtemp(prefix="loramux-router-bench-")) / "router.onnx"
+    print(f"training a router into {out} ...", file=sys.stderr)
+    train_router(default_base_model(), ADAPTERS, load_rows(BBH / "train.jsonl"), out)
+    return out
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--router", type=Path, default=None, help="router .onnx (default: train one on the train split first)")
+    ap.add_argument("--iters", type=int, default=1000, help="routing calls per figure (default: 1000)")
+    ap.add_argument("--repeats", type=int, default=5, help="generations per prompt (default: 5)")
+    ap.add_argument("--albert-iters", type=int, default=20, help="ALBERT forward passes per length (default: 20)")
+    ap.add_argument("--threads", type=int, default=2, help="llama.cpp threads for the generation (default: 2)")
+    ap.add_argument("--lengths", default="50,500", help="prompt lengths in tokens (default: 50,500)")
+    ap.add_argument("--json", type=Path, default=None, help="write the figures as JSON")
+    args = ap.parse_args()
+
+    from loramux.evaluate import load_rows
+    from loramux.pool import AdapterPool
+    from loramux.router import Router
+    from loramux.router.runtime import CUDA
+
+    import onnxruntime as ort
+
+    router_path = ensure_router(args.router)
+    rows = load_rows(BBH / "dev.jsonl")
+    lengths = [int(x) for x in args.lengths.split(",")]
+    result: dict = {"router": str(router_path), "router_file_mb": router_path.stat().st_size / 1e6, "prompts": {}}
+    with AdapterPool(n_threads=args.threads, n_ctx=2048) as pool:
+        import warnings
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            pool.load_adapters(ADAPTERS, skip_embeddings=True)
+        ban = {pool.llama.token_eos(): -1e9}
+        for tok in pool.tokenize("<|im_end|>", special=True):
+            ban[tok] = -1e9
+        with Router.load(router_path, pool=pool, threads=1, providers="cpu") as router:
+            result["providers"] = router.providers
+            prompts = {n: pick_prompt(router, rows, n) for n in lengths}
+            for n, (text, n_tok) in prompts.items():
+                mix = router.route(text).mix
+                gens, routes = [], []
+                generation_ms(pool, text, mix, ban)  # warm-up (loads the mix, fills caches)
+                for _ in range(args.repeats):
+                    routes.append(routing_figures(router, text, max(50, args.iters // args.repeats)))
+                    pool.llama.reset()  # no prompt prefix reuse: every generation prefills its prompt
+                    gens.append(generation_ms(pool, text, mix, ban))
+                merged = {k: routes[0][k] for k in ("tokens",)}
+                for key in ("tokenize_ms", "onnx_ms", "select_ms", "route_ms"):
+                    merged[key] = {q: statistics.median(r[key][q] for r in routes) for q in ("p50", "p99")}
+                merged["mix"] = mix.to_dict()
+                merged["generation_ms"] = {"median": statistics.median(gens), "min": min(gens)}
+                merged["route_share_of_generation"] = merged["route_ms"]["p50"] / merged["generation_ms"]["median"]
+                merged["onnx_share_of_generation"] = merged["onnx_ms"]["p50"] / merged["generation_ms"]["median"]
+                result["prompts"][str(n)] = merged
+        if CUDA in ort.get_available_providers():
+            with Router.load(router_path, pool=pool, threads=1, providers="cuda") as gpu:
+                result["cuda"] = {"providers": gpu.providers}
+                for n, (text, _) in prompts.items():
+                    result["cuda"][str(n)] = routing_figures(gpu, text, args.iters)
+    result["albert_baseline"] = albert_figures([p["tokens"] for p in result["prompts"].values()], args.albert_iters)
+
+    print(f"router file: {result['router_file_mb']:.1f} MB, providers {result['providers']}, onnxruntime 1 thread")
+    print(f"{'prompt':>8} {'tokenize p50/p99':>18} {'onnx p50/p99':>16} {'route p50/p99':>16} {'prefill+32 tok':>15} {'route share':>12} {'onnx share':>11} {'ALBERT p50':>11}")
+    for n, p in result["prompts"].items():
+        al = result["albert_baseline"].get(str(min(p["tokens"], 512)), {})
+        print(f"{p['tokens']:>5} tk "
+              f"{p['tokenize_ms']['p50']:>8.3f}/{p['tokenize_ms']['p99']:<8.3f} ms"
+              f"{p['onnx_ms']['p50']:>7.3f}/{p['onnx_ms']['p99']:<6.3f} ms"
+              f"{p['route_ms']['p50']:>7.3f}/{p['route_ms']['p99']:<6.3f} ms"
+              f"{p['generation_ms']['median']:>12.1f} ms"
+              f"{100 * p['route_share_of_generation']:>11.2f}%"
+              f"{100 * p['onnx_share_of_generation']:>10.3f}%"
+              f"{al.get('p50', float('nan')):>9.1f} ms")
+    ab = result["albert_baseline"]
+    print(f"ALBERT-base-sized classifier (DLP-LoRA style): {ab['parameters'] / 1e6:.1f} M parameters, {ab['fp32_mb']:.0f} MB fp32, torch 1 thread")
+    if "cuda" in result:
+        for n, p in result["cuda"].items():
+            if n != "providers":
+                print(f"CUDA {p['tokens']} tokens: onnx p50 {p['onnx_ms']['p50']:.3f} ms, route p50 {p['route_ms']['p50']:.3f} ms")
+    if args.json:
+        args.json.write_text(json.dumps(result, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
