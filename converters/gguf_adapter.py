@@ -55,7 +55,8 @@ def plan_module(module: LoraModule, base: BaseModelInfo, alpha_file: float) -> G
             f"module {module.name!r} adapts {tensor!r}, which the base model {base.path.name} does not have{hint}: "
             "was the adapter trained on another model?"
         )
-    fold = np.float32(fold_factor(module.scaling, alpha_file, module.rank))
+    fold = fold_factor(module.scaling, alpha_file, module.rank)
+    scaled_b = module.B if fold == 1.0 else module.B * np.float32(fold)  # plain LoRA: PEFT's B as it is
     if module.kind == "embedding":
         dim, vocab = shape
         if module.A.shape[1] != vocab or module.B.shape[0] != dim:
@@ -63,14 +64,14 @@ def plan_module(module: LoraModule, base: BaseModelInfo, alpha_file: float) -> G
                 f"embedding LoRA {module.name!r} is for vocab {module.A.shape[1]} x dim {module.B.shape[0]}, "
                 f"but {tensor!r} in the base is vocab {vocab} x dim {dim}: was the adapter trained on another model?"
             )
-        return GgufLoraTensors(tensor, np.ascontiguousarray(module.A.T), module.B * fold)
+        return GgufLoraTensors(tensor, np.ascontiguousarray(module.A.T), scaled_b)
     n_in, n_out = shape
     if module.A.shape[1] != n_in or module.B.shape[0] != n_out:
         raise BaseModelMismatchError(
             f"module {module.name!r} maps {module.A.shape[1]} -> {module.B.shape[0]} features, but {tensor!r} in the base "
             f"maps {n_in} -> {n_out}: was the adapter trained on another model?"
         )
-    b = module.B * fold
+    b = scaled_b
     head_key = permutation_key(base.architecture, tensor)
     if head_key is not None:
         b = permute_rows(b, int(base.hparams[head_key]))
@@ -87,6 +88,20 @@ def _encode(array: np.ndarray, outtype: str):
         return array.astype(np.float16), None
     qtype = gguf.GGMLQuantizationType.BF16 if outtype == "bf16" else gguf.GGMLQuantizationType.Q8_0
     return gguf.quants.quantize(array.astype(np.float32), qtype), qtype
+
+
+def _encoded_info(array: np.ndarray, outtype: str):
+    """(numpy dtype, raw ggml type or None, byte size) that :func:`_encode` gives ``array``, without encoding it."""
+    import gguf
+
+    if outtype == "f32":
+        return np.dtype(np.float32), None, array.size * 4
+    if outtype == "f16" or (outtype == "q8_0" and array.shape[-1] % 32):
+        return np.dtype(np.float16), None, array.size * 2
+    qtype = gguf.GGMLQuantizationType.BF16 if outtype == "bf16" else gguf.GGMLQuantizationType.Q8_0
+    block, type_size = gguf.GGML_QUANT_SIZES[qtype]
+    # a non-uint8 dtype with raw_dtype tells GGUFWriter the shape is in elements, not bytes
+    return np.dtype(np.float32), qtype, array.size // block * type_size
 
 
 def plan_adapter(adapter: PeftAdapter, base: BaseModelInfo, *, skip_embeddings: bool = False) -> list[GgufLoraTensors]:
@@ -145,14 +160,19 @@ def convert_peft_to_gguf(
         writer.add_string(KEY_SOURCE, "loramux PEFT converter")
         writer.add_string(KEY_PEFT_TYPE, "LORA+RSLORA" if adapter.config.get("use_rslora") else "LORA")
         writer.add_string(KEY_BASE_FINGERPRINT, info.fingerprint)
-        for i, t in enumerate(planned):
+        # Tensor infos first, then each tensor encoded and written on its own: the encoded
+        # copies never pile up (peak memory = the adapter's arrays + one encoded tensor).
+        for t in planned:
             for suffix, array in ((".lora_a", t.lora_a), (".lora_b", t.lora_b)):
-                data, raw = _encode(array, outtype)
-                writer.add_tensor(t.base_tensor + suffix, data, raw_dtype=raw)
-            if progress:
-                progress(i + 1, len(planned))
+                dtype, raw, nbytes = _encoded_info(array, outtype)
+                writer.add_tensor_info(t.base_tensor + suffix, array.shape, dtype, nbytes, raw_dtype=raw)
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
-        writer.write_tensors_to_file()
+        writer.write_ti_data_to_file()
+        for i, t in enumerate(planned):
+            for array in (t.lora_a, t.lora_b):
+                writer.write_tensor_data(_encode(array, outtype)[0])
+            if progress:
+                progress(i + 1, len(planned))
         writer.close()
     return Path(out)
