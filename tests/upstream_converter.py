@@ -106,13 +106,18 @@ def script_path() -> Path:
     return upstream_dir() / "convert_lora_to_gguf.py"
 
 
-def upstream_env() -> dict[str, str]:
-    """Environment for the script: its vendored gguf-py first, quiet, no hub access attempted."""
+def upstream_env(single_thread: bool = True) -> dict[str, str]:
+    """Environment for the script: its vendored gguf-py first, no hub access attempted.
+
+    ``single_thread`` (the tests' choice on a busy machine) pins torch to one thread; the
+    benchmark leaves the user's default.
+    """
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join([str(upstream_dir() / "gguf-py"), str(upstream_dir())])
     env["HF_HUB_OFFLINE"] = "1"
     env["TRANSFORMERS_OFFLINE"] = "1"
-    env.setdefault("OMP_NUM_THREADS", "1")
+    if single_thread:
+        env.setdefault("OMP_NUM_THREADS", "1")
     return env
 
 

@@ -1,0 +1,230 @@
+"""Converting the PEFT fixtures to GGUF: loramux vs llama.cpp's convert_lora_to_gguf.py, side by side.
+
+Usage::
+
+    python benchmarks/convert.py [--repeats 3] [--outtype f16] [--json OUT.json]
+
+Each repeat converts every fixture (22 by default) three ways, in one run, interleaved:
+
+- ``loramux-cli``: one ``loramux convert`` process per adapter (what a user types);
+- ``loramux-inprocess``: one process converting all of them with ``convert_peft_to_gguf``;
+- ``upstream``: one ``convert_lora_to_gguf.py`` process per adapter (the pinned llama.cpp's
+  script from the llama-cpp-python 0.3.36 sdist, with its vendored gguf-py and ``--base``
+  pointing at a config.json rebuilt from the base GGUF, which it needs and loramux does not).
+
+word_sorting goes through loramux with ``--skip-embeddings`` (its embedding LoRA cannot run on
+the tied base); upstream converts it as it does (writing a file that aborts llama.cpp).
+
+Reported per method: total wall time (min and median over repeats) and peak RSS of the
+conversion processes (``wait4`` rusage, max over adapters). For loramux also the memory the
+conversion itself allocates: RSS above the process's own RSS after imports, and the
+``tracemalloc`` peak (Python + numpy buffers) of each ``convert_peft_to_gguf`` call, against
+the size of the largest adapter file. Goals (issue 2): upstream total / loramux total >= 5,
+loramux conversion memory < 3x the largest adapter.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+FIXTURES = ROOT.parent / "shared" / "fixtures" / "smollm2-bbh-lora"
+EMBEDDING_ONLY_SKIP = {"word_sorting"}
+sys.path.insert(0, str(ROOT / "tests"))  # upstream_converter: the helper shared with the tests
+
+
+def _run(cmd: list[str], env: dict[str, str] | None = None) -> tuple[float, int]:
+    """Run ``cmd``; return (wall seconds, peak RSS in bytes of that process)."""
+    start = time.perf_counter()
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
+    _, status, usage = os.wait4(proc.pid, 0)
+    wall = time.perf_counter() - start
+    err = proc.stderr.read().decode(errors="replace")
+    proc.stderr.close()
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd[:4])} ... failed ({proc.returncode}):\n{err[-2000:]}")
+    return wall, usage.ru_maxrss * 1024
+
+
+def loramux_cli(fixtures: list[Path], base: Path, out: Path, outtype: str) -> dict:
+    exe = str(Path(sys.executable).with_name("loramux"))
+    per = {}
+    for fx in fixtures:
+        cmd = [exe, "convert", str(fx), "--base", str(base), "--outtype", outtype, "-o", str(out / f"{fx.name}.gguf")]
+        if fx.name in EMBEDDING_ONLY_SKIP:
+            cmd.append("--skip-embeddings")
+        per[fx.name] = _run(cmd)
+    return _summary(per)
+
+
+def upstream(fixtures: list[Path], config_dir: Path, out: Path, outtype: str) -> dict:
+    from upstream_converter import upstream_command, upstream_env
+
+    env = upstream_env(single_thread=False)
+    per = {fx.name: _run(upstream_command(fx, config_dir, out / f"{fx.name}.gguf", outtype), env) for fx in fixtures}
+    return _summary(per)
+
+
+def loramux_inprocess(fixtures: list[Path], base: Path, out: Path, outtype: str) -> dict:
+    cmd = [sys.executable, __file__, "--worker", str(base), str(out), outtype, *map(str, fixtures)]
+    start = time.perf_counter()
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    _, status, usage = os.wait4(proc.pid, 0)
+    wall = time.perf_counter() - start
+    stdout, stderr = proc.stdout.read(), proc.stderr.read()
+    if os.waitstatus_to_exitcode(status) != 0:
+        raise RuntimeError(f"in-process worker failed:\n{stderr.decode()[-2000:]}")
+    report = json.loads(stdout)
+    report["process_wall_s"] = wall
+    report["peak_rss"] = usage.ru_maxrss * 1024
+    return report
+
+
+def _summary(per: dict[str, tuple[float, int]]) -> dict:
+    return {
+        "total_s": sum(w for w, _ in per.values()),
+        "peak_rss": max(r for _, r in per.values()),
+        "per_adapter": {k: {"wall_s": w, "peak_rss": r} for k, (w, r) in per.items()},
+    }
+
+
+def _worker(base: str, out: str, outtype: str, fixtures: list[str]) -> int:
+    """Child process: convert all in-process; time a clean pass, then a tracemalloc pass."""
+    import resource
+    import tracemalloc
+
+    from loramux.converters import convert_peft_to_gguf, read_base_model
+
+    def rss_now() -> int:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+    rss_after_import = rss_now()
+    t0 = time.perf_counter()
+    read_base_model(base)
+    read_base_s = time.perf_counter() - t0
+    per = {}
+    t0 = time.perf_counter()
+    for fx in map(Path, fixtures):
+        t = time.perf_counter()
+        convert_peft_to_gguf(fx, base, Path(out) / f"{fx.name}.gguf", outtype=outtype, skip_embeddings=fx.name in EMBEDDING_ONLY_SKIP)
+        per[fx.name] = {"wall_s": time.perf_counter() - t}
+    total = time.perf_counter() - t0
+    peak_rss_converting = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    for fx in map(Path, fixtures):
+        tracemalloc.start()
+        convert_peft_to_gguf(fx, base, Path(out) / f"{fx.name}.gguf", outtype=outtype, skip_embeddings=fx.name in EMBEDDING_ONLY_SKIP)
+        per[fx.name]["tracemalloc_peak"] = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+    json.dump(
+        {
+            "total_s": total + read_base_s,
+            "read_base_s": read_base_s,
+            "rss_after_import": rss_after_import,
+            "peak_rss_converting": peak_rss_converting,
+            "per_adapter": per,
+        },
+        sys.stdout,
+    )
+    return 0
+
+
+def _import_baseline_rss() -> int:
+    """Peak RSS of a process that only imports what ``loramux convert`` imports."""
+    return _run([sys.executable, "-c", "import loramux.cli, loramux.converters, gguf, numpy"])[1]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--repeats", type=int, default=3, help="runs of each method (default 3); min and median are reported")
+    parser.add_argument("--outtype", default="f16", choices=["f32", "f16", "bf16", "q8_0"], help="tensor type for both converters (default f16)")
+    parser.add_argument("--fixtures", type=Path, default=FIXTURES, help="folder of PEFT adapters (default ../shared/fixtures/smollm2-bbh-lora)")
+    parser.add_argument("--base", type=Path, default=None, help="base GGUF (default: loramux's embedded SmolLM2-135M Q4_1)")
+    parser.add_argument("--json", type=Path, default=None, help="write all measurements here")
+    args = parser.parse_args(argv)
+
+    from upstream_converter import base_config_dir, script_path
+
+    from loramux.base_model import default_base_model
+
+    base = args.base or default_base_model()
+    fixtures = sorted(p for p in args.fixtures.iterdir() if (p / "adapter_config.json").is_file())
+    script_path()  # fetch the pinned sdist before timing anything
+    sizes = {p.name: (p / "adapter_model.safetensors").stat().st_size for p in fixtures}
+    largest = max(sizes, key=sizes.get)
+    print(f"{len(fixtures)} adapters, largest {largest} {sizes[largest] / 1e6:.2f} MB; outtype {args.outtype}; {args.repeats} repeats", file=sys.stderr)
+
+    runs: dict[str, list[dict]] = {"loramux-cli": [], "loramux-inprocess": [], "upstream": []}
+    with tempfile.TemporaryDirectory(prefix="bench-convert-") as tmp:
+        config_dir = base_config_dir(base, Path(tmp) / "base")
+        for i in range(args.repeats):
+            for method in runs:
+                out = Path(tmp) / f"{method}-{i}"
+                out.mkdir()
+                if method == "loramux-cli":
+                    result = loramux_cli(fixtures, base, out, args.outtype)
+                elif method == "loramux-inprocess":
+                    result = loramux_inprocess(fixtures, base, out, args.outtype)
+                else:
+                    result = upstream(fixtures, config_dir, out, args.outtype)
+                runs[method].append(result)
+                print(f"repeat {i + 1}: {method:18s} {result['total_s']:7.2f} s, peak RSS {result['peak_rss'] / 2**20:6.0f} MiB", file=sys.stderr)
+        baseline = _import_baseline_rss()
+
+    def stats(method: str) -> dict:
+        totals = [r["total_s"] for r in runs[method]]
+        return {"min_s": min(totals), "median_s": statistics.median(totals), "peak_rss_mib": max(r["peak_rss"] for r in runs[method]) / 2**20}
+
+    table = {m: stats(m) for m in runs}
+    inproc = runs["loramux-inprocess"][-1]
+    converting_extra = inproc["peak_rss_converting"] - inproc["rss_after_import"]
+    traced = max(v["tracemalloc_peak"] for v in inproc["per_adapter"].values())
+    summary = {
+        "machine": f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}",
+        "adapters": len(fixtures),
+        "outtype": args.outtype,
+        "repeats": args.repeats,
+        "largest_adapter": {"name": largest, "bytes": sizes[largest]},
+        "methods": table,
+        "speedup_cli_vs_upstream": {k: table["upstream"][k] / table["loramux-cli"][k] for k in ("min_s", "median_s")},
+        "speedup_inprocess_vs_upstream": {k: table["upstream"][k] / table["loramux-inprocess"][k] for k in ("min_s", "median_s")},
+        "loramux_memory": {
+            "import_baseline_rss_mib": baseline / 2**20,
+            "cli_peak_rss_above_import_baseline_mib": (table["loramux-cli"]["peak_rss_mib"] * 2**20 - baseline) / 2**20,
+            "inprocess_rss_growth_while_converting_mib": converting_extra / 2**20,
+            "max_tracemalloc_peak_per_conversion_mib": traced / 2**20,
+            "tracemalloc_peak_over_largest_adapter": traced / sizes[largest],
+            "cli_rss_above_baseline_over_largest_adapter": (table["loramux-cli"]["peak_rss_mib"] * 2**20 - baseline) / sizes[largest],
+        },
+    }
+
+    print(f"\n{'method':20s} {'min s':>8s} {'median s':>9s} {'peak RSS MiB':>13s}")
+    for m, s in table.items():
+        print(f"{m:20s} {s['min_s']:8.2f} {s['median_s']:9.2f} {s['peak_rss_mib']:13.0f}")
+    sp, si, mem = summary["speedup_cli_vs_upstream"], summary["speedup_inprocess_vs_upstream"], summary["loramux_memory"]
+    print(f"\nupstream / loramux-cli:       {sp['min_s']:.1f}x (min), {sp['median_s']:.1f}x (median)")
+    print(f"upstream / loramux-inprocess: {si['min_s']:.1f}x (min), {si['median_s']:.1f}x (median)")
+    print(
+        f"loramux memory: import baseline {mem['import_baseline_rss_mib']:.0f} MiB; CLI peak above it "
+        f"{mem['cli_peak_rss_above_import_baseline_mib']:.1f} MiB ({mem['cli_rss_above_baseline_over_largest_adapter']:.2f}x the largest adapter); "
+        f"tracemalloc peak per conversion {mem['max_tracemalloc_peak_per_conversion_mib']:.1f} MiB "
+        f"({mem['tracemalloc_peak_over_largest_adapter']:.2f}x the largest adapter, {sizes[largest] / 2**20:.1f} MiB)"
+    )
+    if args.json:
+        args.json.write_text(json.dumps({"summary": summary, "runs": runs}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    if len(sys.argv) > 1 and sys.argv[1] == "--worker":
+        sys.exit(_worker(sys.argv[2], sys.argv[3], sys.argv[4], sys.argv[5:]))
+    sys.exit(main())
