@@ -16,7 +16,6 @@ from __future__ import annotations
 import os
 from contextlib import contextmanager
 from functools import lru_cache
-from pathlib import Path
 from typing import Iterator
 
 import numpy as np
@@ -252,8 +251,3 @@ def llama_greedy(llm, base: str | os.PathLike, prompts: list[list[int]], max_tok
         answers.append(new)
     return answers
 
-
-def fixture_path(name: str) -> Path:
-    from conftest import FIXTURES
-
-    return FIXTURES / name

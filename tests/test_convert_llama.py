@@ -11,6 +11,9 @@
   0.8x criterion can fail.
 
 Both runtimes use one thread: on a busy 2-core machine threads only spin against each other.
+Measured here with 24 rows per task (the test uses 20): boolean_expressions 0.75 / 0.75,
+sports_understanding 0.62 / 0.62, dyck_languages 0.42 / 0.50 (upstream's file: 0.17),
+object_counting 0.50 / 0.46 (torch+PEFT / llama.cpp); 92 of 96 greedy answers identical.
 """
 from __future__ import annotations
 
@@ -22,7 +25,7 @@ from peft_reference import detokenize, exact_match, llama_greedy, one_thread, pr
 from loramux.converters import convert_peft_to_gguf
 
 TASKS = ["boolean_expressions", "sports_understanding", "dyck_languages", "object_counting"]
-ROWS_PER_TASK = 24
+ROWS_PER_TASK = 20
 MAX_TOKENS = 10  # the longest target of these tasks is 5 characters
 MIN_TORCH_ACCURACY = 0.2  # below this the 0.8x comparison could not fail meaningfully
 RATIO = 0.8
@@ -118,6 +121,7 @@ def _accuracy(base, answers: list[list[int]], rows: list[dict]) -> float:
     return sum(exact_match(detokenize(base, a), r["target"]) for a, r in zip(answers, rows)) / len(rows)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("task", TASKS)
 def test_llama_accuracy_matches_torch_peft(task, converted_dir, base_model, dev_rows):
     require_train_extra()
