@@ -1,7 +1,92 @@
-"""loramux.native: the patched llama.cpp with per-sequence adapter mixes (not built yet)."""
+"""loramux.native: llama.cpp with per-sequence adapter mixes (one batch, different mixes).
+
+The patched libllama (built from the llama.cpp that llama-cpp-python vendors, see
+``native/README.md``) adds the C API of ``native/include/loramux.h``. This package points
+llama-cpp-python at that library before ``llama_cpp`` is imported, so exactly one libllama is
+loaded and llama-cpp-python's own API keeps working on top of it.
+
+- :func:`available` tells whether the native path is in use (import loramux before llama_cpp);
+  :func:`status` says which library and, if not, why.
+- :class:`SeqMixer` registers named adapters on a ``llama_context`` and sets a mix per sequence.
+- :class:`BatchedGenerator` decodes many requests with different mixes in one ``llama_decode``
+  per step, with requests joining and leaving between steps.
+
+Without the library everything still works with stock per-context mixes:
+:func:`warn_if_unavailable` emits one :class:`NativeUnavailableWarning` per process.
+"""
 from __future__ import annotations
+
+import threading
+import warnings
+
+from loramux.native._loader import NativeStatus
+
+_lock = threading.Lock()
+_status: NativeStatus | None = None
+_warned = False
+
+
+class NativeUnavailableWarning(RuntimeWarning):
+    """The patched library is missing: requests run one at a time with per-context mixes."""
+
+
+def status() -> NativeStatus:
+    """Load (once) and report the native library: ``available``, ``library`` path, ``reason`` if not."""
+    global _status
+    with _lock:
+        if _status is None:
+            from loramux.native import _bindings, _loader
+
+            st = _loader.load()
+            if st.available:
+                import llama_cpp.llama_cpp as lc
+
+                _bindings.bind(lc._lib)
+            _status = st
+        return _status
 
 
 def available() -> bool:
-    """True when the native per-sequence mix library is loaded; for now always False."""
-    return False
+    """True when the patched libllama with the loramux API is the library llama_cpp uses."""
+    return status().available
+
+
+def warn_if_unavailable(stacklevel: int = 2) -> bool:
+    """Warn once per process when the native path is not available; return available()."""
+    global _warned
+    st = status()
+    if not st.available and not _warned:
+        _warned = True
+        warnings.warn(
+            f"loramux native library not in use ({st.reason}); falling back to stock llama.cpp: "
+            "one mix per context, requests run one after another",
+            NativeUnavailableWarning,
+            stacklevel=stacklevel + 1,
+        )
+    return st.available
+
+
+def __getattr__(name: str):
+    # SeqMixer / BatchedGenerator import the bindings lazily, after status() ran.
+    if name == "SeqMixer":
+        from loramux.native.mixer import SeqMixer
+
+        return SeqMixer
+    if name in ("BatchedGenerator", "GenerationRequest", "Completion"):
+        from loramux.native import batch
+
+        return getattr(batch, name)
+    raise AttributeError(f"module 'loramux.native' has no attribute {name!r}")
+
+
+__all__ = [
+    "BatchedGenerator",
+    "Completion",
+    "GenerationRequest",
+    "NativeStatus",
+    "NativeUnavailableWarning",
+    "SeqMixer",
+    "available",
+    "status",
+    "warn_if_unavailable",
+]

@@ -93,6 +93,8 @@ def extract_vendor(sdist: Path, dest: Path) -> Path:
         members = []
         for m in tar.getmembers():
             parts = Path(m.name).parts
+            if ".git" in parts:
+                continue  # a submodule pointer of llama-cpp-python's repository, not a source
             if len(parts) >= 3 and parts[1] == "vendor" and parts[2] == "llama.cpp" and (m.isfile() or m.isdir()):
                 if ".." in parts or Path(m.name).is_absolute():
                     raise FetchError(f"{sdist}: unsafe member {m.name}")

@@ -1,0 +1,113 @@
+"""One-to-one ctypes bindings of native/include/loramux.h (the C prototype above each).
+
+Bound on the libllama handle llama_cpp itself loaded (``llama_cpp.llama_cpp._lib``), so there is
+one library in the process. Call :func:`bind` once (``loramux.native`` does) before using them.
+"""
+from __future__ import annotations
+
+import ctypes
+from typing import Any
+
+c_int32_p = ctypes.POINTER(ctypes.c_int32)
+c_float_p = ctypes.POINTER(ctypes.c_float)
+llama_context_p = ctypes.c_void_p
+llama_adapter_lora_p = ctypes.c_void_p
+llama_adapter_lora_pp = ctypes.POINTER(ctypes.c_void_p)
+
+# Status codes (enum loramux_status).
+LORAMUX_OK = 0
+LORAMUX_ERR_NULL_ARG = -1
+LORAMUX_ERR_NOT_REGISTERED = -2
+LORAMUX_ERR_BAD_SEQ_ID = -3
+LORAMUX_ERR_BAD_ADAPTER_ID = -4
+LORAMUX_ERR_BAD_WEIGHT = -5
+LORAMUX_ERR_TOO_MANY_ACTIVE = -6
+LORAMUX_ERR_DUPLICATE_ADAPTER = -7
+LORAMUX_ERR_BAD_ARG = -8
+LORAMUX_ERR_INCOMPATIBLE_ADAPTER = -9
+LORAMUX_ERR_ALLOC = -10
+
+# name -> (argtypes, restype), in the order of loramux.h
+_PROTOTYPES: dict[str, tuple[list[Any], Any]] = {
+    # int32_t loramux_api_version(void);
+    "loramux_api_version": ([], ctypes.c_int32),
+    # const char * loramux_strerror(int32_t status);
+    "loramux_strerror": ([ctypes.c_int32], ctypes.c_char_p),
+    # int32_t loramux_register_adapters(struct llama_context * ctx, struct llama_adapter_lora ** adapters,
+    #                                   int32_t n_adapters, int32_t max_active);
+    "loramux_register_adapters": ([llama_context_p, llama_adapter_lora_pp, ctypes.c_int32, ctypes.c_int32], ctypes.c_int32),
+    # int32_t loramux_unregister(struct llama_context * ctx);
+    "loramux_unregister": ([llama_context_p], ctypes.c_int32),
+    # int32_t loramux_n_adapters(const struct llama_context * ctx);
+    "loramux_n_adapters": ([llama_context_p], ctypes.c_int32),
+    # int32_t loramux_max_active(const struct llama_context * ctx);
+    "loramux_max_active": ([llama_context_p], ctypes.c_int32),
+    # int32_t loramux_set_seq_mix(struct llama_context * ctx, llama_seq_id seq_id, int32_t n,
+    #                             const int32_t * ids, const float * weights);
+    "loramux_set_seq_mix": ([llama_context_p, ctypes.c_int32, ctypes.c_int32, c_int32_p, c_float_p], ctypes.c_int32),
+    # int32_t loramux_set_seq_weights(struct llama_context * ctx, llama_seq_id seq_id,
+    #                                 const float * weights, int32_t n_weights);
+    "loramux_set_seq_weights": ([llama_context_p, ctypes.c_int32, c_float_p, ctypes.c_int32], ctypes.c_int32),
+    # int32_t loramux_clear_seq_mix(struct llama_context * ctx, llama_seq_id seq_id);
+    "loramux_clear_seq_mix": ([llama_context_p, ctypes.c_int32], ctypes.c_int32),
+    # int32_t loramux_get_seq_mix(const struct llama_context * ctx, llama_seq_id seq_id, int32_t capacity,
+    #                             int32_t * ids, float * weights);
+    "loramux_get_seq_mix": ([llama_context_p, ctypes.c_int32, ctypes.c_int32, c_int32_p, c_float_p], ctypes.c_int32),
+}
+
+_lib: ctypes.CDLL | None = None
+
+
+def bind(lib: ctypes.CDLL) -> None:
+    """Set argtypes/restype of every loramux function on ``lib`` and keep it for the wrappers."""
+    global _lib
+    for name, (argtypes, restype) in _PROTOTYPES.items():
+        fn = getattr(lib, name)
+        fn.argtypes, fn.restype = argtypes, restype
+    _lib = lib
+
+
+def lib() -> ctypes.CDLL:
+    if _lib is None:
+        raise RuntimeError("loramux native bindings are not bound: check loramux.native.available() first")
+    return _lib
+
+
+def strerror(status: int) -> str:
+    return lib().loramux_strerror(status).decode("utf-8", errors="replace")
+
+
+def loramux_api_version() -> int:
+    return lib().loramux_api_version()
+
+
+def loramux_register_adapters(ctx, adapters, n_adapters: int, max_active: int) -> int:
+    return lib().loramux_register_adapters(ctx, adapters, n_adapters, max_active)
+
+
+def loramux_unregister(ctx) -> int:
+    return lib().loramux_unregister(ctx)
+
+
+def loramux_n_adapters(ctx) -> int:
+    return lib().loramux_n_adapters(ctx)
+
+
+def loramux_max_active(ctx) -> int:
+    return lib().loramux_max_active(ctx)
+
+
+def loramux_set_seq_mix(ctx, seq_id: int, n: int, ids, weights) -> int:
+    return lib().loramux_set_seq_mix(ctx, seq_id, n, ids, weights)
+
+
+def loramux_set_seq_weights(ctx, seq_id: int, weights, n_weights: int) -> int:
+    return lib().loramux_set_seq_weights(ctx, seq_id, weights, n_weights)
+
+
+def loramux_clear_seq_mix(ctx, seq_id: int) -> int:
+    return lib().loramux_clear_seq_mix(ctx, seq_id)
+
+
+def loramux_get_seq_mix(ctx, seq_id: int, capacity: int, ids, weights) -> int:
+    return lib().loramux_get_seq_mix(ctx, seq_id, capacity, ids, weights)

@@ -1,0 +1,143 @@
+"""SeqMixer: the adapter pool registered on one llama_context, and a mix per sequence id.
+
+>>> mixer = SeqMixer(ctx_ptr, {"boolean_expressions": ptr_a, "navigate": ptr_b}, max_active=3)
+>>> mixer.set(0, {"boolean_expressions": 0.7, "navigate": 0.3})   # sequence 0
+>>> mixer.set(1, {"navigate": 1.0})                                # sequence 1, same batch
+>>> mixer.clear(0)                                                 # sequence 0: base model
+
+Registration copies the adapters into stacked tensors once (and makes the next decode reserve
+the scheduler once); setting a mix is a write into a host table read at the next decode:
+no scheduler rebuild, and graph reuse keeps working. Each call checks the library's status code
+and raises a loramux error that names the offending input.
+"""
+from __future__ import annotations
+
+import ctypes
+from typing import Iterable, Mapping, Sequence
+
+from loramux.errors import LoramuxError, MixError, RuntimeLoadError
+from loramux.native import _bindings as B
+
+MixInput = Mapping[str, float] | Iterable[tuple[str, float]] | None
+
+
+def _address(ptr) -> int:
+    """The address held by a ctypes pointer / c_void_p / int (llama_cpp returns several kinds)."""
+    if isinstance(ptr, int):
+        return ptr
+    value = ctypes.cast(ptr, ctypes.c_void_p).value
+    if not value:
+        raise LoramuxError("an adapter pointer is NULL (was the adapter freed or never loaded?)")
+    return value
+
+
+class SeqMixer:
+    """Owns the registration of named adapters on one llama_context (``llama_context *``).
+
+    ``adapters`` maps names to ``llama_adapter_lora *`` loaded on the context's model, in pool
+    order (ids 0..n-1). The adapters must outlive the mixer (token-embedding LoRAs are read from
+    them at decode time); call :meth:`close` (or drop the context) before freeing them.
+    """
+
+    def __init__(self, ctx_ptr, adapters: Mapping[str, object] | Sequence[tuple[str, object]], *, max_active: int = 3) -> None:
+        pairs = list(adapters.items()) if isinstance(adapters, Mapping) else list(adapters)
+        if not pairs:
+            raise LoramuxError("SeqMixer needs at least one adapter")
+        if max_active < 1:
+            raise LoramuxError(f"max_active must be >= 1, got {max_active}")
+        names = [n for n, _ in pairs]
+        if len(set(names)) != len(names):
+            raise LoramuxError(f"adapter names must be unique, got {names}")
+        self._ctx = ctx_ptr
+        self.names: tuple[str, ...] = tuple(names)
+        self._ids = {n: i for i, n in enumerate(names)}
+        arr = (ctypes.c_void_p * len(pairs))(*[_address(p) for _, p in pairs])
+        rc = B.loramux_register_adapters(ctx_ptr, ctypes.cast(arr, B.llama_adapter_lora_pp), len(pairs), max_active)
+        if rc != B.LORAMUX_OK:
+            raise RuntimeLoadError(f"loramux could not register adapters {', '.join(names)}: {B.strerror(rc)} (code {rc})")
+        self.max_active = B.loramux_max_active(ctx_ptr)
+        self._closed = False
+
+    @property
+    def n_adapters(self) -> int:
+        return len(self.names)
+
+    def adapter_id(self, name: str) -> int:
+        try:
+            return self._ids[name]
+        except KeyError:
+            raise MixError(f"adapter {name!r} is not registered on this context (registered: {', '.join(self.names)})") from None
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise LoramuxError("this SeqMixer was closed")
+
+    def set(self, seq_id: int, mix: MixInput) -> None:
+        """Set sequence ``seq_id``'s mix from ``{name: weight}`` (None or empty: the base model)."""
+        items = list(mix.items()) if isinstance(mix, Mapping) else list(mix or [])
+        ids = [self.adapter_id(n) for n, _ in items]
+        self.set_ids(seq_id, ids, [float(w) for _, w in items], _names=[n for n, _ in items])
+
+    def set_ids(self, seq_id: int, ids: Sequence[int], weights: Sequence[float], *, _names: Sequence[str] | None = None) -> None:
+        """Set sequence ``seq_id``'s mix from pool ids and weights (top-k form)."""
+        self._check_open()
+        n = len(ids)
+        if len(weights) != n:
+            raise MixError(f"sequence {seq_id}: {n} adapter ids but {len(weights)} weights")
+        c_ids = (ctypes.c_int32 * max(n, 1))(*ids)
+        c_w = (ctypes.c_float * max(n, 1))(*weights)
+        rc = B.loramux_set_seq_mix(self._ctx, int(seq_id), n, c_ids, c_w)
+        if rc != B.LORAMUX_OK:
+            self._raise(rc, seq_id, ids, weights, _names)
+
+    def set_weights(self, seq_id: int, weights: Sequence[float]) -> None:
+        """Set sequence ``seq_id``'s mix from one weight per registered adapter (dense form)."""
+        self._check_open()
+        c_w = (ctypes.c_float * max(len(weights), 1))(*weights)
+        rc = B.loramux_set_seq_weights(self._ctx, int(seq_id), c_w, len(weights))
+        if rc != B.LORAMUX_OK:
+            if rc == B.LORAMUX_ERR_BAD_ARG:
+                raise MixError(f"sequence {seq_id}: {len(weights)} weights given, one per registered adapter ({self.n_adapters}) needed")
+            self._raise(rc, seq_id, list(range(len(weights))), weights, None)
+
+    def clear(self, seq_id: int) -> None:
+        """Sequence ``seq_id`` runs the base model again."""
+        self._check_open()
+        rc = B.loramux_clear_seq_mix(self._ctx, int(seq_id))
+        if rc != B.LORAMUX_OK:
+            self._raise(rc, seq_id, [], [], None)
+
+    def get(self, seq_id: int) -> dict[str, float]:
+        """The mix set on ``seq_id`` as ``{name: weight}`` (empty: base model)."""
+        self._check_open()
+        cap = self.max_active
+        c_ids, c_w = (ctypes.c_int32 * cap)(), (ctypes.c_float * cap)()
+        n = B.loramux_get_seq_mix(self._ctx, int(seq_id), cap, c_ids, c_w)
+        if n < 0:
+            self._raise(n, seq_id, [], [], None)
+        return {self.names[c_ids[j]]: float(c_w[j]) for j in range(n)}
+
+    def close(self) -> None:
+        """Unregister the pool from the context (idempotent)."""
+        if not self._closed:
+            B.loramux_unregister(self._ctx)
+            self._closed = True
+
+    def _raise(self, rc: int, seq_id: int, ids: Sequence[int], weights: Sequence[float], names: Sequence[str] | None) -> None:
+        label = list(names) if names is not None else [self.names[i] if 0 <= i < self.n_adapters else str(i) for i in ids]
+        mix = ", ".join(f"{n}={w:g}" for n, w in zip(label, weights)) or "(empty)"
+        why = B.strerror(rc)
+        if rc == B.LORAMUX_ERR_BAD_SEQ_ID:
+            raise LoramuxError(f"sequence id {seq_id} is out of range for this context (n_seq_max too small?): {why}")
+        if rc == B.LORAMUX_ERR_TOO_MANY_ACTIVE:
+            raise MixError(f"sequence {seq_id}: mix {mix} has more than max_active={self.max_active} non-zero weights; "
+                           "drop the smallest weights or register the pool with a larger max_active")
+        if rc in (B.LORAMUX_ERR_BAD_ADAPTER_ID, B.LORAMUX_ERR_BAD_WEIGHT, B.LORAMUX_ERR_DUPLICATE_ADAPTER):
+            raise MixError(f"sequence {seq_id}: mix {mix}: {why}")
+        raise LoramuxError(f"sequence {seq_id}: loramux refused mix {mix}: {why} (code {rc})")
+
+    def __enter__(self) -> "SeqMixer":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

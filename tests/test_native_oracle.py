@@ -1,0 +1,302 @@
+"""Oracle tests of the native per-sequence mixes on the real model (CPU).
+
+Each case runs in a fresh subprocess (``python tests/test_native_oracle.py CASE OUT``): loramux.native
+must point llama_cpp at the patched libllama before llama_cpp is first imported, and other tests
+of the session may already have imported the stock one. The worker writes an .npz; the test
+asserts on it.
+
+The oracle is the same request decoded alone with stock ``llama_set_adapters_lora`` at the same
+scales (same patched library, no per-sequence mix set), teacher-forced: the same tokens are fed
+to both, one token per step (the batch: one llama_decode per step for all sequences).
+
+Tolerance, from the measured floor. Stock llama.cpp is not batch-invariant: one-ulp differences
+(another summation order in a batched kernel or over the unified K/V cache, f16 rounding of the
+LoRA intermediates) grow through the 30 layers. Measured on this model (f16 adapters, prompts
+of ~15 tokens, 8-12 forced steps): stock with the adapter set on the whole context, the same
+sequence in a batch of 6 vs alone: max |diff| 1.09, mean |diff| 0.15 (DESIGN.md §9: up to ~0.9
+in a batch of 8); the base model with no adapter in a batch vs alone: max 0.78. loramux in a mixed
+batch vs stock alone: max 0.78-1.48, mean 0.15-0.23. A wrong scale (1.5x on one adapter): max 6.2,
+mean 0.69. Hence:
+
+- ``MAX_ABS_TOL`` = 2.0 on any logit and ``MEAN_ABS_TOL`` = 0.35 over all logits of a sequence
+  (the negative control, a 1.5x scale, must exceed them: it does, by 3x and 2x);
+- greedy tokens are compared only where the oracle's top-two gap exceeds ``MAX_ABS_TOL``;
+- where no floor applies, equality is bitwise: a sequence without a mix equals the base model
+  computed in the same batch layout without any adapter, and changing one sequence's mix leaves
+  every other sequence's logits bitwise unchanged.
+
+Skipped when the native library is not built (``scripts/build_native.sh``), unless
+``LORAMUX_REQUIRE_NATIVE=1``, which turns the skip into a failure.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+MAX_ABS_TOL = 2.0
+MEAN_ABS_TOL = 0.35
+
+ROOT = Path(__file__).resolve().parents[1]
+FIXTURES = ROOT.parent / "shared" / "fixtures" / "smollm2-bbh-lora"
+# adapters covering every PEFT shape of the fixtures: q/k/v/o r8, q/v r8, all-seven r4, rsLoRA r16, rank/alpha patterns
+POOL = ["boolean_expressions", "causal_judgement", "disambiguation_qa", "dyck_languages", "object_counting",
+        "hyperbaton", "navigate", "snarks"]
+PROMPTS = [
+    "not ( True ) and ( True ) is",
+    "Which sentence has the correct adjective order?",
+    "Sort the following words alphabetically: List: oven costume counterpart",
+    "If you follow these instructions, do you return to the starting point?",
+    "Complete the rest of the sequence, making sure that the parentheses are closed properly. Input: [ {",
+    "How many objects do I have? I have a piano, a flute, and a trombone.",
+]
+# one mix per sequence: single adapters, pairs, top-3, a negative weight, and no mix (base)
+MIXES = [
+    {"boolean_expressions": 1.0},
+    {"hyperbaton": 0.6, "navigate": 0.4},
+    None,
+    {"dyck_languages": 0.5, "object_counting": 0.3, "snarks": 0.7},
+    {"disambiguation_qa": -0.5, "causal_judgement": 1.2},
+    {"navigate": 1.0},
+]
+N_STEPS = 10
+
+
+# ---------------------------------------------------------------- worker (subprocess) --
+def _worker(case: str, out: Path, adapter_dir: Path) -> None:
+    from loramux import native
+
+    if not native.available():
+        np.savez(out, unavailable=np.array(native.status().reason))
+        return
+    import ctypes
+
+    import llama_cpp
+
+    from loramux.base_model import default_base_model
+    from loramux.native import teacher
+    from loramux.native.mixer import SeqMixer
+
+    @llama_cpp.llama_log_callback
+    def _quiet(level, text, user_data):  # keep the worker's output readable
+        if level >= 4 and b"error" in text.lower():
+            sys.stderr.write(text.decode(errors="replace"))
+
+    llama_cpp.llama_log_set(_quiet, ctypes.c_void_p(0))
+    llama_cpp.llama_backend_init()
+    mparams = llama_cpp.llama_model_default_params()
+    model = llama_cpp.llama_model_load_from_file(str(default_base_model()).encode(), mparams)
+    vocab = llama_cpp.llama_model_get_vocab(model)
+    adapters = {n: llama_cpp.llama_adapter_lora_init(model, str(adapter_dir / f"{n}.gguf").encode()) for n in POOL}
+    assert all(adapters.values())
+
+    def tok(text: str) -> list[int]:
+        buf = (llama_cpp.llama_token * 256)()
+        n = llama_cpp.llama_tokenize(vocab, text.encode(), len(text.encode()), buf, 256, True, False)
+        return list(buf[:n])
+
+    prompts = [tok(p) for p in PROMPTS]
+    # one thread: results do not depend on it, and the tests stay quick on a loaded machine
+    ctx = teacher.new_context(model, n_seq_max=8, n_ctx=8 * 256, n_threads=1)
+    mixer = SeqMixer(ctx, adapters, max_active=3)
+    res: dict[str, np.ndarray] = {}
+
+    def stock(mix):
+        return [(adapters[n], w) for n, w in (mix or {}).items()]
+
+    # the oracle: each request alone, greedy, with the stock per-context adapters (no per-sequence mix)
+    forced = []
+    for i, (p, mix) in enumerate(zip(prompts, MIXES)):
+        teacher.set_stock_adapters(ctx, stock(mix))
+        toks, logits = teacher.greedy_alone(ctx, p, N_STEPS)
+        forced.append(toks)
+        res[f"alone_{i}"] = logits
+    teacher.set_stock_adapters(ctx, [])
+
+    seqs = [teacher.ForcedSequence(p, f) for p, f in zip(prompts, forced)]
+    if case == "mixed":
+        for i, mix in enumerate(MIXES):
+            mixer.set(i, mix)
+        perf0 = llama_cpp.llama_perf_context(ctx)
+        got = teacher.decode_forced(ctx, seqs)
+        perf1 = llama_cpp.llama_perf_context(ctx)
+        for i, g in enumerate(got):
+            res[f"batch_{i}"] = g
+        # the same batch layout on a context with no pool registered at all: the base model
+        plain = teacher.new_context(model, n_seq_max=8, n_ctx=8 * 256, n_threads=1)
+        for i, g in enumerate(teacher.decode_forced(plain, seqs)):
+            res[f"plain_{i}"] = g
+        llama_cpp.llama_free(plain)
+        res["reused_in_run"] = np.array(perf1.n_reused - perf0.n_reused)
+        # change one sequence's mix: the others must not move
+        mixer.set(3, {"boolean_expressions": 0.9})
+        got2 = teacher.decode_forced(ctx, seqs)
+        for i, g in enumerate(got2):
+            res[f"changed_{i}"] = g
+        # negative control: a wrong scale on sequence 0 must fail the tolerance
+        mixer.set(0, {"boolean_expressions": 1.5})
+        res["wrong_scale_0"] = teacher.decode_forced(ctx, seqs[:1])[0]
+        # graph reuse survives mix changes between decode steps
+        mixer.set(0, MIXES[0])
+        one = [teacher.ForcedSequence(prompts[0], forced[0])]
+        teacher.decode_forced(ctx, one)  # warm the step graph for a batch of one
+        p0 = llama_cpp.llama_perf_context(ctx).n_reused
+        import time
+
+        t0 = time.perf_counter()
+        for j in range(200):
+            mixer.set(0, {POOL[j % len(POOL)]: 0.5, POOL[(j + 3) % len(POOL)]: 0.25})
+        res["set_mix_us"] = np.array((time.perf_counter() - t0) / 200 * 1e6)
+        mixer.set(0, MIXES[0])
+        steps = _decode_with_mix_changes(ctx, mixer, prompts[0], forced[0])
+        res["reuse_with_changes"] = np.array([steps, llama_cpp.llama_perf_context(ctx).n_reused - p0])
+    elif case == "exact_f32":
+        # one adapter per sequence, f32 adapters: loramux computes the very same float operations
+        singles = [{"boolean_expressions": 1.0}, {"navigate": 0.7}, None, {"object_counting": 1.3},
+                   {"hyperbaton": -0.8}, {"dyck_languages": 1.0}]
+        for i, (p, mix) in enumerate(zip(prompts, singles)):
+            teacher.set_stock_adapters(ctx, stock(mix))
+            res[f"alone_{i}"] = teacher.decode_forced(ctx, [seqs[i]])[0]
+        teacher.set_stock_adapters(ctx, [])
+        for i, mix in enumerate(singles):
+            mixer.set(i, mix)
+        for i, g in enumerate(teacher.decode_forced(ctx, seqs)):
+            res[f"batch_{i}"] = g
+    else:
+        raise SystemExit(f"unknown case {case}")
+    res["forced"] = np.array([f + [-1] * (N_STEPS - len(f)) for f in forced])
+    mixer.close()
+    llama_cpp.llama_free(ctx)
+    for a in adapters.values():
+        llama_cpp.llama_adapter_lora_free(a)
+    llama_cpp.llama_model_free(model)
+    np.savez(out, **res)
+
+
+def _decode_with_mix_changes(ctx, mixer, prompt, forced) -> int:
+    """Decode ``forced`` one token per step, changing the sequence's mix before every step."""
+    import llama_cpp
+
+    from loramux.native import teacher
+
+    teacher.decode_forced(ctx, [teacher.ForcedSequence(prompt, [])])
+    batch = llama_cpp.llama_batch_init(1, 0, 1)
+    try:
+        for t, tok in enumerate(forced):
+            mixer.set(0, {POOL[t % len(POOL)]: 0.5, POOL[(t + 1) % len(POOL)]: 0.5})
+            teacher._put(batch, 0, tok, len(prompt) + t, 0, True)
+            batch.n_tokens = 1
+            teacher._decode(ctx, batch)
+    finally:
+        llama_cpp.llama_batch_free(batch)
+    return len(forced)
+
+
+# ---------------------------------------------------------------- tests --
+def _convert_pool(base_model, out_dir: Path, outtype: str) -> Path:
+    from loramux.converters import convert_peft_to_gguf
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for name in POOL:
+        target = out_dir / f"{name}.gguf"
+        if not target.exists():
+            convert_peft_to_gguf(FIXTURES / name, base_model, target, outtype=outtype)
+    return out_dir
+
+
+def _run_case(case: str, adapter_dir: Path, tmp_path: Path) -> dict:
+    out = tmp_path / f"{case}.npz"
+    env = {k: v for k, v in os.environ.items() if k != "LLAMA_CPP_LIB_PATH"}
+    proc = subprocess.run([sys.executable, __file__, case, str(out), str(adapter_dir)], env=env,
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-4000:]
+    data = dict(np.load(out))
+    if "unavailable" in data:
+        reason = str(data["unavailable"])
+        if os.environ.get("LORAMUX_REQUIRE_NATIVE") == "1":
+            pytest.fail(f"native library required but unavailable: {reason}")
+        pytest.skip(f"loramux native library not available: {reason}")
+    return data
+
+
+@pytest.fixture(scope="module")
+def mixed(tmp_path_factory, base_model, shared_dir):
+    d = _convert_pool(base_model, tmp_path_factory.mktemp("pool_f16"), "f16")
+    return _run_case("mixed", d, tmp_path_factory.mktemp("mixed"))
+
+
+def _diffs(a: np.ndarray, b: np.ndarray) -> tuple[float, float]:
+    d = np.abs(a - b)
+    return float(d.max()), float(d.mean())
+
+
+def test_mixed_batch_matches_each_request_alone(mixed):
+    report = {}
+    for i, mix in enumerate(MIXES):
+        mx, mean = _diffs(mixed[f"batch_{i}"], mixed[f"alone_{i}"])
+        report[i] = (round(mx, 3), round(mean, 4))
+        assert mx <= MAX_ABS_TOL and mean <= MEAN_ABS_TOL, f"sequence {i} mix {mix}: max {mx}, mean {mean}"
+    print(json.dumps({"max_mean_abs_diff_per_sequence": report}))
+
+
+def test_sequence_without_mix_is_the_base_model_bitwise(mixed):
+    base = MIXES.index(None)
+    assert np.array_equal(mixed[f"batch_{base}"], mixed[f"plain_{base}"]), "no-mix sequence differs from the base model"
+    # and the base model itself only moves within the floor between batch and alone
+    mx, mean = _diffs(mixed[f"plain_{base}"], mixed[f"alone_{base}"])
+    assert mx <= MAX_ABS_TOL and mean <= MEAN_ABS_TOL
+    print(json.dumps({"base_batch_vs_alone_floor": [round(mx, 3), round(mean, 4)]}))
+
+
+def test_greedy_tokens_agree_where_the_oracle_is_decisive(mixed):
+    n_decisive = 0
+    for i, mix in enumerate(MIXES):
+        alone, batch = mixed[f"alone_{i}"], mixed[f"batch_{i}"]
+        top2 = np.sort(alone, axis=1)[:, -2:]
+        decisive = (top2[:, 1] - top2[:, 0]) > MAX_ABS_TOL
+        agree = alone.argmax(axis=1) == batch.argmax(axis=1)
+        n_decisive += int(decisive.sum())
+        assert agree[decisive].all(), f"sequence {i} mix {mix}: greedy token differs at decisive steps {np.where(decisive & ~agree)[0]}"
+    assert n_decisive >= N_STEPS, f"only {n_decisive} decisive steps: the comparison says little"
+
+
+def test_changing_one_mix_leaves_the_others_unchanged(mixed):
+    for i in range(len(MIXES)):
+        if i == 3:
+            assert not np.array_equal(mixed["changed_3"], mixed["batch_3"]), "the changed mix had no effect"
+            continue
+        assert np.array_equal(mixed[f"changed_{i}"], mixed[f"batch_{i}"]), f"sequence {i} moved when sequence 3's mix changed"
+
+
+def test_wrong_scale_is_caught_by_the_tolerance(mixed):
+    mx, mean = _diffs(mixed["wrong_scale_0"], mixed["alone_0"])
+    assert mx > MAX_ABS_TOL or mean > MEAN_ABS_TOL, f"a 1.5x scale went unnoticed (max {mx}, mean {mean})"
+
+
+def test_mix_changes_keep_graph_reuse_and_cost_microseconds(mixed):
+    steps, reused = (int(x) for x in mixed["reuse_with_changes"])
+    assert reused >= steps - 1, f"only {reused} of {steps} decodes reused the graph while mixes changed"
+    assert mixed["reused_in_run"] > 0
+    us = float(mixed["set_mix_us"])
+    print(json.dumps({"set_seq_mix_us_python": round(us, 2)}))
+    assert us < 1000, f"setting a mix took {us:.0f} us"
+
+
+def test_f32_single_adapter_sequences_equal_stock(tmp_path_factory, base_model, shared_dir):
+    d = _convert_pool(base_model, tmp_path_factory.mktemp("pool_f32"), "f32")
+    data = _run_case("exact_f32", d, tmp_path_factory.mktemp("exact"))
+    report = {}
+    for i in range(len(PROMPTS)):
+        mx, mean = _diffs(data[f"batch_{i}"], data[f"alone_{i}"])
+        report[i] = mx
+        assert mx <= MAX_ABS_TOL and mean <= MEAN_ABS_TOL, f"sequence {i}: max {mx}, mean {mean}"
+    print(json.dumps({"f32_single_adapter_max_abs_diff": report}))
+
+
+if __name__ == "__main__":
+    _worker(sys.argv[1], Path(sys.argv[2]), Path(sys.argv[3]))
