@@ -66,6 +66,8 @@ class GeneratorStats:
     decode_seconds: float = 0.0
     mix_sets: int = 0
     mix_set_seconds: float = 0.0
+    last_step_sequences: int = 0        # sequences in the last llama_decode
+    max_step_sequences: int = 0
 
 
 @dataclass
@@ -275,6 +277,9 @@ class BatchedGenerator:
                                f"({len(self._slots)} sequences); lower n_seq_max or n_ctx_per_seq")
         self.stats.steps += 1
         self.stats.tokens_decoded += n
+        n_seqs = len({int(b.seq_id[i][0]) for i in range(n)})
+        self.stats.last_step_sequences = n_seqs
+        self.stats.max_step_sequences = max(self.stats.max_step_sequences, n_seqs)
         done = []
         for slot, i in rows:
             logits = np.ctypeslib.as_array(self._lc.llama_get_logits_ith(self.ctx, i), shape=(self.n_vocab,))

@@ -65,6 +65,10 @@ MIXES = [
     {"navigate": 1.0},
 ]
 N_STEPS = 10
+# one adapter per sequence, for the f32 exactness case
+# (weights are powers of two: w * (B t) and B (w t) are then the same floats)
+SINGLES = [{"boolean_expressions": 1.0}, {"navigate": 0.5}, None, {"object_counting": 1.0},
+           {"hyperbaton": -1.0}, {"dyck_languages": 1.0}]
 
 
 # ---------------------------------------------------------------- worker (subprocess) --
@@ -156,17 +160,18 @@ def _worker(case: str, out: Path, adapter_dir: Path) -> None:
         steps = _decode_with_mix_changes(ctx, mixer, prompts[0], forced[0])
         res["reuse_with_changes"] = np.array([steps, llama_cpp.llama_perf_context(ctx).n_reused - p0])
     elif case == "exact_f32":
-        # one adapter per sequence, f32 adapters: loramux computes the very same float operations
-        singles = [{"boolean_expressions": 1.0}, {"navigate": 0.7}, None, {"object_counting": 1.3},
-                   {"hyperbaton": -0.8}, {"dyck_languages": 1.0}]
-        for i, (p, mix) in enumerate(zip(prompts, singles)):
-            teacher.set_stock_adapters(ctx, stock(mix))
-            res[f"alone_{i}"] = teacher.decode_forced(ctx, [seqs[i]])[0]
-        teacher.set_stock_adapters(ctx, [])
-        for i, mix in enumerate(singles):
+        # one adapter per sequence, f32 adapters: loramux must compute the very same float operations
+        # as stock llama.cpp. Oracle: the same batch with the stock adapter set on the whole context.
+        for i, mix in enumerate(SINGLES):
             mixer.set(i, mix)
         for i, g in enumerate(teacher.decode_forced(ctx, seqs)):
             res[f"batch_{i}"] = g
+        for i in range(len(SINGLES)):
+            mixer.clear(i)
+        for i, mix in enumerate(SINGLES):
+            teacher.set_stock_adapters(ctx, stock(mix))
+            res[f"stock_batch_{i}"] = teacher.decode_forced(ctx, seqs)[i]
+        teacher.set_stock_adapters(ctx, [])
     else:
         raise SystemExit(f"unknown case {case}")
     res["forced"] = np.array([f + [-1] * (N_STEPS - len(f)) for f in forced])
@@ -287,15 +292,24 @@ def test_mix_changes_keep_graph_reuse_and_cost_microseconds(mixed):
     assert us < 1000, f"setting a mix took {us:.0f} us"
 
 
-def test_f32_single_adapter_sequences_equal_stock(tmp_path_factory, base_model, shared_dir):
+# rank-16 adapters (rsLoRA; object_counting also pads its rank-4 layers to 16) are not bitwise:
+# measured max 0.88 / 1.11 from the first step on, i.e. the floor, not a drift; the float sums of
+# a rank-16 product or of zero-padded ranks are grouped differently than stock's.
+RANK16 = {"object_counting", "dyck_languages"}
+
+
+def test_f32_single_adapter_rows_equal_stock_bitwise(tmp_path_factory, base_model, shared_dir):
+    """With f32 adapters of rank <= 8, one adapter per sequence (power-of-two weights), each row of
+    the mixed batch is bitwise the row of the same batch run with stock llama_set_adapters_lora."""
     d = _convert_pool(base_model, tmp_path_factory.mktemp("pool_f32"), "f32")
     data = _run_case("exact_f32", d, tmp_path_factory.mktemp("exact"))
-    report = {}
-    for i in range(len(PROMPTS)):
-        mx, mean = _diffs(data[f"batch_{i}"], data[f"alone_{i}"])
-        report[i] = mx
-        assert mx <= MAX_ABS_TOL and mean <= MEAN_ABS_TOL, f"sequence {i}: max {mx}, mean {mean}"
-    print(json.dumps({"f32_single_adapter_max_abs_diff": report}))
+    for i, mix in enumerate(SINGLES):
+        got, want = data[f"batch_{i}"], data[f"stock_batch_{i}"]
+        if mix and RANK16 & set(mix):
+            mx, mean = _diffs(got, want)
+            assert mx <= MAX_ABS_TOL and mean <= MEAN_ABS_TOL, f"sequence {i} mix {mix}: max {mx}, mean {mean}"
+        else:
+            assert np.array_equal(got, want), f"sequence {i} mix {mix}: max diff {np.abs(got - want).max()}"
 
 
 if __name__ == "__main__":
