@@ -208,13 +208,15 @@ def test_selection_threshold_and_fallbacks(router, real_logits):
     assert rt.fallback is None and rt.confidence > 0.5
     # a threshold above the confidence falls back: base by default, uniform when asked
     high = SelectionSettings(threshold=min(1.0, rt.confidence + (1 - rt.confidence) / 2))
-    low = select(lg, names, high, none_outcome=True)
+    default = select(lg, names, high, none_outcome=True)
+    assert default.fallback == "low_confidence" and default.mix == Mix.uniform(names)  # the default fallback
+    low = select(lg, names, high.with_overrides(fallback="base"), none_outcome=True)
     assert low.fallback == "low_confidence" and low.mix == Mix()
     uni = select(lg, names, high.with_overrides(fallback="uniform", fallback_weight=0.5), none_outcome=True)
     assert uni.mix == Mix({n: 0.5 / len(names) for n in names})
     # a held-out prompt the router sends to "none" takes the fallback whatever the threshold
     none_rows = [(r, lg2) for r, lg2 in zip(rows, logits) if r["task"] in HELDOUT]
-    picked = [select(lg2, names, SelectionSettings(threshold=0.0), none_outcome=True) for _, lg2 in none_rows]
+    picked = [select(lg2, names, SelectionSettings(threshold=0.0, fallback="base"), none_outcome=True) for _, lg2 in none_rows]
     nones = [p for p in picked if p.fallback == "none"]
     assert nones, "the router sent no held-out prompt to its none outcome"
     for p in nones:

@@ -9,9 +9,14 @@ The policy, in order (pure numpy, one prompt at a time):
    (``reason = "none"``), or the confidence is below ``threshold`` (``reason = "low_confidence"``),
    the request gets the fallback mix:
 
-   - ``fallback="base"`` (default): the empty mix, i.e. the base model alone;
-   - ``fallback="uniform"``: every adapter of the router at ``fallback_weight / n_adapters``
-     (``fallback_weight=1.0`` is the ``uniform`` mode of ``loramux eval``; less is a low-weight mix).
+   - ``fallback="uniform"`` (default): every adapter of the router at ``fallback_weight / n_adapters``
+     (``fallback_weight=1.0`` is the ``uniform`` mode of ``loramux eval``; less is a lower-weight mix);
+   - ``fallback="base"``: the empty mix, i.e. the base model alone.
+
+   Why uniform by default: on dev prompts of the five BBH tasks without an adapter (10 per task),
+   the base model answers 0/50 in the tasks' format; the router with the base fallback 1/50, with
+   the uniform fallback 7/50 (see BENCHMARKS.md, "Router"). The uniform mix decodes slower (every
+   adapter runs), which only matters for prompts the router does not recognise.
 3. Otherwise the adapter probabilities are renormalised to sum to 1 and sorted (ties keep the
    router's adapter order); the ``top_k`` most probable are kept; of those, the shortest prefix
    whose renormalised mass reaches ``top_p`` (nucleus); the kept weights are renormalised to sum
@@ -44,7 +49,7 @@ class SelectionSettings:
     temperature: float = 1.0
     min_weight: float = 0.05
     threshold: float = 0.5
-    fallback: str = "base"
+    fallback: str = "uniform"
     fallback_weight: float = 1.0
 
     def __post_init__(self) -> None:
