@@ -20,6 +20,7 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 
+from loramux.mix import Mix
 from loramux.router.errors import RouterError
 from loramux.router.features import BaseTokenizer, FeatureRecipe, prompt_ids, token_embedding_table
 from loramux.router.metadata import RouterMetadata
@@ -207,6 +208,7 @@ def train_router(
     names = adapter_names_in(adapters) if isinstance(adapters, (str, os.PathLike)) else sorted(set(adapters))
     if not names:
         raise RouterError("a router needs at least one adapter to route to")
+    Mix({n: 1.0 for n in names})  # every name must be usable in a mix (raises MixError naming the bad one)
     info = read_base_model(base)
     index = {n: i for i, n in enumerate(names)}
 
