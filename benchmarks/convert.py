@@ -197,6 +197,8 @@ def main(argv: list[str] | None = None) -> int:
         "methods": table,
         "speedup_cli_vs_upstream": {k: table["upstream"][k] / table["loramux-cli"][k] for k in ("min_s", "median_s")},
         "speedup_inprocess_vs_upstream": {k: table["upstream"][k] / table["loramux-inprocess"][k] for k in ("min_s", "median_s")},
+        # same repeat = measured back to back, under the same machine load
+        "speedup_cli_vs_upstream_per_repeat": [u["total_s"] / c["total_s"] for u, c in zip(runs["upstream"], runs["loramux-cli"])],
         "loramux_memory": {
             "import_baseline_rss_mib": baseline / 2**20,
             "cli_peak_rss_above_import_baseline_mib": (table["loramux-cli"]["peak_rss_mib"] * 2**20 - baseline) / 2**20,
@@ -213,6 +215,7 @@ def main(argv: list[str] | None = None) -> int:
     sp, si, mem = summary["speedup_cli_vs_upstream"], summary["speedup_inprocess_vs_upstream"], summary["loramux_memory"]
     print(f"\nupstream / loramux-cli:       {sp['min_s']:.1f}x (min), {sp['median_s']:.1f}x (median)")
     print(f"upstream / loramux-inprocess: {si['min_s']:.1f}x (min), {si['median_s']:.1f}x (median)")
+    print("upstream / loramux-cli per repeat: " + ", ".join(f"{r:.1f}x" for r in summary["speedup_cli_vs_upstream_per_repeat"]))
     print(
         f"loramux memory: import baseline {mem['import_baseline_rss_mib']:.0f} MiB; CLI peak above it "
         f"{mem['cli_peak_rss_above_import_baseline_mib']:.1f} MiB ({mem['cli_rss_above_baseline_over_largest_adapter']:.2f}x the largest adapter); "
