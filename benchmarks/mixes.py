@@ -8,10 +8,11 @@ Side by side in one run, interleaved so that machine noise hits every configurat
    the same number of tokens); decode time is the wall time from the first streamed token to
    the last, so the prompt is not counted (the first-token time, which includes the prompt and
    the scheduler rebuild after the mix change, is shown beside it);
-2. the cost of a mix change: short requests (distinct prompts, so no prompt prefix is reused
-   in either case) that keep one mix, against requests that alternate between two mixes
-   (each one a ``llama_set_adapters_lora`` call, a scheduler rebuild at the next decode and no
-   graph reuse). The time of the call itself is reported too.
+2. the cost of a mix change: one random sequence of short requests (distinct prompts, so no
+   prompt prefix is reused in either case) over two one-adapter mixes; requests that keep the
+   previous request's mix are compared with requests that change it (a
+   ``llama_set_adapters_lora`` call, a scheduler rebuild at the next decode and no graph
+   reuse). The time of the call itself is reported too.
 
 Figures are min and median over --repeats rounds. Run:
 
@@ -22,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import random
 import statistics
 import sys
 import time
@@ -106,16 +108,21 @@ def main(argv=None) -> int:
                 first_ms[label].append(p_ms)
             print(f"  round {r + 1}/{args.repeats} done", file=sys.stderr, flush=True)
 
-        # part 2: keeping the mix vs changing it every request
+        # part 2: requests that keep the previous request's mix against requests that change it,
+        # in one random sequence (so load drifts hit both alike); prompts rotate, never sharing a prefix
         a, b = Mix.one_hot(ONE), Mix.one_hot("navigate")
         same, alternating = [], []
         calls_before = pool.stats.lora.set_calls
         set_s_before = pool.stats.lora.set_seconds
-        for r in range(args.repeats):
-            for prompt in CHANGE_PROMPTS:
-                same.append(request_ms(pool, a, prompt, args.change_tokens, ban))
-            for i, prompt in enumerate(CHANGE_PROMPTS):
-                alternating.append(request_ms(pool, b if i % 2 == 0 else a, prompt, args.change_tokens, ban))
+        rng = random.Random(0)
+        current = a
+        request_ms(pool, current, CHANGE_PROMPTS[-1], args.change_tokens, ban)
+        for i in range(args.repeats * 2 * len(CHANGE_PROMPTS)):
+            change = rng.random() < 0.5
+            if change:
+                current = b if current == a else a
+            ms = request_ms(pool, current, CHANGE_PROMPTS[i % len(CHANGE_PROMPTS)], args.change_tokens, ban)
+            (alternating if change else same).append(ms)
         set_calls = pool.stats.lora.set_calls - calls_before
         set_us = (pool.stats.lora.set_seconds - set_s_before) / max(set_calls, 1) * 1e6
 
@@ -129,15 +136,15 @@ def main(argv=None) -> int:
                      "decode_tokens_per_s_best": tps_best, "first_token_ms_median": statistics.median(first_ms[label])})
         print(f"{label:<22}{tps_med:>23.1f}{tps_best:>8.1f}{tps_med / base_tps:>8.2f}x{statistics.median(first_ms[label]):>20.1f}")
     s_same, s_alt = summary(same), summary(alternating)
-    print(f"\nrequests of {args.change_tokens} tokens ({len(same)} each; prompts never share a prefix):")
-    print(f"  same mix every request:     median {s_same['median']:.1f} ms, min {s_same['min']:.1f} ms")
-    print(f"  mix changes every request:  median {s_alt['median']:.1f} ms, min {s_alt['min']:.1f} ms")
+    print(f"\nrequests of {args.change_tokens} tokens, randomly interleaved (prompts never share a prefix):")
+    print(f"  same mix as the previous request ({len(same)}):  median {s_same['median']:.1f} ms, min {s_same['min']:.1f} ms")
+    print(f"  mix changed since the previous ({len(alternating)}):  median {s_alt['median']:.1f} ms, min {s_alt['min']:.1f} ms")
     print(f"  cost of a change: {s_alt['median'] - s_same['median']:+.1f} ms (median), {s_alt['min'] - s_same['min']:+.1f} ms (min); "
           f"llama_set_adapters_lora itself {set_us:.1f} us per call ({set_calls} calls)")
     result = {
         "base": str(pool.base_path.name), "threads": threads, "repeats": args.repeats, "tokens": args.tokens,
         "decode": rows,
-        "mix_change": {"tokens": args.change_tokens, "same_ms": s_same, "alternating_ms": s_alt,
+        "mix_change": {"tokens": args.change_tokens, "kept_ms": s_same, "changed_ms": s_alt,
                        "delta_ms_median": s_alt["median"] - s_same["median"], "set_call_us": set_us, "set_calls": set_calls},
     }
     if args.json:
