@@ -98,6 +98,12 @@ def test_eval_router_mode_on_a_real_pool(small_router, small_pool_dir, base_mode
         policy = make_policy(f"router:{out}", ModeContext(pool=pool, rows=rows))
         mixes = [policy.mix_for(r) for r in rows]
         report = policy.report()
+        # the helper `loramux run --router` uses
+        from loramux.cli.route_cmd import routed_mix
+
+        first = next(r for r in rows if r["task"] == "navigate")
+        mix, routing = routed_mix(out, pool, first["input"])
+        assert mix == Mix({"navigate": 1.0}) and routing.top1 == "navigate" and routing.fallback is None
     for row, mix in zip(rows, mixes):
         if row["task"] in TASKS:
             assert mix == Mix({row["task"]: 1.0})
