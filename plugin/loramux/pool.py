@@ -12,7 +12,7 @@ Adapters are addressed by name (a GGUF file's stem, a PEFT folder's name); a nam
 reused for different weights. PEFT folders are converted on the fly with the project's one
 converter (:func:`loramux.converters.convert_peft_to_gguf`) into a cache under
 ``loramux.base_model.cache_dir() / "adapters"``, keyed by a hash of the PEFT files, the base
-model's fingerprint and the converter settings, so a second load is a file lookup.
+model's fingerprint, the converter's sources and its settings, so a second load is a file lookup.
 
 A request's mix is set on the llama.cpp context with ``llama_set_adapters_lora`` before it
 runs (stock llama.cpp has one adapter set per context, so requests run one at a time). An
@@ -30,6 +30,7 @@ always raise.
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import os
 import threading
@@ -47,7 +48,8 @@ from loramux.errors import AdapterError, LoramuxError, RuntimeLoadError, Unsuppo
 from loramux.llama_runtime import ContextLoraState, LoraAdapterHandle, LoraSetStats, capture_llama_log, decode_logits
 from loramux.mix import Mix, MixLike
 
-# Bump when the converter's output for the same input changes, so cached conversions are redone.
+# Part of every cache key, with a hash of the converter's source files (so a changed converter
+# never serves an old conversion); bump to invalidate every cached conversion by hand.
 CONVERTER_CACHE_VERSION = "1"
 PEFT_CONFIG = "adapter_config.json"
 _PEFT_WEIGHT_FILES = ("adapter_model.safetensors", "adapter_model.bin")
@@ -125,10 +127,21 @@ def adapter_name(source: Path) -> str:
     return source.stem if source.is_file() else source.name
 
 
-def peft_cache_key(folder: Path, base: BaseModelInfo, *, outtype: str, skip_embeddings: bool) -> str:
-    """Hash of the PEFT files, the base model's fingerprint and the converter settings."""
+@functools.lru_cache(maxsize=1)
+def converter_fingerprint() -> str:
+    """Hash of the converter package's Python sources."""
+    import loramux.converters as converters
+
     h = hashlib.sha256()
-    h.update(f"loramux-peft-cache/{CONVERTER_CACHE_VERSION};base={base.fingerprint};".encode())
+    for f in sorted(Path(converters.__file__).parent.glob("*.py")):
+        h.update(f.name.encode() + b"\0" + f.read_bytes())
+    return h.hexdigest()[:16]
+
+
+def peft_cache_key(folder: Path, base: BaseModelInfo, *, outtype: str, skip_embeddings: bool) -> str:
+    """Hash of the PEFT files, the base model's fingerprint, the converter's sources and settings."""
+    h = hashlib.sha256()
+    h.update(f"loramux-peft-cache/{CONVERTER_CACHE_VERSION};converter={converter_fingerprint()};base={base.fingerprint};".encode())
     h.update(f"outtype={outtype};skip_embeddings={bool(skip_embeddings)};".encode())
     for fname in (PEFT_CONFIG, *_PEFT_WEIGHT_FILES):
         f = folder / fname
@@ -440,8 +453,13 @@ class AdapterPool:
         return formatter(messages=[dict(m) for m in messages]).prompt
 
     def logits(self, tokens: Sequence[int], mix: MixLike = None) -> np.ndarray:
-        """Teacher-forced logits (n_tokens, n_vocab) of ``tokens`` decoded in one batch under ``mix``."""
+        """Teacher-forced logits (n_tokens, n_vocab) of ``tokens`` decoded in one batch under ``mix``.
+
+        At most ``n_batch`` tokens (the pool's constructor argument, 512 by default).
+        """
         m = self.resolve_mix(mix)
+        if not 0 < len(tokens) <= self._llm.n_batch:
+            raise LoramuxError(f"logits() takes 1 to n_batch={self._llm.n_batch} tokens in one batch, got {len(tokens)}")
         with self._request():
             self._activate(m)
             self._llm.reset()
