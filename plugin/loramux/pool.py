@@ -156,6 +156,15 @@ def converted_adapter_path(folder: Path, base: BaseModelInfo, *, outtype: str = 
     return cache_dir() / "adapters" / f"{folder.name}-{key[:24]}.gguf"
 
 
+def _release_adapters(handles: dict[str, LoraAdapterHandle], lora: ContextLoraState) -> None:
+    """Unset the adapters on the context and free them (while the context and model still exist)."""
+    try:
+        lora.clear()
+    finally:
+        for handle in handles.values():
+            handle.free()
+
+
 def _default_threads() -> int:
     """$LORAMUX_THREADS if set, else the number of cores (at most 8)."""
     env = os.environ.get("LORAMUX_THREADS", "").strip()
@@ -216,6 +225,10 @@ class AdapterPool:
         self._closed = False
         self._verbose = verbose
         self._lora = ContextLoraState(self._llm.ctx)
+        # llama.cpp adapters must go before the context and the model. llama_cpp.Llama frees those
+        # through its exit stack (last in, first out), so register the adapters' release there too:
+        # it then runs first however the Llama gets closed (close(), garbage collection).
+        self._llm._stack.callback(_release_adapters, self._handles, self._lora)
         self._active_mix = Mix()
         self._lock = threading.Lock()
         self._owner: int | None = None
@@ -478,13 +491,7 @@ class AdapterPool:
         if self._closed:
             return
         self._closed = True
-        try:
-            self._lora.clear()
-        finally:
-            for handle in self._handles.values():
-                handle.free()
-            self._handles.clear()
-            self._llm.close()
+        self._llm.close()  # runs _release_adapters first
 
     def __enter__(self) -> "AdapterPool":
         return self
