@@ -145,3 +145,13 @@ def test_missing_paths_and_empty_folders_are_clear_errors(pool, tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(AdapterError, match="no adapters in"):
         pool.load_adapters(tmp_path / "empty")
+
+
+def test_adapters_are_freed_before_the_model_however_the_llama_is_closed(base_model, converted_dir):
+    p = AdapterPool(base_model, **CTX)
+    p.load(converted_dir / "navigate.gguf")
+    handle = p._handles["navigate"]
+    llm = p.llama
+    llm.close()  # the Llama's exit stack runs the pool's release before freeing context and model
+    assert handle.freed and llm._model.model is None
+    p.close()  # then closing the pool is a no-op, not a double free
