@@ -5,7 +5,8 @@ The patched libllama (built from the llama.cpp that llama-cpp-python vendors, se
 llama-cpp-python at that library before ``llama_cpp`` is imported, so exactly one libllama is
 loaded and llama-cpp-python's own API keeps working on top of it.
 
-- :func:`available` tells whether the native path is in use (import loramux before llama_cpp);
+- :func:`prepare` (cheap, no import of llama_cpp) points llama_cpp at the patched library;
+  :func:`available` tells whether the native path is in use (import loramux before llama_cpp);
   :func:`status` says which library and, if not, why.
 - :class:`SeqMixer` registers named adapters on a ``llama_context`` and sets a mix per sequence.
 - :class:`BatchedGenerator` decodes many requests with different mixes in one ``llama_decode``
@@ -28,6 +29,26 @@ _warned = False
 
 class NativeUnavailableWarning(RuntimeWarning):
     """The patched library is missing: requests run one at a time with per-context mixes."""
+
+
+def prepare() -> bool:
+    """Point llama_cpp at the patched library without importing anything heavy (call it early,
+    e.g. when ``loramux`` is imported). Returns True when a patched library was found and
+    llama_cpp is not imported yet; :func:`available` still does the full check."""
+    import os
+    import sys
+
+    from loramux.native import _loader
+
+    if os.environ.get(_loader.ENV_SWITCH, "1").strip().lower() in ("0", "false", "no", "off"):
+        return False
+    if "llama_cpp.llama_cpp" in sys.modules:
+        return False
+    folder = _loader.find_library_dir()
+    if folder is None:
+        return False
+    os.environ.setdefault(_loader.LLAMA_ENV, str(folder))
+    return True
 
 
 def status() -> NativeStatus:
@@ -87,6 +108,7 @@ __all__ = [
     "NativeUnavailableWarning",
     "SeqMixer",
     "available",
+    "prepare",
     "status",
     "warn_if_unavailable",
 ]
