@@ -2,6 +2,7 @@
 (tests, virtual environments, build trees, compiled caches, the ../shared fixtures and data)."""
 from __future__ import annotations
 
+import importlib.util
 import subprocess
 import sys
 import zipfile
@@ -19,8 +20,10 @@ FORBIDDEN_SUFFIXES = (".pyc", ".o", ".obj", ".a", ".safetensors", ".gguf", ".jso
 @pytest.fixture(scope="module")
 def wheel(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("wheel")
+    # The venv's scikit-build-core when it has one (fast, offline); else build's isolated env.
+    isolation = ["--no-isolation"] if importlib.util.find_spec("scikit_build_core") else []
     done = subprocess.run(
-        [sys.executable, "-m", "build", "--wheel", "--no-isolation", "--outdir", str(out), str(ROOT)],
+        [sys.executable, "-m", "build", "--wheel", *isolation, "--outdir", str(out), str(ROOT)],
         capture_output=True,
         text=True,
         cwd=ROOT,
