@@ -78,11 +78,15 @@ def _download_sdist(into: Path) -> Path:
     cached = _cache_root() / SDIST_FILE
     if cached.is_file():
         return cached
-    # --no-build-isolation: pip only reads the metadata (scikit-build-core is in the venv);
-    # without it pip would build cmake and friends from source for minutes.
+    # pip prepares the sdist's metadata. With the venv's scikit-build-core (--no-build-isolation)
+    # that takes seconds; otherwise pip sets up an isolated build env from wheels (only this
+    # package is --no-binary: ':all:' would build cmake from source for minutes).
+    import importlib.util
+
+    isolation = ["--no-build-isolation"] if importlib.util.find_spec("scikit_build_core") else []
     cmd = [
         sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check",
-        "--no-binary", SDIST_NAME, "--no-build-isolation", "-d", str(into), f"{SDIST_NAME}=={SDIST_VERSION}",
+        "--no-binary", SDIST_NAME, *isolation, "-d", str(into), f"{SDIST_NAME}=={SDIST_VERSION}",
     ]
     done = subprocess.run(cmd, capture_output=True, text=True)
     found = into / SDIST_FILE
