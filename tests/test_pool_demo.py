@@ -5,7 +5,11 @@ import json
 import shutil
 
 from loramux.cli import main
-from loramux.cli.demo_cmd import DEFAULT_EXAMPLES
+from loramux.cli.demo_cmd import default_examples_dir
+
+from conftest import ROOT
+
+DEFAULT_EXAMPLES = ROOT / "examples"
 
 
 def test_demo_answers_with_base_and_mixes_from_a_copy_of_examples(tmp_path, base_model, capsys, monkeypatch):
@@ -22,3 +26,8 @@ def test_demo_answers_with_base_and_mixes_from_a_copy_of_examples(tmp_path, base
         assert p["prompt"] in out
         assert ",".join(f"{k}={v:g}" for k, v in sorted(p["mix"].items())) in out
     assert len(list((tmp_path / "home" / "adapters").glob("*.gguf"))) == 3
+
+
+def test_demo_finds_the_repository_examples_from_the_repository_root(monkeypatch):
+    monkeypatch.chdir(ROOT)  # how the README runs it, with loramux installed as a wheel or editable
+    assert (default_examples_dir() / "demo_prompts.jsonl").samefile(DEFAULT_EXAMPLES / "demo_prompts.jsonl")

@@ -12,7 +12,15 @@ from loramux.evaluate import normalize_answer
 from loramux.pool import AdapterPool
 
 # examples/ at the top of the source tree (plugin/loramux/cli/demo_cmd.py -> repository root).
-DEFAULT_EXAMPLES = Path(__file__).resolve().parents[3] / "examples"
+SOURCE_EXAMPLES = Path(__file__).resolve().parents[3] / "examples"
+
+
+def default_examples_dir() -> Path:
+    """The repository's examples/: beside the sources (editable install) or in the current folder (wheel install)."""
+    for candidate in (SOURCE_EXAMPLES, Path.cwd() / "examples"):
+        if (candidate / "demo_prompts.jsonl").is_file():
+            return candidate
+    return Path.cwd() / "examples"
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -26,7 +34,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         ),
     )
     p.add_argument("--base", type=Path, default=None, help="base model GGUF (default: the embedded SmolLM2-135M-Instruct Q4_1)")
-    p.add_argument("--examples", type=Path, default=DEFAULT_EXAMPLES, help="folder with adapters/ and demo_prompts.jsonl (default: the repository's examples/)")
+    p.add_argument("--examples", type=Path, default=None, help="folder with adapters/ and demo_prompts.jsonl (default: the repository's examples/, found beside the sources or in the current folder)")
     p.add_argument("--max-tokens", type=int, default=32, help="most tokens per answer (default: 32)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads for llama.cpp")
     p.set_defaults(run=run)
@@ -43,8 +51,9 @@ def _one_line(text: str) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    prompts = _read_prompts(args.examples / "demo_prompts.jsonl")
-    adapters = args.examples / "adapters"
+    examples = args.examples or default_examples_dir()
+    prompts = _read_prompts(examples / "demo_prompts.jsonl")
+    adapters = examples / "adapters"
     if not adapters.is_dir():
         raise LoramuxError(f"demo adapters {adapters} not found; pass --examples with the folder holding adapters/")
     start = time.perf_counter()
