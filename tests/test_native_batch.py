@@ -111,6 +111,9 @@ def _worker(out: Path, adapter_dir: Path) -> None:
     llama_cpp.llama_free(ctx)
     # llama-cpp-python's own API keeps working on the patched library
     res["llama_api_text"] = llama.create_completion("The capital of France is", max_tokens=4, temperature=0)["choices"][0]["text"]
+    maps = Path("/proc/self/maps")
+    if maps.exists():
+        res["libllama_mapped"] = sorted({line.split()[-1] for line in maps.read_text().splitlines() if "libllama" in line})
     out.write_text(json.dumps(res))
 
 
@@ -136,6 +139,8 @@ def result(tmp_path_factory, base_model, shared_dir):
 
 def test_one_libllama_the_patched_one(result):
     assert result["library"] == result["llama_cpp_lib"]
+    if "libllama_mapped" in result:  # Linux: exactly one libllama file mapped in the process
+        assert len(result["libllama_mapped"]) == 1, result["libllama_mapped"]
     assert result["llama_api_text"].strip(), "llama-cpp-python's create_completion produced nothing"
 
 
