@@ -11,7 +11,8 @@ import numpy as np
 from .atomic import atomic_output
 from .base_gguf import BaseModelInfo, read_base_model
 from .errors import BaseModelMismatchError, UnsupportedAdapterError
-from .name_map import ARCH_TABLES, gguf_tensor_name, permutation_key, permute_rows, supported_architectures
+from .base_match import check_module_fits, locate_base_tensor
+from .name_map import ARCH_TABLES, permutation_key, permute_rows, supported_architectures
 from .peft_checkpoint import LoraModule, PeftAdapter, load_peft_adapter
 from .scale import fold_factor
 
@@ -42,35 +43,12 @@ def _check_arch(base: BaseModelInfo) -> None:
 
 def plan_module(module: LoraModule, base: BaseModelInfo, alpha_file: float) -> GgufLoraTensors:
     """Map one PEFT module onto its base tensor, validate shapes and apply the scale convention."""
-    tensor = gguf_tensor_name(base.architecture, module.name)
-    if tensor is None:
-        raise BaseModelMismatchError(
-            f"module {module.name!r} has no counterpart in a {base.architecture!r} GGUF; "
-            "the adapter targets a module llama.cpp does not adapt or was built for another architecture"
-        )
-    shape = base.tensor_shapes.get(tensor)
-    if shape is None:
-        hint = " (the base ties its output projection to token_embd)" if tensor == "output.weight" else ""
-        raise BaseModelMismatchError(
-            f"module {module.name!r} adapts {tensor!r}, which the base model {base.path.name} does not have{hint}: "
-            "was the adapter trained on another model?"
-        )
+    tensor, shape = locate_base_tensor(module, base)
+    check_module_fits(module, tensor, shape)
     fold = fold_factor(module.scaling, alpha_file, module.rank)
     scaled_b = module.B if fold == 1.0 else module.B * np.float32(fold)  # plain LoRA: PEFT's B as it is
     if module.kind == "embedding":
-        dim, vocab = shape
-        if module.A.shape[1] != vocab or module.B.shape[0] != dim:
-            raise BaseModelMismatchError(
-                f"embedding LoRA {module.name!r} is for vocab {module.A.shape[1]} x dim {module.B.shape[0]}, "
-                f"but {tensor!r} in the base is vocab {vocab} x dim {dim}: was the adapter trained on another model?"
-            )
         return GgufLoraTensors(tensor, np.ascontiguousarray(module.A.T), scaled_b)
-    n_in, n_out = shape
-    if module.A.shape[1] != n_in or module.B.shape[0] != n_out:
-        raise BaseModelMismatchError(
-            f"module {module.name!r} maps {module.A.shape[1]} -> {module.B.shape[0]} features, but {tensor!r} in the base "
-            f"maps {n_in} -> {n_out}: was the adapter trained on another model?"
-        )
     b = scaled_b
     head_key = permutation_key(base.architecture, tensor)
     if head_key is not None:

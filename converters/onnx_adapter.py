@@ -30,7 +30,8 @@ from . import onnx_deps
 from .atomic import atomic_output
 from .base_gguf import BaseModelInfo, read_base_model
 from .errors import AdapterError, BaseModelMismatchError, UnsupportedAdapterError
-from .name_map import ARCH_TABLES, gguf_tensor_name, supported_architectures
+from .base_match import check_module_fits, locate_base_tensor
+from .name_map import ARCH_TABLES, supported_architectures
 from .onnx_names import lora_parameter_names, onnx_prefix
 from .peft_checkpoint import LoraModule, PeftAdapter, load_peft_adapter
 
@@ -63,25 +64,13 @@ class OnnxLoraPair:
 def plan_onnx_module(module: LoraModule, base: BaseModelInfo) -> OnnxLoraPair:
     """Map one PEFT linear module onto its ONNX LoRA inputs and check it against the base's shapes."""
     prefix = onnx_prefix(module.name)
-    tensor = gguf_tensor_name(base.architecture, module.name)
-    if prefix is None or tensor is None:
+    if prefix is None:
         raise BaseModelMismatchError(
             f"module {module.name!r} has no LoRA input in onnxruntime-genai's layout for a {base.architecture!r} model; "
             "the adapter targets a module the ONNX model does not adapt, or was built for another architecture"
         )
-    shape = base.tensor_shapes.get(tensor)
-    if shape is None:
-        hint = " (the base ties its output projection to the token embeddings)" if tensor == "output.weight" else ""
-        raise BaseModelMismatchError(
-            f"module {module.name!r} adapts {tensor!r}, which the base model {base.path.name} does not have{hint}: "
-            "was the adapter trained on another model?"
-        )
-    n_in, n_out = shape
-    if module.A.shape[1] != n_in or module.B.shape[0] != n_out:
-        raise BaseModelMismatchError(
-            f"module {module.name!r} maps {module.A.shape[1]} -> {module.B.shape[0]} features, but {tensor!r} in the base "
-            f"maps {n_in} -> {n_out}: was the adapter trained on another model?"
-        )
+    tensor, shape = locate_base_tensor(module, base)
+    check_module_fits(module, tensor, shape)
     a = np.ascontiguousarray(module.A.T, dtype=np.float32)
     b = np.ascontiguousarray((module.B.astype(np.float64) * module.scaling).T, dtype=np.float32)
     return OnnxLoraPair(module.name, prefix, a, b)
