@@ -127,3 +127,17 @@ def test_eval_command_with_router(small_router, small_pool_dir, base_model, tmp_
     data = json.loads(result.read_text())
     assert data["routing_top1_accuracy"] == 1.0
     assert [r["mix"] for r in data["rows"]] == [{"boolean_expressions": 1.0}, {"sports_understanding": 1.0}]
+
+
+def test_run_command_with_router(small_router, small_pool_dir, base_model):
+    """loramux run --router: the router picks the prompt's adapter, and the answer runs under that mix."""
+    out, _ = small_router
+    prompt = load_rows("dev", {"sports_understanding"}, limit_per_task=1)[0]["input"]
+    done = _loramux("run", "--base", str(base_model), "--adapters", str(small_pool_dir), "--router", str(out),
+                    "--max-tokens", "4", "--threads", "2", prompt)
+    assert done.returncode == 0, done.stderr
+    assert "[router: sports_understanding" in done.stderr
+    assert "[mix: sports_understanding=1" in done.stderr
+    both = _loramux("run", "--base", str(base_model), "--adapters", str(small_pool_dir), "--router", str(out),
+                    "--mix", "navigate=1", prompt)
+    assert both.returncode == 2 and "either --mix or --router" in both.stderr

@@ -6,6 +6,8 @@ import json
 import sys
 
 from loramux.cli.pool_args import add_pool_arguments, open_pool
+from loramux.cli.route_cmd import add_router_argument, routed_mix
+from loramux.errors import LoramuxError
 from loramux.mix import MAX_ABS_WEIGHT, MAX_MIX_ADAPTERS, Mix
 
 
@@ -33,13 +35,20 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=None, help="sampling seed")
     p.add_argument("--completion", action="store_true", help="plain text completion of PROMPT, without the chat template")
     p.add_argument("--json", action="store_true", help="print the whole OpenAI-style response (with its \"mix\") as JSON")
+    add_router_argument(p)
     p.add_argument("prompt", help="the prompt")
     p.set_defaults(run=run)
 
 
 def run(args: argparse.Namespace) -> int:
     with open_pool(args) as pool:
-        mix = pool.resolve_mix(args.mix)
+        if args.router is not None:
+            if args.mix:
+                raise LoramuxError("give either --mix or --router, not both")
+            mix, routing = routed_mix(args.router, pool, args.prompt)
+            print(f"[router: {routing.top1} p={routing.confidence:.3f}, fallback {routing.fallback}]", file=sys.stderr)
+        else:
+            mix = pool.resolve_mix(args.mix)
         sampling = dict(mix=mix, max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, seed=args.seed)
         if args.json:
             if args.completion:
