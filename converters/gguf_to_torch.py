@@ -6,7 +6,7 @@ and as the source of the ONNX base model; llama.cpp itself never needs it.
 from __future__ import annotations
 
 import os
-from typing import Any
+from typing import Any, Collection
 
 import numpy as np
 
@@ -16,8 +16,8 @@ from .gguf_header import read_gguf_header
 from .name_map import ARCH_TABLES, hf_module_for_tensor, permutation_key, unpermute_rows
 
 
-def dequantized_tensors(base: str | os.PathLike) -> dict[str, np.ndarray]:
-    """Every tensor of a GGUF as float32 numpy arrays in numpy order (ne reversed)."""
+def dequantized_tensors(base: str | os.PathLike, names: Collection[str] | None = None) -> dict[str, np.ndarray]:
+    """The tensors of a GGUF (all, or only ``names``) as float32 numpy arrays in numpy order (ne reversed)."""
     import gguf
 
     # read_gguf_header, not gguf.GGUFReader: the latter spends seconds on the vocabulary arrays.
@@ -25,6 +25,8 @@ def dequantized_tensors(base: str | os.PathLike) -> dict[str, np.ndarray]:
     raw = np.memmap(base, dtype=np.uint8, mode="r")
     out: dict[str, np.ndarray] = {}
     for t in header.tensors:
+        if names is not None and t.name not in names:
+            continue
         qtype = gguf.GGMLQuantizationType(t.tensor_type)
         block, type_size = gguf.GGML_QUANT_SIZES[qtype]
         shape = tuple(reversed(t.shape))  # numpy order

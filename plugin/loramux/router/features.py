@@ -14,7 +14,6 @@ Nothing outside the base model file is needed: no second model, no download.
 """
 from __future__ import annotations
 
-import ctypes
 import os
 import threading
 from dataclasses import asdict, dataclass
@@ -153,7 +152,7 @@ def token_embedding_table(base: str | os.PathLike) -> np.ndarray:
     """The base GGUF's ``token_embd.weight``, dequantized to float32, shape ``(n_vocab, n_embd)``."""
     from loramux.converters.gguf_to_torch import dequantized_tensors
 
-    tensors = dequantized_tensors(base)
+    tensors = dequantized_tensors(base, names={SOURCE_TENSOR})
     if SOURCE_TENSOR not in tensors:
         raise RuntimeLoadError(f"base model {base} has no {SOURCE_TENSOR} tensor: the router's features need it")
     return tensors[SOURCE_TENSOR]
