@@ -74,16 +74,12 @@ class Bench:
         import llama_cpp
 
         from loramux.base_model import default_base_model
+        from loramux.llama_runtime import silence_llama_log
 
         self.lc = llama_cpp
         self.args = args
 
-        @llama_cpp.llama_log_callback
-        def _quiet(level, text, user_data):
-            pass
-
-        self._quiet = _quiet
-        llama_cpp.llama_log_set(_quiet, ctypes.c_void_p(0))
+        silence_llama_log()
         llama_cpp.llama_backend_init()
         base = default_base_model()
         adapter_dir = args.adapters or convert_fixtures(Path(tempfile.gettempdir()) / "loramux-bench-adapters", base)

@@ -29,20 +29,16 @@ def _worker(out: Path, adapter_dir: Path) -> None:
     if not native.available():
         out.write_text(json.dumps({"unavailable": native.status().reason}))
         return
-    import ctypes
 
     import llama_cpp
 
     from loramux.base_model import default_base_model
     from loramux.errors import LoramuxError, MixError
+    from loramux.llama_runtime import silence_llama_log
     from loramux.native import BatchedGenerator, GenerationRequest
     from loramux.native import teacher
 
-    @llama_cpp.llama_log_callback
-    def _quiet(level, text, user_data):
-        pass
-
-    llama_cpp.llama_log_set(_quiet, ctypes.c_void_p(0))
+    silence_llama_log()
     llama = llama_cpp.Llama(model_path=str(default_base_model()), n_ctx=512, n_threads=1, verbose=False)
     res["library"] = native.status().library
     res["llama_cpp_lib"] = llama_cpp.llama_cpp._lib._name

@@ -78,20 +78,15 @@ def _worker(case: str, out: Path, adapter_dir: Path) -> None:
     if not native.available():
         np.savez(out, unavailable=np.array(native.status().reason))
         return
-    import ctypes
 
     import llama_cpp
 
     from loramux.base_model import default_base_model
+    from loramux.llama_runtime import silence_llama_log
     from loramux.native import teacher
     from loramux.native.mixer import SeqMixer
 
-    @llama_cpp.llama_log_callback
-    def _quiet(level, text, user_data):  # keep the worker's output readable
-        if level >= 4 and b"error" in text.lower():
-            sys.stderr.write(text.decode(errors="replace"))
-
-    llama_cpp.llama_log_set(_quiet, ctypes.c_void_p(0))
+    silence_llama_log(errors_to_stderr=True)
     llama_cpp.llama_backend_init()
     mparams = llama_cpp.llama_model_default_params()
     model = llama_cpp.llama_model_load_from_file(str(default_base_model()).encode(), mparams)

@@ -9,6 +9,10 @@
   (used by the oracle tests and the benchmarks).
 - :func:`capture_llama_log` collects llama.cpp's log lines while a call runs, so that a
   refusal can be reported with llama.cpp's own reason.
+- :func:`silence_llama_log` mutes llama.cpp's log for the rest of the process. The ctypes
+  callback it installs lives at module level: llama.cpp keeps calling the callback it was given
+  (``llama_free`` logs too), and a callback garbage-collected before the last free makes the
+  process crash with SIGSEGV at exit.
 """
 from __future__ import annotations
 
@@ -61,6 +65,24 @@ def capture_llama_log(*, echo: bool = False) -> Iterator[LlamaLog]:
         yield log
     finally:
         llama_cpp.llama_log_set(_logger.llama_log_callback, ctypes.c_void_p(0))
+
+
+_SILENT_CALLBACK = None  # set once by silence_llama_log(); must outlive every llama.cpp object
+
+
+def silence_llama_log(*, errors_to_stderr: bool = False) -> None:
+    """Mute llama.cpp's log (``errors_to_stderr``: still print ERROR lines) for the rest of the process."""
+    global _SILENT_CALLBACK
+    import llama_cpp
+
+    if _SILENT_CALLBACK is None:
+        @llama_cpp.llama_log_callback
+        def _silent(level: int, text: bytes, user_data: ctypes.c_void_p) -> None:
+            if errors_to_stderr and level == _LOG_ERROR:
+                sys.stderr.write(text.decode("utf-8", errors="replace"))
+
+        _SILENT_CALLBACK = _silent
+    llama_cpp.llama_log_set(_SILENT_CALLBACK, ctypes.c_void_p(0))
 
 
 class LoraAdapterHandle:
