@@ -114,9 +114,12 @@ def apply_patch(tree: Path, patch: Path) -> None:
         attempts.append(["patch", "-p1", "--forward", "--batch", "-i", str(patch)])
     if not attempts:
         raise FetchError("applying the loramux patch needs git or patch on PATH")
+    # Inside another git work tree (a checkout's build/ folder), `git apply` would resolve paths
+    # against that repository and silently skip every file: stop git's repository discovery here.
+    env = dict(os.environ, GIT_CEILING_DIRECTORIES=str(tree.resolve().parent))
     errors = []
     for cmd in attempts:
-        proc = subprocess.run(cmd, cwd=tree, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        proc = subprocess.run(cmd, cwd=tree, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         if proc.returncode == 0:
             return
         errors.append(f"{' '.join(cmd[:2])}: {proc.stdout.strip()[-2000:]}")
@@ -164,6 +167,8 @@ def prepare(dest: Path, *, version: str = LLAMA_CPP_PYTHON_VERSION, sdist: Path 
             shutil.copyfile(f, fresh / rel)
         for p in patch_files():
             apply_patch(fresh, p)
+        if "llama-mux.cpp" not in (fresh / "src" / "CMakeLists.txt").read_text():
+            raise FetchError(f"the loramux patches reported success but {fresh}/src/CMakeLists.txt lacks llama-mux.cpp")
         tree.mkdir(parents=True, exist_ok=True)
         n = sync_tree(fresh, tree)
     stamp.write_text(key + "\n")

@@ -65,8 +65,7 @@ MIXES = [
     {"navigate": 1.0},
 ]
 N_STEPS = 10
-# one adapter per sequence, for the f32 exactness case
-# (weights are powers of two: w * (B t) and B (w t) are then the same floats)
+# one adapter per sequence, for the f32-adapter case
 SINGLES = [{"boolean_expressions": 1.0}, {"navigate": 0.5}, None, {"object_counting": 1.0},
            {"hyperbaton": -1.0}, {"dyck_languages": 1.0}]
 
@@ -155,8 +154,8 @@ def _worker(case: str, out: Path, adapter_dir: Path) -> None:
         steps = _decode_with_mix_changes(ctx, mixer, prompts[0], forced[0])
         res["reuse_with_changes"] = np.array([steps, llama_cpp.llama_perf_context(ctx).n_reused - p0])
     elif case == "exact_f32":
-        # one adapter per sequence, f32 adapters: loramux must compute the very same float operations
-        # as stock llama.cpp. Oracle: the same batch with the stock adapter set on the whole context.
+        # one adapter per sequence, f32 adapters. Oracle: the same batch with the stock adapter set
+        # on the whole context.
         for i, mix in enumerate(SINGLES):
             mixer.set(i, mix)
         for i, g in enumerate(teacher.decode_forced(ctx, seqs)):
@@ -287,24 +286,23 @@ def test_mix_changes_keep_graph_reuse_and_cost_microseconds(mixed):
     assert us < 1000, f"setting a mix took {us:.0f} us"
 
 
-# rank-16 adapters (rsLoRA; object_counting also pads its rank-4 layers to 16) are not bitwise:
-# measured max 0.88 / 1.11 from the first step on, i.e. the floor, not a drift; the float sums of
-# a rank-16 product or of zero-padded ranks are grouped differently than stock's.
-RANK16 = {"object_counting", "dyck_languages"}
+def test_f32_adapters_match_stock_within_the_floor(tmp_path_factory, base_model, shared_dir):
+    """f32 adapters (the kernel's f32 path for A), one adapter per sequence: each row of the mixed
+    batch matches the same batch run with stock llama_set_adapters_lora within the floor.
 
-
-def test_f32_single_adapter_rows_equal_stock_bitwise(tmp_path_factory, base_model, shared_dir):
-    """With f32 adapters of rank <= 8, one adapter per sequence (power-of-two weights), each row of
-    the mixed batch is bitwise the row of the same batch run with stock llama_set_adapters_lora."""
+    Not bitwise: on CPU the mix is applied by loramux's fused kernel (per token
+    ``res + sum_j w_j B_j (A_j^T x)``), whose float sums are grouped differently from stock's two
+    matrix products and scale; measured max 0.94 on the first rows, i.e. the floor, not a drift.
+    """
     d = _convert_pool(base_model, tmp_path_factory.mktemp("pool_f32"), "f32")
     data = _run_case("exact_f32", d, tmp_path_factory.mktemp("exact"))
     for i, mix in enumerate(SINGLES):
         got, want = data[f"batch_{i}"], data[f"stock_batch_{i}"]
-        if mix and RANK16 & set(mix):
-            mx, mean = _diffs(got, want)
-            assert mx <= MAX_ABS_TOL and mean <= MEAN_ABS_TOL, f"sequence {i} mix {mix}: max {mx}, mean {mean}"
-        else:
-            assert np.array_equal(got, want), f"sequence {i} mix {mix}: max diff {np.abs(got - want).max()}"
+        if not mix:
+            assert np.array_equal(got, want), f"sequence {i} without a mix differs from the base: {np.abs(got - want).max()}"
+            continue
+        mx, mean = _diffs(got, want)
+        assert mx <= MAX_ABS_TOL and mean <= MEAN_ABS_TOL, f"sequence {i} mix {mix}: max {mx}, mean {mean}"
 
 
 if __name__ == "__main__":

@@ -20,6 +20,10 @@
 #include <cstring>
 #include <map>
 
+#if (defined(__x86_64__) || defined(_M_X64)) && (defined(__GNUC__) || defined(__clang__))
+#include <immintrin.h>
+#endif
+
 //
 // llama_mux
 //
@@ -164,6 +168,176 @@ static llm_graph_input_mux * mux_input(const llm_graph_context & g) {
     return g.inp_mux;
 }
 
+//
+// CPU kernel: one fused op per adapted weight (host buffers only)
+//
+// ggml_mul_mat_id is made for a few large experts; here every (token, slot) pair selects a
+// small rank-r matrix, so each expert's work is one chunk and runs on one thread, and the B
+// stage (dot products of length r) misses the tiled sgemm path. This op instead does, per token,
+// dst = res + sum_j w_j * B[id_j] (A[id_j]^T x), skipping empty slots (weight 0), with threads
+// splitting the tokens (or, for fewer tokens than threads, each token's output rows).
+//
+// srcs: 0 res [n_out, nt] f32, 1 x [n_in, nt] f32 (rows may be strided), 2 A [n_in, r_max, n_sub]
+// f16/f32, 3 B [r_max, n_out, n_sub] f32, 4 ids [k, nt] i32, 5 w [1, k, nt] f32.
+
+#if (defined(__x86_64__) || defined(_M_X64)) && (defined(__GNUC__) || defined(__clang__))
+#define MUX_X86_DISPATCH 1
+// built with target attributes and picked at run time, so a portable build still uses AVX2
+__attribute__((target("avx2,fma,f16c")))
+static float mux_dot_f16_avx2(const ggml_fp16_t * a, const float * x, int64_t n) {
+    __m256 acc0 = _mm256_setzero_ps();
+    __m256 acc1 = _mm256_setzero_ps();
+    int64_t i = 0;
+    for (; i + 16 <= n; i += 16) {
+        acc0 = _mm256_fmadd_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *) (a + i))), _mm256_loadu_ps(x + i), acc0);
+        acc1 = _mm256_fmadd_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *) (a + i + 8))), _mm256_loadu_ps(x + i + 8), acc1);
+    }
+    acc0 = _mm256_add_ps(acc0, acc1);
+    __m128 h = _mm_add_ps(_mm256_castps256_ps128(acc0), _mm256_extractf128_ps(acc0, 1));
+    h = _mm_hadd_ps(h, h);
+    h = _mm_hadd_ps(h, h);
+    float sum = _mm_cvtss_f32(h);
+    for (; i < n; ++i) {
+        sum += _cvtsh_ss(a[i]) * x[i];
+    }
+    return sum;
+}
+
+__attribute__((target("avx2,fma")))
+static float mux_dot_f32_avx2(const float * a, const float * x, int64_t n) {
+    __m256 acc = _mm256_setzero_ps();
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8) {
+        acc = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(x + i), acc);
+    }
+    __m128 h = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1));
+    h = _mm_hadd_ps(h, h);
+    h = _mm_hadd_ps(h, h);
+    float sum = _mm_cvtss_f32(h);
+    for (; i < n; ++i) {
+        sum += a[i] * x[i];
+    }
+    return sum;
+}
+
+__attribute__((target("avx2,fma")))
+static void mux_axpy_avx2(float * y, const float * b, float t, int64_t n) {
+    const __m256 vt = _mm256_set1_ps(t);
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8) {
+        _mm256_storeu_ps(y + i, _mm256_fmadd_ps(vt, _mm256_loadu_ps(b + i), _mm256_loadu_ps(y + i)));
+    }
+    for (; i < n; ++i) {
+        y[i] += t * b[i];
+    }
+}
+
+static bool mux_has_avx2() {
+    static const bool has = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
+    return has;
+}
+#endif
+
+static float mux_dot_f16(const ggml_fp16_t * a, const float * x, int64_t n, float * scratch) {
+#ifdef MUX_X86_DISPATCH
+    if (mux_has_avx2()) {
+        return mux_dot_f16_avx2(a, x, n);
+    }
+#endif
+    ggml_fp16_to_fp32_row(a, scratch, n);
+    float sum = 0.0f;
+    for (int64_t i = 0; i < n; ++i) {
+        sum += scratch[i] * x[i];
+    }
+    return sum;
+}
+
+static float mux_dot_f32(const float * a, const float * x, int64_t n) {
+#ifdef MUX_X86_DISPATCH
+    if (mux_has_avx2()) {
+        return mux_dot_f32_avx2(a, x, n);
+    }
+#endif
+    float sum = 0.0f;
+    for (int64_t i = 0; i < n; ++i) {
+        sum += a[i] * x[i];
+    }
+    return sum;
+}
+
+static void mux_axpy(float * y, const float * b, float t, int64_t n) {
+#ifdef MUX_X86_DISPATCH
+    if (mux_has_avx2()) {
+        mux_axpy_avx2(y, b, t, n);
+        return;
+    }
+#endif
+    for (int64_t i = 0; i < n; ++i) {
+        y[i] += t * b[i];
+    }
+}
+
+static void mux_lora_cpu(ggml_tensor * dst, int ith, int nth, void * /*userdata*/) {
+    const ggml_tensor * res = dst->src[0];
+    const ggml_tensor * x   = dst->src[1];
+    const ggml_tensor * A   = dst->src[2];
+    const ggml_tensor * BT  = dst->src[3];
+    const ggml_tensor * ids = dst->src[4];
+    const ggml_tensor * wts = dst->src[5];
+
+    const int64_t n_in  = A->ne[0];
+    const int64_t r_max = A->ne[1];
+    const int64_t n_out = BT->ne[0];
+    const int64_t nt    = dst->ne[1];
+    const int64_t k     = ids->ne[0];
+    const bool    a_f16 = A->type == GGML_TYPE_F16;
+
+    // work items: (token, chunk of output rows); several chunks per token when tokens < threads
+    const int64_t n_chunks = nt >= nth ? 1 : (nth + nt - 1) / nt;
+    const int64_t rows_per = (n_out + n_chunks - 1) / n_chunks;
+    float t[LLAMA_MUX_MAX_RANK];
+    thread_local std::vector<float> scratch; // the portable f16 path converts one row at a time
+    if (a_f16 && (int64_t) scratch.size() < n_in) {
+        scratch.resize(n_in);
+    }
+
+    for (int64_t item = ith; item < nt * n_chunks; item += nth) {
+        const int64_t tok = item / n_chunks;
+        const int64_t o0  = (item % n_chunks) * rows_per;
+        const int64_t o1  = std::min(n_out, o0 + rows_per);
+        if (o0 >= o1) {
+            continue;
+        }
+        float       * out = (float *) ((char *) dst->data + tok * dst->nb[1]);
+        const float * rin = (const float *) ((const char *) res->data + tok * res->nb[1]);
+        const float * xin = (const float *) ((const char *) x->data + tok * x->nb[1]);
+        if (out != rin) {
+            memcpy(out + o0, rin + o0, (size_t) (o1 - o0) * sizeof(float));
+        }
+        const int32_t * tid = (const int32_t *) ((const char *) ids->data + tok * ids->nb[1]);
+        const char    * tw  = (const char *) wts->data + tok * wts->nb[2];
+        for (int64_t j = 0; j < k; ++j) {
+            const float w = *(const float *) (tw + j * wts->nb[1]);
+            if (w == 0.0f) {
+                continue; // an empty slot, or a sequence without a mix
+            }
+            const int64_t sub   = tid[j];
+            const char *  a_sub = (const char *) A->data + sub * A->nb[2];
+            for (int64_t r = 0; r < r_max; ++r) {
+                const char * row = a_sub + r * A->nb[1];
+                t[r] = w * (a_f16 ? mux_dot_f16((const ggml_fp16_t *) row, xin, n_in, scratch.data())
+                                  : mux_dot_f32((const float *) row, xin, n_in));
+            }
+            const char * b_sub = (const char *) BT->data + sub * BT->nb[2];
+            for (int64_t r = 0; r < r_max; ++r) {
+                if (t[r] != 0.0f) {
+                    mux_axpy(out + o0, (const float *) (b_sub + r * BT->nb[1]) + o0, t[r], o1 - o0);
+                }
+            }
+        }
+    }
+}
+
 ggml_tensor * llama_mux_build_mm(const llm_graph_context & g, ggml_tensor * w, ggml_tensor * cur, ggml_tensor * res) {
     const llama_mux * mux = g.mux;
     const auto it = mux->modules.find(w->name);
@@ -172,10 +346,11 @@ ggml_tensor * llama_mux_build_mm(const llm_graph_context & g, ggml_tensor * w, g
     }
     const llama_mux_module & m = it->second;
 
-    const int64_t nt = cur->ne[1];
+    const int64_t nt    = cur->ne[1];
+    const int64_t n_out = m.cpu ? m.b->ne[0] : m.b->ne[1];
     const bool shape_ok =
         cur->ne[0] == m.a->ne[0] && cur->ne[2] == 1 && cur->ne[3] == 1 &&
-        res->ne[0] == m.b->ne[1] && res->ne[1] == nt && res->ne[2] == 1 && res->ne[3] == 1 &&
+        res->ne[0] == n_out && res->ne[1] == nt && res->ne[2] == 1 && res->ne[3] == 1 &&
         (nt == g.n_tokens || nt == g.n_outputs);
     if (!shape_ok) {
         static bool warned = false;
@@ -196,6 +371,18 @@ ggml_tensor * llama_mux_build_mm(const llm_graph_context & g, ggml_tensor * w, g
     ggml_tensor * ids = inp->ids(ctx0, m.group, outputs);
     ggml_tensor * wts = inp->weights(ctx0, m.group, outputs);
 
+    if (m.cpu) {
+        // host buffers: the fused kernel above (B stored transposed, [n_out, r_max, n_sub])
+        ggml_tensor * x = cur->type == GGML_TYPE_F32 ? cur : ggml_cast(ctx0, cur, GGML_TYPE_F32);
+        x = x->nb[0] == sizeof(float) ? x : ggml_cont(ctx0, x);
+        ggml_tensor * r = res->type == GGML_TYPE_F32 ? res : ggml_cast(ctx0, res, GGML_TYPE_F32);
+        ggml_tensor * args[6] = { r, x, m.a, m.b, ids, wts };
+        ggml_tensor * out = ggml_custom_4d(ctx0, GGML_TYPE_F32, res->ne[0], nt, 1, 1, args, 6, mux_lora_cpu, GGML_N_TASKS_MAX, nullptr);
+        ggml_format_name(out, "mux_lora-%s", w->name);
+        return out;
+    }
+
+    // other backends (CUDA, ...): the MoE kernels
     ggml_tensor * x = ggml_is_contiguous(cur) ? cur : ggml_cont(ctx0, cur);
     x = ggml_reshape_3d(ctx0, x, x->ne[0], 1, nt);
 
@@ -361,6 +548,10 @@ int32_t loramux_register_adapters(llama_context * ctx, llama_adapter_lora ** ada
         if (!buft) {
             return LORAMUX_ERR_INCOMPATIBLE_ADAPTER;
         }
+        if (r_max > LLAMA_MUX_MAX_RANK) {
+            LLAMA_LOG_ERROR("%s: loramux supports ranks up to %d, '%s' has rank %lld\n", __func__, LLAMA_MUX_MAX_RANK, name.c_str(), (long long) r_max);
+            return LORAMUX_ERR_INCOMPATIBLE_ADAPTER;
+        }
         plans.push_back({ name, group, n_in, n_out, r_max, all_f32 ? GGML_TYPE_F32 : GGML_TYPE_F16, buft });
     }
 
@@ -380,8 +571,10 @@ int32_t loramux_register_adapters(llama_context * ctx, llama_adapter_lora ** ada
         const int64_t n_sub = mux->groups[p.group].n_sub;
         llama_mux_module m;
         m.group = p.group;
+        m.cpu   = ggml_backend_buft_is_host(p.buft);
         m.a = ggml_new_tensor_3d(c, p.type_a, p.n_in, p.r_max, n_sub);
-        m.b = ggml_new_tensor_3d(c, GGML_TYPE_F32, p.r_max, p.n_out, n_sub);
+        m.b = m.cpu ? ggml_new_tensor_3d(c, GGML_TYPE_F32, p.n_out, p.r_max, n_sub)
+                    : ggml_new_tensor_3d(c, GGML_TYPE_F32, p.r_max, p.n_out, n_sub);
         ggml_format_name(m.a, "mux.%s.a", p.name.c_str());
         ggml_format_name(m.b, "mux.%s.b", p.name.c_str());
         mux->modules[p.name] = m;
@@ -412,7 +605,8 @@ int32_t loramux_register_adapters(llama_context * ctx, llama_adapter_lora ** ada
             float * b_dst = b_host.data() + (size_t) sub * p.r_max * p.n_out;
             for (int64_t o = 0; o < p.n_out; ++o) {
                 for (int64_t j = 0; j < r; ++j) {
-                    b_dst[o * p.r_max + j] = b[o * r + j] * scale;
+                    // mul_mat_id layout [r_max, n_out]; the CPU kernel's transposed [n_out, r_max]
+                    b_dst[m.cpu ? j * p.n_out + o : o * p.r_max + j] = b[o * r + j] * scale;
                 }
             }
         }
