@@ -10,7 +10,10 @@ after its prompt:
                   after group (with N different mixes: N decodes of one token per step);
   (iii) same mix: all N requests under one mix, one decode per step (the upper bound);
   (iv)  single:   all N requests under one single adapter, one decode per step (for the
-                  "top-3 over a 22-adapter pool vs a single adapter" ratio).
+                  "top-3 over a 22-adapter pool vs a single adapter" ratio);
+  (v)   pool size: all N requests under the first drawn top-3 mix on the native path, with the
+                  whole pool registered vs only those 3 adapters (cost per token must not grow
+                  with the pool).
 
 Also: the time to change one sequence's mix (the C call, and through the Python SeqMixer) and,
 for comparison, what a stock mix change costs in the next decode.
@@ -192,7 +195,10 @@ class Bench:
         ctx_native = self.context(n)
         mixer = SeqMixer(ctx_native, self.adapters, max_active=3)
         ctx_stock = self.context(n)
-        res = {k: [] for k in ("native", "grouped", "same_mix", "single_adapter", "native_no_mix", "base")}
+        ctx_small = self.context(n)
+        small = SeqMixer(ctx_small, {a: self.adapters[a] for a in mixes[0]}, max_active=3)
+        res = {k: [] for k in ("native", "grouped", "same_mix", "single_adapter", "native_no_mix", "base",
+                               "native_same_mix_full_pool", "native_same_mix_pool_of_3")}
         # llama-server groups by identical mix; the drawn mixes are all different
         groups: dict[tuple, list[int]] = {}
         for s, m in enumerate(mixes):
@@ -209,17 +215,26 @@ class Bench:
             res["same_mix"].append(self.run_groups(ctx_stock, [(mixes[0], seqs)], prompts))
             res["single_adapter"].append(self.run_groups(ctx_stock, [({self.names[0]: 1.0}, seqs)], prompts))
             res["base"].append(self.run_groups(ctx_stock, [(None, seqs)], prompts))
+            for mixer_, ctx_, key in ((mixer, ctx_native, "native_same_mix_full_pool"), (small, ctx_small, "native_same_mix_pool_of_3")):
+                for s in seqs:
+                    mixer_.set(s, mixes[0])
+                res[key].append(self.run_groups(ctx_, [(None, seqs)], prompts, native_mixer=mixer_))
         out = {f"{k}_tokens_per_s": round(statistics.median(v), 2) for k, v in res.items()}
         out.update({f"{k}_tokens_per_s_runs": [round(x, 2) for x in v] for k, v in res.items()})
         out["native_over_same_mix"] = round(out["native_tokens_per_s"] / out["same_mix_tokens_per_s"], 3)
         out["native_over_grouped"] = round(out["native_tokens_per_s"] / out["grouped_tokens_per_s"], 3)
         out["same_mix_over_grouped"] = round(out["same_mix_tokens_per_s"] / out["grouped_tokens_per_s"], 3)
         out["native_top3_over_single_adapter"] = round(out["native_tokens_per_s"] / out["single_adapter_tokens_per_s"], 3)
+        out["native_full_pool_over_pool_of_3"] = round(out["native_same_mix_full_pool_tokens_per_s"]
+                                                       / out["native_same_mix_pool_of_3_tokens_per_s"], 3)
+        out["pool_size"] = len(self.names)
         out["mixes"] = mixes
         out.update(self.mix_change_cost(ctx_native, mixer, ctx_stock))
         mixer.close()
+        small.close()
         self.lc.llama_free(ctx_native)
         self.lc.llama_free(ctx_stock)
+        self.lc.llama_free(ctx_small)
         return out
 
     def mix_change_cost(self, ctx_native, mixer, ctx_stock) -> dict:
@@ -289,6 +304,8 @@ def main(argv=None) -> int:
         print(f"       set mix: C call {r['set_seq_mix_c_call_us']:.3f} us, Python {r['set_seq_mix_python_us']:.2f} us | "
               f"decode after a mix change: stock {r['stock_decode_ms_mix_changed']:.2f} ms vs {r['stock_decode_ms_same_mix']:.2f} ms, "
               f"native {r['native_decode_ms_mix_changed']:.2f} ms vs {r['native_decode_ms_same_mix']:.2f} ms")
+        print(f"       one top-3 mix, native: pool of {r['pool_size']} {r['native_same_mix_full_pool_tokens_per_s']:.1f} vs pool of 3 "
+              f"{r['native_same_mix_pool_of_3_tokens_per_s']:.1f} tokens/s (ratio {r['native_full_pool_over_pool_of_3']:.3f})")
     first = by_n[str(args.requests[0])]
     result = {
         "native_tokens_per_s": first["native_tokens_per_s"],

@@ -278,33 +278,53 @@ def evaluate(
     mode: str,
     *,
     max_tokens: int | None = None,
+    batched: bool = True,
 ) -> EvalResult:
-    """Answer every row greedily under the mix ``mode`` chooses; return per-row and per-task results."""
+    """Answer every row greedily under the mix ``mode`` chooses; return per-row and per-task results.
+
+    ``batched``: rows go through :meth:`AdapterPool.generate` a chunk at a time, so on the native
+    path many rows with different mixes decode in one batch (``extra["paths"]`` counts the rows of
+    each path). ``batched=False``: one request at a time on stock llama.cpp, llama.cpp's own
+    numerics (the native path agrees with it up to the batch floor; greedy can differ at near-ties).
+    """
+    from loramux.pool_batch import PoolRequest
+
     policy = make_policy(mode, ModeContext(pool=pool, rows=rows))
     caps = task_token_caps(pool, rows) if max_tokens is None else {}
+    chunk = max(1, 2 * getattr(pool, "batch_slots", 1)) if batched else 1
     results: list[dict[str, Any]] = []
+    paths: dict[str, int] = {}
     correct = 0
     start = time.perf_counter()
     with progress_bar(desc=f"eval {mode}", unit="row", total=len(rows)) as bar:
-        for row in rows:
-            mix = policy.mix_for(row)
-            out = pool.create_chat_completion(
-                [{"role": "user", "content": str(row["input"])}],
-                mix=mix,
-                temperature=0.0,
-                max_tokens=max_tokens or caps[str(row["task"])],
-            )
-            answer = out["choices"][0]["message"]["content"] or ""
-            ok = normalize_answer(answer) == normalize_answer(row["target"])
-            correct += ok
-            results.append({"task": str(row["task"]), "id": row["id"], "answer": answer, "correct": ok, "mix": out["mix"]})
-            bar.update(1)
+        for i in range(0, len(rows), chunk):
+            part = rows[i:i + chunk]
+            reqs = [PoolRequest(messages=[{"role": "user", "content": str(row["input"])}], mix=policy.mix_for(row),
+                                max_tokens=max_tokens or caps[str(row["task"])]) for row in part]
+            if batched:
+                outs = pool.generate(reqs)
+            else:
+                outs = [_answer_alone(pool, r) for r in reqs]
+            for row, out in zip(part, outs):
+                ok = normalize_answer(out.text) == normalize_answer(row["target"])
+                correct += ok
+                paths[out.path] = paths.get(out.path, 0) + 1
+                results.append({"task": str(row["task"]), "id": row["id"], "answer": out.text, "correct": ok, "mix": out.mix})
+            bar.update(len(part))
             bar.set_postfix(acc=f"{correct / len(results):.3f}", refresh=False)
     extra = dict(policy.report())
     extra["seconds"] = round(time.perf_counter() - start, 1)
+    extra["paths"] = paths
     extra["base"] = Path(pool.base_path).name
     extra["adapters"] = list(pool.names)
     return EvalResult(mode=mode, rows=results, extra=extra)
+
+
+def _answer_alone(pool: Any, req: Any) -> Any:
+    """One row through the pool's single-request (stock) path."""
+    from loramux.pool_batch import prepare, run_stock
+
+    return run_stock(pool, prepare(pool, 0, req))
 
 
 __all__ = [

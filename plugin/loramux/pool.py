@@ -14,10 +14,15 @@ converter (:func:`loramux.converters.convert_peft_to_gguf`) into a cache under
 ``loramux.base_model.cache_dir() / "adapters"``, keyed by a hash of the PEFT files, the base
 model's fingerprint, the converter's sources and its settings, so a second load is a file lookup.
 
-A request's mix is set on the llama.cpp context with ``llama_set_adapters_lora`` before it
-runs (stock llama.cpp has one adapter set per context, so requests run one at a time). An
-unchanged mix makes no call; a changed mix also drops the reusable prompt prefix, because the
-KV cache computed under one mix is wrong under another.
+A single request's mix is set on the llama.cpp context with ``llama_set_adapters_lora`` before
+it runs (stock llama.cpp has one adapter set per context, so single requests run one at a time,
+exactly as llama.cpp computes them). An unchanged mix makes no call; a changed mix also drops the
+reusable prompt prefix, because the KV cache computed under one mix is wrong under another.
+
+Many requests at once (:meth:`AdapterPool.generate`, :meth:`~AdapterPool.create_completions`,
+:meth:`~AdapterPool.create_chat_completions`) decode together in one llama.cpp batch, each under
+its own mix, when the native library is in use (``loramux.native.available()``); otherwise, or
+for a mix the native path cannot take, they run one after another (see :mod:`loramux.pool_batch`).
 
 Folders of adapters: an adapter the runtime cannot express (``UnsupportedAdapterError``, e.g.
 an embedding LoRA on a base with a tied output projection, such as the word_sorting fixture)
@@ -47,6 +52,7 @@ from loramux.converters import BaseModelInfo, convert_peft_to_gguf, read_base_mo
 from loramux.errors import AdapterError, LoramuxError, RuntimeLoadError, UnsupportedAdapterError
 from loramux.llama_runtime import ContextLoraState, LoraAdapterHandle, LoraSetStats, capture_llama_log, decode_logits
 from loramux.mix import Mix, MixLike
+from loramux.pool_batch import PoolBatcher, PoolRequest, PoolResult, generate as _generate_batch
 
 # Part of every cache key, with a hash of the converter's source files (so a changed converter
 # never serves an old conversion); bump to invalidate every cached conversion by hand.
@@ -156,6 +162,43 @@ def converted_adapter_path(folder: Path, base: BaseModelInfo, *, outtype: str = 
     return cache_dir() / "adapters" / f"{folder.name}-{key[:24]}.gguf"
 
 
+def _stops(stop: str | list[str] | None) -> tuple[str, ...]:
+    return (stop,) if isinstance(stop, str) else tuple(stop or ())
+
+
+def _mixes_for(items: Sequence[Any], mixes: Sequence[MixLike] | None, mix: MixLike) -> list[MixLike]:
+    if mixes is None:
+        return [mix] * len(items)
+    if mix is not None:
+        raise LoramuxError("give either mixes= (one per request) or mix= (one for all), not both")
+    if len(mixes) != len(items):
+        raise LoramuxError(f"{len(items)} requests but {len(mixes)} mixes: give one mix per request")
+    return list(mixes)
+
+
+def _completion_dict(pool: "AdapterPool", r: PoolResult, *, chat: bool) -> dict:
+    """An OpenAI-style (chat) completion dict for one batched result."""
+    import time as _time
+    import uuid
+
+    choice: dict[str, Any] = {"index": 0, "finish_reason": r.finish_reason, "logprobs": None}
+    if chat:
+        choice["message"] = {"role": "assistant", "content": r.text}
+    else:
+        choice["text"] = r.text
+    return {
+        "id": f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4()}",
+        "object": "chat.completion" if chat else "text_completion",
+        "created": int(_time.time()),
+        "model": str(pool.base_path),
+        "choices": [choice],
+        "usage": {"prompt_tokens": r.prompt_tokens, "completion_tokens": r.completion_tokens,
+                  "total_tokens": r.prompt_tokens + r.completion_tokens},
+        "mix": r.mix,
+        "path": r.path,
+    }
+
+
 def _release_adapters(handles: dict[str, LoraAdapterHandle], lora: ContextLoraState) -> None:
     """Unset the adapters on the context and free them (while the context and model still exist)."""
     try:
@@ -184,6 +227,11 @@ class AdapterPool:
     ``$LORAMUX_THREADS`` or the number of cores (at most 8). ``base`` defaults to the embedded
     SmolLM2-135M-Instruct Q4_1 model. Use as a context manager or call :meth:`close`.
 
+    Batches (native path): ``n_seq_max`` requests decode together, each with at most
+    ``n_ctx_per_seq`` tokens (prompt + generated; default ``min(n_ctx, 1024)``) and a mix of at
+    most ``max_active`` adapters (the cost per token grows with ``max_active``, not with the
+    number of adapters in the pool).
+
     One request runs at a time: calls from other threads wait; a new request from the thread that
     still holds an open stream raises (read the stream to its end or close it first).
     """
@@ -197,8 +245,14 @@ class AdapterPool:
         n_batch: int = 512,
         seed: int = 0,
         verbose: bool = False,
+        n_seq_max: int = 8,
+        n_ctx_per_seq: int | None = None,
+        max_active: int = 3,
         **llama_kwargs: Any,
     ) -> None:
+        from loramux import native
+
+        native.prepare()  # before llama_cpp is imported: point it at the patched library
         import llama_cpp
 
         self._closed = True
@@ -229,6 +283,11 @@ class AdapterPool:
         # through its exit stack (last in, first out), so register the adapters' release there too:
         # it then runs first however the Llama gets closed (close(), garbage collection).
         self._llm._stack.callback(_release_adapters, self._handles, self._lora)
+        # the batch generator's context holds the adapters registered: it goes first of all
+        self._native = native.warn_if_unavailable()
+        self._batcher = PoolBatcher(self, n_seq_max=n_seq_max, n_ctx_per_seq=n_ctx_per_seq or min(n_ctx, 1024),
+                                    max_active=max_active)
+        self._llm._stack.callback(self._batcher.close)
         self._active_mix = Mix()
         self._lock = threading.Lock()
         self._owner: int | None = None
@@ -302,6 +361,7 @@ class AdapterPool:
         )
         self._handles[name] = handle
         self._adapters[name] = info
+        self._batcher.invalidate()  # the next batch registers the grown pool
         return info
 
     def load_adapters(
@@ -337,6 +397,16 @@ class AdapterPool:
     def resolve_mix(self, mix: MixLike) -> Mix:
         """Validate ``mix`` (a Mix, mapping, ``"name=w,..."`` string or None) against the loaded adapters."""
         return Mix.coerce(mix).check_known(self._adapters)
+
+    @property
+    def batch_slots(self) -> int:
+        """How many requests decode together on the native path (``n_seq_max``; 1 on the stock path)."""
+        return self._batcher.n_seq_max if self._native else 1
+
+    @property
+    def native(self) -> bool:
+        """True when batches run on the native per-sequence path (``loramux.native.available()``)."""
+        return self._native
 
     @property
     def active_mix(self) -> Mix:
@@ -442,6 +512,61 @@ class AdapterPool:
         msgs = [dict(msg) for msg in messages]
         return self._run(m, lambda: self._llm.create_chat_completion(msgs, **args), stream)
 
+    # --- many requests at once --------------------------------------------------------
+    def generate(self, requests: Sequence[PoolRequest]) -> list[PoolResult]:
+        """Answer many requests, each under its own mix; results in request order.
+
+        On the native path they decode together in one llama.cpp batch (``n_seq_max`` at a
+        time, joining and leaving between steps); each result's ``path`` says which path ran it.
+        """
+        self._check_open()
+        return _generate_batch(self, self._batcher, list(requests), native=self._native, lock=self._request)
+
+    def create_completions(
+        self,
+        prompts: Sequence[str | list[int]],
+        *,
+        mixes: Sequence[MixLike] | None = None,
+        mix: MixLike = None,
+        max_tokens: int = 16,
+        temperature: float = 0.0,
+        top_k: int = 0,
+        top_p: float = 1.0,
+        stop: str | list[str] | None = None,
+        seed: int | None = None,
+    ) -> list[dict]:
+        """Text completions of many prompts (``mixes[i]`` for prompt i, or one ``mix`` for all), batched.
+
+        Returns OpenAI-style completion dicts (as :meth:`create_completion`), each with ``"mix"``
+        and ``"path"`` (``"native"`` or ``"stock"``).
+        """
+        reqs = [PoolRequest(prompt=p, mix=m, max_tokens=max_tokens, temperature=temperature, top_k=top_k,
+                            top_p=top_p, seed=seed, stop=_stops(stop)) for p, m in zip(prompts, _mixes_for(prompts, mixes, mix))]
+        return [_completion_dict(self, r, chat=False) for r in self.generate(reqs)]
+
+    def create_chat_completions(
+        self,
+        conversations: Sequence[Sequence[Mapping[str, Any]]],
+        *,
+        mixes: Sequence[MixLike] | None = None,
+        mix: MixLike = None,
+        max_tokens: int = 256,
+        temperature: float = 0.0,
+        top_k: int = 0,
+        top_p: float = 1.0,
+        stop: str | list[str] | None = None,
+        seed: int | None = None,
+    ) -> list[dict]:
+        """Chat completions of many conversations (``mixes[i]`` for conversation i), batched.
+
+        Returns OpenAI-style chat completion dicts (as :meth:`create_chat_completion`), each with
+        ``"mix"`` and ``"path"``.
+        """
+        reqs = [PoolRequest(messages=[dict(m) for m in c], mix=m, max_tokens=max_tokens, temperature=temperature,
+                            top_k=top_k, top_p=top_p, seed=seed, stop=_stops(stop))
+                for c, m in zip(conversations, _mixes_for(conversations, mixes, mix))]
+        return [_completion_dict(self, r, chat=True) for r in self.generate(reqs)]
+
     # --- lower level --------------------------------------------------------------------
     def tokenize(self, text: str, *, add_bos: bool = False, special: bool = True) -> list[int]:
         """Tokens of ``text`` with the base model's tokenizer."""
@@ -452,6 +577,11 @@ class AdapterPool:
 
     def chat_prompt(self, messages: Sequence[Mapping[str, Any]]) -> str:
         """The prompt text the base model's chat template makes of ``messages`` (with the generation prompt)."""
+        return self.chat_format(messages).prompt
+
+    def chat_format(self, messages: Sequence[Mapping[str, Any]]):
+        """llama-cpp-python's formatting of ``messages`` with the base model's chat template
+        (``.prompt``, ``.stop``, ``.added_special``), as its chat completion uses it."""
         from llama_cpp import llama_chat_format
 
         template = self.llama.metadata.get("tokenizer.chat_template")
@@ -463,7 +593,7 @@ class AdapterPool:
             eos_token=llm.detokenize([llm.token_eos()], special=True).decode(),
             bos_token=llm.detokenize([llm.token_bos()], special=True).decode(),
         )
-        return formatter(messages=[dict(m) for m in messages]).prompt
+        return formatter(messages=[dict(m) for m in messages])
 
     def logits(self, tokens: Sequence[int], mix: MixLike = None) -> np.ndarray:
         """Teacher-forced logits (n_tokens, n_vocab) of ``tokens`` decoded in one batch under ``mix``.
@@ -513,6 +643,8 @@ __all__ = [
     "AdapterSkippedWarning",
     "LoadReport",
     "PoolAdapter",
+    "PoolRequest",
+    "PoolResult",
     "PoolStats",
     "SkippedAdapter",
     "adapter_name",

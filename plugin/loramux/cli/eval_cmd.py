@@ -32,6 +32,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--limit-per-task", type=int, default=None, metavar="N", help="only the first N rows of each task (quick runs)")
     p.add_argument("--tasks", default=None, metavar="T1,T2", help="only these tasks (comma-separated)")
     p.add_argument("--max-tokens", type=int, default=None, help="token cap per answer (default: per task, longest target + 16)")
+    p.add_argument(
+        "--sequential", action="store_true",
+        help="answer one row at a time on stock llama.cpp (its own numerics) instead of batching rows with different "
+             "mixes on the native path (faster; agrees with stock up to llama.cpp's batch floor, so a near-tie can flip)",
+    )
     p.set_defaults(run=run)
 
 
@@ -39,8 +44,9 @@ def run(args: argparse.Namespace) -> int:
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()] if args.tasks else None
     rows = load_rows(args.data, tasks=tasks, limit_per_task=args.limit_per_task)
     with open_pool(args) as pool:
-        result = evaluate(pool, rows, args.mode, max_tokens=args.max_tokens)
-    print(f"mix mode: {args.mode}  ({len(rows)} rows, {result.extra.get('seconds')} s)")
+        result = evaluate(pool, rows, args.mode, max_tokens=args.max_tokens, batched=not args.sequential)
+    paths = ", ".join(f"{n} {k}" for k, n in sorted(result.extra.get("paths", {}).items()))
+    print(f"mix mode: {args.mode}  ({len(rows)} rows, {result.extra.get('seconds')} s; paths: {paths})")
     print(result.table())
     if args.json:
         result.write_json(args.json)
