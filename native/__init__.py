@@ -40,7 +40,7 @@ def prepare() -> bool:
 
     from loramux.native import _loader
 
-    if _loader_turned_off():
+    if _loader.turned_off():
         return False
     if "llama_cpp.llama_cpp" in sys.modules:
         return False
@@ -72,20 +72,14 @@ def available() -> bool:
     return status().available
 
 
-def _loader_turned_off() -> bool:
-    import os
-
-    from loramux.native import _loader
-
-    return os.environ.get(_loader.ENV_SWITCH, "1").strip().lower() in ("0", "false", "no", "off")
-
-
 def warn_if_unavailable(stacklevel: int = 2) -> bool:
     """Warn once per process when the native path is not available (not when it was turned off
     with ``LORAMUX_NATIVE=0``); return available()."""
     global _warned
+    from loramux.native import _loader
+
     st = status()
-    if not st.available and not _warned and not _loader_turned_off():
+    if not st.available and not _warned and not _loader.turned_off():
         _warned = True
         warnings.warn(
             f"loramux native library not in use ({st.reason}); falling back to stock llama.cpp: "

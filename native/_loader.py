@@ -90,9 +90,14 @@ def _check_handle(lib, where: str) -> NativeStatus:
     return NativeStatus(True, name, "")
 
 
+def turned_off() -> bool:
+    """True when ``LORAMUX_NATIVE=0`` (or false/no/off) turns the native path off."""
+    return os.environ.get(ENV_SWITCH, "1").strip().lower() in ("0", "false", "no", "off")
+
+
 def load() -> NativeStatus:
     """Point llama_cpp at the patched library (if llama_cpp is not imported yet), import it, check it."""
-    if os.environ.get(ENV_SWITCH, "1").strip().lower() in ("0", "false", "no", "off"):
+    if turned_off():
         return NativeStatus(False, None, f"turned off with {ENV_SWITCH}=0")
     loaded = sys.modules.get("llama_cpp.llama_cpp")
     if loaded is None:

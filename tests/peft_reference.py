@@ -143,12 +143,8 @@ def hf_base_model(base: str):
 
 
 @contextmanager
-def peft_model(base: str | os.PathLike, fixture: str | os.PathLike) -> Iterator:
-    """``PeftModel.from_pretrained`` on the shared base model; the LoRA layers are removed afterwards."""
-    from peft import PeftModel
-
-    model = hf_base_model(str(base))
-    wrapped = PeftModel.from_pretrained(model, str(fixture), adapter_name=ADAPTER_NAME)
+def _unloaded_after(model, wrapped) -> Iterator:
+    """Yield ``wrapped`` in eval mode, then strip its LoRA layers off the shared base ``model``."""
     wrapped.eval()
     try:
         yield wrapped
@@ -156,6 +152,42 @@ def peft_model(base: str | os.PathLike, fixture: str | os.PathLike) -> Iterator:
         wrapped.unload()
         if hasattr(model, "peft_config"):
             del model.peft_config
+
+
+@contextmanager
+def peft_model(base: str | os.PathLike, fixture: str | os.PathLike) -> Iterator:
+    """``PeftModel.from_pretrained`` on the shared base model; the LoRA layers are removed afterwards."""
+    from peft import PeftModel
+
+    model = hf_base_model(str(base))
+    with _unloaded_after(model, PeftModel.from_pretrained(model, str(fixture), adapter_name=ADAPTER_NAME)) as wrapped:
+        yield wrapped
+
+
+@contextmanager
+def peft_weighted_mix(base: str | os.PathLike, fixtures: dict[str, os.PathLike], weights: dict[str, float]) -> Iterator:
+    """PEFT with several adapters active at once (``fixtures``: name -> PEFT folder), each LoRA
+    layer's own scaling multiplied by its weight.
+
+    PEFT's forward then adds ``w_a * scaling_a * B_a A_a x`` for every active adapter: the
+    weighted sum of the adapters' deltas, computed by PEFT itself.
+    """
+    from peft import PeftModel
+    from peft.tuners.lora import LoraLayer
+
+    model = hf_base_model(str(base))
+    names = list(weights)
+    wrapped = PeftModel.from_pretrained(model, str(fixtures[names[0]]), adapter_name=names[0])
+    for name in names[1:]:
+        wrapped.load_adapter(str(fixtures[name]), adapter_name=name)
+    for module in wrapped.modules():
+        if isinstance(module, LoraLayer):
+            for name, w in weights.items():
+                if name in module.scaling:
+                    module.scaling[name] *= w
+    wrapped.base_model.set_adapter(names)
+    with _unloaded_after(model, wrapped) as ready:
+        yield ready
 
 
 def peft_deltas(base: str | os.PathLike, fixture: str | os.PathLike) -> dict[str, np.ndarray]:

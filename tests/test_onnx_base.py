@@ -12,7 +12,6 @@ cached under the loramux cache folder.
 """
 from __future__ import annotations
 
-from contextlib import contextmanager
 
 import numpy as np
 import pytest
@@ -24,6 +23,7 @@ from peft_reference import (
     hf_base_model,
     llama_greedy,
     peft_model,
+    peft_weighted_mix,
     prompt_tokens,
     require_train_extra,
 )
@@ -119,41 +119,11 @@ def test_modules_an_adapter_omits_use_the_empty_defaults(onnx_model, base_model,
     np.testing.assert_allclose(onnx_model.logits(prompt, adapter=params), onnx_model.logits(prompt, adapter=padded), atol=1e-5, rtol=0)
 
 
-@contextmanager
-def peft_weighted_mix(base_model, weights: dict[str, float]):
-    """PEFT with several adapters active at once, each LoRA layer's own scaling multiplied by its weight.
-
-    PEFT's forward then adds ``w_a * scaling_a * B_a A_a x`` for every active adapter: the
-    weighted sum of the adapters' deltas, computed by PEFT itself.
-    """
-    from peft import PeftModel
-    from peft.tuners.lora import LoraLayer
-
-    model = hf_base_model(str(base_model))
-    names = list(weights)
-    wrapped = PeftModel.from_pretrained(model, str(FIXTURES / names[0]), adapter_name=names[0])
-    for name in names[1:]:
-        wrapped.load_adapter(str(FIXTURES / name), adapter_name=name)
-    for module in wrapped.modules():
-        if isinstance(module, LoraLayer):
-            for name, w in weights.items():
-                if name in module.scaling:
-                    module.scaling[name] *= w
-    wrapped.base_model.set_adapter(names)
-    wrapped.eval()
-    try:
-        yield wrapped
-    finally:
-        wrapped.unload()
-        if hasattr(model, "peft_config"):
-            del model.peft_config
-
-
 def test_mix_by_concatenation_matches_weighted_sum(onnx_model, base_model, prompt, tmp_path):
     require_train_extra()
     weights = {"boolean_expressions": 0.7, "dyck_languages": 0.5, "hyperbaton": -0.4}  # plain, rsLoRA, all seven (fp16)
     dirs = {n: FIXTURES / n for n in weights}
-    with peft_weighted_mix(base_model, weights) as wrapped:
+    with peft_weighted_mix(base_model, dirs, weights) as wrapped:
         want = torch_logits(wrapped, prompt)
     base = onnx_model.logits(prompt)[0]
     assert np.abs(want - base).max() > MIN_ADAPTER_EFFECT

@@ -39,6 +39,8 @@ import functools
 import hashlib
 import os
 import threading
+import time
+import uuid
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -178,9 +180,6 @@ def _mixes_for(items: Sequence[Any], mixes: Sequence[MixLike] | None, mix: MixLi
 
 def _completion_dict(pool: "AdapterPool", r: PoolResult, *, chat: bool) -> dict:
     """An OpenAI-style (chat) completion dict for one batched result."""
-    import time as _time
-    import uuid
-
     choice: dict[str, Any] = {"index": 0, "finish_reason": r.finish_reason, "logprobs": None}
     if chat:
         choice["message"] = {"role": "assistant", "content": r.text}
@@ -189,7 +188,7 @@ def _completion_dict(pool: "AdapterPool", r: PoolResult, *, chat: bool) -> dict:
     return {
         "id": f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4()}",
         "object": "chat.completion" if chat else "text_completion",
-        "created": int(_time.time()),
+        "created": int(time.time()),
         "model": str(pool.base_path),
         "choices": [choice],
         "usage": {"prompt_tokens": r.prompt_tokens, "completion_tokens": r.completion_tokens,
@@ -250,10 +249,9 @@ class AdapterPool:
         max_active: int = 3,
         **llama_kwargs: Any,
     ) -> None:
-        from loramux import native
+        import llama_cpp  # patched library or stock: `import loramux` ran native.prepare() first
 
-        native.prepare()  # before llama_cpp is imported: point it at the patched library
-        import llama_cpp
+        from loramux import native
 
         self._closed = True
         self._handles: dict[str, LoraAdapterHandle] = {}
@@ -361,7 +359,7 @@ class AdapterPool:
         )
         self._handles[name] = handle
         self._adapters[name] = info
-        self._batcher.invalidate()  # the next batch registers the grown pool
+        self._batcher.close()  # the next batch registers the grown pool on a new generator
         return info
 
     def load_adapters(
@@ -582,18 +580,22 @@ class AdapterPool:
     def chat_format(self, messages: Sequence[Mapping[str, Any]]):
         """llama-cpp-python's formatting of ``messages`` with the base model's chat template
         (``.prompt``, ``.stop``, ``.added_special``), as its chat completion uses it."""
+        return self._chat_formatter(messages=[dict(m) for m in messages])
+
+    @functools.cached_property
+    def _chat_formatter(self):
+        """The base model's chat template, compiled once (every batched chat request formats with it)."""
         from llama_cpp import llama_chat_format
 
         template = self.llama.metadata.get("tokenizer.chat_template")
         if not template:
             raise LoramuxError(f"base model {self.base_path.name} has no chat template (tokenizer.chat_template)")
         llm = self.llama
-        formatter = llama_chat_format.Jinja2ChatFormatter(
+        return llama_chat_format.Jinja2ChatFormatter(
             template=template,
             eos_token=llm.detokenize([llm.token_eos()], special=True).decode(),
             bos_token=llm.detokenize([llm.token_bos()], special=True).decode(),
         )
-        return formatter(messages=[dict(m) for m in messages])
 
     def logits(self, tokens: Sequence[int], mix: MixLike = None) -> np.ndarray:
         """Teacher-forced logits (n_tokens, n_vocab) of ``tokens`` decoded in one batch under ``mix``.

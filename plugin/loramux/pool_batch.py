@@ -92,12 +92,9 @@ class PoolBatcher:
         self.max_active = max_active
         self._gen = None
 
-    def invalidate(self) -> None:
-        """Drop the generator (adapters were added); the next batch registers the pool again."""
-        self.close()
-
     def close(self) -> None:
-        """Free the generator's context and unregister the adapters (before they are freed)."""
+        """Free the generator's context and unregister the adapters (before they are freed, or when
+        adapters were added: the next batch registers the grown pool)."""
         if self._gen is not None:
             gen, self._gen = self._gen, None
             gen.close()
