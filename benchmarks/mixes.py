@@ -93,7 +93,7 @@ def main(argv=None) -> int:
         }
         for mix in configs.values():
             pool.resolve_mix(mix)
-        threads = pool.llama.n_threads
+        threads = pool.n_threads
         print(f"base {pool.base_path.name}, {len(names)} adapters, {threads} thread(s), {args.repeats} rounds", flush=True)
 
         # part 1: decode speed, configurations interleaved round by round
@@ -112,8 +112,8 @@ def main(argv=None) -> int:
         # in one random sequence (so load drifts hit both alike); prompts rotate, never sharing a prefix
         a, b = Mix.one_hot(ONE), Mix.one_hot("navigate")
         same, alternating = [], []
-        calls_before = pool.stats.lora.set_calls
-        set_s_before = pool.stats.lora.set_seconds
+        calls_before = pool.lora_stats.set_calls
+        set_s_before = pool.lora_stats.set_seconds
         rng = random.Random(0)
         current = a
         request_ms(pool, current, CHANGE_PROMPTS[-1], args.change_tokens, ban)
@@ -123,8 +123,8 @@ def main(argv=None) -> int:
                 current = b if current == a else a
             ms = request_ms(pool, current, CHANGE_PROMPTS[i % len(CHANGE_PROMPTS)], args.change_tokens, ban)
             (alternating if change else same).append(ms)
-        set_calls = pool.stats.lora.set_calls - calls_before
-        set_us = (pool.stats.lora.set_seconds - set_s_before) / max(set_calls, 1) * 1e6
+        set_calls = pool.lora_stats.set_calls - calls_before
+        set_us = (pool.lora_stats.set_seconds - set_s_before) / max(set_calls, 1) * 1e6
 
     rows = []
     base_tps = 1000 / statistics.median(decode["base"])
@@ -156,8 +156,8 @@ def eog_tokens(pool) -> list[int]:
     """The vocabulary's end-of-generation tokens (llama.cpp stops at any of them)."""
     import llama_cpp
 
-    vocab = llama_cpp.llama_model_get_vocab(pool.llama.model)
-    return [t for t in range(pool.llama.n_vocab()) if llama_cpp.llama_vocab_is_eog(vocab, t)]
+    vocab = llama_cpp.llama_model_get_vocab(pool.model.model)
+    return [t for t in range(pool.model.n_vocab()) if llama_cpp.llama_vocab_is_eog(vocab, t)]
 
 
 if __name__ == "__main__":

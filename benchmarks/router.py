@@ -156,7 +156,7 @@ def main() -> int:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             pool.load_adapters(ADAPTERS, skip_embeddings=True)
-        ban = {pool.llama.token_eos(): -1e9}
+        ban = {pool.token_eos(): -1e9}
         for tok in pool.tokenize("<|im_end|>", special=True):
             ban[tok] = -1e9
         with Router.load(router_path, pool=pool, threads=1, providers="cpu") as router:
@@ -168,7 +168,7 @@ def main() -> int:
                 generation_ms(pool, text, mix, ban)  # warm-up (loads the mix, fills caches)
                 for _ in range(args.repeats):
                     routes.append(routing_figures(router, text, max(50, args.iters // args.repeats)))
-                    pool.llama.reset()  # no prompt prefix reuse: every generation prefills its prompt
+                    pool.clear_prefix_cache()  # no prompt prefix reuse: every generation prefills its prompt
                     gens.append(generation_ms(pool, text, mix, ban))
                 merged = {k: routes[0][k] for k in ("tokens",)}
                 for key in ("tokenize_ms", "onnx_ms", "select_ms", "route_ms"):

@@ -9,8 +9,10 @@ loaded and llama-cpp-python's own API keeps working on top of it.
   :func:`available` tells whether the native path is in use (import loramux before llama_cpp);
   :func:`status` says which library and, if not, why.
 - :class:`SeqMixer` registers named adapters on a ``llama_context`` and sets a mix per sequence.
-- :class:`BatchedGenerator` decodes many requests with different mixes in one ``llama_decode``
-  per step, with requests joining and leaving between steps.
+- :mod:`loramux.native.teacher`: teacher-forced decoding on a raw context (oracle tests, benchmarks).
+
+The engine that batches requests with different mixes (:mod:`loramux.engine`) is Python on top
+of these bindings and lives in the ``loramux`` package.
 
 Without the library everything still works with stock per-context mixes:
 :func:`warn_if_unavailable` emits one :class:`NativeUnavailableWarning` per process.
@@ -91,22 +93,15 @@ def warn_if_unavailable(stacklevel: int = 2) -> bool:
 
 
 def __getattr__(name: str):
-    # SeqMixer / BatchedGenerator import the bindings lazily, after status() ran.
+    # SeqMixer imports the bindings lazily, after status() ran.
     if name == "SeqMixer":
         from loramux.native.mixer import SeqMixer
 
         return SeqMixer
-    if name in ("BatchedGenerator", "GenerationRequest", "Completion"):
-        from loramux.native import batch
-
-        return getattr(batch, name)
     raise AttributeError(f"module 'loramux.native' has no attribute {name!r}")
 
 
 __all__ = [
-    "BatchedGenerator",
-    "Completion",
-    "GenerationRequest",
     "NativeStatus",
     "NativeUnavailableWarning",
     "SeqMixer",

@@ -25,11 +25,11 @@ if ! "$VENV/bin/python" -c "import llama_cpp" 2>/dev/null; then
     "${PIP[@]}" install "llama-cpp-python==0.3.36"
 fi
 
-EXTRAS=""
+EXTRAS="[serve]"
 if [[ $DEV == 1 ]]; then
   # The CPU build of torch that this machine kind ships; a bare `torch` would pull a CUDA build.
   "$VENV/bin/python" -c "import torch" 2>/dev/null || "${PIP[@]}" install "torch==2.13.0"
-  EXTRAS="[train,onnx,dev]"
+  EXTRAS="[serve,train,onnx,dev]"
 fi
 echo "loramux setup: installing loramux$EXTRAS"
 "${PIP[@]}" install ".$EXTRAS"

@@ -2,6 +2,10 @@
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -60,3 +64,37 @@ def load_rows(split: str, tasks: set[str] | None = None, limit_per_task: int | N
             seen[row["task"]] = seen.get(row["task"], 0) + 1
             rows.append(row)
     return rows
+
+
+def write_rows(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+# A small real pool (three adapters, copied so that it is a folder of its own) and a router trained on it.
+ROUTER_TASKS = ["boolean_expressions", "navigate", "sports_understanding"]
+ROUTER_NONE_TASK = "web_of_lies"
+
+
+@pytest.fixture(scope="session")
+def small_pool_dir(tmp_path_factory, shared_dir) -> Path:
+    folder = tmp_path_factory.mktemp("small-pool")
+    for name in ROUTER_TASKS:
+        shutil.copytree(FIXTURES / name, folder / name)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def small_router(tmp_path_factory, small_pool_dir, base_model) -> tuple[Path, subprocess.CompletedProcess]:
+    """``loramux router train`` on the small pool (a few epochs: seconds)."""
+    pytest.importorskip("torch")
+    tmp = tmp_path_factory.mktemp("small-router")
+    tasks = set(ROUTER_TASKS) | {ROUTER_NONE_TASK}
+    data = write_rows(tmp / "train.jsonl", load_rows("train", tasks))
+    dev = write_rows(tmp / "dev.jsonl", load_rows("dev", tasks))
+    out = tmp / "router.onnx"
+    done = subprocess.run([sys.executable, "-m", "loramux", "router", "train", "--base", str(base_model), "--adapters",
+                           str(small_pool_dir), "--data", str(data), "--check", str(dev), "--epochs", "15", "-o", str(out)],
+                          capture_output=True, text=True, env=dict(os.environ, LORAMUX_PROGRESS="1"))
+    assert done.returncode == 0, done.stderr
+    return out, done

@@ -1,14 +1,15 @@
 """The pool's batched path (AdapterPool.generate / create_completions / create_chat_completions).
 
 Oracle: each request of a native batch against the same request run alone through stock llama.cpp
-(the pool's single-request path, ``llama_set_adapters_lora``), greedy, teacher-forced to get the
+(``pool.logits``: the mix set on the whole context with ``llama_set_adapters_lora``), greedy, teacher-forced to get the
 top-two logit gap of every step. Greedy tokens must agree step by step; they may part only at a
 step whose gap is at or below the batch floor documented in test_native_oracle.py
 (MAX_ABS_TOL = 2.0), where llama.cpp's own batch non-invariance can flip the argmax (the texts
 are not compared after that). Measured: all 6 requests identical to stock, 23 tokens.
 
 The native cases skip when the native library is not in use in this process, unless
-LORAMUX_REQUIRE_NATIVE=1; the fallback (library missing) runs in a subprocess.
+LORAMUX_REQUIRE_NATIVE=1; the fallback (library missing: every mix on the whole context, one mix
+per decode, in the same engine) runs in a subprocess.
 """
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ import sys
 import numpy as np
 import pytest
 
-from loramux.errors import LoramuxError, MixError
+from loramux.errors import ContextLengthError, LoramuxError, MixError
 from loramux.pool import AdapterPool, PoolRequest
 
 from conftest import FIXTURES, ROOT, load_rows
@@ -34,7 +35,7 @@ STEPS = 12
 
 @pytest.fixture(scope="module")
 def pool(base_model, shared_dir):
-    with AdapterPool(base_model, n_ctx=1024, n_seq_max=4, n_ctx_per_seq=512, max_active=3) as p:
+    with AdapterPool(base_model, n_ctx=512, n_seq_max=4, max_active=3) as p:
         for name in ADAPTERS:
             p.load(FIXTURES / name)
         yield p
@@ -93,21 +94,28 @@ def test_native_batch_matches_each_request_alone_on_stock(native_pool, conversat
             if res.finish_reason == "stop" and gaps[t] > GAP_FLOOR:  # stopped at an end-of-generation token
                 import llama_cpp
 
-                assert llama_cpp.llama_vocab_is_eog(pool.llama._model.vocab, want[t]), f"request {i}: stock goes on at step {t}"
+                assert llama_cpp.llama_vocab_is_eog(pool.model.vocab, want[t]), f"request {i}: stock goes on at step {t}"
     assert compared >= 2 * len(reqs), f"only {compared} steps compared: the oracle says too little"
 
 
-def test_mixes_the_native_path_cannot_take_run_on_stock(native_pool, conversations):
+def test_a_mix_wider_than_max_active_runs_on_the_whole_context_in_the_same_engine(native_pool, conversations):
     pool = native_pool
     wide = {n: 0.25 for n in ADAPTERS[:4]}  # 4 adapters > max_active=3
     reqs = [PoolRequest(messages=conversations[0], mix=MIXES[0], max_tokens=8),
             PoolRequest(messages=conversations[1], mix=wide, max_tokens=8),
-            PoolRequest(prompt="The capital of France is", mix=MIXES[1], max_tokens=600)]  # > n_ctx_per_seq
+            PoolRequest(messages=conversations[2], mix=MIXES[1], max_tokens=8)]
+    calls = pool.lora_stats.set_calls
     got = pool.generate(reqs)
-    assert [r.path for r in got] == ["native", "stock", "stock"]
-    alone = pool.create_chat_completion(conversations[1], mix=wide, temperature=0, max_tokens=8, min_p=0.0)
-    assert got[1].text == alone["choices"][0]["message"]["content"]
-    assert got[1].mix == wide
+    assert [r.path for r in got] == ["native", "context", "native"]
+    assert pool.lora_stats.set_calls > calls  # the wide mix was set on the context (and cleared after)
+    alone = pool.create_chat_completion(conversations[1], mix=wide, temperature=0, max_tokens=8)
+    assert got[1].text == alone["choices"][0]["message"]["content"]  # its group decodes alone: same numerics
+    assert got[1].mix == wide and alone["path"] == "context"
+
+
+def test_a_prompt_longer_than_the_context_is_refused_with_its_length(pool):
+    with pytest.raises(ContextLengthError, match="n_ctx"):
+        pool.create_completions(["The capital of France is"], mix=MIXES[1], max_tokens=600)  # > n_ctx=512
 
 
 def test_openai_shaped_batches(pool):
@@ -116,7 +124,7 @@ def test_openai_shaped_batches(pool):
     assert [o["object"] for o in outs] == ["text_completion"] * 2
     assert outs[0]["mix"] == {"boolean_expressions": 1.0} and outs[1]["mix"] == {}
     assert all(o["usage"]["completion_tokens"] >= 1 and o["choices"][0]["text"] for o in outs)
-    assert {o["path"] for o in outs} == {"native" if pool.native else "stock"}
+    assert {o["path"] for o in outs} == {"native" if pool.native else "context"}
     chats = pool.create_chat_completions([[{"role": "user", "content": p}] for p in prompts], mix={"navigate": 1.0}, max_tokens=6)
     assert [c["choices"][0]["message"]["role"] for c in chats] == ["assistant"] * 2
     assert all(c["mix"] == {"navigate": 1.0} for c in chats)
@@ -133,6 +141,8 @@ def test_batch_errors_name_the_input(pool):
         PoolRequest()
     with pytest.raises(LoramuxError, match="max_tokens"):
         PoolRequest(prompt="a", max_tokens=0)
+    with pytest.raises(LoramuxError, match="unsupported keyword.*grammar"):
+        pool.create_completions(["a"], grammar="root ::= x")
 
 
 def test_an_adapter_loaded_after_a_batch_joins_the_next_one(native_pool, shared_dir):
@@ -167,6 +177,6 @@ def test_without_the_native_library_everything_runs_on_stock_with_one_warning(tm
     assert proc.returncode == 0, proc.stderr[-3000:]
     got = json.loads(proc.stdout.strip().splitlines()[-1])
     assert got["available"] is False
-    assert got["paths"] == ["stock", "stock"]
+    assert got["paths"] == ["context", "context"]
     assert all(got["texts"])
     assert got["warnings"] == ["NativeUnavailableWarning"]

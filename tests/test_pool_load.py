@@ -89,7 +89,7 @@ def test_llama_cpp_refusal_becomes_runtime_load_error_with_its_reason(pool, tmp_
     junk = tmp_path / "junk.gguf"
     junk.write_bytes(b"GGUF" + os.urandom(64))
     with pytest.raises(RuntimeLoadError, match=r"'junk'.*junk\.gguf.*:.+"):
-        LoraAdapterHandle(pool.llama.model, junk, "junk")
+        LoraAdapterHandle(pool.model.model, junk, "junk")
     with pytest.raises(AdapterError, match="'junk'"):  # the pool's own check refuses it first
         pool.load(junk)
 
@@ -147,11 +147,15 @@ def test_missing_paths_and_empty_folders_are_clear_errors(pool, tmp_path):
         pool.load_adapters(tmp_path / "empty")
 
 
-def test_adapters_are_freed_before_the_model_however_the_llama_is_closed(base_model, converted_dir):
-    p = AdapterPool(base_model, **CTX)
-    p.load(converted_dir / "navigate.gguf")
-    handle = p._handles["navigate"]
-    llm = p.llama
-    llm.close()  # the Llama's exit stack runs the pool's release before freeing context and model
-    assert handle.freed and llm._model.model is None
-    p.close()  # then closing the pool is a no-op, not a double free
+def test_unload_frees_an_adapter_and_refuses_it_in_new_requests(base_model, converted_dir):
+    with AdapterPool(base_model, **CTX) as p:
+        p.load(converted_dir / "navigate.gguf")
+        p.load(converted_dir / "snarks.gguf")
+        handle = p._handles["navigate"]
+        p.unload("navigate")
+        assert handle.freed and p.names == ["snarks"]
+        with pytest.raises(MixError, match="'navigate'.*known adapters: snarks"):
+            p.create_completion("Hi", mix={"navigate": 1.0})
+        assert p.create_completion("Hi", mix={"snarks": 1.0}, temperature=0, max_tokens=2)["mix"] == {"snarks": 1.0}
+        with pytest.raises(AdapterError, match="not loaded"):
+            p.unload("navigate")

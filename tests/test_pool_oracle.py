@@ -26,7 +26,7 @@ CTX = dict(n_ctx=512, n_batch=512)
 
 @pytest.fixture(scope="module")
 def pool(base_model):
-    with AdapterPool(base_model, logits_all=True, **CTX) as p:
+    with AdapterPool(base_model, n_ctx=512, n_seq_max=2) as p:
         for name in ADAPTERS:
             p.load(FIXTURES / name)
         yield p
@@ -42,7 +42,7 @@ def reference_logits(pool, tokens, loras):
     """llama.cpp alone: a plain llama_cpp.Llama with adapters set through the raw bindings."""
     import llama_cpp
 
-    threads = pool.llama.n_threads
+    threads = pool.n_threads
     llm = llama_cpp.Llama(model_path=str(pool.base_path), n_threads=threads, n_threads_batch=threads, verbose=False, **CTX)
     handles = []
     try:
@@ -78,8 +78,8 @@ def test_one_hot_mix_equals_the_adapter_loaded_alone(pool, tokens, name, base_mo
 
     got = pool.logits(tokens, {name: 1.0})
     # the stock way to run one adapter: Llama(lora_path=...)
-    llm = llama_cpp.Llama(model_path=str(base_model), lora_path=str(gguf(pool, name)), n_threads=pool.llama.n_threads,
-                          n_threads_batch=pool.llama.n_threads, verbose=False, **CTX)
+    llm = llama_cpp.Llama(model_path=str(base_model), lora_path=str(gguf(pool, name)), n_threads=pool.n_threads,
+                          n_threads_batch=pool.n_threads, verbose=False, **CTX)
     try:
         want = decode_logits(llm.ctx, tokens, llm.n_vocab())
     finally:
@@ -120,39 +120,60 @@ def test_streaming_and_non_streaming_give_the_same_text(pool):
         assert text["choices"][0]["text"] == text_stream
 
 
-def test_a_mix_change_never_reuses_the_cached_prompt(pool, tokens):
-    """Same prompt twice, base then an adapter: the second answer's first logprob must be the adapter's own.
+# Two runs of one request alone agree to ~1e-2 in log-probability, not bitwise: where its K/V
+# cells sit in the unified cache (and how many other cells hold cached prefixes) changes llama.cpp's
+# float summation order. Measured: 0.0098. K/V of another mix moved it by 0.045 (see the docstring);
+# the cached-token counts are the direct check.
+LOGPROB_TOL = 0.02
 
-    llama-cpp-python reuses the longest cached prefix between calls; K/V computed under the base
-    model would give a different logprob (measured: -0.376 instead of -0.331 here).
-    """
+
+def first_logprob(pool, prompt, mix):
+    out = pool.create_completion(prompt, mix=mix, temperature=0, max_tokens=2, logprobs=1)
+    return float(out["choices"][0]["logprobs"]["token_logprobs"][0]), out
+
+
+def test_the_prefix_cache_is_reused_only_under_the_same_mix(pool, tokens):
+    """Same prompt under the base model, then under an adapter: the adapter's answer must not use the
+    base model's cached K/V (measured with stock llama-cpp-python's reuse: -0.376 instead of -0.331)."""
     prompt = pool.detokenize(tokens[:-1])
     mix = {"boolean_expressions": 1.0}
-    pool.create_completion(prompt, mix=None, temperature=0, max_tokens=3)
-    out = pool.create_completion(prompt, mix=mix, temperature=0, max_tokens=3, logprobs=1)
-    first_lp = float(out["choices"][0]["logprobs"]["token_logprobs"][0])
+    pool.clear_prefix_cache()
+    fresh, _ = first_logprob(pool, prompt, mix)             # read whole, nothing cached under this mix
+    pool.clear_prefix_cache()
+    first_logprob(pool, prompt, None)                        # leaves the prompt's K/V under the base model
+    hits = pool.stats.prefix_hit_tokens
+    after_base, out = first_logprob(pool, prompt, mix)
+    assert pool.stats.prefix_hit_tokens == hits, "K/V computed under the base model was reused under another mix"
+    assert out["usage"]["prompt_tokens_details"]["cached_tokens"] == 0
+    assert abs(after_base - fresh) < LOGPROB_TOL
+    again, out = first_logprob(pool, prompt, mix)            # same mix: the prefix is reused, same answer
+    assert out["usage"]["prompt_tokens_details"]["cached_tokens"] > 0
+    assert abs(again - fresh) < LOGPROB_TOL
+    logits = pool.logits(tokens[:-1], mix, path=out["path"])[-1].astype(np.float64)
     first_tok = pool.tokenize(out["choices"][0]["logprobs"]["tokens"][0])[0]
-    logits = pool.logits(tokens[:-1], mix)[-1].astype(np.float64)
     want = logits[first_tok] - (np.log(np.exp(logits - logits.max()).sum()) + logits.max())
-    assert abs(first_lp - want) < TOL
+    assert abs(fresh - want) < LOGPROB_TOL
 
 
-def test_unchanged_mix_makes_no_llama_set_adapters_lora_call(pool):
+def test_per_sequence_mixes_make_no_llama_set_adapters_lora_call(pool):
     prompt = "Hello"
     pool.create_completion(prompt, mix={"navigate": 1.0}, temperature=0, max_tokens=1)
-    calls = pool.stats.lora.set_calls
+    calls = pool.lora_stats.set_calls
     pool.create_completion(prompt, mix={"navigate": 1.0}, temperature=0, max_tokens=1)
     pool.create_completion(prompt, mix="navigate=1.0,dyck_languages=0", temperature=0, max_tokens=1)  # zero weight = absent
-    assert pool.stats.lora.set_calls == calls
+    assert pool.lora_stats.set_calls == calls
     pool.create_completion(prompt, mix={"navigate": 0.5}, temperature=0, max_tokens=1)
-    assert pool.stats.lora.set_calls == calls + 1
-    assert pool.active_mix == {"navigate": 0.5}
+    # native: a per-sequence mix never touches the context; stock: one call for the changed mix
+    assert pool.lora_stats.set_calls == calls + (0 if pool.native else 1)
 
 
-def test_an_open_stream_blocks_a_second_request_in_its_thread(pool):
+def test_an_open_stream_does_not_block_a_second_request(pool):
+    alone = pool.create_completion("Once upon a time", mix={}, temperature=0, max_tokens=8)["choices"][0]["text"]
     stream = pool.create_completion("Once upon a time", mix={}, temperature=0, max_tokens=8, stream=True)
-    next(stream)
-    with pytest.raises(LoramuxError, match="still open"):
-        pool.create_completion("Hi", temperature=0, max_tokens=1)
-    stream.close()
-    assert pool.create_completion("Hi", temperature=0, max_tokens=1)["mix"] == {}
+    first = next(stream)
+    other = pool.create_completion("Hi", temperature=0, max_tokens=1)   # joins the engine beside the stream
+    assert other["mix"] == {}
+    rest = [c["choices"][0]["text"] for c in stream]
+    # the stream went on beside the other request (its text may part from the alone one only at a
+    # near-tie the batch floor can flip; tests/test_engine.py checks that token by token)
+    assert alone.startswith(first["choices"][0]["text"]) and "".join(rest)

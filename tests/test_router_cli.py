@@ -13,44 +13,17 @@ from pathlib import Path
 
 import pytest
 
-from conftest import BBH, FIXTURES, load_rows
+from conftest import BBH, FIXTURES, ROUTER_NONE_TASK as NONE_TASK, ROUTER_TASKS as TASKS, load_rows, write_rows as _write_rows
 
 pytest.importorskip("torch")
 pytest.importorskip("onnx")
 pytest.importorskip("onnxruntime")
 
-TASKS = ["boolean_expressions", "navigate", "sports_understanding"]
-NONE_TASK = "web_of_lies"
 
 
 def _loramux(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
     full_env = dict(os.environ, **(env or {}))
     return subprocess.run([sys.executable, "-m", "loramux", *args], capture_output=True, text=True, env=full_env)
-
-
-def _write_rows(path: Path, rows: list[dict]) -> Path:
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
-
-
-@pytest.fixture(scope="module")
-def small_pool_dir(tmp_path_factory, shared_dir) -> Path:
-    folder = tmp_path_factory.mktemp("small-pool")
-    for name in TASKS:
-        (folder / name).symlink_to(FIXTURES / name, target_is_directory=True)
-    return folder
-
-
-@pytest.fixture(scope="module")
-def small_router(tmp_path_factory, small_pool_dir, base_model) -> tuple[Path, subprocess.CompletedProcess]:
-    tmp = tmp_path_factory.mktemp("small-router")
-    data = _write_rows(tmp / "train.jsonl", load_rows("train", set(TASKS) | {NONE_TASK}))
-    dev = _write_rows(tmp / "dev.jsonl", load_rows("dev", set(TASKS) | {NONE_TASK}))
-    out = tmp / "router.onnx"
-    done = _loramux("router", "train", "--base", str(base_model), "--adapters", str(small_pool_dir), "--data", str(data),
-                    "--check", str(dev), "--epochs", "15", "-o", str(out), env={"LORAMUX_PROGRESS": "1"})
-    assert done.returncode == 0, done.stderr
-    return out, done
 
 
 def test_router_train_command(small_router):

@@ -18,9 +18,29 @@ class RuntimeLoadError(LoramuxError):
     """llama.cpp refused to load a model or an adapter."""
 
 
+class RequestError(LoramuxError, ValueError):
+    """A request cannot run as given (bad sampling parameters, empty prompt); the message says which field."""
+
+
+class ContextLengthError(RequestError):
+    """The prompt (plus the tokens asked for) does not fit the context of one sequence."""
+
+
+class QueueFullError(LoramuxError):
+    """The engine's queue of waiting requests is full: retry later (the server answers 429 with Retry-After)."""
+
+
+class RequestCancelled(LoramuxError):
+    """The request was cancelled (by its caller, a client going away, or the engine closing)."""
+
+
 __all__ = [
     "AdapterError",
     "BaseModelError",
+    "ContextLengthError",
+    "QueueFullError",
+    "RequestCancelled",
+    "RequestError",
     "BaseModelMismatchError",
     "LoramuxError",
     "MixError",

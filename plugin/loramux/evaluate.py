@@ -282,49 +282,35 @@ def evaluate(
 ) -> EvalResult:
     """Answer every row greedily under the mix ``mode`` chooses; return per-row and per-task results.
 
-    ``batched``: rows go through :meth:`AdapterPool.generate` a chunk at a time, so on the native
-    path many rows with different mixes decode in one batch (``extra["paths"]`` counts the rows of
-    each path). ``batched=False``: one request at a time on stock llama.cpp, llama.cpp's own
-    numerics (the native path agrees with it up to the batch floor; greedy can differ at near-ties).
+    ``batched``: rows go through the pool's engine together (``2 * n_seq_max`` submitted at a
+    time, continuous batching), so many rows with different mixes decode in one batch (``extra["paths"]`` counts the rows of each path). ``batched=False``:
+    one row at a time through the same engine (the same numerics as a request sent alone).
     """
-    from loramux.pool_batch import PoolRequest
+    from loramux.pool_requests import PoolRequest, iter_results
 
     policy = make_policy(mode, ModeContext(pool=pool, rows=rows))
     caps = task_token_caps(pool, rows) if max_tokens is None else {}
-    chunk = max(1, 2 * getattr(pool, "batch_slots", 1)) if batched else 1
-    results: list[dict[str, Any]] = []
+    reqs = [PoolRequest(messages=[{"role": "user", "content": str(row["input"])}], mix=policy.mix_for(row),
+                        max_tokens=max_tokens or caps[str(row["task"])]) for row in rows]
+    results: list[dict[str, Any] | None] = [None] * len(rows)
     paths: dict[str, int] = {}
-    correct = 0
+    correct = answered = 0
     start = time.perf_counter()
     with progress_bar(desc=f"eval {mode}", unit="row", total=len(rows)) as bar:
-        for i in range(0, len(rows), chunk):
-            part = rows[i:i + chunk]
-            reqs = [PoolRequest(messages=[{"role": "user", "content": str(row["input"])}], mix=policy.mix_for(row),
-                                max_tokens=max_tokens or caps[str(row["task"])]) for row in part]
-            if batched:
-                outs = pool.generate(reqs)
-            else:
-                outs = [_answer_alone(pool, r) for r in reqs]
-            for row, out in zip(part, outs):
-                ok = normalize_answer(out.text) == normalize_answer(row["target"])
-                correct += ok
-                paths[out.path] = paths.get(out.path, 0) + 1
-                results.append({"task": str(row["task"]), "id": row["id"], "answer": out.text, "correct": ok, "mix": out.mix})
-            bar.update(len(part))
-            bar.set_postfix(acc=f"{correct / len(results):.3f}", refresh=False)
+        for i, out in iter_results(pool, reqs, window=None if batched else 1):
+            row = rows[i]
+            ok = normalize_answer(out.text) == normalize_answer(row["target"])
+            correct, answered = correct + ok, answered + 1
+            paths[out.path] = paths.get(out.path, 0) + 1
+            results[i] = {"task": str(row["task"]), "id": row["id"], "answer": out.text, "correct": ok, "mix": out.mix}
+            bar.update(1)
+            bar.set_postfix(acc=f"{correct / answered:.3f}", refresh=False)
     extra = dict(policy.report())
     extra["seconds"] = round(time.perf_counter() - start, 1)
     extra["paths"] = paths
     extra["base"] = Path(pool.base_path).name
     extra["adapters"] = list(pool.names)
-    return EvalResult(mode=mode, rows=results, extra=extra)
-
-
-def _answer_alone(pool: Any, req: Any) -> Any:
-    """One row through the pool's single-request (stock) path."""
-    from loramux.pool_batch import prepare, run_stock
-
-    return run_stock(pool, prepare(pool, 0, req))
+    return EvalResult(mode=mode, rows=[r for r in results if r is not None], extra=extra)
 
 
 __all__ = [

@@ -23,6 +23,7 @@ SUBCOMMANDS: list[str] = [
     "loramux.cli.run_cmd",
     "loramux.cli.chat_cmd",
     "loramux.cli.eval_cmd",
+    "loramux.cli.serve_cmd",
     "loramux.cli.router_cmd",
     "loramux.cli.route_cmd",
 ]

@@ -34,8 +34,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-tokens", type=int, default=None, help="token cap per answer (default: per task, longest target + 16)")
     p.add_argument(
         "--sequential", action="store_true",
-        help="answer one row at a time on stock llama.cpp (its own numerics) instead of batching rows with different "
-             "mixes on the native path (faster; agrees with stock up to llama.cpp's batch floor, so a near-tie can flip)",
+        help="answer one row at a time (each row decoded alone) instead of batching rows with different mixes "
+             "(faster; a batch agrees with each row alone up to llama.cpp's batch floor, so a near-tie can flip)",
     )
     p.set_defaults(run=run)
 

@@ -24,13 +24,14 @@ def add_pool_arguments(p: argparse.ArgumentParser) -> None:
              "that part, instead of skipping them (the rest stays exact; the result then differs from PEFT)",
     )
     p.add_argument("--threads", type=int, default=None, help="CPU threads for llama.cpp (default: $LORAMUX_THREADS, else the number of cores, at most 8)")
-    p.add_argument("--n-ctx", type=int, default=4096, help="context length in tokens (default: 4096)")
+    p.add_argument("--n-ctx", type=int, default=2048, help="context of one request in tokens, prompt + answer (default: 2048)")
+    p.add_argument("--n-seq-max", type=int, default=8, help="requests decoded together in one batch (default: 8)")
     p.add_argument("--verbose", action="store_true", help="show llama.cpp's log")
 
 
 def open_pool(args: argparse.Namespace) -> AdapterPool:
     """Load the base model and the adapters named by ``args``; report skipped adapters on stderr."""
-    pool = AdapterPool(args.base, n_ctx=args.n_ctx, n_threads=args.threads, verbose=args.verbose)
+    pool = AdapterPool(args.base, n_ctx=args.n_ctx, n_seq_max=args.n_seq_max, n_threads=args.threads, verbose=args.verbose)
     if args.adapters:
         try:
             with warnings.catch_warnings(record=True) as caught, progress_bar(desc="load adapters", unit="adapter") as bar:

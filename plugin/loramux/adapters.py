@@ -1,0 +1,135 @@
+"""The adapters of a pool: where they come from, their names, and the cache of converted PEFT folders.
+
+An adapter is a GGUF LoRA file or a PEFT folder; a folder of those is scanned one level deep.
+PEFT folders are converted with the project's one converter
+(:func:`loramux.converters.convert_peft_to_gguf`) into a cache under
+``loramux.base_model.cache_dir() / "adapters"``, keyed by a hash of the PEFT files, the base
+model's fingerprint, the converter's sources and its settings; the converter writes atomically,
+so a conversion killed half-way never leaves a file that a later load would use.
+"""
+from __future__ import annotations
+
+import functools
+import hashlib
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from loramux.base_model import cache_dir
+from loramux.adapter_file import file_sha256
+from loramux.converters import BaseModelInfo
+from loramux.errors import AdapterError
+
+# Part of every cache key, with a hash of the converter's source files (so a changed converter
+# never serves an old conversion); bump to invalidate every cached conversion by hand.
+CONVERTER_CACHE_VERSION = "1"
+PEFT_CONFIG = "adapter_config.json"
+_PEFT_WEIGHT_FILES = ("adapter_model.safetensors", "adapter_model.bin")
+
+
+class AdapterSkippedWarning(UserWarning):
+    """An adapter found in a folder was not loaded (the message names it and says why)."""
+
+
+@dataclass(frozen=True)
+class PoolAdapter:
+    """One adapter loaded in the pool."""
+
+    name: str
+    source: Path          # what was given: a GGUF file or a PEFT folder
+    gguf_path: Path       # the file llama.cpp loaded (the cached conversion for a PEFT folder)
+    sha256: str           # of the GGUF bytes: the identity of the weights
+    from_peft: bool
+    skip_embeddings: bool   # converted with skip_embeddings=True (an embedding LoRA, if any, was dropped)
+    n_modules: int
+    ranks: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class SkippedAdapter:
+    """An adapter of a folder that was not loaded, and why."""
+
+    name: str
+    source: Path
+    reason: str
+
+
+@dataclass
+class LoadReport:
+    """What :meth:`AdapterPool.load_adapters` loaded and skipped."""
+
+    loaded: list[PoolAdapter] = field(default_factory=list)
+    skipped: list[SkippedAdapter] = field(default_factory=list)
+
+
+def is_peft_folder(path: Path) -> bool:
+    return path.is_dir() and (path / PEFT_CONFIG).is_file()
+
+
+def find_adapter_sources(path: str | os.PathLike) -> tuple[list[Path], bool]:
+    """Adapters under ``path`` and whether they came from scanning a folder.
+
+    A ``.gguf`` file or a PEFT folder is itself one adapter (not scanned); any other folder is
+    scanned one level deep for ``*.gguf`` files and PEFT folders (sorted by name).
+    """
+    p = Path(path)
+    if p.is_file():
+        return [p], False
+    if is_peft_folder(p):
+        return [p], False
+    if not p.is_dir():
+        raise AdapterError(f"adapter path {p} does not exist")
+    found = sorted(c for c in p.iterdir() if (c.is_file() and c.suffix == ".gguf") or is_peft_folder(c))
+    if not found:
+        raise AdapterError(f"no adapters in {p}: expected *.gguf LoRA files or PEFT folders (with {PEFT_CONFIG})")
+    return found, True
+
+
+def adapter_name(source: Path) -> str:
+    """The name an adapter is addressed by: a GGUF file's stem or a PEFT folder's name."""
+    return source.stem if source.is_file() else source.name
+
+
+@functools.lru_cache(maxsize=1)
+def converter_fingerprint() -> str:
+    """Hash of the converter package's Python sources."""
+    import loramux.converters as converters
+
+    h = hashlib.sha256()
+    for f in sorted(Path(converters.__file__).parent.glob("*.py")):
+        h.update(f.name.encode() + b"\0" + f.read_bytes())
+    return h.hexdigest()[:16]
+
+
+def peft_cache_key(folder: Path, base: BaseModelInfo, *, outtype: str, skip_embeddings: bool) -> str:
+    """Hash of the PEFT files, the base model's fingerprint, the converter's sources and settings."""
+    h = hashlib.sha256()
+    h.update(f"loramux-peft-cache/{CONVERTER_CACHE_VERSION};converter={converter_fingerprint()};base={base.fingerprint};".encode())
+    h.update(f"outtype={outtype};skip_embeddings={bool(skip_embeddings)};".encode())
+    for fname in (PEFT_CONFIG, *_PEFT_WEIGHT_FILES):
+        f = folder / fname
+        if f.is_file():
+            h.update(f"{fname}:{file_sha256(f)};".encode())
+    return h.hexdigest()
+
+
+def converted_adapter_path(folder: Path, base: BaseModelInfo, *, outtype: str = "f16", skip_embeddings: bool = False) -> Path:
+    """Where the cached GGUF conversion of a PEFT folder lives (it may not exist yet)."""
+    key = peft_cache_key(folder, base, outtype=outtype, skip_embeddings=skip_embeddings)
+    return cache_dir() / "adapters" / f"{folder.name}-{key[:24]}.gguf"
+
+
+__all__ = [
+    "AdapterSkippedWarning",
+    "CONVERTER_CACHE_VERSION",
+    "LoadReport",
+    "PEFT_CONFIG",
+    "PoolAdapter",
+    "SkippedAdapter",
+    "adapter_name",
+    "converted_adapter_path",
+    "converter_fingerprint",
+    "find_adapter_sources",
+    "is_peft_folder",
+    "peft_cache_key",
+]

@@ -1,0 +1,77 @@
+"""loramux serve: an OpenAI-compatible HTTP server, every request under its own mix, batched."""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from loramux.errors import LoramuxError
+
+EPILOG = """\
+The mix of a request comes from, in order: the body field "mix" ({"adapter": weight}); llama-server's
+"lora" field ([{"id": i, "scale": s}] with the ids GET /lora-adapters lists); the "model" field:
+"auto" (the --router picks the mix from the prompt), an adapter name, a named mix of the config
+file, or the base model. Every response says which mix was used ("mix"; for auto also "routing").
+
+Endpoints: /v1/chat/completions, /v1/completions, /v1/models, /health, /metrics,
+/v1/adapters (GET list, POST {"path"} load, DELETE /v1/adapters/NAME unload), /lora-adapters.
+
+Examples:
+  loramux serve --adapters adapters/ --port 8080
+  curl -s localhost:8080/v1/chat/completions -d '{"model": "boolean_expressions",
+       "messages": [{"role": "user", "content": "not ( True ) and True is"}]}'
+  loramux serve --upstream http://127.0.0.1:8081 --router router.onnx   # route for a stock llama-server
+"""
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("serve", help="OpenAI-compatible server: per-request adapter mixes, batched",
+                       description="Serve the base model and its adapters over HTTP (OpenAI and llama-server shapes). "
+                                   "Requests with different mixes decode together in one batch.",
+                       epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", type=Path, default=None, help="a TOML (or .json) file with these settings and named mixes")
+    p.add_argument("--base", type=Path, default=None, help="base model GGUF (default: the embedded SmolLM2-135M-Instruct Q4_1)")
+    p.add_argument("--adapters", type=Path, action="append", default=[], metavar="DIR",
+                   help="a folder of adapters (GGUF files, PEFT folders), or one adapter; repeatable. Adapters can be "
+                        "loaded later from these folders only")
+    p.add_argument("--router", type=Path, default=None, help="a router file (loramux router train): enables model \"auto\"")
+    p.add_argument("--upstream", default=None, metavar="URL",
+                   help="route for a running stock llama-server at URL instead of serving a model here")
+    p.add_argument("--host", default=None, help="address to listen on (default: 127.0.0.1; others need --api-key)")
+    p.add_argument("--port", type=int, default=None, help="port (default: 8080)")
+    p.add_argument("--api-key", default=None, help="require Authorization: Bearer KEY on every route but /health")
+    p.add_argument("--n-seq-max", type=int, default=None, help="requests decoded together (default: 8)")
+    p.add_argument("--n-ctx", type=int, default=None, help="context of one request, prompt + answer (default: 2048)")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads for llama.cpp (default: the cores, at most 8)")
+    p.add_argument("--max-queue", type=int, default=None, help="requests waiting for a sequence before 429 (default: 64)")
+    p.add_argument("--skip-embeddings", action="store_true", default=None,
+                   help="load PEFT adapters with an embedding LoRA the base cannot take without that part")
+    p.set_defaults(run=run)
+
+
+def settings_from(args: argparse.Namespace):
+    from loramux.server.settings import merge, read_config
+
+    config = read_config(args.config) if args.config else {}
+    flags = {k: getattr(args, k) for k in ("base", "adapters", "router", "upstream", "host", "port", "api_key",
+                                           "n_seq_max", "n_ctx", "threads", "max_queue", "skip_embeddings")}
+    return merge(config, flags)
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        import uvicorn
+    except ImportError:
+        raise LoramuxError("loramux serve needs the server extra: pip install 'loramux[serve]'") from None
+    settings = settings_from(args)
+    if settings.upstream:
+        from loramux.server.hook import build_hook_app
+
+        app = build_hook_app(settings)
+    else:
+        from loramux.server.launch import build_pool_app
+
+        app = build_pool_app(settings)
+    print(f"loramux serve: listening on http://{settings.host}:{settings.port}", file=sys.stderr, flush=True)
+    uvicorn.run(app, host=settings.host, port=settings.port, log_level="warning", timeout_graceful_shutdown=5)
+    return 0

@@ -1,0 +1,144 @@
+"""The engine's llama.cpp context and everything native it does, each return code checked.
+
+:class:`EngineContext` owns one ``llama_context`` (``n_seq_max`` sequences in one unified K/V
+cache), its batch, the adapters registered on it for per-sequence mixes (:class:`SeqMixer`,
+native library) and the context-level adapter set (:class:`ContextLoraState`, stock llama.cpp).
+Only the engine's scheduler thread calls it.
+"""
+from __future__ import annotations
+
+import ctypes
+import time
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+
+from loramux.errors import LoramuxError, RuntimeLoadError
+from loramux.llama_runtime import ContextLoraState
+from loramux.mix import Mix
+
+
+class EngineContext:
+    """One llama.cpp context of a model, with per-sequence and context-level mixes."""
+
+    def __init__(self, model_ptr, *, n_seq_max: int, n_ctx: int, n_batch: int, n_threads: int, max_active: int,
+                 native: bool, flash_attn: bool = False) -> None:
+        import llama_cpp as lc
+
+        self._lc = lc
+        self.model = model_ptr
+        self.vocab = lc.llama_model_get_vocab(model_ptr)
+        self.n_vocab = lc.llama_vocab_n_tokens(self.vocab)
+        params = lc.llama_context_default_params()
+        params.n_ctx = n_seq_max * n_ctx
+        params.n_batch = params.n_ubatch = n_batch
+        params.n_seq_max = n_seq_max
+        params.kv_unified = True
+        # llama_cpp.Llama's default (flash_attn=False), so that a request means what it means there
+        params.flash_attn_type = lc.LLAMA_FLASH_ATTN_TYPE_ENABLED if flash_attn else lc.LLAMA_FLASH_ATTN_TYPE_DISABLED
+        params.n_threads = params.n_threads_batch = n_threads
+        self.ctx = lc.llama_init_from_model(model_ptr, params)
+        if not self.ctx:
+            raise RuntimeLoadError(f"llama.cpp could not create a context of {n_seq_max} sequences x {n_ctx} tokens; "
+                                   "lower n_seq_max or n_ctx")
+        self.n_batch = n_batch
+        self.native = native
+        self.max_active = max_active
+        self.batch = lc.llama_batch_init(n_batch, 0, 1)
+        self._mem = lc.llama_get_memory(self.ctx)
+        self.lora = ContextLoraState(self.ctx)
+        self.context_mix = Mix()
+        self.handles: dict[str, Any] = {}
+        self.mixer = None
+        self._piece = ctypes.create_string_buffer(64)
+
+    # --- adapters and mixes -----------------------------------------------------------------
+    def per_sequence(self, mix: Mix) -> bool:
+        """Whether ``mix`` runs as a per-sequence mix (else: set on the whole context)."""
+        return self.native and (not mix or (self.mixer is not None and len(mix) <= self.max_active))
+
+    def register(self, handles: Mapping[str, Any]) -> None:
+        """Register exactly ``handles`` (name -> LoraAdapterHandle) for per-sequence mixes."""
+        from loramux.native.mixer import SeqMixer
+
+        if any(n not in handles for n in self.context_mix):
+            self.set_context_mix(Mix())
+        if self.mixer is not None:
+            self.mixer.close()
+            self.mixer = None
+        self.handles = dict(handles)
+        if self.native and self.handles:
+            self.mixer = SeqMixer(self.ctx, {n: h.ptr for n, h in self.handles.items()}, max_active=self.max_active)
+
+    def set_seq_mix(self, seq_id: int, mix: Mix) -> None:
+        if self.mixer is not None:
+            if mix:
+                self.mixer.set(seq_id, mix.to_dict())
+            else:
+                self.mixer.clear(seq_id)
+
+    def set_context_mix(self, mix: Mix) -> None:
+        """Set ``mix`` on the whole context (only when it changes: a change rebuilds the scheduler)."""
+        if mix != self.context_mix:
+            self.lora.apply([(self.handles[n], w) for n, w in mix.items()])
+            self.context_mix = mix
+
+    # --- memory, decoding, tokens ------------------------------------------------------------
+    def keep_prefix(self, seq_id: int, n: int) -> None:
+        """Keep the K/V of the first ``n`` positions of ``seq_id`` (0: none)."""
+        if not self._lc.llama_memory_seq_rm(self._mem, seq_id, n, -1):
+            raise LoramuxError(f"llama.cpp could not free the K/V of sequence {seq_id} from position {n}")
+
+    def put(self, i: int, token: int, pos: int, seq_id: int, logits: bool) -> None:
+        b = self.batch
+        b.token[i], b.pos[i], b.n_seq_id[i], b.logits[i] = token, pos, 1, logits
+        b.seq_id[i][0] = seq_id
+
+    def decode(self, n: int) -> float:
+        """Decode the first ``n`` entries of the batch; return the seconds it took."""
+        self.batch.n_tokens = n
+        start = time.perf_counter()
+        rc = self._lc.llama_decode(self.ctx, self.batch)
+        seconds = time.perf_counter() - start
+        if rc != 0:
+            raise LoramuxError(f"llama_decode failed with code {rc} on a batch of {n} tokens "
+                               "(1: no room in the K/V cache; lower n_seq_max or n_ctx)")
+        return seconds
+
+    def logits_row(self, i: int) -> np.ndarray:
+        ptr = self._lc.llama_get_logits_ith(self.ctx, i)
+        if not ptr:
+            raise LoramuxError(f"llama.cpp has no logits for batch row {i}")
+        return np.ctypeslib.as_array(ptr, shape=(self.n_vocab,))
+
+    def decode_all_logits(self, seq_id: int, tokens: Sequence[int]) -> np.ndarray:
+        """Decode ``tokens`` as sequence ``seq_id`` from position 0 in one batch; every row's logits."""
+        for i, tok in enumerate(tokens):
+            self.put(i, tok, i, seq_id, True)
+        self.decode(len(tokens))
+        return np.stack([self.logits_row(i).copy() for i in range(len(tokens))])
+
+    def token_piece(self, token: int) -> bytes:
+        n = self._lc.llama_token_to_piece(self.vocab, token, self._piece, len(self._piece), 0, False)
+        if n < 0:  # the buffer is too small: -n bytes are needed
+            self._piece = ctypes.create_string_buffer(-n)
+            n = self._lc.llama_token_to_piece(self.vocab, token, self._piece, len(self._piece), 0, False)
+        if n < 0:
+            raise LoramuxError(f"llama.cpp could not turn token {token} into text")
+        return self._piece.raw[:n]
+
+    def is_eog(self, token: int) -> bool:
+        return bool(self._lc.llama_vocab_is_eog(self.vocab, token))
+
+    def close(self) -> None:
+        if self.ctx:
+            if self.mixer is not None:
+                self.mixer.close()
+                self.mixer = None
+            self.lora.clear()
+            self._lc.llama_batch_free(self.batch)
+            self._lc.llama_free(self.ctx)
+            self.ctx = None
+
+
+__all__ = ["EngineContext"]

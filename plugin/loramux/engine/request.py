@@ -1,0 +1,172 @@
+"""What a caller gives the engine (:class:`EngineRequest`) and gets back (:class:`RequestHandle`).
+
+A handle is a stream of :class:`TokenEvent` ending with one :class:`Finished`, readable from any
+thread (iterate it) or from asyncio (``async for``; the events are handed to the loop with
+``call_soon_threadsafe``). :meth:`RequestHandle.cancel` ends the request at the next step and
+frees its sequence, K/V cells and mix; :meth:`RequestHandle.result` waits for the whole answer.
+"""
+from __future__ import annotations
+
+import asyncio
+import itertools
+import queue
+import threading
+from dataclasses import dataclass, field
+from typing import Any, AsyncIterator, Collection, Iterator, Sequence
+
+from loramux.engine.sampling import SamplingParams
+from loramux.errors import RequestCancelled, RequestError
+from loramux.mix import Mix
+
+_ids = itertools.count()
+
+
+@dataclass
+class EngineRequest:
+    """Prompt token ids, the mix, sampling, limits. ``max_tokens=None``: until the context is full."""
+
+    tokens: Sequence[int]
+    mix: Mix = field(default_factory=Mix)
+    sampling: SamplingParams = field(default_factory=SamplingParams)
+    max_tokens: int | None = 16
+    stop: Sequence[str] = ()
+    stop_tokens: Collection[int] | None = None   # None: the model's end-of-generation tokens
+    logprobs: int | None = None                  # top alternatives to report per token (0: only the chosen one)
+    request_id: Any = None
+
+    def __post_init__(self) -> None:
+        self.tokens = [int(t) for t in self.tokens]
+        if not self.tokens:
+            raise RequestError(f"request {self.request_id!r}: the prompt is empty")
+        if self.max_tokens is not None and self.max_tokens < 1:
+            raise RequestError(f"request {self.request_id!r}: max_tokens must be >= 1, got {self.max_tokens}")
+        if self.logprobs is not None and not 0 <= self.logprobs <= 20:
+            raise RequestError(f"request {self.request_id!r}: logprobs must be between 0 and 20, got {self.logprobs}")
+        if isinstance(self.stop, str):
+            self.stop = (self.stop,)
+        self.mix = Mix.coerce(self.mix)
+        if self.request_id is None:
+            self.request_id = f"req-{next(_ids)}"
+
+
+@dataclass(frozen=True)
+class TokenEvent:
+    """One generated token: its id, the text it releases (may be empty), and its log-probabilities."""
+
+    token: int
+    text: str
+    logprob: float | None = None
+    top_logprobs: dict[int, float] | None = None
+
+
+@dataclass(frozen=True)
+class Finished:
+    """The end of a request."""
+
+    finish_reason: str              # "stop" (end-of-generation token or stop string) or "length"
+    text: str                       # the whole answer (cut before a stop string)
+    tail: str                       # text released at the end that no TokenEvent carried (held back for stop strings)
+    tokens: tuple[int, ...]         # generated token ids (the stop token excluded)
+    prompt_tokens: int
+    cached_tokens: int              # prompt tokens whose K/V came from the prefix cache (same mix)
+    mix: Mix
+    path: str                       # "native" (per-sequence mix) or "context" (one mix per decode)
+
+    @property
+    def completion_tokens(self) -> int:
+        return len(self.tokens)
+
+
+_END = object()
+
+
+class RequestHandle:
+    """The stream of one submitted request. Iterate it, or ``async for`` it, or call :meth:`result`."""
+
+    def __init__(self, request: EngineRequest, loop: asyncio.AbstractEventLoop | None = None) -> None:
+        self.request = request
+        self._loop = loop
+        self._sync: queue.SimpleQueue = queue.SimpleQueue()
+        self._async: asyncio.Queue | None = asyncio.Queue() if loop is not None else None
+        self._cancel = threading.Event()
+        self._done = threading.Event()
+        self._finished: Finished | None = None
+        self._error: BaseException | None = None
+        self.joined_step: int | None = None     # the engine's decode step at which the request joined
+        self.steps = 0                          # decode steps of its group while it ran
+        self.max_step_sequences = 0             # most sequences in one of those decodes (others' included)
+
+    # --- engine side ------------------------------------------------------------------------
+    def _put(self, item: Any) -> None:
+        if self._async is not None:
+            try:
+                self._loop.call_soon_threadsafe(self._async.put_nowait, item)
+            except RuntimeError:  # the loop is closed: nobody listens any more
+                self._cancel.set()
+        else:
+            self._sync.put(item)
+
+    def _emit(self, event: TokenEvent) -> None:
+        self._put(event)
+
+    def _finish(self, finished: Finished) -> None:
+        self._finished = finished
+        self._done.set()
+        self._put(finished)
+        self._put(_END)
+
+    def _fail(self, error: BaseException) -> None:
+        self._error = error
+        self._done.set()
+        self._put(error)
+        self._put(_END)
+
+    # --- caller side --------------------------------------------------------------------------
+    @property
+    def cancelled(self) -> bool:
+        return self._cancel.is_set()
+
+    @property
+    def done(self) -> bool:
+        return self._done.is_set()
+
+    def cancel(self) -> None:
+        """Stop the request at the next step; its sequence, K/V cells and mix are freed."""
+        self._cancel.set()
+
+    def __iter__(self) -> Iterator[TokenEvent | Finished]:
+        if self._async is not None:
+            raise RequestError("this request was submitted for asyncio: use `async for`")
+        while True:
+            item = self._sync.get()
+            if item is _END:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+
+    async def __aiter__(self) -> AsyncIterator[TokenEvent | Finished]:
+        if self._async is None:
+            raise RequestError("this request was submitted without an event loop: iterate it")
+        while True:
+            item = await self._async.get()
+            if item is _END:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+
+    def result(self, timeout: float | None = None) -> Finished:
+        """Wait for the end of the request; raise what it failed with."""
+        if not self._done.wait(timeout):
+            raise TimeoutError(f"request {self.request.request_id!r} did not finish within {timeout} s")
+        if self._error is not None:
+            raise self._error
+        assert self._finished is not None
+        return self._finished
+
+    def _cancelled_error(self) -> RequestCancelled:
+        return RequestCancelled(f"request {self.request.request_id!r} was cancelled")
+
+
+__all__ = ["EngineRequest", "Finished", "RequestHandle", "TokenEvent"]

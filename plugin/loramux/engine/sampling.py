@@ -1,0 +1,135 @@
+"""Sampling parameters and one llama.cpp sampler chain per sequence.
+
+Every request, whichever front end sent it (the Python API, the CLI, ``loramux eval``, the
+server), is sampled by :class:`SequenceSampler`: llama.cpp's own sampler chain, built in the
+order and with the parameter meanings of ``llama_cpp.Llama._init_sampler`` (llama-cpp-python):
+
+    logit bias -> penalties (repeat, frequency, presence; last ``penalty_last_n`` generated tokens)
+    -> greedy                                   if temperature == 0
+    -> top-k -> typical -> top-p -> min-p -> temperature -> dist(seed)   otherwise
+
+``temperature=0`` is greedy (argmax after bias and penalties). ``top_k <= 0`` keeps every token,
+``top_p=1``, ``min_p=0`` and ``typical_p=1`` are no-ops, as in llama.cpp. ``seed=None`` draws a
+fresh seed per request (llama.cpp's ``LLAMA_DEFAULT_SEED``); a given seed makes the draw
+reproducible whatever else is in the batch, because each sequence has its own chain and RNG.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Mapping
+
+from loramux.errors import RequestError
+
+PENALTY_LAST_N = 64  # llama_cpp.Llama(last_n_tokens_size=64), the window the penalties look at
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How a request picks its tokens (llama-cpp-python's names and defaults for completions)."""
+
+    temperature: float = 0.8
+    top_k: int = 40
+    top_p: float = 0.95
+    min_p: float = 0.05
+    typical_p: float = 1.0
+    repeat_penalty: float = 1.0
+    frequency_penalty: float = 0.0
+    presence_penalty: float = 0.0
+    penalty_last_n: int = PENALTY_LAST_N
+    seed: int | None = None
+    logit_bias: Mapping[int, float] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        checks = {
+            "temperature": self.temperature >= 0,
+            "top_p": 0.0 <= self.top_p <= 1.0,
+            "min_p": 0.0 <= self.min_p <= 1.0,
+            "typical_p": 0.0 < self.typical_p <= 1.0,
+            "repeat_penalty": self.repeat_penalty > 0,
+            "penalty_last_n": self.penalty_last_n >= 0,
+        }
+        for name, ok in checks.items():
+            value = getattr(self, name)
+            if not ok or (isinstance(value, float) and not math.isfinite(value)):
+                raise RequestError(f"sampling parameter {name}={value!r} is out of range")
+        for name in ("frequency_penalty", "presence_penalty"):
+            if not math.isfinite(getattr(self, name)):
+                raise RequestError(f"sampling parameter {name} must be finite")
+        bias = {}
+        for tok, b in dict(self.logit_bias or {}).items():
+            try:
+                bias[int(tok)] = float(b)
+            except (TypeError, ValueError):
+                raise RequestError(f"logit_bias: {tok!r}: {b!r} is not a token id and a number") from None
+        object.__setattr__(self, "logit_bias", bias)
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+
+GREEDY = SamplingParams(temperature=0.0)
+
+
+class SequenceSampler:
+    """One llama.cpp sampler chain (``llama_sampler *``) for one request; free it with :meth:`close`."""
+
+    def __init__(self, params: SamplingParams, n_vocab: int) -> None:
+        import llama_cpp as lc
+
+        self._lc = lc
+        self.params = params
+        self._chain = lc.llama_sampler_chain_init(lc.llama_sampler_chain_default_params())
+        if not self._chain:
+            raise RequestError("llama.cpp could not create a sampler chain")
+        try:
+            self._build(params, n_vocab)
+        except Exception:
+            self.close()
+            raise
+
+    def _add(self, sampler) -> None:
+        if not sampler:
+            raise RequestError("llama.cpp could not create a sampler of the chain")
+        self._lc.llama_sampler_chain_add(self._chain, sampler)
+
+    def _build(self, p: SamplingParams, n_vocab: int) -> None:
+        lc = self._lc
+        bad = [t for t in p.logit_bias if not 0 <= t < n_vocab]
+        if bad:
+            raise RequestError(f"logit_bias names token ids outside the vocabulary (0..{n_vocab - 1}): {bad[:5]}")
+        if p.logit_bias:
+            arr = (lc.llama_logit_bias * len(p.logit_bias))()
+            for i, (tok, bias) in enumerate(p.logit_bias.items()):
+                arr[i].token, arr[i].bias = tok, bias
+            self._add(lc.llama_sampler_init_logit_bias(n_vocab, len(p.logit_bias), arr))
+        self._add(lc.llama_sampler_init_penalties(n_vocab, p.penalty_last_n, p.repeat_penalty, p.frequency_penalty, p.presence_penalty))
+        if p.greedy:
+            self._add(lc.llama_sampler_init_greedy())
+            return
+        seed = lc.LLAMA_DEFAULT_SEED if p.seed is None else int(p.seed) & 0xFFFFFFFF
+        self._add(lc.llama_sampler_init_top_k(p.top_k))
+        self._add(lc.llama_sampler_init_typical(p.typical_p, 1))
+        self._add(lc.llama_sampler_init_top_p(p.top_p, 1))
+        self._add(lc.llama_sampler_init_min_p(p.min_p, 1))
+        self._add(lc.llama_sampler_init_temp(p.temperature))
+        self._add(lc.llama_sampler_init_dist(seed))
+
+    def sample(self, ctx, index: int) -> int:
+        """Sample from the logits of batch row ``index`` of ``ctx``'s last decode, and accept the token."""
+        return int(self._lc.llama_sampler_sample(self._chain, ctx, index))
+
+    def close(self) -> None:
+        if self._chain:
+            self._lc.llama_sampler_free(self._chain)
+            self._chain = None
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:
+            pass
+
+
+__all__ = ["GREEDY", "PENALTY_LAST_N", "SamplingParams", "SequenceSampler"]

@@ -1,0 +1,90 @@
+"""Sequence slots of the engine's context, and the prefix cache they hold.
+
+A slot is one llama.cpp sequence id. While a request runs in it, the slot holds the request's
+state (prompt progress, sampler, text). When the request ends, the slot keeps the K/V of the
+tokens it fed, tagged with the mix they were computed under: a later request with the same mix
+and a common prefix starts from there (:func:`best_slot`). K/V is never reused under another
+mix: the key of a slot is the exact :class:`~loramux.mix.Mix`, and a slot whose mix differs
+gives no match.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Sequence
+
+from loramux.engine.request import RequestHandle
+from loramux.engine.sampling import SequenceSampler
+from loramux.engine.text import StopText
+from loramux.mix import Mix
+
+NATIVE, CONTEXT = "native", "context"
+
+
+@dataclass
+class Slot:
+    """One sequence id: the request running in it (if any) and the K/V it holds."""
+
+    seq_id: int
+    handle: RequestHandle | None = None
+    kv_mix: Mix | None = None          # the mix the K/V in this sequence was computed under (None: empty)
+    kv_path: str = NATIVE
+    fed: list[int] = field(default_factory=list)   # tokens whose K/V is in the cache, in order
+    last_used: int = 0
+    # --- the running request ---
+    prompt: list[int] = field(default_factory=list)
+    out: list[int] = field(default_factory=list)
+    pending: int | None = None         # sampled token not yet fed
+    sampler: SequenceSampler | None = None
+    text: StopText | None = None
+    group: Mix | None = None           # None: per-sequence mix (native); a Mix: set on the whole context
+    limit: int = 0                     # most tokens to generate
+    cached: int = 0                    # prompt tokens reused from the prefix cache
+    order: int = 0
+
+    @property
+    def busy(self) -> bool:
+        return self.handle is not None
+
+    @property
+    def prompt_left(self) -> int:
+        return len(self.prompt) - len(self.fed) if not self.out and self.pending is None else 0
+
+    def forget_kv(self) -> None:
+        self.kv_mix, self.fed = None, []
+
+    def end_request(self) -> None:
+        """Drop the running request's state (the K/V stays, for the prefix cache)."""
+        if self.sampler is not None:
+            self.sampler.close()
+        self.handle = self.sampler = self.text = self.group = None
+        self.prompt, self.out, self.pending = [], [], None
+
+
+def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+def best_slot(free: Sequence[Slot], prompt: Sequence[int], mix: Mix, path: str) -> tuple[Slot, int]:
+    """The free slot to run ``prompt`` in, and how many of its tokens' K/V it already holds.
+
+    The longest common prefix under exactly the same mix and path wins (at least one prompt token
+    is always decoded, for the logits); without one, the least recently used slot.
+    """
+    best, best_n = None, 0
+    for slot in free:
+        if slot.kv_mix is None or slot.kv_mix != mix or slot.kv_path != path:
+            continue
+        n = min(common_prefix(slot.fed, prompt), len(prompt) - 1)
+        if n > best_n:
+            best, best_n = slot, n
+    if best is not None:
+        return best, best_n
+    return min(free, key=lambda s: (s.kv_mix is not None, s.last_used)), 0
+
+
+__all__ = ["CONTEXT", "NATIVE", "Slot", "best_slot", "common_prefix"]

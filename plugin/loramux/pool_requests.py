@@ -1,0 +1,150 @@
+"""Requests of the pool's front end: :class:`PoolRequest` in, :class:`PoolResult` out, sampling keywords.
+
+:func:`sampling_from` turns llama-cpp-python's sampling keywords (with its defaults for
+completions and for chat) into :class:`~loramux.engine.SamplingParams`, refusing keywords that
+loramux does not compute. :func:`collect` runs many requests through the pool's engine at once
+(the engine batches them; a window of submitted requests keeps the queue bounded) and returns
+the results in request order.
+"""
+from __future__ import annotations
+
+import queue
+import threading
+from collections import deque
+from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING, Any, Iterator, Mapping, Sequence
+
+from loramux import responses
+from loramux.engine import Finished, SamplingParams
+from loramux.errors import LoramuxError, RequestError
+from loramux.mix import MixLike
+
+if TYPE_CHECKING:  # pragma: no cover
+    from loramux.pool import AdapterPool
+
+SAMPLING_KEYS = ("temperature", "top_k", "top_p", "min_p", "typical_p", "repeat_penalty", "frequency_penalty",
+                 "presence_penalty", "seed", "logit_bias")
+COMPLETION_DEFAULTS = SamplingParams()                    # llama_cpp.Llama.create_completion's defaults
+CHAT_DEFAULTS = SamplingParams(temperature=0.2)           # ... and create_chat_completion's
+
+
+def sampling_from(kwargs: Mapping[str, Any], *, chat: bool, default: SamplingParams | None = None) -> SamplingParams:
+    """SamplingParams from llama-cpp-python keywords; a None value keeps the default."""
+    unknown = sorted(set(kwargs) - set(SAMPLING_KEYS))
+    if unknown:
+        raise RequestError(f"unsupported keyword(s) {', '.join(unknown)}; loramux takes {', '.join(SAMPLING_KEYS)}")
+    base = default or (CHAT_DEFAULTS if chat else COMPLETION_DEFAULTS)
+    given = {k: v for k, v in kwargs.items() if v is not None}
+    if "logit_bias" in given:
+        given["logit_bias"] = dict(given["logit_bias"])
+    try:
+        return replace(base, **given)
+    except TypeError as exc:
+        raise RequestError(f"bad sampling keywords {given}: {exc}") from None
+
+
+@dataclass
+class PoolRequest:
+    """One request: ``prompt`` (text or token ids) or chat ``messages``, its mix, limits and sampling.
+
+    ``max_tokens=None``: until an end-of-generation token or the end of the context. ``stop``
+    strings end generation (the text is cut before them); the model's end-of-generation tokens
+    always do. ``sampling`` defaults to greedy.
+    """
+
+    prompt: str | Sequence[int] | None = None
+    messages: Sequence[Mapping[str, Any]] | None = None
+    mix: MixLike = None
+    max_tokens: int | None = 16
+    stop: Sequence[str] = ()
+    sampling: SamplingParams = field(default_factory=lambda: SamplingParams(temperature=0.0))
+    logprobs: int | None = None
+    request_id: Any = None
+
+    def __post_init__(self) -> None:
+        if (self.prompt is None) == (self.messages is None):
+            raise LoramuxError("a PoolRequest takes exactly one of prompt= or messages=")
+        if self.max_tokens is not None and self.max_tokens < 1:
+            raise RequestError(f"max_tokens must be >= 1, got {self.max_tokens}")
+        if isinstance(self.stop, str):
+            self.stop = (self.stop,)
+
+
+@dataclass
+class PoolResult:
+    """What one request produced, and how its mix ran (``"native"``: per sequence; ``"context"``)."""
+
+    text: str
+    finish_reason: str          # "stop" or "length"
+    mix: dict[str, float]
+    prompt_tokens: int
+    completion_tokens: int
+    path: str
+    tokens: list[int]
+    cached_tokens: int = 0
+    finished: Finished | None = field(default=None, repr=False)
+
+    @classmethod
+    def from_finished(cls, fin: Finished) -> "PoolResult":
+        return cls(text=fin.text, finish_reason=fin.finish_reason, mix=fin.mix.to_dict(), prompt_tokens=fin.prompt_tokens,
+                   completion_tokens=fin.completion_tokens, path=fin.path, tokens=list(fin.tokens),
+                   cached_tokens=fin.cached_tokens, finished=fin)
+
+    def as_dict(self, model: str, *, chat: bool) -> dict[str, Any]:
+        """An OpenAI-style (chat) completion dict, shaped as every other response (:mod:`loramux.responses`)."""
+        assert self.finished is not None
+        return responses.whole(responses.Shape(chat=chat, model=model, extra={"mix": self.mix}), [self.finished])
+
+
+def mixes_for(items: Sequence[Any], mixes: Sequence[MixLike] | None, mix: MixLike) -> list[MixLike]:
+    if mixes is None:
+        return [mix] * len(items)
+    if mix is not None:
+        raise LoramuxError("give either mixes= (one per request) or mix= (one for all), not both")
+    if len(mixes) != len(items):
+        raise LoramuxError(f"{len(items)} requests but {len(mixes)} mixes: give one mix per request")
+    return list(mixes)
+
+
+def iter_results(pool: "AdapterPool", requests: Sequence[PoolRequest], *, window: int | None = None
+                 ) -> Iterator[tuple[int, PoolResult]]:
+    """Run ``requests`` through the pool's engine together; yield ``(index, result)`` as each ends.
+
+    Every request is validated before any runs. At most ``window`` (default ``2 * n_seq_max``)
+    are submitted at a time, so the rest wait here, not in the engine's bounded queue;
+    ``window=1`` runs them one after another. Closing the iterator early cancels the rest."""
+    engine_requests = [pool.engine_request(r) for r in requests]
+    window = window or 2 * pool.batch_slots
+    todo = deque(enumerate(engine_requests))
+    active: dict[int, Any] = {}
+    done: queue.SimpleQueue = queue.SimpleQueue()
+    try:
+        while todo or active:
+            while todo and len(active) < window:
+                i, er = todo.popleft()
+                active[i] = pool._engine.submit(er)
+                threading.Thread(target=_wait, args=(i, active[i], done), daemon=True).start()
+            i = done.get()
+            handle = active.pop(i)
+            yield i, PoolResult.from_finished(handle.result())
+    finally:
+        for handle in active.values():
+            handle.cancel()
+
+
+def _wait(i: int, handle: Any, done: queue.SimpleQueue) -> None:
+    try:
+        handle.result()
+    except Exception:
+        pass  # raised again by handle.result() in iter_results
+    done.put(i)
+
+
+def collect(pool: "AdapterPool", requests: Sequence[PoolRequest], *, window: int | None = None) -> list[PoolResult]:
+    """:func:`iter_results`, in request order."""
+    results: dict[int, PoolResult] = dict(iter_results(pool, requests, window=window))
+    return [results[i] for i in range(len(requests))]
+
+
+__all__ = ["CHAT_DEFAULTS", "COMPLETION_DEFAULTS", "PoolRequest", "PoolResult", "SAMPLING_KEYS", "collect", "iter_results",
+           "mixes_for", "sampling_from"]

@@ -1,0 +1,53 @@
+"""Errors as OpenAI shapes them: ``{"error": {"message", "type", "param", "code"}}`` with the right status."""
+from __future__ import annotations
+
+from typing import Any
+
+from loramux.errors import (
+    AdapterError,
+    ContextLengthError,
+    LoramuxError,
+    MixError,
+    QueueFullError,
+    RequestCancelled,
+    RequestError,
+)
+
+RETRY_AFTER_S = 1
+
+
+class APIError(Exception):
+    """An error answered to the client as-is."""
+
+    def __init__(self, status: int, message: str, *, type: str = "invalid_request_error", code: str | None = None,
+                 param: str | None = None, headers: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.status, self.message, self.type, self.code, self.param = status, message, type, code, param
+        self.headers = headers or {}
+
+    def body(self) -> dict[str, Any]:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+
+def model_not_found(model: str, known: list[str]) -> APIError:
+    return APIError(404, f"model {model!r} does not exist; known models: {', '.join(known)}", code="model_not_found",
+                    param="model")
+
+
+def from_loramux(exc: LoramuxError) -> APIError:
+    """The API error for a library error (the library's message names the input)."""
+    if isinstance(exc, QueueFullError):
+        return APIError(429, str(exc), type="rate_limit_error", code="queue_full",
+                        headers={"Retry-After": str(RETRY_AFTER_S)})
+    if isinstance(exc, ContextLengthError):
+        return APIError(400, str(exc), code="context_length_exceeded", param="messages")
+    if isinstance(exc, MixError):
+        return APIError(400, str(exc), code="invalid_mix", param="mix")
+    if isinstance(exc, (RequestError, AdapterError)):
+        return APIError(400, str(exc))
+    if isinstance(exc, RequestCancelled):
+        return APIError(503, str(exc), type="server_error", code="cancelled", headers={"Retry-After": str(RETRY_AFTER_S)})
+    return APIError(500, str(exc), type="server_error")
+
+
+__all__ = ["APIError", "RETRY_AFTER_S", "from_loramux", "model_not_found"]

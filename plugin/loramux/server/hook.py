@@ -1,0 +1,143 @@
+"""``loramux serve --upstream URL``: the router in front of a running stock llama-server.
+
+At start the hook reads the upstream's ``GET /lora-adapters`` (ids and paths; an adapter is
+named by its file's stem, as loramux names GGUF files). Each request's mix is selected as by
+``loramux serve`` (body ``mix``, ``lora``, ``model``: ``auto`` / adapter / named mix / base), then
+forwarded with llama-server's ``lora`` field filled with an explicit scale for *every* upstream
+adapter (upstream treats ``"lora": []`` as no field, ggml-org/llama.cpp #28674) and with
+``cache_prompt: false``: stock llama-server reuses a slot's cached prefix across different LoRA
+settings (#26207), which would give one mix the K/V of another. Streams are passed through as
+they come; the mix used is in the ``X-Loramux-Mix`` header (and, when not streamed, in the body).
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import httpx
+from fastapi import APIRouter, FastAPI, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+
+from loramux.mix import Mix
+from loramux.server.app import ServerState, create_app
+from loramux.server.bodies import chat_body, completion_body, prompt_text
+from loramux.server.errors import APIError
+from loramux.server.openai_routes import json_body
+from loramux.server.selection import LoraTable, MixSelector
+from loramux.server.settings import ServeSettings, SettingsError
+
+router = APIRouter()
+MIX_HEADER = "X-Loramux-Mix"
+
+
+def read_upstream_adapters(url: str) -> list[dict[str, Any]]:
+    try:
+        r = httpx.get(f"{url.rstrip('/')}/lora-adapters", timeout=30)
+        r.raise_for_status()
+        listing = r.json()
+    except (httpx.HTTPError, ValueError) as exc:
+        raise APIError(502, f"cannot read the upstream's adapters at {url}/lora-adapters: {exc}") from None
+    if not isinstance(listing, list):
+        raise APIError(502, f"{url}/lora-adapters did not answer a list of adapters")
+    return listing
+
+
+def upstream_table(listing: list[dict[str, Any]]) -> LoraTable:
+    """A table whose ids are the upstream's ids and whose names are the adapters' file stems."""
+    table = LoraTable()
+    by_id = {int(a["id"]): Path(str(a["path"])).stem for a in listing}
+    for i in range(max(by_id, default=-1) + 1):
+        table.names.append(by_id.get(i))
+    return table
+
+
+def lora_field(table: LoraTable, mix: Mix) -> list[dict[str, Any]]:
+    """Every upstream adapter with an explicit scale (0 for those not in the mix)."""
+    return [{"id": i, "scale": float(mix.get(n, 0.0))} for i, n in enumerate(table.names) if n is not None]
+
+
+def build_hook_app(settings: ServeSettings) -> FastAPI:
+    listing = read_upstream_adapters(settings.upstream)
+    table = upstream_table(listing)
+    names = [n for n in table.names if n is not None]
+    route = None
+    if settings.router is not None:
+        from loramux.router.runtime import Router
+
+        loaded = Router.load(settings.router, base=settings.base)
+        missing = sorted(set(loaded.adapters) - set(names))
+        if missing:
+            raise SettingsError(f"router {settings.router} routes to adapters the upstream does not serve: {', '.join(missing)}")
+        route = loaded.route
+    for name, mix in settings.mixes.items():
+        Mix.coerce(mix).check_known(names)
+    selector = MixSelector(model_id=settings.model_id, adapters=lambda: names, mixes=settings.mixes, lora=table, route=route)
+    state = ServerState(settings=settings, pool=None, selector=selector, lora=table,
+                        upstream=httpx.AsyncClient(base_url=settings.upstream.rstrip("/"), timeout=None))
+    return create_app(state, routers=[router])
+
+
+@router.get("/v1/models")
+async def models(request: Request) -> dict[str, Any]:
+    state = request.app.state.loramux
+    return {"object": "list", "data": [{"id": m, "object": "model", "owned_by": "loramux"} for m in state.selector.models()]}
+
+
+@router.get("/lora-adapters")
+async def lora_adapters(request: Request) -> Response:
+    state = request.app.state.loramux
+    r = await state.upstream.get("/lora-adapters")
+    return Response(r.content, status_code=r.status_code, media_type="application/json")
+
+
+@router.post("/v1/completions")
+async def completions(request: Request):
+    return await _forward(request, "/v1/completions", chat=False)
+
+
+@router.post("/v1/chat/completions")
+async def chat_completions(request: Request):
+    return await _forward(request, "/v1/chat/completions", chat=True)
+
+
+async def _forward(request: Request, path: str, *, chat: bool):
+    state = request.app.state.loramux
+    body = await json_body(request)
+    parsed = (chat_body if chat else completion_body)(body)   # the same checks as loramux serve
+    selection = state.selector.select(body, lambda: prompt_text(parsed.request))
+    unknown = sorted(set(selection.mix) - {n for n in state.lora.names if n is not None})
+    if unknown:
+        raise APIError(400, f"mix names adapters the upstream does not serve: {', '.join(unknown)} "
+                            f"(it serves: {', '.join(n for n in state.lora.names if n)})", param="mix", code="invalid_mix")
+    out = {k: v for k, v in body.items() if k not in ("mix",)}
+    out["lora"] = lora_field(state.lora, selection.mix)
+    out["cache_prompt"] = False
+    headers = {MIX_HEADER: json.dumps(selection.mix.to_dict())}
+    client: httpx.AsyncClient = state.upstream
+    if parsed.stream:
+        upstream = await client.send(client.build_request("POST", path, json=out), stream=True)
+        return StreamingResponse(_relay(upstream), status_code=upstream.status_code, headers=headers,
+                                 media_type=upstream.headers.get("content-type", "text/event-stream"))
+    r = await client.post(path, json=out)
+    try:
+        answer = r.json()
+    except ValueError:
+        return Response(r.content, status_code=r.status_code, headers=headers)
+    if r.status_code == 200 and isinstance(answer, dict):
+        answer["mix"] = selection.mix.to_dict()
+        answer["mix_source"] = selection.source
+        if selection.routing is not None:
+            answer["routing"] = selection.routing
+    return JSONResponse(answer, status_code=r.status_code, headers=headers)
+
+
+async def _relay(upstream: httpx.Response):
+    try:
+        async for chunk in upstream.aiter_raw():
+            yield chunk
+    finally:
+        await upstream.aclose()  # a client gone away closes the upstream stream too
+
+
+__all__ = ["MIX_HEADER", "build_hook_app", "lora_field", "upstream_table"]

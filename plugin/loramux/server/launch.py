@@ -1,0 +1,55 @@
+"""Open the pool (and the router) that ``loramux serve`` serves, and build its app."""
+from __future__ import annotations
+
+import sys
+import warnings
+
+from fastapi import FastAPI
+
+from loramux.server.app import create_app, pool_state
+from loramux.server.settings import ServeSettings, SettingsError
+
+
+def open_router(settings: ServeSettings, pool):
+    """The router of ``--router``, checked against the base model; its adapters must all be loaded."""
+    if settings.router is None:
+        return None
+    from loramux.router.runtime import Router
+
+    router = Router.load(settings.router, base=pool.base_path)
+    missing = sorted(set(router.adapters) - set(pool.names))
+    if missing:
+        router.close()
+        raise SettingsError(f"router {settings.router} routes to adapters that are not loaded: {', '.join(missing)}")
+    return router
+
+
+def build_pool_app(settings: ServeSettings) -> FastAPI:
+    """Load the base model and adapters, then the app (``/health`` is 200 from then on)."""
+    from loramux import AdapterPool
+    from loramux.adapters import AdapterSkippedWarning
+    from loramux.progress import progress_bar
+
+    pool = AdapterPool(settings.base, n_ctx=settings.n_ctx, n_seq_max=settings.n_seq_max, n_threads=settings.threads,
+                       max_queue=settings.max_queue)
+    try:
+        with warnings.catch_warnings(record=True) as caught, progress_bar(desc="load adapters", unit="adapter") as bar:
+            warnings.simplefilter("always", AdapterSkippedWarning)
+            pool.load_adapters(settings.adapters, skip_embeddings=settings.skip_embeddings, progress=bar.update_to)
+        for w in caught:
+            print(f"loramux serve: {w.message}", file=sys.stderr)
+        router = open_router(settings, pool)
+        state = pool_state(settings, pool, router)
+    except BaseException:
+        pool.close()
+        raise
+
+    def close() -> None:
+        if router is not None:
+            router.close()
+        pool.close()
+
+    return create_app(state, on_close=close)
+
+
+__all__ = ["build_pool_app", "open_router"]

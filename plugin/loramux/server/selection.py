@@ -1,0 +1,113 @@
+"""Which mix a request runs under, from its body, in order:
+
+1. ``mix``: ``{adapter name: weight}`` (loramux's own field);
+2. ``lora``: ``[{"id": i, "scale": s}, ...]``, llama-server's field, with the ids that
+   ``GET /lora-adapters`` lists (adapters not named get scale 0), so llama-server clients work unchanged;
+3. ``model``: ``"auto"`` (the router picks the mix from the prompt), an adapter name (that
+   adapter at weight 1), a named mix of the config, or the base model (its id, or omitted).
+
+Without any of them, the default scales set with ``POST /lora-adapters`` (none: the base model).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping, Sequence
+
+from loramux.errors import MixError
+from loramux.mix import Mix
+from loramux.server.errors import APIError, model_not_found
+
+AUTO = "auto"
+
+
+@dataclass
+class LoraTable:
+    """llama-server's adapter ids: an index per adapter, kept for its lifetime (append-only)."""
+
+    names: list[str | None] = field(default_factory=list)
+    default_scales: dict[str, float] = field(default_factory=dict)
+
+    def add(self, name: str) -> int:
+        if name in self.names:
+            return self.names.index(name)
+        self.names.append(name)
+        return len(self.names) - 1
+
+    def remove(self, name: str) -> None:
+        if name in self.names:
+            self.names[self.names.index(name)] = None
+        self.default_scales.pop(name, None)
+
+    def mix_of(self, entries: Any, *, field_name: str = "lora") -> Mix:
+        if not isinstance(entries, list):
+            raise APIError(400, f"{field_name} must be a list of {{\"id\": int, \"scale\": float}}", param=field_name)
+        weights: dict[str, float] = {}
+        for e in entries:
+            if not isinstance(e, Mapping) or not isinstance(e.get("id"), int) or isinstance(e.get("id"), bool):
+                raise APIError(400, f"{field_name} entries are {{\"id\": int, \"scale\": float}}, got {e!r}", param=field_name)
+            i = e["id"]
+            if not 0 <= i < len(self.names) or self.names[i] is None:
+                known = ", ".join(f"{j}={n}" for j, n in enumerate(self.names) if n is not None)
+                raise APIError(400, f"{field_name}: no adapter with id {i} (GET /lora-adapters lists them: {known})", param=field_name)
+            weights[self.names[i]] = e.get("scale", 1.0)
+        try:
+            return Mix(weights)
+        except MixError as exc:
+            raise APIError(400, str(exc), param=field_name, code="invalid_mix") from None
+
+    def listing(self, paths: Mapping[str, str]) -> list[dict[str, Any]]:
+        return [{"id": i, "path": paths.get(n, n), "scale": self.default_scales.get(n, 0.0)}
+                for i, n in enumerate(self.names) if n is not None]
+
+
+@dataclass
+class Selection:
+    """The mix a request runs under, where it came from, and the router's decision for ``auto``."""
+
+    mix: Mix
+    source: str                      # "mix" | "lora" | "auto" | "adapter" | "named" | "base" | "default"
+    routing: dict[str, Any] | None = None
+
+
+@dataclass
+class MixSelector:
+    """Resolves the mix of a request body (see the module docstring)."""
+
+    model_id: str
+    adapters: Callable[[], Sequence[str]]
+    mixes: Mapping[str, Mix]
+    lora: LoraTable
+    route: Callable[[str], Any] | None = None       # prompt -> Routing (``.mix``, ``.to_json()``)
+    base_names: tuple[str, ...] = ()
+
+    def models(self) -> list[str]:
+        names = [self.model_id] + ([AUTO] if self.route else []) + sorted(self.mixes) + sorted(self.adapters())
+        return list(dict.fromkeys(names))
+
+    def select(self, body: Mapping[str, Any], prompt_text: Callable[[], str]) -> Selection:
+        if body.get("mix") is not None:
+            try:
+                return Selection(Mix.coerce(body["mix"]), "mix")
+            except (MixError, TypeError, ValueError) as exc:
+                raise APIError(400, f"mix: {exc}", param="mix", code="invalid_mix") from None
+        if body.get("lora") is not None:
+            return Selection(self.lora.mix_of(body["lora"]), "lora")
+        model = body.get("model")
+        if model in (None, "", self.model_id, *self.base_names):
+            return Selection(Mix(self.lora.default_scales), "default" if self.lora.default_scales else "base")
+        if not isinstance(model, str):
+            raise APIError(400, "model must be a string", param="model")
+        if model == AUTO:
+            if self.route is None:
+                raise APIError(400, "model \"auto\" needs a router: start the server with --router FILE", param="model",
+                               code="model_not_found")
+            routing = self.route(prompt_text())
+            return Selection(routing.mix, "auto", routing.to_json())
+        if model in self.mixes:
+            return Selection(self.mixes[model], "named")
+        if model in self.adapters():
+            return Selection(Mix({model: 1.0}), "adapter")
+        raise model_not_found(model, self.models())
+
+
+__all__ = ["AUTO", "LoraTable", "MixSelector", "Selection"]

@@ -1,0 +1,131 @@
+"""Settings of ``loramux serve``: from a config file (TOML or JSON) and from flags (flags win).
+
+A config file holds the same keys as the flags, with underscores, plus named mixes::
+
+    base = "models/smollm2.gguf"
+    adapters = ["adapters/"]          # directories (or files) loaded at start; the only places
+                                      # the adapter-management endpoint may load from
+    router = "router.onnx"            # model "auto" (optional)
+    n_seq_max = 8
+    n_ctx = 2048
+    max_queue = 64
+    [mixes]                           # named mixes, usable as the "model" of a request
+    logic = { boolean_expressions = 0.7, formal_fallacies = 0.3 }
+
+Relative paths in a config file are relative to the file's folder.
+"""
+from __future__ import annotations
+
+import ipaddress
+import json
+import socket
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, Mapping
+
+from loramux.errors import LoramuxError
+from loramux.mix import Mix
+
+PATH_KEYS = ("base", "router")
+
+
+class SettingsError(LoramuxError, ValueError):
+    """The server's settings are inconsistent or a config file cannot be read (the message says which)."""
+
+
+@dataclass
+class ServeSettings:
+    """Everything ``loramux serve`` is started with."""
+
+    base: Path | None = None
+    adapters: list[Path] = field(default_factory=list)
+    mixes: dict[str, Mix] = field(default_factory=dict)
+    router: Path | None = None
+    upstream: str | None = None
+    host: str = "127.0.0.1"
+    port: int = 8080
+    api_key: str | None = None
+    n_seq_max: int = 8
+    n_ctx: int = 2048
+    threads: int | None = None
+    max_queue: int = 64
+    skip_embeddings: bool = False
+    model_id: str = "loramux"
+
+    def check(self) -> "ServeSettings":
+        if not self.api_key and not is_loopback(self.host):
+            raise SettingsError(f"--host {self.host} is not a loopback address: without --api-key the server listens on "
+                                "loopback only (give --api-key KEY to serve other machines)")
+        if not 0 <= self.port < 65536:
+            raise SettingsError(f"--port {self.port} is not a port number")
+        if self.upstream is None and not self.adapters:
+            raise SettingsError("give --adapters DIR (the adapters to serve), or --upstream URL to route for a llama-server")
+        for name in self.mixes:
+            if name in ("auto", self.model_id):
+                raise SettingsError(f"a named mix cannot be called {name!r} (reserved model name)")
+        return self
+
+    def adapter_dirs(self) -> list[Path]:
+        """The folders the adapter-management endpoint may load from (resolved, symlinks followed)."""
+        return [(p if p.is_dir() else p.parent).resolve() for p in self.adapters]
+
+
+def is_loopback(host: str) -> bool:
+    if host in ("localhost", ""):
+        return host == "localhost"
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        try:
+            return all(ipaddress.ip_address(ai[4][0]).is_loopback for ai in socket.getaddrinfo(host, None))
+        except OSError:
+            return False
+
+
+def read_config(path: Path) -> dict[str, Any]:
+    """The settings a config file gives (TOML, or JSON for a .json file)."""
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise SettingsError(f"cannot read the config file {path}: {exc}") from exc
+    try:
+        if path.suffix == ".json":
+            raw = json.loads(text)
+        else:
+            import tomllib
+
+            raw = tomllib.loads(text)
+    except Exception as exc:
+        raise SettingsError(f"config file {path} is not valid {'JSON' if path.suffix == '.json' else 'TOML'}: {exc}") from exc
+    known = {f.name for f in fields(ServeSettings)}
+    unknown = sorted(set(raw) - known)
+    if unknown:
+        raise SettingsError(f"config file {path}: unknown key(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+    return _resolve_paths(raw, path.parent)
+
+
+def _resolve_paths(raw: dict[str, Any], root: Path) -> dict[str, Any]:
+    out = dict(raw)
+    for key in PATH_KEYS:
+        if out.get(key) is not None:
+            out[key] = root / Path(out[key])
+    if "adapters" in out:
+        items = out["adapters"] if isinstance(out["adapters"], list) else [out["adapters"]]
+        out["adapters"] = [root / Path(p) for p in items]
+    if "mixes" in out:
+        if not isinstance(out["mixes"], Mapping):
+            raise SettingsError("config key 'mixes' must be a table of {name = {adapter = weight, ...}}")
+        out["mixes"] = {str(n): Mix(dict(m)) for n, m in out["mixes"].items()}
+    return out
+
+
+def merge(config: Mapping[str, Any], flags: Mapping[str, Any]) -> ServeSettings:
+    """Settings from a config file's values overridden by the flags that were given (not None / empty)."""
+    values = dict(config)
+    for key, value in flags.items():
+        if value is not None and value != []:
+            values[key] = value
+    return ServeSettings(**values).check()
+
+
+__all__ = ["ServeSettings", "SettingsError", "is_loopback", "merge", "read_config"]
