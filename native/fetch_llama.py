@@ -10,6 +10,9 @@ so a rebuild after editing one file recompiles one file (and ccache's keys stay 
 
 Standard library only: CMake runs this script (``native/CMakeLists.txt``) with the Python that
 runs the build; ``scripts/build_native.sh`` runs it too. Prints the path of the source tree.
+
+``--unpatched`` prepares the same vendored sources untouched instead (no overlay, no patch), for
+stock llama.cpp tools built from the same pin (``scripts/build_llama_server.sh``).
 """
 from __future__ import annotations
 
@@ -176,16 +179,51 @@ def prepare(dest: Path, *, version: str = LLAMA_CPP_PYTHON_VERSION, sdist: Path 
     return tree
 
 
+def prepare_unpatched(dest: Path, *, version: str = LLAMA_CPP_PYTHON_VERSION, sdist: Path | None = None,
+                      sdist_dir: Path | None = None, python: str = sys.executable) -> Path:
+    """Return dest/llama.cpp holding the vendored sources exactly as the sdist ships them.
+
+    No overlay and no patch: the tree stock llama.cpp tools (llama-server) are built from. The sdist
+    is looked for (and downloaded through pip if missing) in ``sdist_dir`` (default dest/sdist), so
+    it can share the download of :func:`prepare`. Extracted once per version (stamp file).
+    """
+    tree = dest / "llama.cpp"
+    key = f"unpatched;llama-cpp-python=={version}"
+    stamp = tree / STAMP
+    if stamp.is_file() and stamp.read_text().strip() == key:
+        return tree
+    sdist_dir = sdist_dir or dest / "sdist"
+    sdist = sdist or find_sdist(sdist_dir, version) or download_sdist(sdist_dir, version, python)
+    dest.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=dest) as tmp:
+        fresh = extract_vendor(sdist, Path(tmp))
+        if not (fresh / "tools" / "server" / "CMakeLists.txt").is_file():
+            raise FetchError(f"{sdist}: vendor/llama.cpp has no tools/server")
+        tree.mkdir(parents=True, exist_ok=True)
+        n = sync_tree(fresh, tree)
+    stamp.write_text(key + "\n")
+    print(f"loramux: unpatched llama.cpp sources ready in {tree} ({n} files written)", file=sys.stderr)
+    return tree
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--dest", required=True, type=Path, help="cache folder (holds sdist/ and llama.cpp/)")
     ap.add_argument("--sdist", type=Path, default=os.environ.get("LORAMUX_LLAMA_SDIST") or None,
                     help="a llama-cpp-python sdist already on disk (default: fetched through pip)")
     ap.add_argument("--version", default=LLAMA_CPP_PYTHON_VERSION)
+    ap.add_argument("--unpatched", action="store_true",
+                    help="the vendored sources as shipped (no overlay, no patch), for stock llama.cpp tools")
+    ap.add_argument("--sdist-dir", type=Path, default=None,
+                    help="with --unpatched: where the sdist is cached (default: DEST/sdist)")
     args = ap.parse_args(argv)
     args.dest.mkdir(parents=True, exist_ok=True)
     try:
-        print(prepare(args.dest.resolve(), version=args.version, sdist=args.sdist))
+        if args.unpatched:
+            print(prepare_unpatched(args.dest.resolve(), version=args.version, sdist=args.sdist,
+                                    sdist_dir=args.sdist_dir.resolve() if args.sdist_dir else None))
+        else:
+            print(prepare(args.dest.resolve(), version=args.version, sdist=args.sdist))
     except (FetchError, OSError, tarfile.TarError) as exc:
         print(f"loramux: cannot prepare the llama.cpp sources: {exc}", file=sys.stderr)
         return 1
