@@ -51,6 +51,8 @@ def parse_args(argv=None):
     ap.add_argument("--runs", type=int, default=3, help="rounds; medians are reported (default: 3)")
     ap.add_argument("--threads", type=int, default=2, help="CPU threads of both servers (default: 2)")
     ap.add_argument("--n-ctx", type=int, default=512, help="context per sequence / slot (default: 512)")
+    ap.add_argument("--prompt-chars", type=int, default=200,
+                    help="cut each BBH prompt to this many characters, so decoding, not prefill, dominates (default: 200)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", type=Path, help="write every figure here")
     return ap.parse_args(argv)
@@ -73,11 +75,11 @@ def convert_adapters(dest: Path, base: Path) -> list[Path]:
     return out
 
 
-def make_load(names: list[str], n: int, seed: int) -> dict:
+def make_load(names: list[str], n: int, seed: int, prompt_chars: int) -> dict:
     rng = random.Random(seed)
     rows = [json.loads(line) for line in DEV.open()]
     rng.shuffle(rows)
-    prompts = [r["input"] for r in rows]   # every cell of a run takes its own window: no prompt is cached for another
+    prompts = [r["input"][:prompt_chars] for r in rows]   # every cell of a run takes its own window: no prompt is cached for another
 
     def top3() -> dict[str, float]:
         picked = rng.sample(names, 3)
@@ -232,7 +234,7 @@ def start_servers(stack: ExitStack, n: int, args, base: Path, adapters: list[Pat
 
 
 def measure_n(n: int, args, base: Path, adapters: list[Path], ban: dict, log_dir: Path) -> dict:
-    load = make_load([a.stem for a in adapters], n, args.seed + n)
+    load = make_load([a.stem for a in adapters], n, args.seed + n, args.prompt_chars)
     cells: dict[str, list[dict]] = {f"{s} {k}": [] for s in SERVERS for k in LOADS}
     rss = {}
     with ExitStack() as stack:

@@ -56,6 +56,10 @@ class SeqMixer:
         if rc != B.LORAMUX_OK:
             raise RuntimeLoadError(f"loramux could not register adapters {', '.join(names)}: {B.strerror(rc)} (code {rc})")
         self.max_active = B.loramux_max_active(ctx_ptr)
+        if self.max_active < 1:
+            B.loramux_unregister(ctx_ptr)
+            raise RuntimeLoadError(f"loramux registered adapters {', '.join(names)} but reports max_active={self.max_active}: "
+                                   f"{B.strerror(self.max_active) if self.max_active < 0 else 'no active slots'}")
         self._closed = False
 
     @property
@@ -120,8 +124,10 @@ class SeqMixer:
     def close(self) -> None:
         """Unregister the pool from the context (idempotent)."""
         if not self._closed:
-            B.loramux_unregister(self._ctx)
             self._closed = True
+            rc = B.loramux_unregister(self._ctx)
+            if rc != B.LORAMUX_OK:
+                raise LoramuxError(f"loramux could not unregister adapters {', '.join(self.names)}: {B.strerror(rc)} (code {rc})")
 
     def _raise(self, rc: int, seq_id: int, ids: Sequence[int], weights: Sequence[float], names: Sequence[str] | None) -> None:
         label = list(names) if names is not None else [self.names[i] if 0 <= i < self.n_adapters else str(i) for i in ids]

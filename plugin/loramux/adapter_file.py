@@ -27,6 +27,7 @@ class GgufAdapterFacts:
     n_modules: int
     ranks: tuple[int, ...]
     sha256: str
+    adapts_embeddings: bool = False   # has a token_embd LoRA (read from the adapter at decode time)
 
 
 def file_sha256(path: Path) -> str:
@@ -130,6 +131,7 @@ def check_gguf_adapter(path: str | Path, base: BaseModelInfo, *, name: str | Non
         n_modules=len(pairs),
         ranks=tuple(sorted(ranks)),
         sha256=file_sha256(p),
+        adapts_embeddings="token_embd.weight" in pairs,
     )
 
 

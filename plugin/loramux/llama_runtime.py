@@ -86,36 +86,65 @@ def silence_llama_log(*, errors_to_stderr: bool = False) -> None:
 
 
 class LoraAdapterHandle:
-    """Owns one llama.cpp LoRA adapter loaded on a model."""
+    """Owns one llama.cpp LoRA adapter loaded on a model.
 
-    def __init__(self, model_ptr, path: str | Path, name: str, *, verbose: bool = False) -> None:
-        import llama_cpp
+    :meth:`release` frees the native tensors but keeps the handle (the native per-sequence path
+    holds its own copy once registered); :meth:`ensure` loads them again from the file when a
+    context-level mix or a new registration needs them. :meth:`free` ends the handle.
+    """
 
+    def __init__(self, model_ptr, path: str | Path, name: str, *, verbose: bool = False,
+                 adapts_embeddings: bool = False) -> None:
         self.name = name
         self.path = Path(path)
-        with capture_llama_log(echo=verbose) as log:
-            ptr = llama_cpp.llama_adapter_lora_init(model_ptr, str(self.path).encode("utf-8"))
+        self.adapts_embeddings = adapts_embeddings
+        self._model = model_ptr
+        self._verbose = verbose
+        self._ptr = None
+        self._freed = False
+        self.ensure()
+
+    def ensure(self) -> None:
+        """Load the native adapter if it is not loaded (after :meth:`release`)."""
+        import llama_cpp
+
+        if self._freed:
+            raise LoramuxError(f"adapter {self.name!r} was already freed")
+        if self._ptr is not None:
+            return
+        with capture_llama_log(echo=self._verbose) as log:
+            ptr = llama_cpp.llama_adapter_lora_init(self._model, str(self.path).encode("utf-8"))
         if not ptr:
-            raise RuntimeLoadError(f"llama.cpp refused adapter {name!r} ({self.path}): {log.reason()}")
+            raise RuntimeLoadError(f"llama.cpp refused adapter {self.name!r} ({self.path}): {log.reason()}")
         self._ptr = ptr
 
-    @property
-    def ptr(self):
-        if self._ptr is None:
-            raise LoramuxError(f"adapter {self.name!r} was already freed")
-        return self._ptr
-
-    @property
-    def freed(self) -> bool:
-        return self._ptr is None
-
-    def free(self) -> None:
-        """Free the native adapter (idempotent). Call before the model is freed."""
+    def release(self) -> None:
+        """Free the native tensors, keeping the handle (``ensure`` loads them again)."""
         import llama_cpp
 
         if self._ptr is not None:
             llama_cpp.llama_adapter_lora_free(self._ptr)
             self._ptr = None
+
+    @property
+    def loaded(self) -> bool:
+        return self._ptr is not None
+
+    @property
+    def ptr(self):
+        if self._ptr is None:
+            state = "freed" if self._freed else "released (call ensure())"
+            raise LoramuxError(f"adapter {self.name!r} was {state}")
+        return self._ptr
+
+    @property
+    def freed(self) -> bool:
+        return self._freed
+
+    def free(self) -> None:
+        """Free the native adapter for good (idempotent). Call before the model is freed."""
+        self.release()
+        self._freed = True
 
 
 @dataclass

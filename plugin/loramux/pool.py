@@ -162,7 +162,8 @@ class AdapterPool:
                     return existing
                 raise AdapterError(f"adapter name {name!r} is already used for other weights ({existing.source}); "
                                    f"a name is never reused for different weights: load {src} under another name")
-            handle = self._engine.call(lambda: LoraAdapterHandle(self.model.model, gguf_path, name, verbose=self._verbose))
+            handle = self._engine.call(lambda: LoraAdapterHandle(self.model.model, gguf_path, name, verbose=self._verbose,
+                                                                 adapts_embeddings=facts.adapts_embeddings))
             handles = dict(self._handles) | {name: handle}
             try:
                 self._engine.set_adapters(handles)

@@ -44,6 +44,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--n-ctx", type=int, default=None, help="context of one request, prompt + answer (default: 2048)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads for llama.cpp (default: the cores, at most 8)")
     p.add_argument("--max-queue", type=int, default=None, help="requests waiting for a sequence before 429 (default: 64)")
+    p.add_argument("--flash-attn", choices=("on", "off"), default=None,
+                   help="flash attention (default: on, as llama-server; the Python API's default is off, as llama-cpp-python)")
     p.add_argument("--skip-embeddings", action="store_true", default=None,
                    help="load PEFT adapters with an embedding LoRA the base cannot take without that part")
     p.set_defaults(run=run)
@@ -55,6 +57,7 @@ def settings_from(args: argparse.Namespace):
     config = read_config(args.config) if args.config else {}
     flags = {k: getattr(args, k) for k in ("base", "adapters", "router", "upstream", "host", "port", "api_key",
                                            "n_seq_max", "n_ctx", "threads", "max_queue", "skip_embeddings")}
+    flags["flash_attn"] = None if args.flash_attn is None else args.flash_attn == "on"
     return merge(config, flags)
 
 

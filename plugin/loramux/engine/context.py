@@ -8,6 +8,7 @@ Only the engine's scheduler thread calls it.
 from __future__ import annotations
 
 import ctypes
+import os
 import time
 from typing import Any, Mapping, Sequence
 
@@ -33,7 +34,10 @@ class EngineContext:
         params.n_ctx = n_seq_max * n_ctx
         params.n_batch = params.n_ubatch = n_batch
         params.n_seq_max = n_seq_max
-        params.kv_unified = True
+        # one K/V stream per sequence (as llama-server -np N): a sequence attends over its own cells
+        # only; a unified cache makes every token attend over every sequence's cells (masked), which
+        # at 32 sequences cost 2-5x the decode time. $LORAMUX_KV_UNIFIED=1 turns the unified cache on.
+        params.kv_unified = os.environ.get("LORAMUX_KV_UNIFIED", "") == "1"
         # llama_cpp.Llama's default (flash_attn=False), so that a request means what it means there
         params.flash_attn_type = lc.LLAMA_FLASH_ATTN_TYPE_ENABLED if flash_attn else lc.LLAMA_FLASH_ATTN_TYPE_DISABLED
         params.n_threads = params.n_threads_batch = n_threads
@@ -58,7 +62,11 @@ class EngineContext:
         return self.native and (not mix or (self.mixer is not None and len(mix) <= self.max_active))
 
     def register(self, handles: Mapping[str, Any]) -> None:
-        """Register exactly ``handles`` (name -> LoraAdapterHandle) for per-sequence mixes."""
+        """Register exactly ``handles`` (name -> LoraAdapterHandle) for per-sequence mixes.
+
+        With the native library the registration copies the adapters' tensors; the handles are
+        then released (memory held once), except token-embedding LoRAs (read at decode time) and
+        those of the context-level mix; :meth:`set_context_mix` loads them again when needed."""
         from loramux.native.mixer import SeqMixer
 
         if any(n not in handles for n in self.context_mix):
@@ -68,7 +76,17 @@ class EngineContext:
             self.mixer = None
         self.handles = dict(handles)
         if self.native and self.handles:
+            for h in self.handles.values():
+                h.ensure()
             self.mixer = SeqMixer(self.ctx, {n: h.ptr for n, h in self.handles.items()}, max_active=self.max_active)
+            self._release_unused()
+
+    def _release_unused(self) -> None:
+        if self.mixer is None:
+            return
+        for name, h in self.handles.items():
+            if not h.adapts_embeddings and name not in self.context_mix:
+                h.release()
 
     def set_seq_mix(self, seq_id: int, mix: Mix) -> None:
         if self.mixer is not None:
@@ -80,8 +98,11 @@ class EngineContext:
     def set_context_mix(self, mix: Mix) -> None:
         """Set ``mix`` on the whole context (only when it changes: a change rebuilds the scheduler)."""
         if mix != self.context_mix:
+            for n in mix:
+                self.handles[n].ensure()
             self.lora.apply([(self.handles[n], w) for n, w in mix.items()])
             self.context_mix = mix
+            self._release_unused()
 
     # --- memory, decoding, tokens ------------------------------------------------------------
     def keep_prefix(self, seq_id: int, n: int) -> None:

@@ -7,5 +7,5 @@
 - :mod:`~loramux.server.selection`: which mix a request runs under (``mix``, ``lora``, ``model``).
 - :mod:`~loramux.server.hook`: ``--upstream``, the router in front of a stock llama-server.
 
-Needs the ``serve`` extra (FastAPI, uvicorn, sse-starlette, httpx, prometheus-client).
+Needs the ``serve`` extra (FastAPI, uvicorn with uvloop/httptools, httpx, prometheus-client).
 """

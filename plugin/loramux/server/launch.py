@@ -31,7 +31,7 @@ def build_pool_app(settings: ServeSettings) -> FastAPI:
     from loramux.progress import progress_bar
 
     pool = AdapterPool(settings.base, n_ctx=settings.n_ctx, n_seq_max=settings.n_seq_max, n_threads=settings.threads,
-                       max_queue=settings.max_queue)
+                       max_queue=settings.max_queue, flash_attn=settings.flash_attn)
     try:
         with warnings.catch_warnings(record=True) as caught, progress_bar(desc="load adapters", unit="adapter") as bar:
             warnings.simplefilter("always", AdapterSkippedWarning)

@@ -3,7 +3,7 @@
 A request is parsed into the same :class:`~loramux.pool_requests.PoolRequest` the Python API
 makes, its mix selected (:mod:`loramux.server.selection`), submitted to the engine from the
 event loop, and answered with the same shapes (:mod:`loramux.responses`): whole, or streamed as
-server-sent events (``data: {chunk}`` ... ``data: [DONE]``). A client that goes away cancels
+server-sent events (``data: {chunk}`` ... ``data: [DONE]``, through starlette's StreamingResponse). A client that goes away cancels
 its request at once (streamed: the stream is closed; whole: a watcher sees the disconnect).
 """
 from __future__ import annotations
@@ -14,7 +14,7 @@ import time
 from typing import Any, AsyncIterator
 
 from fastapi import APIRouter, Request
-from sse_starlette.sse import EventSourceResponse
+from fastapi.responses import StreamingResponse
 
 from loramux import responses
 from loramux.engine import RequestHandle
@@ -70,7 +70,9 @@ async def _answer(request: Request, *, chat: bool):
     piece = state.pool.piece if parsed.request.logprobs is not None else None
     if parsed.stream:
         shaper = responses.StreamShaper(shape, include_usage=parsed.include_usage, piece=piece)
-        return EventSourceResponse(_sse(handle, shaper), ping=15)
+        # starlette's StreamingResponse watches for the client's disconnect and then closes _sse
+        return StreamingResponse(_sse(handle, shaper), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
     events = await _collect(handle, request)
     return responses.whole(shape, events, piece)
 
@@ -96,16 +98,21 @@ async def _watch_disconnect(handle: RequestHandle, request: Request) -> None:
         await asyncio.sleep(0.05)
 
 
-async def _sse(handle: RequestHandle, shaper: responses.StreamShaper) -> AsyncIterator[str]:
+def sse_event(data: str) -> bytes:
+    """One server-sent event (``data: ...`` and a blank line), as OpenAI streams them."""
+    return f"data: {data}\n\n".encode()
+
+
+async def _sse(handle: RequestHandle, shaper: responses.StreamShaper) -> AsyncIterator[bytes]:
     try:
         for chunk in shaper.first():
-            yield json.dumps(chunk)
+            yield sse_event(json.dumps(chunk))
         async for ev in handle:
             for chunk in shaper.on_event(ev):
-                yield json.dumps(chunk)
-        yield "[DONE]"
+                yield sse_event(json.dumps(chunk))
+        yield sse_event("[DONE]")
     except LoramuxError as exc:  # after the headers went out: the error is the stream's last event
-        yield json.dumps(from_loramux(exc).body())
+        yield sse_event(json.dumps(from_loramux(exc).body()))
     finally:
         if not handle.done:  # the client went away (or the task was cancelled): free its sequence now
             handle.cancel()

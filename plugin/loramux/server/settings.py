@@ -50,6 +50,7 @@ class ServeSettings:
     threads: int | None = None
     max_queue: int = 64
     skip_embeddings: bool = False
+    flash_attn: bool = True           # llama-server's default (auto: on where supported); the library's is off
     model_id: str = "loramux"
 
     def check(self) -> "ServeSettings":
