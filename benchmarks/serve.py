@@ -14,7 +14,7 @@ per N, the servers started with the same adapters, context and threads:
 
 Reported per cell, as ``vllm bench serve`` reports them: completed, failed, output tokens/s,
 TTFT p50/p99, ITL p50/p99, end-to-end p50 (ms); medians over ``--runs`` rounds (the configurations
-interleaved in each round). Also the peak RSS (VmHWM) of both servers after the mixed load at N=8.
+interleaved in each round). Also the resident memory (peak VmHWM, current VmRSS) of both servers after each N.
 
     .venv/bin/python benchmarks/serve.py --clients 8 32 --runs 3 --json out/serve.json
 """
@@ -206,17 +206,16 @@ def engine_run(pool, load: dict, args, ban: dict, window: int) -> dict:
 
 
 # --- servers ---------------------------------------------------------------------------------------
-def rss_peak_mib(port: int) -> float | None:
-    """VmHWM of the process whose command line holds ``--port PORT``."""
+def rss_mib(port: int) -> dict[str, float] | None:
+    """Peak (VmHWM) and current (VmRSS) resident memory of the process whose command line holds ``--port PORT``."""
     for proc in Path("/proc").iterdir():
         if not proc.name.isdigit():
             continue
         try:
             cmd = (proc / "cmdline").read_bytes().split(b"\0")
             if b"--port" in cmd and cmd[cmd.index(b"--port") + 1] == str(port).encode():
-                for line in (proc / "status").read_text().splitlines():
-                    if line.startswith("VmHWM:"):
-                        return round(int(line.split()[1]) / 1024, 1)
+                fields = dict(line.split(":", 1) for line in (proc / "status").read_text().splitlines() if ":" in line)
+                return {k: round(int(fields[k].split()[0]) / 1024, 1) for k in ("VmHWM", "VmRSS")}
         except (OSError, ValueError, IndexError):
             continue
     return None
@@ -253,14 +252,14 @@ def measure_n(n: int, args, base: Path, adapters: list[Path], ban: dict, log_dir
                     print(f"  N={n} run {r + 1} {s:7s} {kind:6s} {res['output_tokens_per_s']:7.1f} tok/s "
                           f"ttft p99 {res['ttft_p99_ms']} ms, failed {res['failed']}", flush=True)
         for s in SERVERS:
-            rss[s] = rss_peak_mib(int(urls[s].rsplit(":", 1)[1]))
+            rss[s] = rss_mib(int(urls[s].rsplit(":", 1)[1]))
     from loramux import AdapterPool
 
-    with AdapterPool(base, n_ctx=args.n_ctx, n_seq_max=n, n_threads=args.threads) as pool:
+    with AdapterPool(base, n_ctx=args.n_ctx, n_seq_max=n, n_threads=args.threads, flash_attn=True) as pool:  # as the server
         pool.load_adapters(adapters)
         engine_run(pool, {**load, "mixed": load["mixed"][:1]}, args, ban, 0)  # warm-up
         cells["engine mixed"] = [engine_run(pool, load, args, ban, 3 * r + 1) for r in range(args.runs)]  # the mixed windows
-    return {"cells": {k: median_cell(v) for k, v in cells.items()}, "runs": cells, "rss_peak_mib": rss}
+    return {"cells": {k: median_cell(v) for k, v in cells.items()}, "runs": cells, "rss_mib": rss}
 
 
 def median_cell(runs: list[dict]) -> dict:
@@ -298,7 +297,7 @@ def main(argv=None) -> int:
             res = measure_n(n, args, base, adapters, ban, Path(logs))
             out["by_clients"][str(n)] = res
             print_table(n, res["cells"])
-            print(f"peak RSS (MiB): {res['rss_peak_mib']}")
+            print(f"RSS (MiB, peak VmHWM and current VmRSS): {res['rss_mib']}")
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(out, indent=1))

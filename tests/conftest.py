@@ -98,3 +98,31 @@ def small_router(tmp_path_factory, small_pool_dir, base_model) -> tuple[Path, su
                           capture_output=True, text=True, env=dict(os.environ, LORAMUX_PROGRESS="1"))
     assert done.returncode == 0, done.stderr
     return out, done
+
+
+# The pool of the batching tests (test_pool_batch.py, test_engine.py): five adapters, six requests
+# with different mixes (one base, one with a negative weight), one dev prompt per task.
+BATCH_ADAPTERS = ["boolean_expressions", "navigate", "hyperbaton", "snarks", "sports_understanding"]
+BATCH_MIXES = [{"boolean_expressions": 1.0}, {"navigate": 0.6, "hyperbaton": 0.4}, None,
+               {"snarks": 1.0, "navigate": -0.3, "sports_understanding": 0.5}, {"hyperbaton": 1.0}, {"sports_understanding": 1.0}]
+BATCH_TASKS = ["boolean_expressions", "navigate", "hyperbaton", "snarks", "sports_understanding", "boolean_expressions"]
+GAP_FLOOR = 2.0  # MAX_ABS_TOL of tests/test_native_oracle.py: below it the batch floor can flip an argmax
+
+
+def open_batch_pool(base_model):
+    """The batching tests' pool (a context manager)."""
+    from loramux.pool import AdapterPool
+
+    pool = AdapterPool(base_model, n_ctx=512, n_seq_max=4, max_active=3)
+    for name in BATCH_ADAPTERS:
+        pool.load(FIXTURES / name)
+    return pool
+
+
+def batch_conversations() -> list[list[dict]]:
+    """One user turn per BATCH_TASKS entry (distinct dev rows)."""
+    rows = load_rows("dev", tasks=set(BATCH_TASKS), limit_per_task=2)
+    by_task: dict[str, list[dict]] = {}
+    for r in rows:
+        by_task.setdefault(r["task"], []).append(r)
+    return [[{"role": "user", "content": by_task[t].pop(0)["input"]}] for t in BATCH_TASKS]

@@ -19,31 +19,21 @@ from loramux.engine import Finished, SamplingParams, TokenEvent
 from loramux.errors import QueueFullError, RequestCancelled
 from loramux.pool import AdapterPool, PoolRequest
 
-from conftest import FIXTURES, load_rows
+from conftest import BATCH_ADAPTERS, BATCH_MIXES, FIXTURES, GAP_FLOOR, batch_conversations, open_batch_pool
 
-GAP_FLOOR = 2.0
-ADAPTERS = ["boolean_expressions", "navigate", "hyperbaton", "snarks", "sports_understanding"]
-MIXES = [{"boolean_expressions": 1.0}, {"navigate": 0.6, "hyperbaton": 0.4}, None,
-         {"snarks": 1.0, "navigate": -0.3, "sports_understanding": 0.5}, {"hyperbaton": 1.0}, {"sports_understanding": 1.0}]
+ADAPTERS, MIXES = BATCH_ADAPTERS, BATCH_MIXES
 STEPS = 12
 
 
 @pytest.fixture(scope="module")
 def pool(base_model, shared_dir):
-    with AdapterPool(base_model, n_ctx=512, n_seq_max=4, max_active=3) as p:
-        for name in ADAPTERS:
-            p.load(FIXTURES / name)
+    with open_batch_pool(base_model) as p:
         yield p
 
 
 @pytest.fixture(scope="module")
-def prompts(pool):
-    tasks = ["boolean_expressions", "navigate", "hyperbaton", "snarks", "sports_understanding", "boolean_expressions"]
-    rows = load_rows("dev", tasks=set(tasks), limit_per_task=2)
-    by_task: dict[str, list[dict]] = {}
-    for r in rows:
-        by_task.setdefault(r["task"], []).append(r)
-    return [[{"role": "user", "content": by_task[t].pop(0)["input"]}] for t in tasks]
+def prompts():
+    return batch_conversations()
 
 
 def no_eos(pool) -> dict[int, float]:

@@ -17,12 +17,12 @@ import time
 import httpx
 import pytest
 
-from conftest import FIXTURES, ROUTER_TASKS, load_rows
+from conftest import FIXTURES, GAP_FLOOR, ROUTER_TASKS, load_rows
 from serve_proc import loramux_server
 
 openai = pytest.importorskip("openai")
 
-GAP_FLOOR = 2.0
+
 EXTRA = ["hyperbaton", "snarks"]          # beside the router's three
 LATE = "dyck_languages"                   # loaded through the API during the tests
 

@@ -286,7 +286,7 @@ def evaluate(
     time, continuous batching), so many rows with different mixes decode in one batch (``extra["paths"]`` counts the rows of each path). ``batched=False``:
     one row at a time through the same engine (the same numerics as a request sent alone).
     """
-    from loramux.pool_requests import PoolRequest, iter_results
+    from loramux.pool_requests import PoolRequest
 
     policy = make_policy(mode, ModeContext(pool=pool, rows=rows))
     caps = task_token_caps(pool, rows) if max_tokens is None else {}
@@ -297,7 +297,7 @@ def evaluate(
     correct = answered = 0
     start = time.perf_counter()
     with progress_bar(desc=f"eval {mode}", unit="row", total=len(rows)) as bar:
-        for i, out in iter_results(pool, reqs, window=None if batched else 1):
+        for i, out in pool.iter_results(reqs, window=None if batched else 1):
             row = rows[i]
             ok = normalize_answer(out.text) == normalize_answer(row["target"])
             correct, answered = correct + ok, answered + 1

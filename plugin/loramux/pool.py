@@ -60,7 +60,7 @@ from loramux.engine import CONTEXT, GREEDY, Engine, EngineRequest, EngineStats, 
 from loramux.errors import AdapterError, LoramuxError, RequestError, RuntimeLoadError, UnsupportedAdapterError
 from loramux.llama_runtime import LoraAdapterHandle, LoraSetStats, capture_llama_log
 from loramux.mix import Mix, MixLike
-from loramux.pool_requests import PoolRequest, PoolResult, collect, mixes_for, sampling_from
+from loramux.pool_requests import PoolRequest, PoolResult, iter_results, mixes_for, sampling_from
 
 
 def _default_threads() -> int:
@@ -147,35 +147,48 @@ class AdapterPool:
         subclasses for files that cannot be read or do not fit the base, RuntimeLoadError if
         llama.cpp refuses.
         """
+        with self._registry_lock:
+            prepared = self._prepare(Path(source), name=name, skip_embeddings=skip_embeddings,
+                                     allow_pickle=allow_pickle, outtype=outtype)
+            if isinstance(prepared, PoolAdapter):
+                return prepared
+            self._register([prepared])
+            return prepared[1]
+
+    def _prepare(self, src: Path, *, name: str | None, skip_embeddings: bool, allow_pickle: bool, outtype: str):
+        """The loaded PoolAdapter of these weights, or (handle, info) of a new one not registered yet."""
         self._check_open()
-        src = Path(source)
         if not src.exists():
             raise AdapterError(f"adapter {src} does not exist")
         name = name or adapter_name(src)
         Mix({name: 1.0})  # the name must be usable in a mix
         gguf_path = self._gguf_for(src, outtype=outtype, skip_embeddings=skip_embeddings, allow_pickle=allow_pickle)
         facts = check_gguf_adapter(gguf_path, self.base_info, name=name)
-        with self._registry_lock:
-            existing = self._adapters.get(name)
-            if existing is not None:
-                if existing.sha256 == facts.sha256:
-                    return existing
-                raise AdapterError(f"adapter name {name!r} is already used for other weights ({existing.source}); "
-                                   f"a name is never reused for different weights: load {src} under another name")
-            handle = self._engine.call(lambda: LoraAdapterHandle(self.model.model, gguf_path, name, verbose=self._verbose,
-                                                                 adapts_embeddings=facts.adapts_embeddings))
-            handles = dict(self._handles) | {name: handle}
-            try:
-                self._engine.set_adapters(handles)
-            except Exception:
-                self._engine.call(handle.free)
-                self._engine.set_adapters(self._handles)
-                raise
-            info = PoolAdapter(name=name, source=src, gguf_path=gguf_path, sha256=facts.sha256, from_peft=src.is_dir(),
-                               skip_embeddings=bool(src.is_dir() and skip_embeddings), n_modules=facts.n_modules,
-                               ranks=facts.ranks)
-            self._handles, self._adapters = handles, self._adapters | {name: info}
-        return info
+        existing = self._adapters.get(name)
+        if existing is not None:
+            if existing.sha256 == facts.sha256:
+                return existing
+            raise AdapterError(f"adapter name {name!r} is already used for other weights ({existing.source}); "
+                               f"a name is never reused for different weights: load {src} under another name")
+        handle = self._engine.call(lambda: LoraAdapterHandle(self.model.model, gguf_path, name, verbose=self._verbose,
+                                                             adapts_embeddings=facts.adapts_embeddings))
+        info = PoolAdapter(name=name, source=src, gguf_path=gguf_path, sha256=facts.sha256, from_peft=src.is_dir(),
+                           skip_embeddings=bool(src.is_dir() and skip_embeddings), n_modules=facts.n_modules,
+                           ranks=facts.ranks)
+        return handle, info
+
+    def _register(self, new: list[tuple[LoraAdapterHandle, PoolAdapter]]) -> None:
+        """Register the pool grown by ``new`` on the engine (one registration for all of them)."""
+        handles = dict(self._handles) | {info.name: h for h, info in new}
+        try:
+            self._engine.set_adapters(handles)
+        except Exception:
+            for h, _ in new:
+                self._engine.call(h.free)
+            self._engine.set_adapters(self._handles)
+            raise
+        self._handles = handles
+        self._adapters = self._adapters | {info.name: info for _, info in new}
 
     def _gguf_for(self, src: Path, *, outtype: str, skip_embeddings: bool, allow_pickle: bool) -> Path:
         if not src.is_dir():
@@ -209,19 +222,39 @@ class AdapterPool:
         for p in paths:
             found, scanned = find_adapter_sources(p)
             sources.extend((s, scanned) for s in found)
-        report = LoadReport()
-        for i, (src, scanned) in enumerate(sources):
+        report, new = LoadReport(), []
+        with self._registry_lock:
             try:
-                report.loaded.append(self.load(src, skip_embeddings=skip_embeddings, allow_pickle=allow_pickle))
-            except UnsupportedAdapterError as exc:
-                if not scanned:
-                    raise
-                skipped = SkippedAdapter(adapter_name(src), src, str(exc))
-                report.skipped.append(skipped)
-                warnings.warn(f"skipped adapter {skipped.name!r}: {exc}", AdapterSkippedWarning, stacklevel=2)
-            if progress:
-                progress(i + 1, len(sources))
+                for i, (src, scanned) in enumerate(sources):
+                    self._load_into(report, new, src, scanned, skip_embeddings=skip_embeddings, allow_pickle=allow_pickle)
+                    if progress:
+                        progress(i + 1, len(sources))
+            except BaseException:
+                for h, _ in new:
+                    self._engine.call(h.free)
+                raise
+            if new:
+                self._register(new)   # one registration for the whole folder
         return report
+
+    def _load_into(self, report: LoadReport, new: list, src: Path, scanned: bool, **kwargs: Any) -> None:
+        try:
+            prepared = self._prepare(src, name=None, outtype="f16", **kwargs)
+        except UnsupportedAdapterError as exc:
+            if not scanned:
+                raise
+            skipped = SkippedAdapter(adapter_name(src), src, str(exc))
+            report.skipped.append(skipped)
+            warnings.warn(f"skipped adapter {skipped.name!r}: {exc}", AdapterSkippedWarning, stacklevel=3)
+            return
+        if isinstance(prepared, PoolAdapter):
+            report.loaded.append(prepared)
+        elif any(info.name == prepared[1].name for _, info in new):
+            self._engine.call(prepared[0].free)
+            raise AdapterError(f"two adapters named {prepared[1].name!r} in one load ({src}); rename one")
+        else:
+            new.append(prepared)
+            report.loaded.append(prepared[1])
 
     # --- mixes and engine facts -----------------------------------------------------------------
     def resolve_mix(self, mix: MixLike) -> Mix:
@@ -333,10 +366,18 @@ class AdapterPool:
                           sampling=sampling_from(sampling, chat=True))
         return self._respond(req, chat=True, stream=stream)
 
-    def generate(self, requests: Sequence[PoolRequest]) -> list[PoolResult]:
-        """Answer many requests, each under its own mix, decoded together; results in request order."""
+    def iter_results(self, requests: Sequence[PoolRequest], *, window: int | None = None) -> Iterator[tuple[int, PoolResult]]:
+        """Answer many requests, each under its own mix, decoded together; yield ``(index, result)``
+        as each ends. All are validated before any runs; at most ``window`` (default
+        ``2 * n_seq_max``) are in the engine at a time (``window=1``: one after another)."""
         self._check_open()
-        return collect(self, list(requests))
+        engine_requests = [self.engine_request(r) for r in requests]
+        return iter_results(engine_requests, self._engine.submit, window=window or 2 * self.batch_slots)
+
+    def generate(self, requests: Sequence[PoolRequest], *, window: int | None = None) -> list[PoolResult]:
+        """Answer many requests, each under its own mix, decoded together; results in request order."""
+        results = dict(self.iter_results(list(requests), window=window))
+        return [results[i] for i in range(len(results))]
 
     def create_completions(self, prompts: Sequence[str | list[int]], *, mixes: Sequence[MixLike] | None = None,
                            mix: MixLike = None, max_tokens: int = 16, stop: str | list[str] | None = None,

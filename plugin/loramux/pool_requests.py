@@ -2,9 +2,9 @@
 
 :func:`sampling_from` turns llama-cpp-python's sampling keywords (with its defaults for
 completions and for chat) into :class:`~loramux.engine.SamplingParams`, refusing keywords that
-loramux does not compute. :func:`collect` runs many requests through the pool's engine at once
-(the engine batches them; a window of submitted requests keeps the queue bounded) and returns
-the results in request order.
+loramux does not compute. :func:`iter_results` runs many requests through an engine at once
+(the engine batches them; a window of submitted requests keeps the queue bounded) and yields
+the results as they end.
 """
 from __future__ import annotations
 
@@ -12,15 +12,12 @@ import queue
 import threading
 from collections import deque
 from dataclasses import dataclass, field, replace
-from typing import TYPE_CHECKING, Any, Iterator, Mapping, Sequence
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 from loramux import responses
 from loramux.engine import Finished, SamplingParams
 from loramux.errors import LoramuxError, RequestError
 from loramux.mix import MixLike
-
-if TYPE_CHECKING:  # pragma: no cover
-    from loramux.pool import AdapterPool
 
 SAMPLING_KEYS = ("temperature", "top_k", "top_p", "min_p", "typical_p", "repeat_penalty", "frequency_penalty",
                  "presence_penalty", "seed", "logit_bias")
@@ -106,15 +103,13 @@ def mixes_for(items: Sequence[Any], mixes: Sequence[MixLike] | None, mix: MixLik
     return list(mixes)
 
 
-def iter_results(pool: "AdapterPool", requests: Sequence[PoolRequest], *, window: int | None = None
+def iter_results(engine_requests: Sequence[Any], submit: Callable[[Any], Any], *, window: int
                  ) -> Iterator[tuple[int, PoolResult]]:
-    """Run ``requests`` through the pool's engine together; yield ``(index, result)`` as each ends.
+    """Submit ``engine_requests`` (already validated) with ``submit``; yield ``(index, result)`` as each ends.
 
-    Every request is validated before any runs. At most ``window`` (default ``2 * n_seq_max``)
-    are submitted at a time, so the rest wait here, not in the engine's bounded queue;
-    ``window=1`` runs them one after another. Closing the iterator early cancels the rest."""
-    engine_requests = [pool.engine_request(r) for r in requests]
-    window = window or 2 * pool.batch_slots
+    At most ``window`` are submitted at a time, so the rest wait here, not in the engine's
+    bounded queue; ``window=1`` runs them one after another. Closing the iterator early cancels
+    the rest."""
     todo = deque(enumerate(engine_requests))
     active: dict[int, Any] = {}
     done: queue.SimpleQueue = queue.SimpleQueue()
@@ -122,7 +117,7 @@ def iter_results(pool: "AdapterPool", requests: Sequence[PoolRequest], *, window
         while todo or active:
             while todo and len(active) < window:
                 i, er = todo.popleft()
-                active[i] = pool._engine.submit(er)
+                active[i] = submit(er)
                 threading.Thread(target=_wait, args=(i, active[i], done), daemon=True).start()
             i = done.get()
             handle = active.pop(i)
@@ -140,11 +135,5 @@ def _wait(i: int, handle: Any, done: queue.SimpleQueue) -> None:
     done.put(i)
 
 
-def collect(pool: "AdapterPool", requests: Sequence[PoolRequest], *, window: int | None = None) -> list[PoolResult]:
-    """:func:`iter_results`, in request order."""
-    results: dict[int, PoolResult] = dict(iter_results(pool, requests, window=window))
-    return [results[i] for i in range(len(requests))]
-
-
-__all__ = ["CHAT_DEFAULTS", "COMPLETION_DEFAULTS", "PoolRequest", "PoolResult", "SAMPLING_KEYS", "collect", "iter_results",
+__all__ = ["CHAT_DEFAULTS", "COMPLETION_DEFAULTS", "PoolRequest", "PoolResult", "SAMPLING_KEYS", "iter_results",
            "mixes_for", "sampling_from"]
