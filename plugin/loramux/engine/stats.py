@@ -1,7 +1,7 @@
 """Counters of the engine, read by ``AdapterPool.stats``, the benchmarks and the server's /metrics."""
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 
 @dataclass
@@ -34,9 +34,6 @@ class EngineStats:
     def mean_step_sequences(self) -> float:
         """Sequences per llama_decode, on average: the direct measure of mixed batching."""
         return self.step_sequences / self.steps if self.steps else 0.0
-
-    def as_dict(self) -> dict:
-        return asdict(self) | {"mean_step_sequences": self.mean_step_sequences}
 
 
 __all__ = ["EngineStats"]
