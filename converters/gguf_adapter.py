@@ -108,35 +108,29 @@ def plan_adapter(adapter: PeftAdapter, base: BaseModelInfo, *, skip_embeddings: 
     return planned
 
 
-def convert_peft_to_gguf(
-    peft_dir: str | os.PathLike,
-    base: str | os.PathLike,
-    out: str | os.PathLike,
-    *,
-    outtype: OutType = "f16",
-    skip_embeddings: bool = False,
-    allow_pickle: bool = False,
-    progress: Callable[[int, int], None] | None = None,
-) -> Path:
-    """Convert a PEFT LoRA folder into a GGUF adapter for ``base``; return the output path.
+@dataclass(frozen=True)
+class AdapterHeader:
+    """The metadata of a GGUF LoRA adapter that loramux writes."""
 
-    Raises ``AdapterError`` (and subclasses) or ``BaseModelError``; on error no output file exists.
-    """
+    name: str
+    alpha: float          # adapter.lora.alpha: llama.cpp scales each module by alpha / r (0: by 1)
+    source: str
+    peft_type: str
+
+
+def write_gguf_lora(out: str | os.PathLike, planned: list[GgufLoraTensors], info: BaseModelInfo, header: AdapterHeader, *,
+                    outtype: OutType = "f16", progress: Callable[[int, int], None] | None = None) -> Path:
+    """Write ``planned`` modules as a GGUF LoRA adapter for the base ``info``, atomically."""
     import gguf
 
-    if outtype not in OUT_TYPES:
-        raise ValueError(f"outtype must be one of {OUT_TYPES}, got {outtype!r}")
-    adapter = load_peft_adapter(peft_dir, allow_pickle=allow_pickle)
-    info = read_base_model(base)
-    planned = plan_adapter(adapter, info, skip_embeddings=skip_embeddings)
     with atomic_output(out) as tmp:
         writer = gguf.GGUFWriter(tmp, arch=info.architecture)
         writer.add_type(gguf.GGUFType.ADAPTER)
         writer.add_string(gguf.Keys.Adapter.TYPE, "lora")
-        writer.add_float32(gguf.Keys.Adapter.LORA_ALPHA, float(adapter.config["lora_alpha"]))
-        writer.add_name(adapter.name)
-        writer.add_string(KEY_SOURCE, "loramux PEFT converter")
-        writer.add_string(KEY_PEFT_TYPE, "LORA+RSLORA" if adapter.config.get("use_rslora") else "LORA")
+        writer.add_float32(gguf.Keys.Adapter.LORA_ALPHA, header.alpha)
+        writer.add_name(header.name)
+        writer.add_string(KEY_SOURCE, header.source)
+        writer.add_string(KEY_PEFT_TYPE, header.peft_type)
         writer.add_string(KEY_BASE_FINGERPRINT, info.fingerprint)
         # Tensor infos first, then each tensor encoded and written on its own: the encoded
         # copies never pile up (peak memory = the adapter's arrays + one encoded tensor).
@@ -154,3 +148,27 @@ def convert_peft_to_gguf(
                 progress(i + 1, len(planned))
         writer.close()
     return Path(out)
+
+
+def convert_peft_to_gguf(
+    peft_dir: str | os.PathLike,
+    base: str | os.PathLike,
+    out: str | os.PathLike,
+    *,
+    outtype: OutType = "f16",
+    skip_embeddings: bool = False,
+    allow_pickle: bool = False,
+    progress: Callable[[int, int], None] | None = None,
+) -> Path:
+    """Convert a PEFT LoRA folder into a GGUF adapter for ``base``; return the output path.
+
+    Raises ``AdapterError`` (and subclasses) or ``BaseModelError``; on error no output file exists.
+    """
+    if outtype not in OUT_TYPES:
+        raise ValueError(f"outtype must be one of {OUT_TYPES}, got {outtype!r}")
+    adapter = load_peft_adapter(peft_dir, allow_pickle=allow_pickle)
+    info = read_base_model(base)
+    planned = plan_adapter(adapter, info, skip_embeddings=skip_embeddings)
+    header = AdapterHeader(name=adapter.name, alpha=float(adapter.config["lora_alpha"]), source="loramux PEFT converter",
+                           peft_type="LORA+RSLORA" if adapter.config.get("use_rslora") else "LORA")
+    return write_gguf_lora(out, planned, info, header, outtype=outtype, progress=progress)

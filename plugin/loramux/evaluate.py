@@ -17,16 +17,17 @@ can add modes without touching the loop: :func:`register_mix_mode`. Built in:
   listed under ``"tasks_without_adapter"`` in the JSON);
 - ``uniform``: every loaded adapter, equal weights summing to 1;
 - ``fixed:name=w,...``: one fixed mix for every row;
-- ``router:PATH``: ``loramux.router.Router.load(PATH).route(row input)`` per row (importing
-  ``loramux.router`` first, which may register its own ``router`` factory instead).
+- any router of :mod:`loramux.router.registry` (``router:PATH``, ``retrieval:KEYS``, ``logo``,
+  ``file:MIX.json``, ...): the router chooses each row's mix (:class:`RoutedPolicy`), and the
+  result gains its routing accuracy.
 """
 from __future__ import annotations
 
-import importlib
 import json
 import os
 import time
 import warnings
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Protocol, Sequence
@@ -35,6 +36,7 @@ from loramux.converters.atomic import atomic_output
 from loramux.errors import LoramuxError, MixError
 from loramux.mix import Mix
 from loramux.progress import progress_bar
+from loramux.router.registry import is_router_spec, open_router, router_kinds
 
 TOKEN_MARGIN = 16
 REQUIRED_KEYS = ("task", "input", "target")
@@ -120,9 +122,12 @@ def make_policy(mode: str, context: ModeContext) -> MixPolicy:
     """Parse ``MODE`` (``prefix`` or ``prefix:arg``) and build its policy."""
     prefix, sep, arg = mode.partition(":")
     factory = _MODES.get(prefix)
-    if factory is None:
-        raise MixError(f"unknown mix mode {mode!r}; known modes: {', '.join(mix_modes())} (fixed:name=w,... and router:PATH take an argument)")
-    return factory(arg if sep else None, context)
+    if factory is not None:
+        return factory(arg if sep else None, context)
+    if is_router_spec(mode):
+        return RoutedPolicy(open_router(mode, context.pool), context.pool, mode)
+    routers = ", ".join(k.usage for k in router_kinds())
+    raise MixError(f"unknown mix mode {mode!r}; known: {', '.join(mix_modes())} (fixed:name=w,...), or a router: {routers}")
 
 
 @dataclass
@@ -184,37 +189,65 @@ def _fixed_mode(arg: str | None, ctx: ModeContext) -> MixPolicy:
     return _Constant(ctx.pool.resolve_mix(Mix.parse(arg)))
 
 
+BASE = "(base)"
+TIE = "(tie)"
+
+
+def top_adapter(mix: Mix) -> str:
+    """The adapter with the highest weight in ``mix``: BASE for the empty mix, TIE when several share it."""
+    if mix.is_base:
+        return BASE
+    best = max(mix.values())
+    top = [n for n, w in mix.items() if w == best]
+    return top[0] if len(top) == 1 else TIE
+
+
 @dataclass
-class _RouterPolicy:
+class RoutedPolicy:
+    """A router of :mod:`loramux.router.registry` choosing each row's mix, with its routing accuracy.
+
+    ``report()`` adds ``"routing_top1_accuracy"`` (among rows whose task names an adapter the router
+    can choose, the share whose mix's highest-weight adapter is that adapter; a tie or the base
+    model is a miss) and ``"routing"`` (rows behind it, fallbacks taken and why, and per task
+    without an adapter, where its rows went)."""
+
     router: Any
     pool: Any
-    path: str
+    spec: str
+    hits: int = 0
+    scored: int = 0
+    fallbacks: Counter = field(default_factory=Counter)
+    unmatched: dict[str, Counter] = field(default_factory=dict)
 
     def mix_for(self, row: Mapping[str, Any]) -> Mix:
-        return self.pool.resolve_mix(Mix.coerce(self.router.route(row["input"])))
+        routing = self.router.route(str(row["input"]))
+        mix = self.pool.resolve_mix(routing.mix)
+        task, top = str(row["task"]), top_adapter(mix)
+        if routing.fallback:
+            self.fallbacks[routing.fallback] += 1
+        if task in self.router.adapters:
+            self.scored += 1
+            self.hits += top == task
+        else:
+            self.unmatched.setdefault(task, Counter())[top] += 1
+        return mix
 
     def report(self) -> dict[str, Any]:
-        return {"router": self.path}
-
-
-def _router_mode(arg: str | None, ctx: ModeContext) -> MixPolicy:
-    if not arg:
-        raise MixError("mix mode 'router' needs a path: router:PATH")
-    try:
-        module = importlib.import_module("loramux.router")
-    except ImportError as exc:
-        raise LoramuxError(f"mix mode 'router' needs loramux.router, which cannot be imported: {exc}") from exc
-    own = _MODES.get("router")
-    if own is not _router_mode:  # loramux.router registered its own factory on import
-        return own(arg, ctx)
-    return _RouterPolicy(module.Router.load(arg), ctx.pool, arg)
+        return {
+            "router": self.spec,
+            "routing_top1_accuracy": self.hits / self.scored if self.scored else None,
+            "routing": {
+                "rows_with_adapter": self.scored,
+                "fallbacks": dict(self.fallbacks),
+                "tasks_without_adapter": {t: dict(c.most_common()) for t, c in sorted(self.unmatched.items())},
+            },
+        }
 
 
 register_mix_mode("base", _base_mode)
 register_mix_mode("oracle", _oracle_mode)
 register_mix_mode("uniform", _uniform_mode)
 register_mix_mode("fixed", _fixed_mode)
-register_mix_mode("router", _router_mode)
 
 
 # --- the loop ---------------------------------------------------------------------------
@@ -314,7 +347,11 @@ def evaluate(
 
 
 __all__ = [
+    "BASE",
     "EvalResult",
+    "RoutedPolicy",
+    "TIE",
+    "top_adapter",
     "MixPolicy",
     "ModeContext",
     "REQUIRED_KEYS",

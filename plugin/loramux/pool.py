@@ -124,6 +124,8 @@ class AdapterPool:
             self.model.close()
             raise
         self._closed = False
+        self._probe = None
+        self._probe_lock = threading.Lock()
         self._registry_lock = threading.RLock()
         self._seeds = random.Random(seed)
         self._seed_lock = threading.Lock()
@@ -419,6 +421,23 @@ class AdapterPool:
     def token_eos(self) -> int:
         return self.model.token_eos()
 
+    @property
+    def n_layer(self) -> int:
+        """The base model's number of layers."""
+        import llama_cpp
+
+        return int(llama_cpp.llama_model_n_layer(self.model.model))
+
+    def probe(self):
+        """The pool's :class:`loramux.probe.HiddenProbe` (created on first use, freed with the pool)."""
+        self._check_open()
+        with self._probe_lock:
+            if self._probe is None:
+                from loramux.probe import HiddenProbe
+
+                self._probe = HiddenProbe(self.model.model, n_ctx=self.n_ctx, n_threads=self.n_threads)
+            return self._probe
+
     def chat_prompt(self, messages: Sequence[Mapping[str, Any]]) -> str:
         """The prompt text the base model's chat template makes of ``messages`` (with the generation prompt)."""
         return self.chat_format(messages).prompt
@@ -453,6 +472,18 @@ class AdapterPool:
         self._check_open()
         return self._engine.logits(tokens, self.resolve_mix(mix), path=path)
 
+    def score(self, items: Sequence[Any]) -> list[float]:
+        """Mean target cross-entropy of each :class:`loramux.engine.scoring.ScoreItem` (tokens, n_prompt, mix).
+
+        Items with different mixes are decoded together, as many per ``llama_decode`` as fit in
+        ``n_batch`` tokens and the free sequences; every mix must run per sequence (native library,
+        at most ``max_active`` adapters)."""
+        from loramux.engine.scoring import ScoreItem
+
+        self._check_open()
+        resolved = [ScoreItem(tuple(i.tokens), i.n_prompt, self.resolve_mix(i.mix)) for i in items]
+        return self._engine.score(resolved)
+
     # --- lifetime ----------------------------------------------------------------------------------
     def _check_open(self) -> None:
         if self._closed:
@@ -464,6 +495,8 @@ class AdapterPool:
             return
         self._closed = True
         self._engine.close()
+        if self._probe is not None:
+            self._probe.close()
         for handle in self._handles.values():
             handle.free()
         self.model.close()

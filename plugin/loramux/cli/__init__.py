@@ -26,6 +26,7 @@ SUBCOMMANDS: list[str] = [
     "loramux.cli.serve_cmd",
     "loramux.cli.router_cmd",
     "loramux.cli.route_cmd",
+    "loramux.cli.compose_cmd",
 ]
 
 

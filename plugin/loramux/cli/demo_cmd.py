@@ -1,4 +1,4 @@
-"""loramux demo: a few prompts answered by the base model and by mixes of the shipped demo adapters."""
+"""loramux demo: prompts of several tasks, each routed to its mix with no training, all answered in one batch."""
 from __future__ import annotations
 
 import argparse
@@ -13,12 +13,14 @@ from loramux.pool import AdapterPool
 
 # examples/ at the top of the source tree (plugin/loramux/cli/demo_cmd.py -> repository root).
 SOURCE_EXAMPLES = Path(__file__).resolve().parents[3] / "examples"
+PROMPTS = "demo_prompts.jsonl"
+SAMPLES = "retrieval_samples.jsonl"
 
 
 def default_examples_dir() -> Path:
     """The repository's examples/: beside the sources (editable install) or in the current folder (wheel install)."""
     for candidate in (SOURCE_EXAMPLES, Path.cwd() / "examples"):
-        if (candidate / "demo_prompts.jsonl").is_file():
+        if (candidate / PROMPTS).is_file():
             return candidate
     return Path.cwd() / "examples"
 
@@ -26,53 +28,80 @@ def default_examples_dir() -> Path:
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "demo",
-        help="answer a few prompts with the base model and with mixes of the demo adapters",
+        help="route prompts of several tasks to their adapters (no training) and answer them in one batch",
         description=(
             "Fetch the default base model if needed, load the demo adapters shipped in examples/adapters/ (PEFT "
-            "folders, converted to GGUF once and cached), and answer the prompts of examples/demo_prompts.jsonl "
-            "greedily: first with the base model, then with each prompt's mix. Prints each answer with the mix used."
+            "folders, converted to GGUF once and cached), build a retrieval router from the sample prompts in "
+            f"examples/{SAMPLES} (one key per adapter: no training, no labels), let it choose the mix of every prompt "
+            f"of examples/{PROMPTS}, and answer all of them greedily in one batch of different mixes; then the "
+            "same prompts with the base model, also in one batch. Prints each answer beside its mix, and both times."
         ),
     )
     p.add_argument("--base", type=Path, default=None, help="base model GGUF (default: the embedded SmolLM2-135M-Instruct Q4_1)")
-    p.add_argument("--examples", type=Path, default=None, help="folder with adapters/ and demo_prompts.jsonl (default: the repository's examples/, found beside the sources or in the current folder)")
+    p.add_argument("--examples", type=Path, default=None, help=f"folder with adapters/, {PROMPTS} and {SAMPLES} (default: the repository's examples/)")
     p.add_argument("--max-tokens", type=int, default=32, help="most tokens per answer (default: 32)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads for llama.cpp")
     p.set_defaults(run=run)
 
 
-def _read_prompts(path: Path) -> list[dict]:
+def _read_jsonl(path: Path) -> list[dict]:
     if not path.is_file():
-        raise LoramuxError(f"demo prompts {path} not found; pass --examples with the folder holding demo_prompts.jsonl and adapters/")
+        raise LoramuxError(f"{path} not found; pass --examples with the folder holding {PROMPTS}, {SAMPLES} and adapters/")
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
-def _one_line(text: str) -> str:
-    return " ".join(text.split())
+def _answer_all(pool: AdapterPool, prompts: list[dict], mixes: list, max_tokens: int) -> tuple[list, float]:
+    from loramux.pool_requests import PoolRequest
+
+    reqs = [PoolRequest(messages=[{"role": "user", "content": p["prompt"]}], mix=m, max_tokens=max_tokens)
+            for p, m in zip(prompts, mixes)]
+    start = time.perf_counter()
+    results = pool.generate(reqs)
+    return results, time.perf_counter() - start
+
+
+def _mark(answer: str, item: dict) -> str:
+    if "expected" not in item:
+        return ""
+    return "ok" if normalize_answer(answer) == normalize_answer(item["expected"]) else "x"
+
+
+def _print(prompts: list[dict], routed: list, base: list) -> None:
+    for i, (item, r, b) in enumerate(zip(prompts, routed, base), 1):
+        text = " ".join(item["prompt"].split())
+        print(f"[{i}] ({item.get('task', '?')}) {text[:100]}{'...' if len(text) > 100 else ''}")
+        print(f"    expected {item.get('expected', '?')!r}")
+        mix = ", ".join(f"{k}={v:.2f}" for k, v in r.mix.items()) or "base"
+        print(f"    routed  {mix:<44} -> {' '.join(r.text.split())!r} [{_mark(r.text, item)}]")
+        print(f"    base    {'':<44} -> {' '.join(b.text.split())!r} [{_mark(b.text, item)}]")
 
 
 def run(args: argparse.Namespace) -> int:
+    from loramux.router.retrieval import RetrievalRouter, build_keys, samples_by_adapter
+
     examples = args.examples or default_examples_dir()
-    prompts = _read_prompts(examples / "demo_prompts.jsonl")
+    prompts = _read_jsonl(examples / PROMPTS)
+    samples = _read_jsonl(examples / SAMPLES)
     adapters = examples / "adapters"
     if not adapters.is_dir():
         raise LoramuxError(f"demo adapters {adapters} not found; pass --examples with the folder holding adapters/")
-    start = time.perf_counter()
-    with AdapterPool(args.base, n_ctx=2048, n_threads=args.threads) as pool:
+    # one sequence per prompt, so that every prompt decodes in the same batch
+    with AdapterPool(args.base, n_ctx=2048, n_threads=args.threads, n_seq_max=max(8, len(prompts))) as pool:
         pool.load_adapters(adapters)
-        print(f"loramux demo: base {pool.base_path.name}, adapters {', '.join(pool.names)}\n")
-        for i, item in enumerate(prompts, 1):
-            messages = [{"role": "user", "content": item["prompt"]}]
-            print(f"[{i}] {item['prompt']}")
-            if "expected" in item:
-                print(f"    expected: {item['expected']}")
-            for mix in (None, item.get("mix")):
-                out = pool.create_chat_completion(messages, mix=mix, temperature=0, max_tokens=args.max_tokens)
-                answer = out["choices"][0]["message"]["content"] or ""
-                mark = ""
-                if "expected" in item:
-                    mark = "  [ok]" if normalize_answer(answer) == normalize_answer(item["expected"]) else "  [x]"
-                label = "base" if not out["mix"] else ",".join(f"{k}={v:g}" for k, v in out["mix"].items())
-                print(f"    {label:<48} -> {_one_line(answer)!r}{mark}")
-            print()
-    print(f"({time.perf_counter() - start:.1f} s; mixes are exact output-space sums of the adapters' deltas)", file=sys.stderr)
+        start = time.perf_counter()
+        keys = build_keys(pool, samples_by_adapter(samples, pool.names, 20))
+        router = RetrievalRouter(keys, pool)
+        mixes = [router.route(p["prompt"]).mix for p in prompts]
+        route_s = time.perf_counter() - start
+        print(f"loramux demo: base {pool.base_path.name}; adapters {', '.join(pool.names)}; retrieval keys from "
+              f"{sum(keys.samples.values())} sample prompts, {len(prompts)} prompts routed in {route_s:.2f} s\n")
+        routed, routed_s = _answer_all(pool, prompts, mixes, args.max_tokens)
+        base, base_s = _answer_all(pool, prompts, [None] * len(prompts), args.max_tokens)
+        _print(prompts, routed, base)
+        paths = sorted({r.path for r in routed})
+        right = sum(_mark(r.text, p) == "ok" for r, p in zip(routed, prompts))
+        right_base = sum(_mark(b.text, p) == "ok" for b, p in zip(base, prompts))
+    print(f"\nrouted mixes: {right}/{len(prompts)} right, {len(prompts)} prompts in one batch ({', '.join(paths)} path) "
+          f"in {routed_s:.1f} s; base model: {right_base}/{len(prompts)} right in {base_s:.1f} s")
+    print("(mixes are exact output-space sums of the adapters' deltas; the router needed no training)", file=sys.stderr)
     return 0

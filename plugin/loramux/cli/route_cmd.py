@@ -50,21 +50,3 @@ def run(args: argparse.Namespace) -> int:
             out["providers"] = router.providers
             print(json.dumps(out))
     return 0
-
-
-# --- for commands that answer prompts (loramux run --router) -------------------------------------
-
-
-def add_router_argument(p: argparse.ArgumentParser) -> None:
-    """``--router PATH``: let a trained router choose the mix of each prompt."""
-    p.add_argument("--router", type=Path, default=None, metavar="PATH",
-                   help="a trained router (.onnx): it picks the mix for the prompt from the loaded adapters (instead of --mix)")
-
-
-def routed_mix(router_path: Path, pool, prompt: str):
-    """``(mix, routing)`` for ``prompt``: the router is checked against the pool's base model and adapters."""
-    from loramux.router.runtime import Router
-
-    with Router.load(router_path, pool=pool) as router:
-        routing = router.route(prompt)
-    return pool.resolve_mix(routing.mix), routing

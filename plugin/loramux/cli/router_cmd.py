@@ -1,4 +1,4 @@
-"""loramux router: train a router (``router train``) and show what a router file holds (``router info``)."""
+"""loramux router: train a router (``router train``), build retrieval keys (``router index``), show a router file (``router info``)."""
 from __future__ import annotations
 
 import argparse
@@ -7,6 +7,7 @@ import json
 import sys
 from pathlib import Path
 
+from loramux.cli.pool_args import add_pool_arguments, open_pool
 from loramux.progress import progress_bar
 from loramux.router.selection import FALLBACKS, SelectionSettings
 
@@ -71,6 +72,27 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_selection_arguments(t, defaults_from_router=False)
     t.set_defaults(run=run_train)
 
+    x = rsub.add_parser(
+        "index",
+        help="build retrieval keys (no training): one key per adapter from a few of its prompts",
+        description=(
+            "Build the keys of the retrieval router: for every adapter under --adapters, the first "
+            "--samples-per-adapter inputs of the --data rows whose task is the adapter's name (labels and targets are "
+            "not used) are embedded with the base model (--feature), centred and averaged into the adapter's key. "
+            "Use the keys with --mix retrieval:KEYS in loramux run, chat, eval and serve --router. An adapter added "
+            "later needs only its own samples (RetrievalRouter.add), no rebuild."
+        ),
+        epilog=("Features: token_mean (the mean token embedding of the prompt: no forward pass) or hidden:L (the mean "
+                "residual stream after layer L of one forward pass; negative L counts from the end). "
+                "Example: loramux router index --adapters adapters/ --data train.jsonl -o adapters/retrieval_keys.json"),
+    )
+    add_pool_arguments(x)
+    x.add_argument("--data", type=Path, required=True, help="rows {task, input, ...} (JSON lines); a row belongs to the adapter named like its task")
+    x.add_argument("--samples-per-adapter", type=int, default=20, help="prompts per adapter key (default: 20, LoraRetriever's)")
+    x.add_argument("--feature", default="token_mean", help="prompt embedding: token_mean (default) or hidden:L")
+    x.add_argument("-o", "--output", type=Path, required=True, help="key file to write (JSON)")
+    x.set_defaults(run=run_index)
+
     i = rsub.add_parser("info", help="print a router file's metadata as JSON", description="Print what a router file says about itself: adapters, base model fingerprint, feature recipe, selection defaults, training summary.")
     i.add_argument("router", type=Path, help="router .onnx file")
     i.set_defaults(run=run_info)
@@ -131,4 +153,24 @@ def run_info(args: argparse.Namespace) -> int:
 
     _, meta = open_router_session(args.router)
     print(json.dumps(meta.to_json(), indent=1))
+    return 0
+
+
+def run_index(args: argparse.Namespace) -> int:
+    from loramux.errors import LoramuxError
+    from loramux.evaluate import load_rows
+    from loramux.router.retrieval import build_keys, samples_by_adapter
+
+    if args.samples_per_adapter < 1:
+        raise LoramuxError(f"--samples-per-adapter must be at least 1, got {args.samples_per_adapter}")
+    rows = load_rows(args.data)
+    with open_pool(args) as pool:
+        if not pool.names:
+            raise LoramuxError("no adapters loaded: give --adapters DIR")
+        samples = samples_by_adapter(rows, pool.names, args.samples_per_adapter)
+        total = sum(len(v) for v in samples.values())
+        with progress_bar(desc=f"embed ({args.feature})", unit="prompt", total=total) as bar:
+            keys = build_keys(pool, samples, feature=args.feature, progress=bar.update)
+    keys.save(args.output)
+    print(f"wrote {args.output}: {len(keys.keys)} adapter keys from {total} prompts ({args.feature})")
     return 0

@@ -5,10 +5,10 @@ import argparse
 import json
 import sys
 
+from loramux.cli.mix_choice import MixChoice, mix_help, routing_note
 from loramux.cli.pool_args import add_pool_arguments, open_pool
-from loramux.cli.route_cmd import add_router_argument, routed_mix
 from loramux.errors import LoramuxError
-from loramux.mix import MAX_ABS_WEIGHT, MAX_MIX_ADAPTERS, Mix
+from loramux.router.registry import is_router_spec
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -21,13 +21,13 @@ def register(sub: argparse._SubParsersAction) -> None:
             "weighted. Without --mix the base model answers. The answer streams to stdout; the mix used goes to stderr."
         ),
         epilog=(
-            f"Mix syntax: name=w,name=w with adapter names (GGUF file stems, PEFT folder names), finite weights with "
-            f"|w| <= {MAX_ABS_WEIGHT:g}, at most {MAX_MIX_ADAPTERS} adapters. "
-            "Example: loramux run --adapters adapters/ --mix boolean_expressions=1 \"not ( True ) and False is\""
+            f"--mix: {mix_help()}. "
+            "Examples: loramux run --adapters adapters/ --mix boolean_expressions=1 \"not ( True ) and False is\"; "
+            "loramux run --adapters adapters/ --mix retrieval:keys.json \"not ( True ) and False is\""
         ),
     )
     add_pool_arguments(p)
-    p.add_argument("--mix", type=Mix.parse, default=Mix(), metavar="NAME=W,...", help="the mix (default: the base model)")
+    p.add_argument("--mix", default=None, metavar="MIX|ROUTER", help="the mix, or a router that picks it (default: the base model)")
     p.add_argument("--max-tokens", type=int, default=256, help="most tokens to generate (default: 256)")
     p.add_argument("--temperature", type=float, default=0.0, help="sampling temperature; 0 is greedy (default: 0)")
     p.add_argument("--top-p", type=float, default=0.95, help="nucleus sampling p (default: 0.95)")
@@ -35,20 +35,23 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=None, help="sampling seed")
     p.add_argument("--completion", action="store_true", help="plain text completion of PROMPT, without the chat template")
     p.add_argument("--json", action="store_true", help="print the whole OpenAI-style response (with its \"mix\") as JSON")
-    add_router_argument(p)
+    p.add_argument("--router", default=None, metavar="ROUTER", help="the same as --mix ROUTER (e.g. a trained router .onnx)")
     p.add_argument("prompt", help="the prompt")
     p.set_defaults(run=run)
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.router is not None and args.mix is not None:
+        raise LoramuxError("give either --mix or --router, not both")
     with open_pool(args) as pool:
-        if args.router is not None:
-            if args.mix:
-                raise LoramuxError("give either --mix or --router, not both")
-            mix, routing = routed_mix(args.router, pool, args.prompt)
-            print(f"[router: {routing.top1} p={routing.confidence:.3f}, fallback {routing.fallback}]", file=sys.stderr)
-        else:
-            mix = pool.resolve_mix(args.mix)
+        router = args.router
+        if router is not None and not is_router_spec(router):
+            router = f"router:{router}"
+        choice = MixChoice(pool, router or args.mix)
+        try:
+            mix, routing = choice.for_prompt(args.prompt)
+        finally:
+            choice.close()
         sampling = dict(mix=mix, max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, seed=args.seed)
         if args.json:
             if args.completion:
@@ -67,5 +70,5 @@ def run(args: argparse.Namespace) -> int:
             sys.stdout.write(text)
             sys.stdout.flush()
         sys.stdout.write("\n")
-        print(f"[mix: {mix}]", file=sys.stderr)
+        print(routing_note(routing, mix), file=sys.stderr)
     return 0

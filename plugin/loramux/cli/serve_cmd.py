@@ -34,7 +34,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--adapters", type=Path, action="append", default=[], metavar="DIR",
                    help="a folder of adapters (GGUF files, PEFT folders), or one adapter; repeatable. Adapters can be "
                         "loaded later from these folders only")
-    p.add_argument("--router", type=Path, default=None, help="a router file (loramux router train): enables model \"auto\"")
+    p.add_argument("--router", default=None, metavar="ROUTER",
+                   help="the router of model \"auto\": a trained router .onnx, retrieval:KEYS, logo, file:MIX.json "
+                        "(see loramux run --help); with --upstream only a trained .onnx router")
     p.add_argument("--upstream", default=None, metavar="URL",
                    help="route for a running stock llama-server at URL instead of serving a model here")
     p.add_argument("--host", default=None, help="address to listen on (default: 127.0.0.1; others need --api-key)")

@@ -27,6 +27,7 @@ from typing import Any, Callable, Mapping
 from loramux.engine.context import EngineContext
 from loramux.engine.request import EngineRequest, RequestHandle
 from loramux.engine.sampling import SequenceSampler
+from loramux.engine.scoring import plan_batches, score_batch
 from loramux.engine.slots import CONTEXT, NATIVE, Slot, best_slot
 from loramux.engine.stats import EngineStats
 from loramux.engine.step import StepBuilder, accept_token
@@ -171,6 +172,16 @@ class Engine:
         if not 0 < len(tokens) <= min(self.cx.n_batch, self.n_ctx):
             raise LoramuxError(f"logits() takes 1 to {min(self.cx.n_batch, self.n_ctx)} tokens in one batch, got {len(tokens)}")
         return self.call(lambda: self._logits_job(tokens, mix, path))
+
+    def score(self, items) -> list[float]:
+        """Mean target NLL of each :class:`~loramux.engine.scoring.ScoreItem`, many mixes per decode.
+
+        Every mix must run per sequence (native library, at most ``max_active`` adapters)."""
+        for item in items:
+            if not self.cx.per_sequence(item.mix):
+                raise LoramuxError(f"scoring needs per-sequence mixes; {item.mix} is not one (native library in use: "
+                                   f"{self.native}; at most max_active={self.max_active} adapters)")
+        return self.call(lambda: self._score_job(list(items)))
 
     def close(self) -> None:
         """Cancel what is running or waiting, stop the thread, free the context. Idempotent."""
@@ -340,6 +351,16 @@ class Engine:
         for slot in self._running():
             if slot.group is None:
                 self.cx.set_seq_mix(slot.seq_id, slot.handle.request.mix)
+
+    def _score_job(self, items: list):
+        free = [s for s in self._slots if not s.busy]
+        if not free:
+            return _RETRY
+        self.cx.set_context_mix(Mix())
+        losses: list[float] = []
+        for batch in plan_batches(items, self.cx.n_batch, len(free)):
+            losses += score_batch(self.cx, free, [items[i] for i in batch])
+        return losses
 
     def _logits_job(self, tokens: list[int], mix: Mix, path: str):
         free = [s for s in self._slots if not s.busy]

@@ -5,7 +5,10 @@
 - :mod:`.train`: training on task-labelled rows; :mod:`.export`: one ONNX file with metadata;
 - :mod:`.runtime`: :class:`Router` on onnxruntime (CPU, or CUDA when available);
 - :mod:`.selection`: top-k, top-p, temperature, minimum weight, confidence threshold and fallback;
-- :mod:`.eval_mode`: ``loramux eval --mix router:PATH`` (registered on import).
+- :mod:`.registry`: the one registry of routers (``router:PATH``, ``retrieval:KEYS``, ``logo``,
+  ``file:MIX.json``) that eval, run, chat and the server read: :func:`open_router`;
+- training-free routers: :mod:`.retrieval` (keys from sample prompts, :mod:`.embedding`),
+  :mod:`.logo` (the adapters' own output norms), :mod:`.fixed` (a mix from a file).
 """
 from __future__ import annotations
 
@@ -14,15 +17,13 @@ from loramux.router.features import BaseTokenizer, FeatureRecipe
 from loramux.router.metadata import METADATA_KEY, RouterMetadata
 from loramux.router.runtime import Router, resolve_providers
 from loramux.router.selection import Routing, SelectionSettings, select
-
-from loramux.router import eval_mode as _eval_mode
-
-_eval_mode.register()
+from loramux.router.registry import PromptRouter, is_router_spec, open_router, register_router, router_kinds
 
 __all__ = [
     "BaseTokenizer",
     "FeatureRecipe",
     "METADATA_KEY",
+    "PromptRouter",
     "Router",
     "RouterError",
     "RouterFileError",
@@ -31,6 +32,10 @@ __all__ = [
     "RouterSettingsError",
     "Routing",
     "SelectionSettings",
+    "is_router_spec",
+    "open_router",
+    "register_router",
     "resolve_providers",
+    "router_kinds",
     "select",
 ]

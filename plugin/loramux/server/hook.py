@@ -65,7 +65,11 @@ def build_hook_app(settings: ServeSettings) -> FastAPI:
     if settings.router is not None:
         from loramux.router.runtime import Router
 
-        loaded = Router.load(settings.router, base=settings.base)
+        prefix, sep, path = settings.router.partition(":")
+        if sep and prefix != "router":
+            raise SettingsError(f"--router {settings.router}: in front of a llama-server only a trained router "
+                                "(router:PATH.onnx) can route (retrieval and logo need the model in this process)")
+        loaded = Router.load(path if sep else settings.router, base=settings.base)
         missing = sorted(set(loaded.adapters) - set(names))
         if missing:
             raise SettingsError(f"router {settings.router} routes to adapters the upstream does not serve: {', '.join(missing)}")

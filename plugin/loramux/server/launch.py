@@ -14,9 +14,10 @@ def open_router(settings: ServeSettings, pool):
     """The router of ``--router``, checked against the base model; its adapters must all be loaded."""
     if settings.router is None:
         return None
-    from loramux.router.runtime import Router
+    from loramux.router.registry import is_router_spec, open_router
 
-    router = Router.load(settings.router, base=pool.base_path)
+    spec = settings.router if is_router_spec(settings.router) else f"router:{settings.router}"
+    router = open_router(spec, pool)
     missing = sorted(set(router.adapters) - set(pool.names))
     if missing:
         router.close()

@@ -26,7 +26,7 @@ from typing import Any, Mapping
 from loramux.errors import LoramuxError
 from loramux.mix import Mix
 
-PATH_KEYS = ("base", "router")
+PATH_KEYS = ("base",)
 
 
 class SettingsError(LoramuxError, ValueError):
@@ -40,7 +40,7 @@ class ServeSettings:
     base: Path | None = None
     adapters: list[Path] = field(default_factory=list)
     mixes: dict[str, Mix] = field(default_factory=dict)
-    router: Path | None = None
+    router: str | None = None         # a router spec of loramux.router.registry (a bare .onnx path too)
     upstream: str | None = None
     host: str = "127.0.0.1"
     port: int = 8080
@@ -105,11 +105,26 @@ def read_config(path: Path) -> dict[str, Any]:
     return _resolve_paths(raw, path.parent)
 
 
+def _resolve_router(spec: str, root: Path) -> str:
+    """A router spec with its file path made relative to the config's folder (``logo`` has none)."""
+    from loramux.router.registry import is_router_spec
+
+    prefix, sep, rest = spec.partition(":")
+    if not is_router_spec(spec) or not sep:
+        return str(root / spec) if not is_router_spec(spec) else spec
+    if prefix == "logo" or (not rest):
+        return spec
+    path, comma, options = rest.partition(",")
+    return f"{prefix}:{root / path}{comma}{options}"
+
+
 def _resolve_paths(raw: dict[str, Any], root: Path) -> dict[str, Any]:
     out = dict(raw)
     for key in PATH_KEYS:
         if out.get(key) is not None:
             out[key] = root / Path(out[key])
+    if out.get("router") is not None:
+        out["router"] = _resolve_router(str(out["router"]), root)
     if "adapters" in out:
         items = out["adapters"] if isinstance(out["adapters"], list) else [out["adapters"]]
         out["adapters"] = [root / Path(p) for p in items]

@@ -1,0 +1,149 @@
+"""The one registry of prompt routers: a spec string (``KIND`` or ``KIND:ARG``) -> a router.
+
+Every part of loramux that lets a router choose the mix reads this registry: ``loramux eval
+--mix SPEC``, ``loramux run --mix SPEC`` / ``--router SPEC``, ``loramux chat``, the Python API
+(:func:`open_router`) and ``loramux serve --router SPEC`` (the server's ``model: "auto"``).
+
+Built in (each imported only when used, so this module imports nothing heavy):
+
+- ``router:PATH`` (or a bare ``PATH.onnx``): the trained ONNX router (:mod:`loramux.router.runtime`);
+- ``retrieval:KEYS``: nearest adapters by cosine to the prompt's embedding, keys built by
+  ``loramux router index`` (:mod:`loramux.router.retrieval`); options after the path:
+  ``retrieval:KEYS,k=3,T=0.05`` or ``weights=uniform``;
+- ``logo`` / ``logo:k=3,score=norm``: LoGo, the adapters' own output norms at one layer
+  (:mod:`loramux.router.logo`);
+- ``file:MIX.json``: one fixed mix read from a file (``loramux compose`` writes one).
+
+A router is anything with ``adapters`` (the names it routes among), ``route(prompt) -> Routing``
+and ``close()``. Register more with :func:`register_router`.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Protocol
+
+from loramux.errors import MixError
+from loramux.router.selection import Routing
+
+
+class PromptRouter(Protocol):
+    """What every router gives: the adapters it chooses among and a Routing per prompt."""
+
+    @property
+    def adapters(self) -> tuple[str, ...]: ...
+
+    def route(self, prompt: str) -> Routing: ...
+
+    def close(self) -> None: ...
+
+
+RouterFactory = Callable[[str | None, Any], PromptRouter]   # (the text after "KIND:", the AdapterPool)
+
+
+@dataclass(frozen=True)
+class RouterKind:
+    """One registered kind of router."""
+
+    prefix: str
+    factory: RouterFactory
+    usage: str        # e.g. "retrieval:KEYS[,k=3,T=0.05]"
+    summary: str
+
+
+_KINDS: dict[str, RouterKind] = {}
+
+
+def register_router(prefix: str, factory: RouterFactory, *, usage: str, summary: str) -> None:
+    """Register (or replace) the router kind ``prefix``."""
+    if not prefix or ":" in prefix or "=" in prefix:
+        raise ValueError(f"a router prefix must be non-empty without ':' or '=', got {prefix!r}")
+    _KINDS[prefix] = RouterKind(prefix, factory, usage, summary)
+
+
+def router_kinds() -> list[RouterKind]:
+    """The registered kinds, by prefix."""
+    return [_KINDS[k] for k in sorted(_KINDS)]
+
+
+def _split(spec: str) -> tuple[str, str | None]:
+    prefix, sep, arg = spec.partition(":")
+    if prefix not in _KINDS and spec.endswith(".onnx"):
+        return "router", spec
+    return prefix, (arg if sep else None)
+
+
+def is_router_spec(spec: str) -> bool:
+    """Whether ``spec`` names a router (and not a mix like ``name=w,...``)."""
+    return _split(str(spec))[0] in _KINDS
+
+
+def open_router(spec: str, pool: Any) -> PromptRouter:
+    """The router ``spec`` names, checked against ``pool`` (its base model and adapters)."""
+    prefix, arg = _split(str(spec))
+    kind = _KINDS.get(prefix)
+    if kind is None:
+        known = ", ".join(k.usage for k in router_kinds())
+        raise MixError(f"unknown router {spec!r}; known: {known}")
+    return kind.factory(arg, pool)
+
+
+def parse_options(text: str | None, defaults: dict[str, Any], *, source: str) -> dict[str, Any]:
+    """``k=3,T=0.5`` -> a copy of ``defaults`` with those keys replaced, typed like the defaults."""
+    out = dict(defaults)
+    for item in filter(None, (s.strip() for s in (text or "").split(","))):
+        key, sep, value = item.partition("=")
+        if not sep or key not in defaults:
+            raise MixError(f"{source}: unknown option {item!r}; options: "
+                           + ", ".join(f"{k}={v}" for k, v in defaults.items()))
+        kind = type(defaults[key])
+        try:
+            out[key] = kind(value)
+        except ValueError as exc:
+            raise MixError(f"{source}: option {key} wants a {kind.__name__}, got {value!r}") from exc
+    return out
+
+
+# --- built-in kinds ---------------------------------------------------------------------
+
+def _need_arg(kind: str, arg: str | None, what: str) -> str:
+    if not arg:
+        raise MixError(f"router {kind!r} needs {what}: {kind}:{what.upper()}")
+    return arg
+
+
+def _onnx(arg: str | None, pool: Any) -> PromptRouter:
+    from loramux.router.runtime import Router
+
+    return Router.load(_need_arg("router", arg, "path"), pool=pool)
+
+
+def _retrieval(arg: str | None, pool: Any) -> PromptRouter:
+    from loramux.router.retrieval import RetrievalRouter
+
+    path, _, options = _need_arg("retrieval", arg, "keys").partition(",")
+    return RetrievalRouter.load(path, pool=pool, options=options)
+
+
+def _logo(arg: str | None, pool: Any) -> PromptRouter:
+    from loramux.router.logo import LogoRouter
+
+    return LogoRouter(pool, options=arg)
+
+
+def _file(arg: str | None, pool: Any) -> PromptRouter:
+    from loramux.router.fixed import FixedMixRouter
+
+    return FixedMixRouter.load(Path(_need_arg("file", arg, "path")), pool=pool)
+
+
+register_router("router", _onnx, usage="router:PATH.onnx", summary="a trained ONNX router (loramux router train)")
+register_router("retrieval", _retrieval, usage="retrieval:KEYS[,k=3,T=0.05,weights=softmax|uniform]",
+                summary="nearest adapters to the prompt's embedding (keys: loramux router index)")
+register_router("logo", _logo, usage="logo[:k=3,score=norm|entropy,layer=-1,module=attn_q]",
+                summary="LoGo: the adapters' own output norms at one layer, no training, no samples")
+register_router("file", _file, usage="file:MIX.json", summary="one fixed mix read from a file (loramux compose)")
+
+
+__all__ = ["PromptRouter", "RouterFactory", "RouterKind", "is_router_spec", "open_router", "parse_options",
+           "register_router", "router_kinds"]
