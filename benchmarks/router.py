@@ -14,7 +14,13 @@ generation sees as the user turn):
    over raw text) built from its configuration with random weights (no download; latency does not
    depend on the weights), run by torch on one thread on the same number of tokens (ids drawn at
    random: its own sentencepiece tokenizer is not available here, so its tokenization is not counted).
-5. the same router on onnxruntime's CUDA provider when available (onnxruntime-gpu and a GPU).
+5. the same router on onnxruntime's CUDA provider when available (onnxruntime-gpu and a GPU);
+6. the training-free routers beside it, on the same prompts and pool (22 adapters): retrieval
+   (``token_mean`` and ``hidden:-8`` keys from 20 train prompts per adapter) and LoGo (one forward
+   pass with the 22 adapters set), median over --repeats; LoGo's pass against a plain prefill of
+   the same chat prompt (base model, nothing captured) on the same probe context;
+7. LoraHub: the time of one optimiser round (8 candidate mixes of the 22 adapters x 5 examples of a
+   held-out task), scored in one batch against one candidate at a time, median over --repeats.
 
 Run:
 
@@ -115,6 +121,62 @@ def albert_figures(lengths: list[int], iters: int) -> dict:
     return out
 
 
+def median_ms(fn, repeats: int) -> float:
+    fn()  # warm-up
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
+def training_free_figures(pool, prompts: dict, repeats: int) -> dict:
+    """Per prompt: route latency of retrieval (two features) and LoGo, and LoGo's pass vs a plain prefill."""
+    from loramux.evaluate import load_rows
+    from loramux.router.logo import LogoRouter
+    from loramux.router.retrieval import RetrievalRouter, build_keys, samples_by_adapter
+
+    samples = samples_by_adapter(load_rows(BBH / "train.jsonl"), pool.names, 20)
+    routers = {f"retrieval {f}": RetrievalRouter(build_keys(pool, samples, feature=f), pool) for f in ("token_mean", "hidden:-8")}
+    routers["logo"] = LogoRouter(pool)
+    out: dict = {}
+    for n, (text, n_tok) in prompts.items():
+        row = {name: median_ms(lambda r=r: r.route(text), repeats) for name, r in routers.items()}
+        ids = pool.tokenize(pool.chat_prompt([{"role": "user", "content": text}]), special=True)
+        probe = pool.probe()
+        row["plain_prefill"] = median_ms(lambda: probe.capture(ids, []), repeats)
+        row["logo_over_prefill"] = row["logo"] / row["plain_prefill"]
+        out[str(n)] = row
+    return out
+
+
+def compose_figures(base: Path, repeats: int) -> dict:
+    """One LoraHub optimiser round (8 candidates x 5 examples, 22 adapters): batched vs one candidate at a time."""
+    import warnings
+
+    from loramux.compose import CompositionObjective, example_items
+    from loramux.evaluate import load_rows
+    from loramux.pool import AdapterPool
+
+    examples = load_rows(BBH / "train.jsonl", tasks=["web_of_lies"], limit_per_task=5)
+    rng = np.random.default_rng(0)
+    with AdapterPool(base, n_ctx=1024, n_seq_max=16, n_batch=4096, max_active=22) as pool:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            pool.load_adapters(ADAPTERS, skip_embeddings=True)
+        weights = [rng.uniform(-1.5, 1.5, len(pool.names)) for _ in range(8)]
+        items = example_items(pool, examples)
+        batched = CompositionObjective(pool, pool.names, items, 0.05, True)
+        alone = CompositionObjective(pool, pool.names, items, 0.05, False)
+        same = np.allclose(batched.nll(weights), alone.nll(weights), atol=2e-3)
+        fig = {"candidates": 8, "examples": len(items), "tokens_per_candidate": sum(len(t) for t, _ in items),
+               "batched_round_ms": median_ms(lambda: batched.nll(weights), repeats),
+               "one_at_a_time_round_ms": median_ms(lambda: alone.nll(weights), repeats), "same_losses": bool(same)}
+    fig["speedup"] = fig["one_at_a_time_round_ms"] / fig["batched_round_ms"]
+    return fig
+
+
 def ensure_router(path: Path | None) -> Path:
     if path is not None:
         return path
@@ -183,6 +245,8 @@ def main() -> int:
                 result["cuda"] = {"providers": gpu.providers}
                 for n, (text, _) in prompts.items():
                     result["cuda"][str(n)] = routing_figures(gpu, text, args.iters)
+        result["training_free"] = training_free_figures(pool, prompts, args.repeats)
+    result["lorahub_round"] = compose_figures(pool.base_path, args.repeats)
     result["albert_baseline"] = albert_figures([p["tokens"] for p in result["prompts"].values()], args.albert_iters)
 
     print(f"router file: {result['router_file_mb']:.1f} MB, providers {result['providers']}, onnxruntime 1 thread")
@@ -203,9 +267,22 @@ def main() -> int:
         for n, p in result["cuda"].items():
             if n != "providers":
                 print(f"CUDA {p['tokens']} tokens: onnx p50 {p['onnx_ms']['p50']:.3f} ms, route p50 {p['route_ms']['p50']:.3f} ms")
+    print_training_free(result)
     if args.json:
         args.json.write_text(json.dumps(result, indent=1))
     return 0
+
+
+def print_training_free(result: dict) -> None:
+    print(f"\n{'prompt':>8} {'onnx route p50':>15} " + " ".join(f"{k:>22}" for k in next(iter(result["training_free"].values()))))
+    for n, row in result["training_free"].items():
+        onnx = result["prompts"][n]["route_ms"]["p50"]
+        print(f"{result['prompts'][n]['tokens']:>5} tk {onnx:>12.3f} ms " + " ".join(
+            f"{v:>19.3f} {'x' if k == 'logo_over_prefill' else 'ms'}" for k, v in row.items()))
+    lh = result["lorahub_round"]
+    print(f"LoraHub round ({lh['candidates']} candidates x {lh['examples']} examples, {lh['tokens_per_candidate']} tokens "
+          f"each): batched {lh['batched_round_ms']:.0f} ms, one at a time {lh['one_at_a_time_round_ms']:.0f} ms "
+          f"({lh['speedup']:.2f}x; same losses: {lh['same_losses']})")
 
 
 if __name__ == "__main__":

@@ -102,7 +102,7 @@ def _check(examples: Sequence[Mapping[str, Any]], names: Sequence[str], settings
         raise LoramuxError(f"mode must be one of {MODES}, got {settings['mode']!r}")
 
 
-class _Objective:
+class CompositionObjective:
     """The loss of weight vectors, scored in batches on the pool."""
 
     def __init__(self, pool: Any, names: Sequence[str], items, reg: float, batched: bool) -> None:
@@ -142,7 +142,7 @@ def compose(pool: Any, examples: Sequence[Mapping[str, Any]], *, adapters: Seque
         raise LoramuxError(f"composition scores mixes of all {len(names)} adapters per sequence, but the pool holds "
                            f"at most max_active={pool.max_active}: open it with AdapterPool(max_active={len(names)})")
     ng = _nevergrad()
-    objective = _Objective(pool, names, example_items(pool, examples), reg, batched)
+    objective = CompositionObjective(pool, names, example_items(pool, examples), reg, batched)
     param = ng.p.Array(init=np.zeros(len(names))).set_bounds(-bound, bound)
     param.random_state.seed(seed)
     optimizer = ng.optimizers.NGOpt(parametrization=param, budget=budget, num_workers=population)
@@ -174,5 +174,5 @@ def _nevergrad():
     return ng
 
 
-__all__ = ["BOUND", "BUDGET", "ComposeResult", "MAX_EXAMPLES", "POPULATION", "REG", "compose", "example_items",
+__all__ = ["BOUND", "BUDGET", "ComposeResult", "CompositionObjective", "MAX_EXAMPLES", "POPULATION", "REG", "compose", "example_items",
            "read_examples"]

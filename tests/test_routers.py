@@ -1,0 +1,175 @@
+"""Training-free routers on the real model and fixtures: the probe, retrieval, LoGo, the one registry.
+
+Oracles: the probe's captured final norm times the (tied) output matrix gives llama.cpp's own
+logits; LoGo's scores are recomputed in numpy from the GGUF factors; retrieval's routing is checked
+against the task labels it never saw, and a 23rd adapter converted at run time is picked for its
+prompts with no retraining.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+
+import numpy as np
+import pytest
+
+from loramux.errors import LoramuxError, MixError
+from loramux.mix import Mix
+
+from conftest import FIXTURES, all_fixture_names, load_rows, write_rows
+
+TASKS = ["boolean_expressions", "dyck_languages", "hyperbaton", "navigate", "snarks", "sports_understanding"]
+NEW_TASK = "date_understanding"       # a held-out task: no fixture is trained on it
+
+
+@pytest.fixture(scope="module")
+def pool(base_model, shared_dir):
+    from loramux.pool import AdapterPool
+
+    with AdapterPool(base_model, n_ctx=1024, n_seq_max=2) as p:
+        for name in TASKS:
+            p.load(FIXTURES / name)
+        yield p
+
+
+@pytest.fixture(scope="module")
+def keys(pool):
+    from loramux.router.retrieval import build_keys, samples_by_adapter
+
+    return build_keys(pool, samples_by_adapter(load_rows("train", set(TASKS)), pool.names, 20))
+
+
+def test_probe_captures_the_tensors_llama_cpp_computes(pool):
+    """result_norm @ token_embd^T (tied output) is the logits llama.cpp returns, with and without adapters."""
+    from loramux.router.features import token_embedding_table
+
+    out = token_embedding_table(pool.base_path)
+    tokens = pool.tokenize("not ( True ) and ( False ) is", add_bos=True)
+    for mix in (Mix(), Mix({"boolean_expressions": 0.7, "navigate": 0.3})):
+        adapters = [(n, pool.adapters[n].gguf_path, w) for n, w in mix.items()]
+        got = pool.probe().capture(tokens, ["result_norm", "attn_norm-29"], adapters=adapters, all_logits=True)
+        assert got["attn_norm-29"].shape == (len(tokens), out.shape[1])
+        want = pool.logits(tokens, mix, path="context")
+        np.testing.assert_allclose(got["result_norm"] @ out.T, want, rtol=0, atol=2e-2)
+    with pytest.raises(LoramuxError, match="no tensor named nothing-here"):
+        pool.probe().capture(tokens, ["nothing-here"])
+
+
+def test_retrieval_routes_unseen_dev_prompts_to_their_task(pool, keys, tmp_path):
+    from loramux.router.retrieval import RetrievalRouter
+
+    path = keys.save(tmp_path / "keys.json")
+    router = RetrievalRouter.load(path, pool=pool)
+    rows = load_rows("dev", set(TASKS), limit_per_task=15)
+    hits = 0
+    for row in rows:
+        routing = router.route(row["input"])
+        assert abs(sum(routing.mix.values()) - 1) < 1e-9 and len(routing.mix) <= 3
+        assert routing.mix[routing.top1] == max(routing.mix.values())
+        hits += routing.top1 == row["task"]
+    assert hits / len(rows) >= 0.95, hits
+    uniform = RetrievalRouter.load(path, pool=pool, options="k=2,weights=uniform,min_weight=0")
+    assert sorted(uniform.route(rows[0]["input"]).mix.values()) == [0.5, 0.5]
+
+
+def test_retrieval_key_file_errors_name_the_file(pool, keys, tmp_path):
+    from loramux.router.retrieval import RetrievalKeys, RetrievalRouter
+
+    with pytest.raises(MixError, match="do not exist"):
+        RetrievalKeys.load(tmp_path / "missing.json")
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"format": "something else"}')
+    with pytest.raises(MixError, match="not a loramux retrieval key file"):
+        RetrievalKeys.load(bad)
+    other = keys.save(tmp_path / "other.json")
+    data = json.loads(other.read_text())
+    data["base_fingerprint"] = "0" * 16
+    other.write_text(json.dumps(data))
+    with pytest.raises(MixError, match="another base model"):
+        RetrievalRouter.load(other, pool=pool)
+    with pytest.raises(MixError, match="unknown option 'q=1'"):
+        RetrievalRouter.load(keys.save(tmp_path / "k.json"), pool=pool, options="q=1")
+
+
+def test_a_23rd_adapter_added_at_run_time_is_routed_to_without_retraining(base_model, shared_dir, tmp_path):
+    """21 fixtures + a 22nd, then a 23rd PEFT folder converted at run time: its prompts go to it."""
+    from loramux.pool import AdapterPool
+    from loramux.router.retrieval import RetrievalRouter, build_keys, samples_by_adapter
+
+    names = [n for n in all_fixture_names() if n != "word_sorting"]        # 21 (its embedding LoRA needs a flag)
+    new_peft = tmp_path / NEW_TASK
+    shutil.copytree(FIXTURES / "geometric_shapes", new_peft)               # real PEFT weights under a new name
+    train = load_rows("train")
+    with AdapterPool(base_model, n_ctx=1024, n_seq_max=2) as pool:
+        for name in names:
+            pool.load(FIXTURES / name)
+        pool.load(FIXTURES / "word_sorting", skip_embeddings=True)
+        router = RetrievalRouter(build_keys(pool, samples_by_adapter(train, pool.names, 20)), pool)
+        prompts = [r["input"] for r in load_rows("dev", {NEW_TASK}, limit_per_task=10)]
+        assert all(router.route(p).top1 != NEW_TASK for p in prompts)
+        pool.load(new_peft)                                                # converted now, 23 adapters
+        assert len(pool.names) == 23
+        router.add(NEW_TASK, [r["input"] for r in train if r["task"] == NEW_TASK][:20])
+        assert sum(router.route(p).top1 == NEW_TASK for p in prompts) >= 9
+        geometric = [r["input"] for r in load_rows("dev", {"geometric_shapes"}, limit_per_task=5)]
+        assert all(router.route(p).top1 == "geometric_shapes" for p in geometric)   # the others keep their prompts
+        pool.unload(NEW_TASK)                                              # removing one needs nothing either
+        assert all(router.route(p).top1 != NEW_TASK for p in prompts)
+
+
+def test_logo_scores_are_the_adapters_own_output_norms(pool):
+    from loramux.router.logo import LogoRouter, lora_factors
+
+    router = LogoRouter(pool, options="k=2")
+    prompt = load_rows("dev", {"sports_understanding"}, limit_per_task=1)[0]["input"]
+    x = router.query(prompt)
+    scores = router.scores(prompt)
+    for name, score in scores.items():
+        a, b, k = lora_factors(pool.adapters[name].gguf_path, router.tensor)
+        assert score == pytest.approx(float(np.linalg.norm(k * (b @ (a @ x)))), rel=1e-5)
+    routing = router.route(prompt)
+    top = sorted(scores, key=lambda n: -scores[n])[:2]
+    assert list(sorted(routing.mix)) == sorted(top)
+    assert routing.mix[top[0]] == pytest.approx(scores[top[0]] / (scores[top[0]] + scores[top[1]]))
+    # the pass really runs with the adapters set: the input of the last layer changes with them
+    assert not np.allclose(LogoRouter(pool, options="active=base").query(prompt), x)
+    entropy = LogoRouter(pool, options="score=entropy,k=1").route(prompt)
+    assert len(entropy.mix) == 1 and entropy.mix[entropy.top1] == 1.0
+    with pytest.raises(MixError, match="unknown option"):
+        LogoRouter(pool, options="kk=1")
+
+
+def test_registry_drives_eval_and_run(pool, keys, tmp_path, capsys):
+    from loramux.cli import main
+    from loramux.evaluate import evaluate
+    from loramux.router.registry import is_router_spec, open_router
+
+    path = keys.save(tmp_path / "keys.json")
+    rows = load_rows("dev", {"boolean_expressions", "sports_understanding"}, limit_per_task=2)
+    result = evaluate(pool, rows, f"retrieval:{path}", max_tokens=4)
+    assert result.extra["routing_top1_accuracy"] == 1.0
+    assert all(max(r["mix"], key=r["mix"].get) == r["task"] for r in result.rows)
+    mix_file = tmp_path / "mix.json"
+    mix_file.write_text(json.dumps({"mix": {"navigate": 0.5, "snarks": -0.25}, "method": "hand"}))
+    fixed = open_router(f"file:{mix_file}", pool)
+    assert fixed.route("anything").mix == Mix({"navigate": 0.5, "snarks": -0.25})
+    assert is_router_spec("logo") and is_router_spec("x.onnx") and not is_router_spec("navigate=1")
+    with pytest.raises(MixError, match="unknown mix mode 'nope:1'.*retrieval:KEYS"):
+        evaluate(pool, rows, "nope:1")
+    data = write_rows(tmp_path / "rows.jsonl", rows)
+    argv = ["--base", str(pool.base_path), "--adapters", str(FIXTURES / "boolean_expressions"),
+            "--adapters", str(FIXTURES / "sports_understanding")]
+    keys2 = tmp_path / "keys2.json"
+    assert main(["router", "index", *argv, "--data", str(data), "-o", str(keys2)]) == 0
+    assert main(["run", *argv, "--mix", f"retrieval:{keys2}", "--max-tokens", "3", rows[0]["input"]]) == 0
+    err = capsys.readouterr().err
+    assert "[routed mix: boolean_expressions=1" in err
+
+
+def test_evaluate_and_the_router_package_import_without_a_cycle():
+    import subprocess
+
+    code = "import loramux.router, loramux.evaluate, loramux.router.registry as r; print(sorted(k.prefix for k in r.router_kinds()))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "['file', 'logo', 'retrieval', 'router']"
