@@ -8,6 +8,11 @@ can run with adapters set on the context (stock ``llama_set_adapters_lora``), so
 tensors are the ones the mixed model really computes. Routers use it: retrieval embeds prompts
 with it, LoGo reads q_proj's input with it.
 
+With an evaluation callback set, llama.cpp's scheduler computes the graph as views between the
+observed nodes, which turns off the CPU backend's op fusion: the probe's numbers equal a
+request's up to llama.cpp's batch floor (measured: logits within 1.08 of the engine's on the
+default model, where the floor between batch layouts is 2), not bit for bit.
+
 ggml tensor names are ``NAME-LAYER`` (llama.cpp's ``cb(cur, NAME, il)``); the rows of a captured
 tensor are the batch's tokens in order (for ``result_norm``, only the rows whose logits were
 asked for).
@@ -46,9 +51,6 @@ class _GgmlTensor(ctypes.Structure):
     ]
 
 
-_EVAL_CALLBACK = ctypes.CFUNCTYPE(ctypes.c_bool, ctypes.c_void_p, ctypes.c_bool, ctypes.c_void_p)
-
-
 def _tensor_get_function():
     """``ggml_backend_tensor_get`` of the ggml the loaded libllama uses (it copies from any backend)."""
     import llama_cpp.llama_cpp as bindings
@@ -80,11 +82,12 @@ class HiddenProbe:
         self._got: dict[str, list[np.ndarray]] = {}
         self._error: BaseException | None = None
         self._tensor_get = _tensor_get_function()
-        self._callback = _EVAL_CALLBACK(self._on_tensor)   # kept alive as long as the context
+        # llama_cpp's own prototype (bool (*)(ggml_tensor *, bool ask, void *)), kept alive with the context
+        self._callback = lc.ggml_backend_sched_eval_callback(self._on_tensor)
         params = lc.llama_context_default_params()
         params.n_ctx, params.n_batch, params.n_ubatch, params.n_seq_max = n_ctx, n_batch, n_batch, 1
         params.n_threads = params.n_threads_batch = n_threads
-        params.cb_eval = ctypes.cast(self._callback, ctypes.c_void_p).value
+        params.cb_eval = self._callback
         params.cb_eval_user_data = None
         self.ctx = lc.llama_init_from_model(model_ptr, params)
         if not self.ctx:
