@@ -53,7 +53,7 @@ def test_mode_parsing(pool):
         oracle = make_policy("oracle", ctx)
     assert oracle.mix_for(ctx.rows[0]) == {"navigate": 1.0} and oracle.mix_for(ctx.rows[1]).is_base
     assert oracle.report() == {"tasks_without_adapter": ["z"]}
-    with pytest.raises(MixError, match="known modes: .*oracle"):
+    with pytest.raises(MixError, match="known: .*oracle.*retrieval:KEYS"):
         make_policy("bogus", ctx)
     with pytest.raises(MixError, match="unknown adapter"):
         make_policy("fixed:q=1", ctx)

@@ -71,11 +71,13 @@ def test_eval_router_mode_on_a_real_pool(small_router, small_pool_dir, base_mode
         policy = make_policy(f"router:{out}", ModeContext(pool=pool, rows=rows))
         mixes = [policy.mix_for(r) for r in rows]
         report = policy.report()
-        # the helper `loramux run --router` uses
-        from loramux.cli.route_cmd import routed_mix
+        # what `loramux run --router PATH` uses (a bare path is the trained router's spec)
+        from loramux.cli.mix_choice import MixChoice
 
         first = next(r for r in rows if r["task"] == "navigate")
-        mix, routing = routed_mix(out, pool, first["input"])
+        choice = MixChoice(pool, str(out))
+        mix, routing = choice.for_prompt(first["input"])
+        choice.close()
         assert mix == Mix({"navigate": 1.0}) and routing.top1 == "navigate" and routing.fallback is None
     for row, mix in zip(rows, mixes):
         if row["task"] in TASKS:
@@ -109,8 +111,7 @@ def test_run_command_with_router(small_router, small_pool_dir, base_model):
     done = _loramux("run", "--base", str(base_model), "--adapters", str(small_pool_dir), "--router", str(out),
                     "--max-tokens", "4", "--threads", "2", prompt)
     assert done.returncode == 0, done.stderr
-    assert "[router: sports_understanding" in done.stderr
-    assert "[mix: sports_understanding=1" in done.stderr
+    assert "[routed mix: sports_understanding=1.0 (top sports_understanding, 1.000)]" in done.stderr
     both = _loramux("run", "--base", str(base_model), "--adapters", str(small_pool_dir), "--router", str(out),
                     "--mix", "navigate=1", prompt)
     assert both.returncode == 2 and "either --mix or --router" in both.stderr

@@ -8,8 +8,10 @@ graph's real input ``x`` of that module at the last prompt token is read (``attn
 the RMSNorm, which is what q_proj multiplies; LoGo's code reads the residual stream before the
 norm instead). For every adapter ``e`` that adapts that module, its LoRA output is
 ``o_e = k_e * B_e (A_e x)`` (A, B and ``k_e = alpha / r`` exactly as llama.cpp applies the GGUF),
-and its score is ``||o_e||`` (``score=norm``) or the inverse entropy of ``softmax(o_e)``
-(``score=entropy``). The ``k`` highest-scoring adapters are kept with ``w = s / sum(s)``.
+and its score is ``||o_e||`` (``score=norm``, LoGo's), the inverse entropy of ``softmax(o_e)``
+(``score=entropy``, LoGo's other), or ``||o_e|| / (||k_e B_e A_e||_2 ||x||)`` (``score=relative``:
+the share of the adapter's largest gain that this input draws out, so an adapter with large
+weights does not win every prompt; no samples needed). The ``k`` highest-scoring adapters are kept with ``w = s / sum(s)``.
 
 Each pass starts from an empty K/V and the same adapter set (LoGo's code leaves the previous
 prompt's adapters active for the next scoring pass). Adapters that do not adapt the module are
@@ -33,7 +35,7 @@ from loramux.router.registry import parse_options
 from loramux.router.selection import Routing, softmax
 
 DEFAULTS: dict[str, Any] = {"k": 3, "score": "norm", "layer": -1, "module": "attn_q", "active": "all", "template": "chat"}
-SCORES = ("norm", "entropy")
+SCORES = ("norm", "entropy", "relative")
 ACTIVE_SETS = ("all", "uniform", "base")
 ALPHA_KEY = "adapter.lora.alpha"
 
@@ -51,6 +53,13 @@ def lora_factors(gguf_path: Path, tensor: str) -> tuple[np.ndarray, np.ndarray, 
     a, b = arrays[f"{tensor}.lora_a"], arrays[f"{tensor}.lora_b"]
     alpha = float(read_gguf_header(gguf_path).metadata.get(ALPHA_KEY) or 0.0)
     return a, b, llama_scaling(alpha, a.shape[0])
+
+
+def spectral_norm(a: np.ndarray, b: np.ndarray, k: float) -> float:
+    """The largest singular value of ``k B A`` (from the r x r core, without forming B A)."""
+    qa = np.linalg.qr(a.astype(np.float64).T)[1]            # A^T = Q_a R_a
+    qb = np.linalg.qr(b.astype(np.float64))[1]              # B = Q_b R_b
+    return float(abs(k) * np.linalg.norm(qb @ qa.T, 2))
 
 
 def inverse_entropy(o: np.ndarray) -> float:
@@ -109,10 +118,20 @@ class LogoRouter:
                 continue
             a, b, k = factors
             o = k * (b.astype(np.float64) @ (a.astype(np.float64) @ x))
-            out[name] = float(np.linalg.norm(o)) if self.settings["score"] == "norm" else inverse_entropy(o)
+            out[name] = self._score(o, factors, x)
         if not out:
             raise MixError(f"logo: no loaded adapter adapts {self.tensor}")
         return out
+
+    def _score(self, o: np.ndarray, factors, x: np.ndarray) -> float:
+        kind = self.settings["score"]
+        if kind == "entropy":
+            return inverse_entropy(o)
+        norm = float(np.linalg.norm(o))
+        if kind == "relative":    # how much of the adapter's largest possible gain this x draws out
+            a, b, k = factors
+            return norm / max(spectral_norm(a, b, k) * float(np.linalg.norm(x)), 1e-30)
+        return norm
 
     def route(self, prompt: str) -> Routing:
         scores = self.scores(prompt)
