@@ -186,3 +186,25 @@ def test_evaluate_and_the_router_package_import_without_a_cycle():
     code = "import loramux.router, loramux.evaluate, loramux.router.registry as r; print(sorted(k.prefix for k in r.router_kinds()))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "['file', 'logo', 'retrieval', 'router']"
+
+
+def test_the_server_routes_model_auto_with_retrieval_keys(keys, base_model, tmp_path):
+    """``loramux serve --router retrieval:KEYS``: a real OpenAI client asks for model "auto"."""
+    openai = pytest.importorskip("openai")
+    from serve_proc import loramux_server
+
+    path = keys.save(tmp_path / "keys.json")
+    folder = tmp_path / "adapters"
+    folder.mkdir()
+    for name in TASKS:
+        (folder / name).symlink_to(FIXTURES / name)
+    with loramux_server("--base", str(base_model), "--adapters", str(folder), "--router", f"retrieval:{path},k=2",
+                        "--n-ctx", "512", "--threads", "2", log_dir=tmp_path) as url:
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
+        for task in ("hyperbaton", "dyck_languages"):
+            row = load_rows("dev", {task}, limit_per_task=1)[0]
+            out = client.chat.completions.create(model="auto", messages=[{"role": "user", "content": row["input"]}],
+                                                 temperature=0, max_tokens=3)
+            routing = out.model_extra["routing"]
+            assert routing["top1"] == task and set(routing["scores"]) == set(TASKS)
+            assert out.model_extra["mix"] == routing["mix"] and len(routing["mix"]) <= 2

@@ -31,7 +31,7 @@ import numpy as np
 from loramux.errors import MixError
 from loramux.mix import Mix
 from loramux.probe import layer_index
-from loramux.router.registry import parse_options
+from loramux.router.options import parse_options
 from loramux.router.selection import Routing, softmax
 
 DEFAULTS: dict[str, Any] = {"k": 3, "score": "norm", "layer": -1, "module": "attn_q", "active": "all", "template": "chat"}

@@ -88,22 +88,6 @@ def open_router(spec: str, pool: Any) -> PromptRouter:
     return kind.factory(arg, pool)
 
 
-def parse_options(text: str | None, defaults: dict[str, Any], *, source: str) -> dict[str, Any]:
-    """``k=3,T=0.5`` -> a copy of ``defaults`` with those keys replaced, typed like the defaults."""
-    out = dict(defaults)
-    for item in filter(None, (s.strip() for s in (text or "").split(","))):
-        key, sep, value = item.partition("=")
-        if not sep or key not in defaults:
-            raise MixError(f"{source}: unknown option {item!r}; options: "
-                           + ", ".join(f"{k}={v}" for k, v in defaults.items()))
-        kind = type(defaults[key])
-        try:
-            out[key] = kind(value)
-        except ValueError as exc:
-            raise MixError(f"{source}: option {key} wants a {kind.__name__}, got {value!r}") from exc
-    return out
-
-
 # --- built-in kinds ---------------------------------------------------------------------
 
 def _need_arg(kind: str, arg: str | None, what: str) -> str:
@@ -145,5 +129,5 @@ register_router("logo", _logo, usage="logo[:k=3,score=norm|entropy,layer=-1,modu
 register_router("file", _file, usage="file:MIX.json", summary="one fixed mix read from a file (loramux compose)")
 
 
-__all__ = ["PromptRouter", "RouterFactory", "RouterKind", "is_router_spec", "open_router", "parse_options",
+__all__ = ["PromptRouter", "RouterFactory", "RouterKind", "is_router_spec", "open_router",
            "register_router", "router_kinds"]

@@ -28,7 +28,7 @@ from loramux.converters.atomic import atomic_output
 from loramux.errors import MixError
 from loramux.mix import Mix
 from loramux.router.embedding import DEFAULT_FEATURE, PromptEmbedder, check_feature
-from loramux.router.registry import parse_options
+from loramux.router.options import parse_options
 from loramux.router.selection import Routing, softmax
 
 FORMAT = "loramux-retrieval-keys"
