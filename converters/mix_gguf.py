@@ -78,4 +78,38 @@ def write_mix_gguf(mix: Mapping[str, float], files: Mapping[str, str | os.PathLi
     return write_gguf_lora(out, planned, read_base_model(base), header, outtype=outtype)
 
 
-__all__ = ["concatenated_modules", "write_mix_gguf"]
+
+
+def averaged_modules(weights: Mapping[str, float], files: Mapping[str, str | os.PathLike]) -> tuple[list[GgufLoraTensors], float]:
+    """LoraHub's own merge: ``A = sum w_a A_a`` and ``B = sum w_a B_a`` per module (cross terms), and the alpha.
+
+    Every adapter must adapt the same modules with the same rank and alpha (LoraHub's setting);
+    otherwise AdapterError names the first that differs."""
+    merged: dict[str, list[np.ndarray]] = {}
+    shape_of: dict[str, tuple] = {}
+    alpha0, first = None, None
+    for name, weight in weights.items():
+        modules, alpha = _modules(Path(files[name]))
+        shapes = {t: (a.shape, b.shape) for t, (a, b) in modules.items()}
+        if first is None:
+            first, alpha0, shape_of = name, alpha, shapes
+        elif shapes != shape_of or alpha != alpha0:
+            raise AdapterError(f"LoraHub's A/B merge needs adapters of one rank, alpha and module set: {name!r} differs "
+                               f"from {first!r}")
+        for tensor, (a, b) in modules.items():
+            acc = merged.setdefault(tensor, [np.zeros_like(a, dtype=np.float64), np.zeros_like(b, dtype=np.float64)])
+            acc[0] += weight * a
+            acc[1] += weight * b
+    planned = [GgufLoraTensors(t, v[0].astype(np.float32), v[1].astype(np.float32)) for t, v in sorted(merged.items())]
+    return planned, float(alpha0 or 0.0)
+
+
+def write_averaged_gguf(weights: Mapping[str, float], files: Mapping[str, str | os.PathLike], base: str | os.PathLike,
+                        out: str | os.PathLike, *, name: str | None = None) -> Path:
+    """Write LoraHub's A/B-averaged merge of ``weights`` as one GGUF adapter (f32), atomically."""
+    planned, alpha = averaged_modules(weights, files)
+    header = AdapterHeader(name=name or Path(out).stem, alpha=alpha, source="loramux LoraHub A/B merge", peft_type="LORA")
+    return write_gguf_lora(out, planned, read_base_model(base), header, outtype="f32")
+
+
+__all__ = ["averaged_modules", "concatenated_modules", "write_averaged_gguf", "write_mix_gguf"]

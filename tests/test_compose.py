@@ -135,3 +135,24 @@ def test_compose_command_writes_a_mix_file_usable_as_a_router(tmp_path, base_mod
         for name in ADAPTERS[:3]:
             p.load(FIXTURES / name)
         assert open_router(f"file:{out}", p).route("x").mix == Mix(data["mix"])
+
+
+def test_lorahub_merge_mode_scores_the_a_b_average(pool, tmp_path):
+    """mode="lorahub": the candidate is LoraHub's A/B merge (cross terms), not the output-space sum."""
+    from loramux.compose import CompositionObjective, example_items
+    from loramux.converters.mix_gguf import averaged_modules
+
+    same = ["boolean_expressions", "formal_fallacies"]  # both r=8, alpha=16, q/k/v/o: the merge applies
+    pool.load(FIXTURES / "formal_fallacies")
+    items = example_items(pool, _examples("formal_fallacies", 2))
+    w = np.array([0.6, 0.7])
+    merged = CompositionObjective(pool, same, items, 0.05, True, mode="lorahub").nll([w])[0]
+    output = CompositionObjective(pool, same, items, 0.05, True).nll([w])[0]
+    assert abs(merged - output) > 5 * NLL_TOL           # cross terms change the model
+    assert not any(n.startswith("lorahub-candidate") for n in pool.names)   # candidates unloaded
+    planned, alpha = averaged_modules(dict(zip(same, w)), {n: pool.adapters[n].gguf_path for n in same})
+    assert alpha == 16.0 and planned[0].lora_a.shape[0] == 8
+    with pytest.raises(LoramuxError, match="one rank, alpha and module set"):
+        averaged_modules({"boolean_expressions": 1.0, "dyck_languages": 1.0},
+                         {n: pool.adapters[n].gguf_path for n in ("boolean_expressions", "dyck_languages")})
+    pool.unload("formal_fallacies")

@@ -13,9 +13,10 @@ delta_a`` (``mode="output"``, the default): the candidates of one optimiser roun
 of them) are scored together, every candidate x example one sequence with its own mix, in as few
 ``llama_decode`` calls as the batch holds (:meth:`loramux.AdapterPool.score`).
 
-``mode="lorahub"``: LoraHub's own merge, ``A = sum w_a A_a`` and ``B = sum w_a B_a`` (cross terms,
-all adapters must share rank and modules), written as one adapter per candidate and scored one
-candidate at a time; kept so the two can be compared, not the default.
+``mode="lorahub"``: LoraHub's own merge, ``A = sum w_a A_a`` and ``B = sum w_a B_a`` (cross terms;
+all adapters must share rank, alpha and modules), each candidate written as one adapter, the
+round's candidates loaded together and scored in one batch; kept so the two can be compared, not
+the default. (w = 0 is then the zero adapter, i.e. the base model, as in the output mode.)
 """
 from __future__ import annotations
 
@@ -105,14 +106,17 @@ def _check(examples: Sequence[Mapping[str, Any]], names: Sequence[str], settings
 class CompositionObjective:
     """The loss of weight vectors, scored in batches on the pool."""
 
-    def __init__(self, pool: Any, names: Sequence[str], items, reg: float, batched: bool) -> None:
+    def __init__(self, pool: Any, names: Sequence[str], items, reg: float, batched: bool, mode: str = "output") -> None:
         self.pool, self.names, self.items, self.reg, self.batched = pool, list(names), items, reg, batched
+        self.mode = mode
 
     def mix(self, w: np.ndarray) -> Mix:
         return Mix({n: float(x) for n, x in zip(self.names, w)})
 
     def nll(self, weights: Sequence[np.ndarray]) -> list[float]:
         """Mean target cross-entropy of each weight vector over the examples."""
+        if self.mode == "lorahub":
+            return self._merged_nll(weights)
         mixes = [self.mix(w) for w in weights]
         if not self.batched:
             return [self._nll_of([m])[0] for m in mixes]
@@ -123,26 +127,48 @@ class CompositionObjective:
         losses = np.asarray(self.pool.score(items)).reshape(len(mixes), len(self.items))
         return losses.mean(axis=1).tolist()
 
+    def _merged_nll(self, weights: Sequence[np.ndarray]) -> list[float]:
+        """LoraHub's A/B merge: each candidate written as one adapter, all of a round loaded and scored in one batch."""
+        import tempfile
+
+        from loramux.converters.mix_gguf import write_averaged_gguf
+
+        files = {n: self.pool.adapters[n].gguf_path for n in self.names}
+        loaded: list[str] = []
+        with tempfile.TemporaryDirectory(prefix="loramux-lorahub-") as tmp:
+            try:
+                for i, w in enumerate(weights):
+                    name = f"lorahub-candidate-{i}"
+                    path = write_averaged_gguf(dict(zip(self.names, map(float, w))), files, self.pool.base_path,
+                                               Path(tmp) / f"{name}.gguf")
+                    self.pool.load(path, name=name)
+                    loaded.append(name)
+                return self._nll_of([Mix({n: 1.0}) for n in loaded])
+            finally:
+                for name in loaded:
+                    self.pool.unload(name)
+
     def loss(self, w: np.ndarray, nll: float) -> float:
         return nll + self.reg * float(np.abs(w).mean())
 
 
 def compose(pool: Any, examples: Sequence[Mapping[str, Any]], *, adapters: Sequence[str] | None = None,
             budget: int = BUDGET, population: int = POPULATION, bound: float = BOUND, reg: float = REG, seed: int = 0,
-            batched: bool = True, progress: Callable[[int, float], None] | None = None) -> ComposeResult:
+            batched: bool = True, mode: str = "output", progress: Callable[[int, float], None] | None = None) -> ComposeResult:
     """LoraHub weights for ``adapters`` (default: all of the pool's) from ``examples`` (see the module docstring).
 
     ``progress(evaluations_done, best_loss)`` is called after every round. ``batched=False``
-    scores one candidate at a time (the same losses, for timing the batch)."""
+    scores one candidate at a time (the same losses, for timing the batch). ``mode="lorahub"``:
+    LoraHub's A/B merge instead of the output-space sum (adapters of one rank, alpha and modules)."""
     names = list(adapters) if adapters is not None else list(pool.names)
     settings = {"budget": budget, "population": population, "bound": bound, "reg": reg, "seed": seed,
-                "adapters": names, "examples": len(examples), "optimizer": "nevergrad NGOpt", "mode": "output"}
+                "adapters": names, "examples": len(examples), "optimizer": "nevergrad NGOpt", "mode": mode}
     _check(examples, names, settings)
-    if pool.max_active < len(names):
+    if mode == "output" and pool.max_active < len(names):
         raise LoramuxError(f"composition scores mixes of all {len(names)} adapters per sequence, but the pool holds "
                            f"at most max_active={pool.max_active}: open it with AdapterPool(max_active={len(names)})")
     ng = _nevergrad()
-    objective = CompositionObjective(pool, names, example_items(pool, examples), reg, batched)
+    objective = CompositionObjective(pool, names, example_items(pool, examples), reg, batched, mode)
     param = ng.p.Array(init=np.zeros(len(names))).set_bounds(-bound, bound)
     param.random_state.seed(seed)
     optimizer = ng.optimizers.NGOpt(parametrization=param, budget=budget, num_workers=population)

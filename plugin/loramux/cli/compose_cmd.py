@@ -20,7 +20,7 @@ def register(sub: argparse._SubParsersAction) -> None:
             f"(LoraHub's optimiser) in --budget evaluations. The candidates of one round are scored together: every "
             f"candidate x example is one sequence with its own mix, in one batch. Writes the mix as JSON (use it with "
             f"--mix file:MIX.json, or in loramux serve's config) and, with --gguf, one GGUF adapter holding exactly "
-            f"that mix (rank concatenation). Needs the compose extra (nevergrad)."
+            f"that mix (rank concatenation; with --mode lorahub, the A/B merge). Needs the compose extra (nevergrad)."
         ),
         epilog=(f"--examples: JSON lines {{input, target}} (at most {MAX_EXAMPLES}, LoraHub's few-shot setting; extra "
                 "keys ignored). Example: loramux compose --adapters adapters/ --examples few.jsonl -o mix.json --gguf mix.gguf"),
@@ -32,6 +32,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--budget", type=int, default=BUDGET, help=f"optimiser evaluations (default: {BUDGET}, LoraHub's)")
     p.add_argument("--population", type=int, default=POPULATION, help=f"candidates per round, scored in one batch (default: {POPULATION})")
     p.add_argument("--seed", type=int, default=0, help="optimiser seed (default: 0)")
+    p.add_argument("--mode", choices=("output", "lorahub"), default="output",
+                   help="output: the exact output-space sum of the adapters' deltas (default); lorahub: LoraHub's own "
+                        "merge, A and B each summed with the weights (cross terms; adapters of one rank, alpha and modules)")
     p.add_argument("--sequential", action="store_true", help="score one candidate at a time (same losses; for timing the batch)")
     p.set_defaults(run=run)
 
@@ -39,7 +42,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from loramux.compose import compose, read_examples
     from loramux.converters.atomic import atomic_output
-    from loramux.converters.mix_gguf import write_mix_gguf
+    from loramux.converters.mix_gguf import write_averaged_gguf, write_mix_gguf
     from loramux.progress import progress_bar
 
     examples = read_examples(args.examples)
@@ -49,7 +52,7 @@ def run(args: argparse.Namespace) -> int:
                 bar.update_to(done, args.budget)
                 bar.set_postfix(loss=f"{best:.4f}")
             result = compose(pool, examples, budget=args.budget, population=args.population, seed=args.seed,
-                             batched=not args.sequential, progress=report)
+                             batched=not args.sequential, mode=args.mode, progress=report)
         files = {n: pool.adapters[n].gguf_path for n in result.mix}
         base = pool.base_path
     with atomic_output(args.output) as tmp:
@@ -58,7 +61,10 @@ def run(args: argparse.Namespace) -> int:
           f"{result.seconds:.1f} s; mix {result.mix}", file=sys.stderr)
     print(f"wrote {args.output}")
     if args.gguf is not None:
-        write_mix_gguf(result.mix, files, base, args.gguf)
+        if args.mode == "lorahub":
+            write_averaged_gguf(result.mix, files, base, args.gguf)
+        else:
+            write_mix_gguf(result.mix, files, base, args.gguf)
         print(f"wrote {args.gguf}")
     return 0
 
