@@ -66,14 +66,19 @@ def _mark(answer: str, item: dict) -> str:
     return "ok" if normalize_answer(answer) == normalize_answer(item["expected"]) else "x"
 
 
+def _short(text: str, width: int = 70) -> str:
+    text = " ".join(text.split())
+    return repr(text if len(text) <= width else text[:width] + "...")
+
+
 def _print(prompts: list[dict], routed: list, base: list) -> None:
     for i, (item, r, b) in enumerate(zip(prompts, routed, base), 1):
         text = " ".join(item["prompt"].split())
         print(f"[{i}] ({item.get('task', '?')}) {text[:100]}{'...' if len(text) > 100 else ''}")
         print(f"    expected {item.get('expected', '?')!r}")
         mix = ", ".join(f"{k}={v:.2f}" for k, v in r.mix.items()) or "base"
-        print(f"    routed  {mix:<44} -> {' '.join(r.text.split())!r} [{_mark(r.text, item)}]")
-        print(f"    base    {'':<44} -> {' '.join(b.text.split())!r} [{_mark(b.text, item)}]")
+        print(f"    routed  {mix:<44} -> {_short(r.text)} [{_mark(r.text, item)}]")
+        print(f"    base    {'':<44} -> {_short(b.text)} [{_mark(b.text, item)}]")
 
 
 def run(args: argparse.Namespace) -> int:
