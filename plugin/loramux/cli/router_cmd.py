@@ -82,14 +82,15 @@ def register(sub: argparse._SubParsersAction) -> None:
             "Use the keys with --mix retrieval:KEYS in loramux run, chat, eval and serve --router. An adapter added "
             "later needs only its own samples (RetrievalRouter.add), no rebuild."
         ),
-        epilog=("Features: token_mean (the mean token embedding of the prompt: no forward pass) or hidden:L (the mean "
+        epilog=("Features: token_meanmax (the mean and the maximum of the prompt's token embeddings: no forward pass), "
+                "token_mean (the mean alone) or hidden:L (the mean "
                 "residual stream after layer L of one forward pass; negative L counts from the end). "
                 "Example: loramux router index --adapters adapters/ --data train.jsonl -o adapters/retrieval_keys.json"),
     )
     add_pool_arguments(x)
     x.add_argument("--data", type=Path, required=True, help="rows {task, input, ...} (JSON lines); a row belongs to the adapter named like its task")
     x.add_argument("--samples-per-adapter", type=int, default=20, help="prompts per adapter key (default: 20, LoraRetriever's)")
-    x.add_argument("--feature", default="token_mean", help="prompt embedding: token_mean (default) or hidden:L")
+    x.add_argument("--feature", default="token_meanmax", help="prompt embedding: token_meanmax (default), token_mean or hidden:L")
     x.add_argument("-o", "--output", type=Path, required=True, help="key file to write (JSON)")
     x.set_defaults(run=run_index)
 
