@@ -16,7 +16,7 @@ generation sees as the user turn):
    random: its own sentencepiece tokenizer is not available here, so its tokenization is not counted).
 5. the same router on onnxruntime's CUDA provider when available (onnxruntime-gpu and a GPU);
 6. the training-free routers beside it, on the same prompts and pool (22 adapters): retrieval
-   (``token_mean`` and ``hidden:-8`` keys from 20 train prompts per adapter) and LoGo (one forward
+   (``token_meanmax``, ``token_mean`` and ``hidden:-8`` keys) and LoGo (one forward
    pass with the 22 adapters set), median over --repeats; LoGo's pass against a plain prefill of
    the same chat prompt (base model, nothing captured) on the same probe context;
 7. LoraHub: the time of one optimiser round (8 candidate mixes of the 22 adapters x 5 examples of a
@@ -140,7 +140,7 @@ def training_free_figures(pool, prompts: dict, repeats: int) -> dict:
     # latency does not depend on how many samples built a key: 20 per adapter for token_mean, 2 for hidden:-8
     rows = load_rows(BBH / "train.jsonl")
     routers = {f"retrieval {f}": RetrievalRouter(build_keys(pool, samples_by_adapter(rows, pool.names, n), feature=f), pool)
-               for f, n in (("token_mean", 20), ("hidden:-8", 2))}
+               for f, n in (("token_meanmax", 20), ("token_mean", 20), ("hidden:-8", 2))}
     routers["logo"] = LogoRouter(pool)
     out: dict = {}
     for n, (text, n_tok) in prompts.items():
