@@ -232,6 +232,9 @@ class RoutedPolicy:
             self.unmatched.setdefault(task, Counter())[top] += 1
         return mix
 
+    def close(self) -> None:
+        self.router.close()
+
     def report(self) -> dict[str, Any]:
         return {
             "router": self.spec,
@@ -323,8 +326,11 @@ def evaluate(
 
     policy = make_policy(mode, ModeContext(pool=pool, rows=rows))
     caps = task_token_caps(pool, rows) if max_tokens is None else {}
-    reqs = [PoolRequest(messages=[{"role": "user", "content": str(row["input"])}], mix=policy.mix_for(row),
-                        max_tokens=max_tokens or caps[str(row["task"])]) for row in rows]
+    try:
+        reqs = [PoolRequest(messages=[{"role": "user", "content": str(row["input"])}], mix=policy.mix_for(row),
+                            max_tokens=max_tokens or caps[str(row["task"])]) for row in rows]
+    finally:
+        getattr(policy, "close", lambda: None)()
     results: list[dict[str, Any] | None] = [None] * len(rows)
     paths: dict[str, int] = {}
     correct = answered = 0
