@@ -67,13 +67,14 @@ def one_task(pool, task: str, seeds, dev_rows: int) -> dict:
         print(f"{task} seed {seed}: {out['lorahub'][str(seed)]['accuracy']:.3f} (loss {result.base_nll:.3f} -> "
               f"{result.loss:.3f}, {out['lorahub'][str(seed)]['compose_s']} s)", file=sys.stderr)
     accs = [v["accuracy"] for v in out["lorahub"].values()]
-    out["lorahub_mean"], out["lorahub_sd"] = statistics.mean(accs), (statistics.stdev(accs) if len(accs) > 1 else 0.0)
+    out["lorahub_mean"] = statistics.mean(accs) if accs else float("nan")
+    out["lorahub_sd"] = statistics.stdev(accs) if len(accs) > 1 else 0.0
     return out
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("--seeds", type=int, nargs="*", default=[0, 1, 2], help="optimiser seeds (none: the baselines only)")
     ap.add_argument("--dev-rows", type=int, default=20, help="dev rows per task (default: 20)")
     ap.add_argument("--tasks", nargs="*", default=None, help="default: the five held-out tasks")
     ap.add_argument("--json", type=Path, default=None)
