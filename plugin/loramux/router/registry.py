@@ -97,9 +97,19 @@ def _need_arg(kind: str, arg: str | None, what: str) -> str:
 
 
 def _onnx(arg: str | None, pool: Any) -> PromptRouter:
+    """The trained router, checked against the pool's base model; every adapter it routes to must be loaded
+    (the pool may hold more, e.g. adapters loaded after training, which it never picks)."""
+    from loramux.router.errors import RouterMismatchError
     from loramux.router.runtime import Router
 
-    return Router.load(_need_arg("router", arg, "path"), pool=pool)
+    path = _need_arg("router", arg, "path")
+    router = Router.load(path, base=pool.base_path)
+    missing = sorted(set(router.adapters) - set(pool.names))
+    if missing:
+        router.close()
+        raise RouterMismatchError(f"router {path} routes to adapters that are not loaded: {', '.join(missing)}; "
+                                  "load them, or retrain the router on this pool")
+    return router
 
 
 def _retrieval(arg: str | None, pool: Any) -> PromptRouter:
