@@ -14,7 +14,7 @@ llama_context_p = ctypes.c_void_p
 llama_adapter_lora_p = ctypes.c_void_p
 llama_adapter_lora_pp = ctypes.POINTER(ctypes.c_void_p)
 
-# Status codes (enum loramux_status).
+# Status codes (enum loramux_status; tests/test_native_abi.py checks them against the header).
 LORAMUX_OK = 0
 LORAMUX_ERR_NULL_ARG = -1
 LORAMUX_ERR_NOT_REGISTERED = -2
@@ -26,6 +26,8 @@ LORAMUX_ERR_DUPLICATE_ADAPTER = -7
 LORAMUX_ERR_BAD_ARG = -8
 LORAMUX_ERR_INCOMPATIBLE_ADAPTER = -9
 LORAMUX_ERR_ALLOC = -10
+LORAMUX_ERR_INTERNAL = -11
+LORAMUX_ERR_UNAPPLIED = -12
 
 # name -> (argtypes, restype), in the order of loramux.h
 _PROTOTYPES: dict[str, tuple[list[Any], Any]] = {
@@ -33,6 +35,8 @@ _PROTOTYPES: dict[str, tuple[list[Any], Any]] = {
     "loramux_api_version": ([], ctypes.c_int32),
     # const char * loramux_strerror(int32_t status);
     "loramux_strerror": ([ctypes.c_int32], ctypes.c_char_p),
+    # const char * loramux_last_error(void);
+    "loramux_last_error": ([], ctypes.c_char_p),
     # int32_t loramux_register_adapters(struct llama_context * ctx, struct llama_adapter_lora ** adapters,
     #                                   int32_t n_adapters, int32_t max_active);
     "loramux_register_adapters": ([llama_context_p, llama_adapter_lora_pp, ctypes.c_int32, ctypes.c_int32], ctypes.c_int32),
@@ -42,6 +46,8 @@ _PROTOTYPES: dict[str, tuple[list[Any], Any]] = {
     "loramux_n_adapters": ([llama_context_p], ctypes.c_int32),
     # int32_t loramux_max_active(const struct llama_context * ctx);
     "loramux_max_active": ([llama_context_p], ctypes.c_int32),
+    # int32_t loramux_check_applied(const struct llama_context * ctx);
+    "loramux_check_applied": ([llama_context_p], ctypes.c_int32),
     # int32_t loramux_set_seq_mix(struct llama_context * ctx, llama_seq_id seq_id, int32_t n,
     #                             const int32_t * ids, const float * weights);
     "loramux_set_seq_mix": ([llama_context_p, ctypes.c_int32, ctypes.c_int32, c_int32_p, c_float_p], ctypes.c_int32),
@@ -75,6 +81,21 @@ def lib() -> ctypes.CDLL:
 
 def strerror(status: int) -> str:
     return lib().loramux_strerror(status).decode("utf-8", errors="replace")
+
+
+def last_error() -> str:
+    """Why the last failing loramux call on this thread failed (empty after a success)."""
+    return (lib().loramux_last_error() or b"").decode("utf-8", errors="replace")
+
+
+def reason(status: int) -> str:
+    """The status code's text, with the library's detailed reason when it has one."""
+    detail = last_error()
+    return f"{strerror(status)}: {detail}" if detail else strerror(status)
+
+
+def loramux_check_applied(ctx) -> int:
+    return lib().loramux_check_applied(ctx)
 
 
 def loramux_api_version() -> int:

@@ -13,6 +13,7 @@ and raises a loramux error that names the offending input.
 from __future__ import annotations
 
 import ctypes
+import re
 from typing import Iterable, Mapping, Sequence
 
 from loramux.errors import LoramuxError, MixError, RuntimeLoadError
@@ -54,13 +55,28 @@ class SeqMixer:
         arr = (ctypes.c_void_p * len(pairs))(*[_address(p) for _, p in pairs])
         rc = B.loramux_register_adapters(ctx_ptr, ctypes.cast(arr, B.llama_adapter_lora_pp), len(pairs), max_active)
         if rc != B.LORAMUX_OK:
-            raise RuntimeLoadError(f"loramux could not register adapters {', '.join(names)}: {B.strerror(rc)} (code {rc})")
+            raise RuntimeLoadError(f"loramux could not register adapters {', '.join(names)}: {self._named(B.reason(rc))} (code {rc})")
         self.max_active = B.loramux_max_active(ctx_ptr)
         if self.max_active < 1:
             B.loramux_unregister(ctx_ptr)
             raise RuntimeLoadError(f"loramux registered adapters {', '.join(names)} but reports max_active={self.max_active}: "
                                    f"{B.strerror(self.max_active) if self.max_active < 0 else 'no active slots'}")
         self._closed = False
+
+    def _named(self, text: str) -> str:
+        """The library's reason with each "adapter N" (a pool id) given its name."""
+        def name(m: re.Match) -> str:
+            i = int(m.group(1))
+            return f"adapter {self.names[i]!r}" if 0 <= i < len(self.names) else m.group(0)
+        return re.sub(r"\badapter (\d+)\b", name, text)
+
+    def check_applied(self) -> None:
+        """Raise when a decode met an adapted weight the per-sequence hook could not apply."""
+        rc = B.loramux_check_applied(self._ctx)
+        if rc != B.LORAMUX_OK:
+            raise RuntimeLoadError(f"loramux could not apply adapters {', '.join(self.names)} in the last decode: "
+                                   f"{self._named(B.reason(rc))} (code {rc}); these adapters cannot be mixed per "
+                                   "sequence on this model")
 
     @property
     def n_adapters(self) -> int:
@@ -127,12 +143,12 @@ class SeqMixer:
             self._closed = True
             rc = B.loramux_unregister(self._ctx)
             if rc != B.LORAMUX_OK:
-                raise LoramuxError(f"loramux could not unregister adapters {', '.join(self.names)}: {B.strerror(rc)} (code {rc})")
+                raise LoramuxError(f"loramux could not unregister adapters {', '.join(self.names)}: {B.reason(rc)} (code {rc})")
 
     def _raise(self, rc: int, seq_id: int, ids: Sequence[int], weights: Sequence[float], names: Sequence[str] | None) -> None:
         label = list(names) if names is not None else [self.names[i] if 0 <= i < self.n_adapters else str(i) for i in ids]
         mix = ", ".join(f"{n}={w:g}" for n, w in zip(label, weights)) or "(empty)"
-        why = B.strerror(rc)
+        why = self._named(B.reason(rc))
         if rc == B.LORAMUX_ERR_BAD_SEQ_ID:
             raise LoramuxError(f"sequence id {seq_id} is out of range for this context (n_seq_max too small?): {why}")
         if rc == B.LORAMUX_ERR_TOO_MANY_ACTIVE:

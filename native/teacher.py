@@ -148,4 +148,7 @@ def _decode(ctx, batch) -> None:
 def _logits(ctx, i: int, n_vocab: int) -> np.ndarray:
     import llama_cpp
 
-    return np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(ctx, i), shape=(n_vocab,)).copy()
+    ptr = llama_cpp.llama_get_logits_ith(ctx, i)
+    if not ptr:
+        raise LoramuxError(f"llama.cpp has no logits for batch row {i} (was it decoded with logits requested?)")
+    return np.ctypeslib.as_array(ptr, shape=(n_vocab,)).copy()

@@ -12,7 +12,8 @@
 // matrices are stacked per base weight and selected with ggml_mul_mat_id (top-k form).
 //
 // Every function returns an int32_t status: LORAMUX_OK (0) or a negative LORAMUX_ERR_* code
-// (loramux_strerror names it). Functions are not thread-safe with respect to llama_decode on the
+// (loramux_strerror names it; loramux_last_error says which adapter, tensor or argument and why).
+// No exception or assertion leaves these functions, and a failing call changes nothing. Functions are not thread-safe with respect to llama_decode on the
 // same context: call them between decodes.
 
 #pragma once
@@ -23,7 +24,7 @@
 extern "C" {
 #endif
 
-#define LORAMUX_API_VERSION 1
+#define LORAMUX_API_VERSION 2
 
 enum loramux_status {
     LORAMUX_OK                       =   0,
@@ -36,7 +37,9 @@ enum loramux_status {
     LORAMUX_ERR_DUPLICATE_ADAPTER    =  -7, // the same adapter twice (in a pool or in one mix)
     LORAMUX_ERR_BAD_ARG              =  -8, // a count is out of range
     LORAMUX_ERR_INCOMPATIBLE_ADAPTER =  -9, // adapter of another model, aLoRA, or mismatched shapes
-    LORAMUX_ERR_ALLOC                = -10, // a backend buffer could not be allocated
+    LORAMUX_ERR_ALLOC                = -10, // a backend buffer (or host memory) could not be allocated
+    LORAMUX_ERR_INTERNAL             = -11, // llama.cpp or the standard library threw; nothing was changed
+    LORAMUX_ERR_UNAPPLIED            = -12, // a graph met an adapted weight in a shape the hook cannot take
 };
 
 // LORAMUX_API_VERSION of the library.
@@ -45,9 +48,15 @@ LLAMA_API int32_t loramux_api_version(void);
 // Static text for a status code.
 LLAMA_API const char * loramux_strerror(int32_t status);
 
+// Why the last failing loramux call on this thread failed ("" after a call that succeeded): names
+// the pool adapter ("adapter 3"), the tensor and the cause. Valid until the next loramux call.
+LLAMA_API const char * loramux_last_error(void);
+
 // Register the pool `adapters[0..n_adapters)` (ids 0..n_adapters-1 in that order) on ctx, with at
 // most `max_active` adapters per sequence (clamped to n_adapters). The adapters' A/B tensors are copied into stacked
 // tensors on the same devices (the adapters must stay loaded only for token-embedding LoRAs).
+// Host buffers use a fused CPU op; device buffers (and host buffers when the environment has
+// LORAMUX_MUL_MAT_ID=1 at registration) use ggml_mul_mat_id, the mixture-of-experts kernels.
 // Replaces any earlier registration and clears every sequence's mix; the next decode reserves
 // the scheduler once (registration is the only slow call).
 LLAMA_API int32_t loramux_register_adapters(
@@ -62,6 +71,12 @@ LLAMA_API int32_t loramux_unregister(struct llama_context * ctx);
 // Number of registered adapters (0 when none), and max_active (0 when none).
 LLAMA_API int32_t loramux_n_adapters(const struct llama_context * ctx);
 LLAMA_API int32_t loramux_max_active(const struct llama_context * ctx);
+
+// LORAMUX_OK, or LORAMUX_ERR_UNAPPLIED when a graph built since registration met an adapted base
+// weight in an input shape the per-sequence hook cannot take (its adapters were left out there;
+// loramux_last_error names the weight). Registration already refuses every case it can see
+// (mixture-of-experts weights, shapes that differ from the base weight, ranks above 512).
+LLAMA_API int32_t loramux_check_applied(const struct llama_context * ctx);
 
 // Set the mix of sequence seq_id from n (id, weight) pairs; ids index the registered pool, zero
 // weights are dropped, at most max_active may be non-zero. n == 0 clears the mix.

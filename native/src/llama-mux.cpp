@@ -1,8 +1,10 @@
 // llama-mux.cpp - per-sequence LoRA adapter mixes (loramux), compiled into libllama.
 //
 // Registration stacks the pool's LoRA matrices per adapted base weight; at decode time each token
-// selects the stacked matrices of its sequence's adapters with ggml_mul_mat_id (like MoE experts)
-// and scales them by per-token weights, both graph inputs filled from a host table.
+// selects the stacked matrices of its sequence's adapters (the fused CPU op, or ggml_mul_mat_id
+// like MoE experts on device buffers) and scales them by per-token weights, both graph inputs
+// filled from a host table. No exception leaves the C API: each call returns a status, and
+// loramux_last_error() says why the last one failed.
 
 #include "llama-mux.h"
 
@@ -18,7 +20,11 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <cstdlib>
 #include <map>
+#include <mutex>
+#include <stdexcept>
+#include <string>
 
 #if (defined(__x86_64__) || defined(_M_X64)) && (defined(__GNUC__) || defined(__clang__))
 #include <immintrin.h>
@@ -103,7 +109,10 @@ void llm_graph_input_mux::set_input(const llama_ubatch * ubatch) {
                 continue;
             }
             const auto & sub_of = mux->groups[g].sub_of;
-            buf_ids.assign((size_t) k * n_rows, 0);
+            // empty slots select the group's all-zero slice (index n_sub) at weight 0, so the
+            // device form (which computes every slot) adds exactly 0, even where an adapter's
+            // output is Inf for this token (0 * Inf would be NaN)
+            buf_ids.assign((size_t) k * n_rows, mux->groups[g].n_sub);
             buf_w.assign((size_t) k * n_rows, 0.0f);
             for (int64_t r = 0; r < n_rows; ++r) {
                 const int32_t i   = o ? rows_out[r] : (int32_t) r;
@@ -353,10 +362,12 @@ ggml_tensor * llama_mux_build_mm(const llm_graph_context & g, ggml_tensor * w, g
         res->ne[0] == n_out && res->ne[1] == nt && res->ne[2] == 1 && res->ne[3] == 1 &&
         (nt == g.n_tokens || nt == g.n_outputs);
     if (!shape_ok) {
-        static bool warned = false;
-        if (!warned) {
-            warned = true;
-            LLAMA_LOG_WARN("%s: loramux cannot apply per-sequence LoRA to '%s' with input shape [%lld, %lld, %lld]; skipped\n",
+        // never silent: loramux_check_applied() (checked by the Python engine after every
+        // decode) reports it, and the error log names it once
+        std::lock_guard<std::mutex> lock(mux->unapplied_mutex);
+        if (mux->unapplied.empty()) {
+            mux->unapplied = w->name;
+            LLAMA_LOG_ERROR("%s: loramux cannot apply per-sequence LoRA to '%s' with input shape [%lld, %lld, %lld]\n",
                     __func__, w->name, (long long) cur->ne[0], (long long) cur->ne[1], (long long) cur->ne[2]);
         }
         return res;
@@ -416,8 +427,41 @@ ggml_tensor * llama_mux_build_embd(const llm_graph_context & g, ggml_tensor * to
 }
 
 //
-// C API
+// errors: a status code, and the reason of the last failing call on this thread
 //
+
+static thread_local std::string mux_last_error;
+
+// Record why the current call fails (logged too) and return `status`.
+static int32_t mux_fail(int32_t status, const std::string & reason) {
+    mux_last_error = reason;
+    LLAMA_LOG_ERROR("loramux: %s\n", reason.c_str());
+    return status;
+}
+
+static std::string mux_adapter_label(int32_t id) {
+    return "adapter " + std::to_string(id);
+}
+
+static std::string mux_tensor_label(int32_t id, const std::string & name) {
+    return mux_adapter_label(id) + ", tensor '" + name + "'";
+}
+
+// Run one C API call: nothing thrown inside (llama.cpp and the standard library throw) escapes
+// the boundary; it becomes a status code and a reason.
+template <typename F>
+static int32_t mux_guard(const char * fn, F && body) {
+    mux_last_error.clear();
+    try {
+        return body();
+    } catch (const std::bad_alloc &) {
+        return mux_fail(LORAMUX_ERR_ALLOC, std::string(fn) + ": out of host memory");
+    } catch (const std::exception & e) {
+        return mux_fail(LORAMUX_ERR_INTERNAL, std::string(fn) + ": " + e.what());
+    } catch (...) {
+        return mux_fail(LORAMUX_ERR_INTERNAL, std::string(fn) + ": unknown exception");
+    }
+}
 
 static llama_mux * mux_of_ctx(const llama_context * ctx) {
     return ctx ? ctx->mux.get() : nullptr;
@@ -427,20 +471,278 @@ static bool mux_ends_with(const std::string & s, const std::string & suffix) {
     return s.size() >= suffix.size() && s.compare(s.size() - suffix.size(), suffix.size(), suffix) == 0;
 }
 
-// read any (float or quantized) tensor as float32
-static std::vector<float> mux_tensor_to_f32(const ggml_tensor * t) {
+// Read any (float or quantized) tensor as float32 into out; false when its type has no
+// conversion to float.
+static bool mux_tensor_to_f32(const ggml_tensor * t, std::vector<float> & out) {
+    out.resize(ggml_nelements(t));
+    if (t->type == GGML_TYPE_F32) {
+        ggml_backend_tensor_get(t, out.data(), 0, ggml_nbytes(t));
+        return true;
+    }
+    const auto * traits = ggml_get_type_traits(t->type);
+    if (!traits || !traits->to_float) {
+        return false;
+    }
     std::vector<uint8_t> raw(ggml_nbytes(t));
     ggml_backend_tensor_get(t, raw.data(), 0, raw.size());
-    std::vector<float> out(ggml_nelements(t));
-    if (t->type == GGML_TYPE_F32) {
-        memcpy(out.data(), raw.data(), raw.size());
-    } else {
-        const auto * traits = ggml_get_type_traits(t->type);
-        GGML_ASSERT(traits->to_float);
-        traits->to_float(raw.data(), out.data(), out.size());
-    }
-    return out;
+    traits->to_float(raw.data(), out.data(), (int64_t) out.size());
+    return true;
 }
+
+//
+// registration, in four steps: check the pool, plan the stacks, allocate them, fill them
+//
+
+// base weight name -> (pool id, lora weight), in a deterministic order
+using mux_by_name = std::map<std::string, std::vector<std::pair<int32_t, llama_adapter_lora_weight *>>>;
+
+struct mux_plan {
+    std::string name;
+    int32_t group;
+    int64_t n_in, n_out, r_max;
+    ggml_type type_a;
+    ggml_backend_buffer_type_t buft;
+};
+
+static int32_t mux_check_pool(const llama_model * model, llama_adapter_lora ** adapters, int32_t n_adapters) {
+    for (int32_t i = 0; i < n_adapters; ++i) {
+        if (!adapters[i]) {
+            return mux_fail(LORAMUX_ERR_NULL_ARG, mux_adapter_label(i) + " is NULL");
+        }
+        if (adapters[i]->model != model) {
+            return mux_fail(LORAMUX_ERR_INCOMPATIBLE_ADAPTER, mux_adapter_label(i) + " was loaded for another model than this context's");
+        }
+        if (!adapters[i]->alora_invocation_tokens.empty()) {
+            return mux_fail(LORAMUX_ERR_INCOMPATIBLE_ADAPTER, mux_adapter_label(i) + " is an activated LoRA (aLoRA): per-sequence mixes cannot apply its invocation tokens");
+        }
+        for (int32_t j = 0; j < i; ++j) {
+            if (adapters[j] == adapters[i]) {
+                return mux_fail(LORAMUX_ERR_DUPLICATE_ADAPTER, mux_adapter_label(i) + " is the same adapter as " + mux_adapter_label(j));
+            }
+        }
+    }
+    return LORAMUX_OK;
+}
+
+// One LoRA tensor pair against the base weight it adapts: what the graph hooks can apply.
+static int32_t mux_check_weight(const llama_model * model, int32_t id, const std::string & name, const llama_adapter_lora_weight & lw) {
+    const std::string where = mux_tensor_label(id, name);
+    if (!lw.a || !lw.b) {
+        return mux_fail(LORAMUX_ERR_INCOMPATIBLE_ADAPTER, where + ": lora_a or lora_b is missing");
+    }
+    if (ggml_n_dims(lw.a) > 2 || ggml_n_dims(lw.b) > 2 || lw.a->ne[1] != lw.b->ne[0]) {
+        return mux_fail(LORAMUX_ERR_INCOMPATIBLE_ADAPTER, where + ": lora_a/lora_b are not 2-D matrices of one rank");
+    }
+    for (const ggml_tensor * t : { lw.a, lw.b }) {
+        if (t->type != GGML_TYPE_F32) {
+            const auto * traits = ggml_get_type_traits(t->type);
+            if (!traits || !traits->to_float) {
+                return mux_fail(LORAMUX_ERR_INCOMPATIBLE_ADAPTER, where + ": type " + ggml_type_name(t->type) + " cannot be read as float");
+            }
+        }
+    }
+    if (lw.b->ne[0] > LLAMA_MUX_MAX_RANK) {
+        return mux_fail(LORAMUX_ERR_INCOMPATIBLE_ADAPTER, where + ": rank " + std::to_string(lw.b->ne[0]) +
+                " is above the highest rank loramux stacks (" + std::to_string(LLAMA_MUX_MAX_RANK) + ")");
+    }
+    if (mux_ends_with(name, "token_embd.weight")) {
+        return LORAMUX_OK;
+    }
+    const ggml_tensor * w = model->get_tensor(name.c_str());
+    if (!w) {
+        return mux_fail(LORAMUX_ERR_INCOMPATIBLE_ADAPTER, where + ": no such weight in the base model");
+    }
+    if (ggml_n_dims(w) > 2) {
+        return mux_fail(LORAMUX_ERR_INCOMPATIBLE_ADAPTER, where + ": the base weight is " + std::to_string(ggml_n_dims(w)) +
+                "-D (mixture-of-experts weights go through build_lora_mm_id, which per-sequence mixes do not hook)");
+    }
+    if (w->ne[0] != lw.a->ne[0] || w->ne[1] != lw.b->ne[1]) {
+        return mux_fail(LORAMUX_ERR_INCOMPATIBLE_ADAPTER, where + ": shape [" + std::to_string(lw.a->ne[0]) + " -> " + std::to_string(lw.b->ne[1]) +
+                "] does not match the base weight's [" + std::to_string(w->ne[0]) + " -> " + std::to_string(w->ne[1]) + "]");
+    }
+    return LORAMUX_OK;
+}
+
+static int32_t mux_collect(const llama_model * model, llama_mux & mux, mux_by_name & by_name) {
+    for (int32_t i = 0; i < mux.n_adapters; ++i) {
+        for (auto & [name, lw] : mux.adapters[i]->ab_map) {
+            const int32_t rc = mux_check_weight(model, i, name, lw);
+            if (rc != LORAMUX_OK) {
+                return rc;
+            }
+            if (mux_ends_with(name, "token_embd.weight")) {
+                mux.embd.push_back({ i, lw.a, lw.b, lw.get_scale(mux.adapters[i]->alpha, 1.0f) });
+            } else {
+                by_name[name].push_back({ i, &lw });
+            }
+        }
+    }
+    return LORAMUX_OK;
+}
+
+// the group of pool adapters `members` (created on first use)
+static int32_t mux_group_of(llama_mux & mux, std::map<std::vector<int32_t>, int32_t> & group_of, const std::vector<int32_t> & members) {
+    auto it = group_of.find(members);
+    if (it != group_of.end()) {
+        return it->second;
+    }
+    const int32_t group = (int32_t) mux.groups.size();
+    group_of[members] = group;
+    llama_mux_group gr;
+    gr.sub_of.assign(mux.n_adapters, -1);
+    for (size_t s = 0; s < members.size(); ++s) {
+        gr.sub_of[members[s]] = (int32_t) s;
+    }
+    gr.n_sub = (int32_t) members.size();
+    mux.groups.push_back(std::move(gr));
+    return group;
+}
+
+static int32_t mux_plan_stacks(llama_mux & mux, mux_by_name & by_name, std::vector<mux_plan> & plans) {
+    std::map<std::vector<int32_t>, int32_t> group_of;
+    for (auto & [name, entries] : by_name) {
+        std::vector<int32_t> members;
+        int64_t r_max = 0;
+        bool all_f32 = true;
+        for (auto & [id, lw] : entries) {
+            members.push_back(id);
+            r_max = std::max<int64_t>(r_max, lw->b->ne[0]);
+            all_f32 = all_f32 && lw->a->type == GGML_TYPE_F32;
+        }
+        const ggml_tensor * a0 = entries[0].second->a;
+        ggml_backend_buffer_type_t buft = a0->buffer ? ggml_backend_buffer_get_type(a0->buffer) : nullptr;
+        if (!buft) {
+            return mux_fail(LORAMUX_ERR_INCOMPATIBLE_ADAPTER, mux_tensor_label(entries[0].first, name) + ": its lora_a has no backend buffer");
+        }
+        const int32_t group = mux_group_of(mux, group_of, members);
+        plans.push_back({ name, group, a0->ne[0], entries[0].second->b->ne[1], r_max, all_f32 ? GGML_TYPE_F32 : GGML_TYPE_F16, buft });
+    }
+    return LORAMUX_OK;
+}
+
+// LORAMUX_MUL_MAT_ID=1: host buffers also take the device form (ggml_mul_mat_id), so the CPU
+// runs (and the tests check) what CUDA runs.
+static bool mux_force_mul_mat_id() {
+    const char * v = getenv("LORAMUX_MUL_MAT_ID");
+    return v && (strcmp(v, "1") == 0 || strcmp(v, "ON") == 0 || strcmp(v, "on") == 0 || strcmp(v, "true") == 0);
+}
+
+static int32_t mux_alloc_stacks(llama_mux & mux, const std::vector<mux_plan> & plans) {
+    const bool force_id = mux_force_mul_mat_id();
+    std::map<ggml_backend_buffer_type_t, ggml_context *> ctx_of;
+    for (const auto & p : plans) {
+        if (ctx_of.find(p.buft) == ctx_of.end()) {
+            ggml_init_params params = { /*.mem_size =*/ 2 * plans.size() * ggml_tensor_overhead(), /*.mem_buffer =*/ nullptr, /*.no_alloc =*/ true };
+            ggml_context * c = ggml_init(params);
+            if (!c) {
+                return mux_fail(LORAMUX_ERR_ALLOC, "could not create a ggml context for the stacked tensors");
+            }
+            ctx_of[p.buft] = c;
+            mux.ctxs.emplace_back(c);
+        }
+        ggml_context * c = ctx_of[p.buft];
+        const int64_t n_slices = mux.groups[p.group].n_sub + 1; // the last slice is all zeros
+        llama_mux_module m;
+        m.group = p.group;
+        m.cpu   = ggml_backend_buft_is_host(p.buft) && !force_id;
+        m.a = ggml_new_tensor_3d(c, p.type_a, p.n_in, p.r_max, n_slices);
+        m.b = m.cpu ? ggml_new_tensor_3d(c, GGML_TYPE_F32, p.n_out, p.r_max, n_slices)
+                    : ggml_new_tensor_3d(c, GGML_TYPE_F32, p.r_max, p.n_out, n_slices);
+        ggml_format_name(m.a, "mux.%s.a", p.name.c_str());
+        ggml_format_name(m.b, "mux.%s.b", p.name.c_str());
+        mux.modules[p.name] = m;
+    }
+    for (auto & [buft, c] : ctx_of) {
+        ggml_backend_buffer_t buf = ggml_backend_alloc_ctx_tensors_from_buft(c, buft);
+        if (!buf) {
+            return mux_fail(LORAMUX_ERR_ALLOC, std::string("could not allocate the stacked tensors in a ") + ggml_backend_buft_name(buft) + " buffer");
+        }
+        ggml_backend_buffer_set_usage(buf, GGML_BACKEND_BUFFER_USAGE_WEIGHTS);
+        mux.bufs.emplace_back(buf);
+    }
+    return LORAMUX_OK;
+}
+
+// zero padding beyond each adapter's rank and in the last slice, alpha/r folded into B
+static int32_t mux_fill_stack(const llama_mux & mux, const mux_plan & p, const mux_by_name & by_name) {
+    const llama_mux_module & m = mux.modules.at(p.name);
+    const int64_t n_slices = mux.groups[p.group].n_sub + 1;
+    std::vector<float> a_host((size_t) p.n_in * p.r_max * n_slices, 0.0f);
+    std::vector<float> b_host((size_t) p.r_max * p.n_out * n_slices, 0.0f);
+    std::vector<float> a, b;
+    for (const auto & [id, lw] : by_name.at(p.name)) {
+        const int64_t sub   = mux.groups[p.group].sub_of[id];
+        const int64_t r     = lw->b->ne[0];
+        const float   scale = lw->get_scale(mux.adapters[id]->alpha, 1.0f);
+        if (!mux_tensor_to_f32(lw->a, a) || !mux_tensor_to_f32(lw->b, b)) { // a [n_in, r], b [r, n_out]
+            return mux_fail(LORAMUX_ERR_INCOMPATIBLE_ADAPTER, mux_tensor_label(id, p.name) + ": cannot be read as float");
+        }
+        std::copy(a.begin(), a.end(), a_host.data() + (size_t) sub * p.n_in * p.r_max);
+        float * b_dst = b_host.data() + (size_t) sub * p.r_max * p.n_out;
+        for (int64_t o = 0; o < p.n_out; ++o) {
+            for (int64_t j = 0; j < r; ++j) {
+                // mul_mat_id layout [r_max, n_out]; the CPU kernel's transposed [n_out, r_max]
+                b_dst[m.cpu ? j * p.n_out + o : o * p.r_max + j] = b[o * r + j] * scale;
+            }
+        }
+    }
+    if (m.a->type == GGML_TYPE_F32) {
+        ggml_backend_tensor_set(m.a, a_host.data(), 0, ggml_nbytes(m.a));
+    } else {
+        std::vector<ggml_fp16_t> a16(a_host.size());
+        ggml_fp32_to_fp16_row(a_host.data(), a16.data(), (int64_t) a_host.size());
+        ggml_backend_tensor_set(m.a, a16.data(), 0, ggml_nbytes(m.a));
+    }
+    ggml_backend_tensor_set(m.b, b_host.data(), 0, ggml_nbytes(m.b));
+    return LORAMUX_OK;
+}
+
+static int32_t mux_register(llama_context * ctx, llama_adapter_lora ** adapters, int32_t n_adapters, int32_t max_active) {
+    if (!ctx || !adapters) {
+        return mux_fail(LORAMUX_ERR_NULL_ARG, "loramux_register_adapters: ctx or adapters is NULL");
+    }
+    if (n_adapters < 1 || max_active < 1) {
+        return mux_fail(LORAMUX_ERR_BAD_ARG, "loramux_register_adapters: n_adapters and max_active must be >= 1");
+    }
+    const llama_model * model = &ctx->get_model();
+    int32_t rc = mux_check_pool(model, adapters, n_adapters);
+    if (rc != LORAMUX_OK) {
+        return rc;
+    }
+    auto mux = std::make_shared<llama_mux>();
+    mux->n_adapters = n_adapters;
+    mux->k          = std::min(max_active, n_adapters);
+    mux->n_seq_max  = ctx->n_seq_max();
+    mux->adapters.assign(adapters, adapters + n_adapters);
+    mux->seq_n.assign(mux->n_seq_max, 0);
+    mux->seq_ids.assign((size_t) mux->n_seq_max * mux->k, 0);
+    mux->seq_w.assign((size_t) mux->n_seq_max * mux->k, 0.0f);
+
+    mux_by_name by_name;
+    std::vector<mux_plan> plans;
+    if ((rc = mux_collect(model, *mux, by_name)) != LORAMUX_OK ||
+        (rc = mux_plan_stacks(*mux, by_name, plans)) != LORAMUX_OK ||
+        (rc = mux_alloc_stacks(*mux, plans)) != LORAMUX_OK) {
+        return rc;
+    }
+    for (const auto & p : plans) {
+        if ((rc = mux_fill_stack(*mux, p, by_name)) != LORAMUX_OK) {
+            return rc;
+        }
+    }
+    size_t bytes = 0;
+    for (auto & buf : mux->bufs) {
+        bytes += ggml_backend_buffer_get_size(buf.get());
+    }
+    LLAMA_LOG_INFO("%s: loramux pool of %d adapters, max %d active per sequence: %zu modules in %zu groups, %zu embedding LoRAs, %.2f MiB\n",
+            __func__, n_adapters, mux->k, mux->modules.size(), mux->groups.size(), mux->embd.size(), bytes / 1024.0 / 1024.0);
+    ctx->set_mux(std::move(mux)); // only a complete pool replaces the old one
+    return LORAMUX_OK;
+}
+
+//
+// C API
+//
 
 int32_t loramux_api_version(void) {
     return LORAMUX_API_VERSION;
@@ -457,189 +759,33 @@ const char * loramux_strerror(int32_t status) {
         case LORAMUX_ERR_TOO_MANY_ACTIVE:      return "more non-zero weights than max_active";
         case LORAMUX_ERR_DUPLICATE_ADAPTER:    return "the same adapter appears twice";
         case LORAMUX_ERR_BAD_ARG:              return "count out of range";
-        case LORAMUX_ERR_INCOMPATIBLE_ADAPTER: return "adapter is for another model, is an aLoRA, or has mismatched shapes";
-        case LORAMUX_ERR_ALLOC:                return "could not allocate a backend buffer";
+        case LORAMUX_ERR_INCOMPATIBLE_ADAPTER: return "an adapter cannot be applied to this model (loramux_last_error says which and why)";
+        case LORAMUX_ERR_ALLOC:                return "could not allocate memory";
+        case LORAMUX_ERR_INTERNAL:             return "internal error (loramux_last_error says where)";
+        case LORAMUX_ERR_UNAPPLIED:            return "a registered adapter weight could not be applied in the graph";
         default:                               return "unknown loramux status";
     }
 }
 
+const char * loramux_last_error(void) {
+    return mux_last_error.c_str();
+}
+
 int32_t loramux_register_adapters(llama_context * ctx, llama_adapter_lora ** adapters, int32_t n_adapters, int32_t max_active) {
-    if (!ctx || !adapters) {
-        return LORAMUX_ERR_NULL_ARG;
-    }
-    if (n_adapters < 1 || max_active < 1) {
-        return LORAMUX_ERR_BAD_ARG;
-    }
-    max_active = std::min(max_active, n_adapters);
-    const llama_model * model = &ctx->get_model();
-    for (int32_t i = 0; i < n_adapters; ++i) {
-        if (!adapters[i]) {
-            return LORAMUX_ERR_NULL_ARG;
-        }
-        if (adapters[i]->model != model || !adapters[i]->alora_invocation_tokens.empty()) {
-            return LORAMUX_ERR_INCOMPATIBLE_ADAPTER;
-        }
-        for (int32_t j = 0; j < i; ++j) {
-            if (adapters[j] == adapters[i]) {
-                return LORAMUX_ERR_DUPLICATE_ADAPTER;
-            }
-        }
-    }
-
-    auto mux = std::make_shared<llama_mux>();
-    mux->n_adapters = n_adapters;
-    mux->k          = max_active;
-    mux->n_seq_max  = ctx->n_seq_max();
-    mux->adapters.assign(adapters, adapters + n_adapters);
-    mux->seq_n.assign(mux->n_seq_max, 0);
-    mux->seq_ids.assign((size_t) mux->n_seq_max * max_active, 0);
-    mux->seq_w.assign((size_t) mux->n_seq_max * max_active, 0.0f);
-
-    // base weight name -> (pool id, lora weight), in a deterministic order
-    std::map<std::string, std::vector<std::pair<int32_t, llama_adapter_lora_weight *>>> by_name;
-    for (int32_t i = 0; i < n_adapters; ++i) {
-        const float alpha = adapters[i]->alpha;
-        for (auto & [name, lw] : adapters[i]->ab_map) {
-            if (!lw.a || !lw.b || lw.a->ne[1] != lw.b->ne[0]) {
-                return LORAMUX_ERR_INCOMPATIBLE_ADAPTER;
-            }
-            if (mux_ends_with(name, "token_embd.weight")) {
-                mux->embd.push_back({ i, lw.a, lw.b, lw.get_scale(alpha, 1.0f) });
-            } else {
-                by_name[name].push_back({ i, &lw });
-            }
-        }
-    }
-
-    // one group per distinct set of adapters
-    std::map<std::vector<int32_t>, int32_t> group_of;
-    struct plan { std::string name; int32_t group; int64_t n_in, n_out, r_max; ggml_type type_a; ggml_backend_buffer_type_t buft; };
-    std::vector<plan> plans;
-    for (auto & [name, entries] : by_name) {
-        std::vector<int32_t> members;
-        int64_t r_max = 0;
-        const int64_t n_in  = entries[0].second->a->ne[0];
-        const int64_t n_out = entries[0].second->b->ne[1];
-        bool all_f32 = true;
-        for (auto & [id, lw] : entries) {
-            if (lw->a->ne[0] != n_in || lw->b->ne[1] != n_out) {
-                return LORAMUX_ERR_INCOMPATIBLE_ADAPTER;
-            }
-            members.push_back(id);
-            r_max = std::max<int64_t>(r_max, lw->b->ne[0]);
-            all_f32 = all_f32 && lw->a->type == GGML_TYPE_F32;
-        }
-        auto git = group_of.find(members);
-        int32_t group;
-        if (git == group_of.end()) {
-            group = (int32_t) mux->groups.size();
-            group_of[members] = group;
-            llama_mux_group gr;
-            gr.sub_of.assign(n_adapters, -1);
-            for (size_t s = 0; s < members.size(); ++s) {
-                gr.sub_of[members[s]] = (int32_t) s;
-            }
-            gr.n_sub = (int32_t) members.size();
-            mux->groups.push_back(std::move(gr));
-        } else {
-            group = git->second;
-        }
-        ggml_backend_buffer_type_t buft = entries[0].second->a->buffer ? ggml_backend_buffer_get_type(entries[0].second->a->buffer) : nullptr;
-        if (!buft) {
-            return LORAMUX_ERR_INCOMPATIBLE_ADAPTER;
-        }
-        if (r_max > LLAMA_MUX_MAX_RANK) {
-            LLAMA_LOG_ERROR("%s: loramux supports ranks up to %d, '%s' has rank %lld\n", __func__, LLAMA_MUX_MAX_RANK, name.c_str(), (long long) r_max);
-            return LORAMUX_ERR_INCOMPATIBLE_ADAPTER;
-        }
-        plans.push_back({ name, group, n_in, n_out, r_max, all_f32 ? GGML_TYPE_F32 : GGML_TYPE_F16, buft });
-    }
-
-    // one ggml context per buffer type holds the stacked tensors
-    std::map<ggml_backend_buffer_type_t, ggml_context *> ctx_of;
-    for (auto & p : plans) {
-        if (ctx_of.find(p.buft) == ctx_of.end()) {
-            ggml_init_params params = { /*.mem_size =*/ 2 * plans.size() * ggml_tensor_overhead(), /*.mem_buffer =*/ nullptr, /*.no_alloc =*/ true };
-            ggml_context * c = ggml_init(params);
-            if (!c) {
-                return LORAMUX_ERR_ALLOC;
-            }
-            ctx_of[p.buft] = c;
-            mux->ctxs.emplace_back(c);
-        }
-        ggml_context * c = ctx_of[p.buft];
-        const int64_t n_sub = mux->groups[p.group].n_sub;
-        llama_mux_module m;
-        m.group = p.group;
-        m.cpu   = ggml_backend_buft_is_host(p.buft);
-        m.a = ggml_new_tensor_3d(c, p.type_a, p.n_in, p.r_max, n_sub);
-        m.b = m.cpu ? ggml_new_tensor_3d(c, GGML_TYPE_F32, p.n_out, p.r_max, n_sub)
-                    : ggml_new_tensor_3d(c, GGML_TYPE_F32, p.r_max, p.n_out, n_sub);
-        ggml_format_name(m.a, "mux.%s.a", p.name.c_str());
-        ggml_format_name(m.b, "mux.%s.b", p.name.c_str());
-        mux->modules[p.name] = m;
-    }
-    for (auto & [buft, c] : ctx_of) {
-        ggml_backend_buffer_t buf = ggml_backend_alloc_ctx_tensors_from_buft(c, buft);
-        if (!buf) {
-            return LORAMUX_ERR_ALLOC;
-        }
-        ggml_backend_buffer_set_usage(buf, GGML_BACKEND_BUFFER_USAGE_WEIGHTS);
-        mux->bufs.emplace_back(buf);
-    }
-
-    // fill the stacks: zero padding beyond each adapter's rank, alpha/r folded into B
-    for (auto & p : plans) {
-        const llama_mux_module & m = mux->modules[p.name];
-        const int64_t n_sub = mux->groups[p.group].n_sub;
-        std::vector<float> a_host((size_t) p.n_in * p.r_max * n_sub, 0.0f);
-        std::vector<float> b_host((size_t) p.r_max * p.n_out * n_sub, 0.0f);
-        for (auto & [id, lw] : by_name[p.name]) {
-            const int64_t sub = mux->groups[p.group].sub_of[id];
-            const int64_t r   = lw->b->ne[0];
-            const float scale = lw->get_scale(adapters[id]->alpha, 1.0f);
-            const std::vector<float> a = mux_tensor_to_f32(lw->a); // [n_in, r]
-            const std::vector<float> b = mux_tensor_to_f32(lw->b); // [r, n_out]
-            float * a_dst = a_host.data() + (size_t) sub * p.n_in * p.r_max;
-            std::copy(a.begin(), a.end(), a_dst);
-            float * b_dst = b_host.data() + (size_t) sub * p.r_max * p.n_out;
-            for (int64_t o = 0; o < p.n_out; ++o) {
-                for (int64_t j = 0; j < r; ++j) {
-                    // mul_mat_id layout [r_max, n_out]; the CPU kernel's transposed [n_out, r_max]
-                    b_dst[m.cpu ? j * p.n_out + o : o * p.r_max + j] = b[o * r + j] * scale;
-                }
-            }
-        }
-        if (m.a->type == GGML_TYPE_F32) {
-            ggml_backend_tensor_set(m.a, a_host.data(), 0, ggml_nbytes(m.a));
-        } else {
-            std::vector<ggml_fp16_t> a16(a_host.size());
-            ggml_fp32_to_fp16_row(a_host.data(), a16.data(), (int64_t) a_host.size());
-            ggml_backend_tensor_set(m.a, a16.data(), 0, ggml_nbytes(m.a));
-        }
-        ggml_backend_tensor_set(m.b, b_host.data(), 0, ggml_nbytes(m.b));
-    }
-
-    size_t bytes = 0;
-    for (auto & buf : mux->bufs) {
-        bytes += ggml_backend_buffer_get_size(buf.get());
-    }
-    LLAMA_LOG_INFO("%s: loramux pool of %d adapters, max %d active per sequence: %zu modules in %zu groups, %zu embedding LoRAs, %.2f MiB\n",
-            __func__, n_adapters, max_active, mux->modules.size(), mux->groups.size(), mux->embd.size(), bytes / 1024.0 / 1024.0);
-
-    ctx->set_mux(std::move(mux));
-    return LORAMUX_OK;
+    return mux_guard(__func__, [&] { return mux_register(ctx, adapters, n_adapters, max_active); });
 }
 
 int32_t loramux_unregister(llama_context * ctx) {
-    if (!ctx) {
-        return LORAMUX_ERR_NULL_ARG;
-    }
-    if (!ctx->mux) {
-        return LORAMUX_ERR_NOT_REGISTERED;
-    }
-    ctx->set_mux(nullptr);
-    return LORAMUX_OK;
+    return mux_guard(__func__, [&] {
+        if (!ctx) {
+            return mux_fail(LORAMUX_ERR_NULL_ARG, "loramux_unregister: ctx is NULL");
+        }
+        if (!ctx->mux) {
+            return mux_fail(LORAMUX_ERR_NOT_REGISTERED, "loramux_unregister: no pool is registered on this context");
+        }
+        ctx->set_mux(nullptr);
+        return (int32_t) LORAMUX_OK;
+    });
 }
 
 int32_t loramux_n_adapters(const llama_context * ctx) {
@@ -652,51 +798,74 @@ int32_t loramux_max_active(const llama_context * ctx) {
     return mux ? mux->k : 0;
 }
 
+int32_t loramux_check_applied(const llama_context * ctx) {
+    return mux_guard(__func__, [&] {
+        const llama_mux * mux = mux_of_ctx(ctx);
+        if (!mux) {
+            return ctx ? (int32_t) LORAMUX_OK : mux_fail(LORAMUX_ERR_NULL_ARG, "loramux_check_applied: ctx is NULL");
+        }
+        std::lock_guard<std::mutex> lock(mux->unapplied_mutex);
+        if (mux->unapplied.empty()) {
+            return (int32_t) LORAMUX_OK;
+        }
+        mux_last_error = "weight '" + mux->unapplied + "': the graph applies it to an input shape the per-sequence hook cannot take; "
+                         "its adapters were left out of that decode";
+        return (int32_t) LORAMUX_ERR_UNAPPLIED;
+    });
+}
+
 static int32_t mux_check_seq(const llama_context * ctx, llama_seq_id seq_id, llama_mux ** out) {
     if (!ctx) {
-        return LORAMUX_ERR_NULL_ARG;
+        return mux_fail(LORAMUX_ERR_NULL_ARG, "ctx is NULL");
     }
     llama_mux * mux = mux_of_ctx(ctx);
     if (!mux) {
-        return LORAMUX_ERR_NOT_REGISTERED;
+        return mux_fail(LORAMUX_ERR_NOT_REGISTERED, "no pool is registered on this context");
     }
     if (seq_id < 0 || (uint32_t) seq_id >= mux->n_seq_max) {
-        return LORAMUX_ERR_BAD_SEQ_ID;
+        return mux_fail(LORAMUX_ERR_BAD_SEQ_ID, "sequence " + std::to_string(seq_id) + " is outside [0, " + std::to_string(mux->n_seq_max) + ")");
     }
     *out = mux;
     return LORAMUX_OK;
 }
 
-int32_t loramux_set_seq_mix(llama_context * ctx, llama_seq_id seq_id, int32_t n, const int32_t * ids, const float * weights) {
-    llama_mux * mux = nullptr;
-    const int32_t rc = mux_check_seq(ctx, seq_id, &mux);
-    if (rc != LORAMUX_OK) {
-        return rc;
-    }
-    if (n < 0) {
-        return LORAMUX_ERR_BAD_ARG;
-    }
-    if (n > 0 && (!ids || !weights)) {
-        return LORAMUX_ERR_NULL_ARG;
-    }
-    // validate everything before writing anything
+// validate a mix before writing anything
+static int32_t mux_check_mix(const llama_mux & mux, int32_t n, const int32_t * ids, const float * weights) {
     int32_t n_active = 0;
     for (int32_t j = 0; j < n; ++j) {
-        if (ids[j] < 0 || ids[j] >= mux->n_adapters) {
-            return LORAMUX_ERR_BAD_ADAPTER_ID;
+        if (ids[j] < 0 || ids[j] >= mux.n_adapters) {
+            return mux_fail(LORAMUX_ERR_BAD_ADAPTER_ID, "adapter id " + std::to_string(ids[j]) + " is outside [0, " + std::to_string(mux.n_adapters) + ")");
         }
         if (!std::isfinite(weights[j])) {
-            return LORAMUX_ERR_BAD_WEIGHT;
+            return mux_fail(LORAMUX_ERR_BAD_WEIGHT, mux_adapter_label(ids[j]) + ": weight is NaN or infinite");
         }
         for (int32_t i = 0; i < j; ++i) {
             if (ids[i] == ids[j]) {
-                return LORAMUX_ERR_DUPLICATE_ADAPTER;
+                return mux_fail(LORAMUX_ERR_DUPLICATE_ADAPTER, mux_adapter_label(ids[j]) + " appears twice in one mix");
             }
         }
         n_active += weights[j] != 0.0f;
     }
-    if (n_active > mux->k) {
-        return LORAMUX_ERR_TOO_MANY_ACTIVE;
+    if (n_active > mux.k) {
+        return mux_fail(LORAMUX_ERR_TOO_MANY_ACTIVE, std::to_string(n_active) + " non-zero weights, max_active is " + std::to_string(mux.k));
+    }
+    return LORAMUX_OK;
+}
+
+static int32_t mux_set_mix(llama_context * ctx, llama_seq_id seq_id, int32_t n, const int32_t * ids, const float * weights) {
+    llama_mux * mux = nullptr;
+    int32_t rc = mux_check_seq(ctx, seq_id, &mux);
+    if (rc != LORAMUX_OK) {
+        return rc;
+    }
+    if (n < 0) {
+        return mux_fail(LORAMUX_ERR_BAD_ARG, "n is negative");
+    }
+    if (n > 0 && (!ids || !weights)) {
+        return mux_fail(LORAMUX_ERR_NULL_ARG, "ids or weights is NULL");
+    }
+    if ((rc = mux_check_mix(*mux, n, ids, weights)) != LORAMUX_OK) {
+        return rc;
     }
     const size_t base = (size_t) seq_id * mux->k;
     int32_t slot = 0;
@@ -715,45 +884,53 @@ int32_t loramux_set_seq_mix(llama_context * ctx, llama_seq_id seq_id, int32_t n,
     return LORAMUX_OK;
 }
 
+int32_t loramux_set_seq_mix(llama_context * ctx, llama_seq_id seq_id, int32_t n, const int32_t * ids, const float * weights) {
+    return mux_guard(__func__, [&] { return mux_set_mix(ctx, seq_id, n, ids, weights); });
+}
+
 int32_t loramux_set_seq_weights(llama_context * ctx, llama_seq_id seq_id, const float * weights, int32_t n_weights) {
-    llama_mux * mux = nullptr;
-    const int32_t rc = mux_check_seq(ctx, seq_id, &mux);
-    if (rc != LORAMUX_OK) {
-        return rc;
-    }
-    if (!weights) {
-        return LORAMUX_ERR_NULL_ARG;
-    }
-    if (n_weights != mux->n_adapters) {
-        return LORAMUX_ERR_BAD_ARG;
-    }
-    std::vector<int32_t> ids(n_weights);
-    for (int32_t i = 0; i < n_weights; ++i) {
-        ids[i] = i;
-    }
-    return loramux_set_seq_mix(ctx, seq_id, n_weights, ids.data(), weights);
+    return mux_guard(__func__, [&] {
+        llama_mux * mux = nullptr;
+        const int32_t rc = mux_check_seq(ctx, seq_id, &mux);
+        if (rc != LORAMUX_OK) {
+            return rc;
+        }
+        if (!weights) {
+            return mux_fail(LORAMUX_ERR_NULL_ARG, "weights is NULL");
+        }
+        if (n_weights != mux->n_adapters) {
+            return mux_fail(LORAMUX_ERR_BAD_ARG, std::to_string(n_weights) + " weights given, the pool has " + std::to_string(mux->n_adapters) + " adapters");
+        }
+        std::vector<int32_t> ids(n_weights);
+        for (int32_t i = 0; i < n_weights; ++i) {
+            ids[i] = i;
+        }
+        return mux_set_mix(ctx, seq_id, n_weights, ids.data(), weights);
+    });
 }
 
 int32_t loramux_clear_seq_mix(llama_context * ctx, llama_seq_id seq_id) {
-    return loramux_set_seq_mix(ctx, seq_id, 0, nullptr, nullptr);
+    return mux_guard(__func__, [&] { return mux_set_mix(ctx, seq_id, 0, nullptr, nullptr); });
 }
 
 int32_t loramux_get_seq_mix(const llama_context * ctx, llama_seq_id seq_id, int32_t capacity, int32_t * ids, float * weights) {
-    llama_mux * mux = nullptr;
-    const int32_t rc = mux_check_seq(ctx, seq_id, &mux);
-    if (rc != LORAMUX_OK) {
-        return rc;
-    }
-    const int32_t n = mux->seq_n[seq_id];
-    if (capacity < n) {
-        return LORAMUX_ERR_BAD_ARG;
-    }
-    if (n > 0 && (!ids || !weights)) {
-        return LORAMUX_ERR_NULL_ARG;
-    }
-    for (int32_t j = 0; j < n; ++j) {
-        ids[j]     = mux->seq_ids[(size_t) seq_id * mux->k + j];
-        weights[j] = mux->seq_w  [(size_t) seq_id * mux->k + j];
-    }
-    return n;
+    return mux_guard(__func__, [&] {
+        llama_mux * mux = nullptr;
+        const int32_t rc = mux_check_seq(ctx, seq_id, &mux);
+        if (rc != LORAMUX_OK) {
+            return rc;
+        }
+        const int32_t n = mux->seq_n[seq_id];
+        if (capacity < n) {
+            return mux_fail(LORAMUX_ERR_BAD_ARG, "capacity " + std::to_string(capacity) + " is below the mix's " + std::to_string(n) + " entries");
+        }
+        if (n > 0 && (!ids || !weights)) {
+            return mux_fail(LORAMUX_ERR_NULL_ARG, "ids or weights is NULL");
+        }
+        for (int32_t j = 0; j < n; ++j) {
+            ids[j]     = mux->seq_ids[(size_t) seq_id * mux->k + j];
+            weights[j] = mux->seq_w  [(size_t) seq_id * mux->k + j];
+        }
+        return n;
+    });
 }

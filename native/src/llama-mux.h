@@ -7,28 +7,27 @@
 
 #include <cstdint>
 #include <memory>
+#include <mutex>
 #include <string>
 #include <unordered_map>
 #include <vector>
 
 struct llama_adapter_lora;
 
-// One adapted base weight: the A and B matrices of every pool adapter that has it, stacked and
-// padded to the largest rank. ggml shapes: a [n_in, r_max, n_sub], b [r_max, n_out, n_sub], with
-// each adapter's alpha/r folded into its B slice.
 // Highest LoRA rank the stacks take (the CPU kernel keeps one token's rank vector on the stack).
 #define LLAMA_MUX_MAX_RANK 512
 
 // One adapted base weight: the pool's A and B matrices for it, stacked.
-//   a: [n_in, r_max, n_sub] (f16, or f32 when every source is f32)
-//   b: [r_max, n_out, n_sub] f32 for ggml_mul_mat_id (device buffers), or, when cpu,
-//      transposed [n_out, r_max, n_sub] for the fused CPU kernel (host buffers)
-// Each adapter's alpha/r is folded into its B; ranks below r_max are zero-padded.
+//   a: [n_in, r_max, n_sub + 1] (f16, or f32 when every source is f32)
+//   b: [r_max, n_out, n_sub + 1] f32 for ggml_mul_mat_id (device buffers), or, when cpu,
+//      transposed [n_out, r_max, n_sub + 1] for the fused CPU kernel (host buffers)
+// Each adapter's alpha/r is folded into its B; ranks below r_max are zero-padded; the last slice
+// (index n_sub) is all zeros: empty slots select it.
 struct llama_mux_module {
     ggml_tensor * a = nullptr;
     ggml_tensor * b = nullptr;
     int32_t group = -1; // which pool adapters the stack holds (index into llama_mux::groups)
-    bool    cpu   = false; // host buffers: applied with the fused CPU kernel
+    bool    cpu   = false; // host buffers: applied with the fused CPU kernel (unless LORAMUX_MUL_MAT_ID=1)
 };
 
 // A set of pool adapters that share the same stacked layout (all modules adapted by exactly
@@ -64,6 +63,11 @@ struct llama_mux {
     std::vector<int32_t> seq_n;
     std::vector<int32_t> seq_ids;
     std::vector<float>   seq_w;
+
+    // the first adapted weight a graph could not apply (shape the hook cannot take), or empty;
+    // graphs are built from a const pool, so this is the one mutable, locked field
+    mutable std::mutex  unapplied_mutex;
+    mutable std::string unapplied;
 
     // upper bound of the graph nodes the mux adds to one graph
     uint32_t n_nodes() const;

@@ -124,6 +124,8 @@ class EngineContext:
         if rc != 0:
             raise LoramuxError(f"llama_decode failed with code {rc} on a batch of {n} tokens "
                                "(1: no room in the K/V cache; lower n_seq_max or n_ctx)")
+        if self.mixer is not None:
+            self.mixer.check_applied()  # an adapted weight the graph could not apply is an error, never skipped
         return seconds
 
     def logits_row(self, i: int) -> np.ndarray:

@@ -1,0 +1,38 @@
+"""Every tolerance the tests compare numbers with, each with where it comes from (not a test module).
+
+A floor is what two correct computations measurably differ by; a tolerance sits above the floor
+and below the smallest error a test must catch (each test keeps a negative control that shows it).
+"""
+from __future__ import annotations
+
+# --- native per-sequence mixes vs the same request alone (tests/test_native_oracle.py) ---------
+# Stock llama.cpp is not batch-invariant: on the Q4_1 default model one-ulp differences flip the
+# q8 rounding of activations and grow through 30 layers. Measured: stock with the adapter on the
+# whole context, the same sequence in a batch of 6 vs alone: max |logit diff| 1.09, mean 0.15;
+# loramux in a mixed batch vs stock alone: max 0.78-1.48, mean 0.15-0.23; a 1.5x scale: max 6.2.
+BATCH_MAX_ABS = 2.0
+BATCH_MEAN_ABS = 0.35
+# below this top-two logit gap the batch floor can flip an argmax: greedy tokens are compared only above it
+GAP_FLOOR = BATCH_MAX_ABS
+
+# --- the mix op itself vs numpy on its captured inputs (tests/test_native_kernel.py) -----------
+# Relative L2 error per token row of the LoRA term. The fused CPU op accumulates in f32 from f16 A
+# (measured max 2e-7); the mul_mat_id form rounds x to f16 first (ggml's vec_dot type for f16
+# weights; measured max 5e-4). A 10% scale error is 0.1, an adapter dropped at 0.3 about 0.3.
+KERNEL_REL_TOL = {"fused": 1e-5, "mul_mat_id": 3e-3}
+
+# --- converters vs PEFT's own delta (tests/test_convert_oracle.py) -----------------------------
+# max |delta - PEFT delta| / max |PEFT delta| per module, by the GGUF's storage type
+CONVERT_REL_TOL = {"f32": 1e-5, "f16": 1e-3, "bf16": 5e-3, "q8_0": 1e-2}
+
+# --- stock llama.cpp logits through the pool's context path (tests/test_pool_oracle.py) --------
+POOL_STOCK_LOGIT_TOL = 1e-3   # the same computation (same library, same layout): float noise only
+# one request alone twice, with its K/V cells at other places in the cache (measured 0.0098)
+POOL_ALONE_LOGPROB_TOL = 0.02
+
+# --- scoring (tests/test_compose.py) -----------------------------------------------------------
+SCORE_SAME_TOL = 1e-4   # one batch of many mixes vs one item alone, both per-sequence mixes
+SCORE_NLL_TOL = 0.05    # per-sequence mixes vs the mix set on the context (measured 0.03 on 2 target tokens)
+
+# --- the hook vs stock llama-server called directly (tests/test_hook.py) -----------------------
+HOOK_LOGPROB_TOL = 1e-3
