@@ -16,10 +16,11 @@ BATCH_MEAN_ABS = 0.35
 GAP_FLOOR = BATCH_MAX_ABS
 
 # --- the mix op itself vs numpy on its captured inputs (tests/test_native_kernel.py) -----------
-# Relative L2 error per token row of the LoRA term. The fused CPU op accumulates in f32 from f16 A
-# (measured max 2e-7); the mul_mat_id form rounds x to f16 first (ggml's vec_dot type for f16
-# weights; measured max 5e-4). A 10% scale error is 0.1, an adapter dropped at 0.3 about 0.3.
-KERNEL_REL_TOL = {"fused": 1e-5, "mul_mat_id": 3e-3}
+# Relative L2 error per token row of the LoRA term. Fused CPU op: f32 accumulation from f16 A, read
+# back as out - res in f32, so res's rounding shows (measured max 2.6e-4 on ffn_up); mul_mat_id
+# form: x rounded to f16 first (ggml's vec_dot type for f16 weights; measured max 9.3e-4). A 10%
+# scale error is 0.1 and an adapter dropped at weight 0.3 is >= 0.1: the tests require > 10x the tolerance.
+KERNEL_REL_TOL = {"fused": 1e-3, "mul_mat_id": 3e-3}
 
 # --- converters vs PEFT's own delta (tests/test_convert_oracle.py) -----------------------------
 # max |delta - PEFT delta| / max |PEFT delta| per module, by the GGUF's storage type
