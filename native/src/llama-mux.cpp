@@ -759,9 +759,9 @@ const char * loramux_strerror(int32_t status) {
         case LORAMUX_ERR_TOO_MANY_ACTIVE:      return "more non-zero weights than max_active";
         case LORAMUX_ERR_DUPLICATE_ADAPTER:    return "the same adapter appears twice";
         case LORAMUX_ERR_BAD_ARG:              return "count out of range";
-        case LORAMUX_ERR_INCOMPATIBLE_ADAPTER: return "an adapter cannot be applied to this model (loramux_last_error says which and why)";
+        case LORAMUX_ERR_INCOMPATIBLE_ADAPTER: return "an adapter cannot be applied to this model";
         case LORAMUX_ERR_ALLOC:                return "could not allocate memory";
-        case LORAMUX_ERR_INTERNAL:             return "internal error (loramux_last_error says where)";
+        case LORAMUX_ERR_INTERNAL:             return "internal error";
         case LORAMUX_ERR_UNAPPLIED:            return "a registered adapter weight could not be applied in the graph";
         default:                               return "unknown loramux status";
     }
