@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from floors import GAP_FLOOR  # noqa: F401  (re-exported: the tests that import it from here)
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared"
@@ -21,6 +22,13 @@ PLAIN = ["boolean_expressions", "causal_judgement", "disambiguation_qa", "sports
 RSLORA = ["dyck_languages", "logical_deduction_seven_objects", "salient_translation_error_detection", "tracking_shuffled_objects_seven_objects"]
 PATTERNS = ["object_counting"]
 EMBEDDING = ["word_sorting"]
+
+
+def native_missing(reason: str) -> None:
+    """The native library is not in use: skip, or fail under LORAMUX_REQUIRE_NATIVE=1 (as CI runs)."""
+    if os.environ.get("LORAMUX_REQUIRE_NATIVE") == "1":
+        pytest.fail(f"native library required (LORAMUX_REQUIRE_NATIVE=1) but not in use: {reason}")
+    pytest.skip(f"loramux native library not in use: {reason}")
 
 
 def all_fixture_names() -> list[str]:
@@ -106,7 +114,6 @@ BATCH_ADAPTERS = ["boolean_expressions", "navigate", "hyperbaton", "snarks", "sp
 BATCH_MIXES = [{"boolean_expressions": 1.0}, {"navigate": 0.6, "hyperbaton": 0.4}, None,
                {"snarks": 1.0, "navigate": -0.3, "sports_understanding": 0.5}, {"hyperbaton": 1.0}, {"sports_understanding": 1.0}]
 BATCH_TASKS = ["boolean_expressions", "navigate", "hyperbaton", "snarks", "sports_understanding", "boolean_expressions"]
-GAP_FLOOR = 2.0  # MAX_ABS_TOL of tests/test_native_oracle.py: below it the batch floor can flip an argmax
 
 
 def open_batch_pool(base_model):

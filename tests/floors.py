@@ -26,6 +26,15 @@ KERNEL_REL_TOL = {"fused": 1e-3, "mul_mat_id": 3e-3}
 # max |delta - PEFT delta| / max |PEFT delta| per module, by the GGUF's storage type
 CONVERT_REL_TOL = {"f32": 1e-5, "f16": 1e-3, "bf16": 5e-3, "q8_0": 1e-2}
 
+# The same adapter written as f32, f16, bf16, q8_0 (tests/test_convert_llama.py): llama.cpp computes
+# the LoRA product in the weight type's precision. Measured |L_type - L_f32| / |L_f32 - L_base|
+# at most 0.10 (f16 0.02-0.10, bf16 0.03-0.08, q8_0 0.01-0.07).
+CONVERT_OUTTYPE_EFFECT_TOL = 0.2
+
+# --- the ONNX base model vs torch + PEFT (tests/test_onnx_base.py) -----------------------------
+# both hold the dequantized weights in f32; only the accumulation order differs (measured 1.5e-3)
+ONNX_LOGIT_ATOL = 1e-2
+
 # --- stock llama.cpp logits through the pool's context path (tests/test_pool_oracle.py) --------
 POOL_STOCK_LOGIT_TOL = 1e-3   # the same computation (same library, same layout): float noise only
 # one request alone twice, with its K/V cells at other places in the cache (measured 0.0098)

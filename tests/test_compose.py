@@ -18,8 +18,7 @@ from loramux.mix import Mix
 from conftest import FIXTURES, GAP_FLOOR, load_rows, write_rows
 
 ADAPTERS = ["boolean_expressions", "dyck_languages", "navigate", "sports_understanding", "object_counting"]
-SAME_TOL = 1e-4   # one batch of many mixes vs one item alone, both per-sequence mixes
-NLL_TOL = 0.05    # per-sequence mixes in one batch vs the mix set on the context: llama.cpp's batch floor (measured 0.03 on 2 target tokens)
+from floors import SCORE_NLL_TOL as NLL_TOL, SCORE_SAME_TOL as SAME_TOL
 
 
 @pytest.fixture(scope="module")

@@ -20,6 +20,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from conftest import FIXTURES, all_fixture_names, load_rows
+from floors import CONVERT_OUTTYPE_EFFECT_TOL as OUTTYPE_TOLERANCE
 from peft_reference import detokenize, exact_match, llama_greedy, one_thread, prompt_tokens, require_train_extra, torch_greedy
 
 from loramux.converters import convert_peft_to_gguf
@@ -81,7 +82,7 @@ def test_every_converted_fixture_loads_and_decodes(converted_dir, base_model, pr
 # f16 / bf16 / q8), so even a f16 file holding exactly the f32 file's values moves logits by
 # up to ~1.5 (of a ~30 range). Measured |L_type - L_f32| / |L_f32 - L_base| (L2 over the
 # vocabulary): at most 0.10 (f16 0.02-0.10, bf16 0.03-0.08, q8_0 0.01-0.07); tolerance 0.2.
-OUTTYPE_TOLERANCE = 0.2
+# (CONVERT_OUTTYPE_EFFECT_TOL in tests/floors.py)
 
 
 @pytest.mark.parametrize("name", ["dyck_languages", "object_counting", "sports_understanding", "hyperbaton"])

@@ -26,7 +26,7 @@ from loramux.converters import convert_peft_to_gguf, read_base_model
 from loramux.converters.gguf_header import read_gguf_header
 from loramux.converters.name_map import permute_rows, unpermute_rows
 
-TOLERANCE = {"f32": 1e-5, "f16": 1e-3, "bf16": 5e-3, "q8_0": 1e-2}
+from floors import CONVERT_REL_TOL as TOLERANCE
 # One fixture per PEFT configuration and source dtype also goes through bf16 and q8_0.
 ALL_TYPES_FOR = {"boolean_expressions", "sports_understanding", "hyperbaton", "dyck_languages", "object_counting"}
 

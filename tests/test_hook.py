@@ -17,7 +17,7 @@ from llama_server import llama_server_binary, running_llama_server
 from serve_proc import loramux_server
 
 openai = pytest.importorskip("openai")
-LOGPROB_TOL = 1e-3
+from floors import HOOK_LOGPROB_TOL as LOGPROB_TOL
 
 
 @pytest.fixture(scope="module")

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import native_missing
 
 ROOT = Path(__file__).resolve().parents[1]
 HEADER = ROOT / "native" / "include" / "loramux.h"
@@ -143,9 +144,7 @@ def refusals(tmp_path_factory, base_model, shared_dir) -> dict:
     assert proc.returncode == 0, f"the worker died (code {proc.returncode}):\n{proc.stdout[-4000:]}"
     report = json.loads(out.read_text())
     if "unavailable" in report:
-        if os.environ.get("LORAMUX_REQUIRE_NATIVE") == "1":
-            pytest.fail(f"native library required but unavailable: {report['unavailable']}")
-        pytest.skip(f"loramux native library not available: {report['unavailable']}")
+        native_missing(str(report["unavailable"]))
     return report
 
 

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import native_missing
 
 from floors import KERNEL_REL_TOL
 
@@ -210,9 +211,7 @@ def _run(case: str, form: str, pool_dir: Path, tmp_path: Path) -> dict:
     assert proc.returncode == 0, proc.stdout[-4000:]
     data = dict(np.load(out))
     if "unavailable" in data:
-        if os.environ.get("LORAMUX_REQUIRE_NATIVE") == "1":
-            pytest.fail(f"native library required but unavailable: {data['unavailable']}")
-        pytest.skip(f"loramux native library not available: {data['unavailable']}")
+        native_missing(str(data["unavailable"]))
     return data
 
 

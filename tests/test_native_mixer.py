@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import native_missing
 
 ROOT = Path(__file__).resolve().parents[1]
 FIXTURES = ROOT.parent / "shared" / "fixtures" / "smollm2-bbh-lora"
@@ -83,9 +84,7 @@ def result(tmp_path_factory, base_model, shared_dir):
     assert proc.returncode == 0, proc.stdout[-4000:]
     data = json.loads(out.read_text())
     if "unavailable" in data:
-        if os.environ.get("LORAMUX_REQUIRE_NATIVE") == "1":
-            pytest.fail(f"native library required but unavailable: {data['unavailable']}")
-        pytest.skip(f"loramux native library not available: {data['unavailable']}")
+        native_missing(str(data["unavailable"]))
     return data
 
 

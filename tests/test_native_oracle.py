@@ -42,6 +42,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import native_missing
 
 from floors import BATCH_MAX_ABS as MAX_ABS_TOL, BATCH_MEAN_ABS as MEAN_ABS_TOL
 
@@ -223,10 +224,7 @@ def _run_case(case: str, adapter_dir: Path, tmp_path: Path, form: str = "fused")
     assert proc.returncode == 0, proc.stdout[-4000:]
     data = dict(np.load(out))
     if "unavailable" in data:
-        reason = str(data["unavailable"])
-        if os.environ.get("LORAMUX_REQUIRE_NATIVE") == "1":
-            pytest.fail(f"native library required but unavailable: {reason}")
-        pytest.skip(f"loramux native library not available: {reason}")
+        native_missing(str(data["unavailable"]))
     return data
 
 

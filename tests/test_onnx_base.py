@@ -36,7 +36,7 @@ from loramux.converters.onnx_mix import mix_peft_to_onnx_parameters, write_onnx_
 ort = pytest.importorskip("onnxruntime", reason="the onnx extra (pip install 'loramux[onnx]') is needed")
 pytest.importorskip("onnx", reason="the onnx extra (pip install 'loramux[onnx]') is needed")
 
-LOGIT_ATOL = 1e-2
+from floors import ONNX_LOGIT_ATOL as LOGIT_ATOL
 MIN_ADAPTER_EFFECT = 0.5  # an adapter must move some logit by more than this for its test to mean anything
 
 # plain q/k/v/o (bf16), rsLoRA, rsLoRA + rank_pattern/alpha_pattern, all seven projections (fp16)

@@ -24,7 +24,7 @@ import pytest
 from loramux.errors import ContextLengthError, LoramuxError, MixError
 from loramux.pool import PoolRequest
 
-from conftest import BATCH_ADAPTERS, BATCH_MIXES, FIXTURES, GAP_FLOOR, ROOT, batch_conversations, open_batch_pool
+from conftest import BATCH_ADAPTERS, BATCH_MIXES, FIXTURES, GAP_FLOOR, ROOT, batch_conversations, native_missing, open_batch_pool
 
 ADAPTERS, MIXES = BATCH_ADAPTERS, BATCH_MIXES
 STEPS = 12
@@ -41,9 +41,7 @@ def native_pool(pool):
     if not pool.native:
         from loramux import native
 
-        if os.environ.get("LORAMUX_REQUIRE_NATIVE") == "1":
-            pytest.fail(f"native library required but not in use: {native.status().reason}")
-        pytest.skip(f"native library not in use: {native.status().reason}")
+        native_missing(native.status().reason)
     return pool
 
 
