@@ -16,7 +16,8 @@ class ArchTable:
     """How one GGUF architecture names the tensors PEFT adapts."""
 
     # HF module path (with {bid} for the block index) -> GGUF tensor name.
-    # Source: gguf-py's TensorNameMap (MODEL_TENSOR.ATTN_Q etc.) for this arch.
+    # Source: gguf-py's TensorNameMap (MODEL_TENSOR.ATTN_Q etc.) for this arch; tests/test_name_map.py
+    # checks that every entry, for every block, is the name gguf-py gives.
     modules: dict[str, str]
     # GGUF tensors whose output rows llama.cpp's HF converter permutes (rotary
     # layout), with the GGUF key holding the head count used for the permutation.
