@@ -58,9 +58,10 @@ class SeqMixer:
             raise RuntimeLoadError(f"loramux could not register adapters {', '.join(names)}: {self._named(B.reason(rc))} (code {rc})")
         self.max_active = B.loramux_max_active(ctx_ptr)
         if self.max_active < 1:
-            B.loramux_unregister(ctx_ptr)
-            raise RuntimeLoadError(f"loramux registered adapters {', '.join(names)} but reports max_active={self.max_active}: "
-                                   f"{B.strerror(self.max_active) if self.max_active < 0 else 'no active slots'}")
+            rc = B.loramux_unregister(ctx_ptr)
+            undone = "unregistered again" if rc == B.LORAMUX_OK else f"and could not unregister them ({B.reason(rc)})"
+            raise RuntimeLoadError(f"loramux registered adapters {', '.join(names)} but reports max_active={self.max_active} "
+                                   f"({B.strerror(self.max_active) if self.max_active < 0 else 'no active slots'}); {undone}")
         self._closed = False
 
     def _named(self, text: str) -> str:
