@@ -123,6 +123,9 @@ def _worker(out: Path, good: Path) -> None:
             report[label] = {"raised": None}
         except LoramuxError as exc:
             report[label] = {"raised": str(exc)}
+    mixer.set(1, {"good": 0.5})
+    attempt("rank_600_over_a_pool", [("good", good_ptr), ("big", big)])
+    report["pool_kept"] = {"n_adapters": B.loramux_n_adapters(ctx), "mix": mixer.get(1)}
     rc = B.loramux_set_seq_mix(ctx, 0, -1, None, None)
     report["negative_n"] = {"rc": rc, "reason": B.last_error()}
     report["applied"] = {"rc": B.loramux_check_applied(ctx)}
@@ -151,6 +154,11 @@ def refusals(tmp_path_factory, base_model, shared_dir) -> dict:
 def test_a_rank_above_the_limit_is_refused_naming_adapter_and_tensor(refusals):
     msg = refusals["rank_600"]["raised"]
     assert msg and "'big'" in msg and "blk.4.attn_v.weight" in msg and "rank 600" in msg, msg
+
+
+def test_a_refused_pool_leaves_the_registered_one_in_place(refusals):
+    assert refusals["rank_600_over_a_pool"]["raised"]
+    assert refusals["pool_kept"] == {"n_adapters": 1, "mix": {"good": 0.5}}
 
 
 def test_the_same_adapter_twice_is_refused_by_name(refusals):
