@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import socket
 import subprocess
@@ -31,9 +32,22 @@ def wait_healthy(url: str, proc: subprocess.Popen, log: Path, timeout: float = 3
     raise RuntimeError(f"server not healthy after {timeout} s:\n{log.read_text()[-4000:]}")
 
 
+@dataclasses.dataclass
+class ServerProcess:
+    """A running ``loramux serve``: its base URL, its process and its log file."""
+
+    url: str
+    proc: subprocess.Popen
+    log: Path
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+
 @contextlib.contextmanager
-def loramux_server(*args: str, log_dir: Path, env: dict | None = None) -> Iterator[str]:
-    """``loramux serve ARGS --port FREE``; yields the base URL once /health is 200; stops it at exit."""
+def loramux_server_process(*args: str, log_dir: Path, env: dict | None = None) -> Iterator[ServerProcess]:
+    """``loramux serve ARGS --port FREE``; yields it once /health is 200; stops it at exit (if still running)."""
     port = free_port()
     log = log_dir / f"serve-{port}.log"
     cmd = [sys.executable, "-m", "loramux", "serve", *args, "--port", str(port)]
@@ -42,9 +56,10 @@ def loramux_server(*args: str, log_dir: Path, env: dict | None = None) -> Iterat
     url = f"http://127.0.0.1:{port}"
     try:
         wait_healthy(url, proc, log)
-        yield url
+        yield ServerProcess(url, proc, log)
     finally:
-        proc.terminate()
+        if proc.poll() is None:
+            proc.terminate()
         try:
             proc.wait(30)
         except subprocess.TimeoutExpired:
@@ -52,4 +67,11 @@ def loramux_server(*args: str, log_dir: Path, env: dict | None = None) -> Iterat
             proc.wait()
 
 
-__all__ = ["free_port", "loramux_server", "wait_healthy"]
+@contextlib.contextmanager
+def loramux_server(*args: str, log_dir: Path, env: dict | None = None) -> Iterator[str]:
+    """``loramux serve ARGS --port FREE``; yields the base URL once /health is 200; stops it at exit."""
+    with loramux_server_process(*args, log_dir=log_dir, env=env) as server:
+        yield server.url
+
+
+__all__ = ["ServerProcess", "free_port", "loramux_server", "loramux_server_process", "wait_healthy"]

@@ -6,9 +6,13 @@ PEFT folders are converted with the project's one converter
 ``loramux.base_model.cache_dir() / "adapters"``, keyed by a hash of the PEFT files, the base
 model's fingerprint, the converter's sources and its settings; the converter writes atomically,
 so a conversion killed half-way never leaves a file that a later load would use.
+:func:`cached_conversion` converts under an exclusive lock on the cache folder (processes
+sharing a cache convert one at a time; the kernel drops the lock of a killed process), and
+removes, under that lock, the temporary ``.*.partial`` files that a killed conversion left.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import os
@@ -17,7 +21,7 @@ from pathlib import Path
 
 from loramux.base_model import cache_dir
 from loramux.adapter_file import file_sha256
-from loramux.converters import BaseModelInfo
+from loramux.converters import BaseModelInfo, convert_peft_to_gguf
 from loramux.errors import AdapterError
 
 # Part of every cache key, with a hash of the converter's source files (so a changed converter
@@ -25,6 +29,8 @@ from loramux.errors import AdapterError
 CONVERTER_CACHE_VERSION = "1"
 PEFT_CONFIG = "adapter_config.json"
 _PEFT_WEIGHT_FILES = ("adapter_model.safetensors", "adapter_model.bin")
+PARTIAL_GLOB = ".*.partial"       # the temporary files of loramux.converters.atomic.atomic_output
+LOCK_NAME = ".lock"
 
 
 class AdapterSkippedWarning(UserWarning):
@@ -119,6 +125,47 @@ def converted_adapter_path(folder: Path, base: BaseModelInfo, *, outtype: str = 
     return cache_dir() / "adapters" / f"{folder.name}-{key[:24]}.gguf"
 
 
+@contextlib.contextmanager
+def cache_lock(folder: Path):
+    """Hold an exclusive lock on the conversion cache ``folder`` (``flock``; released if the process dies)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    try:
+        import fcntl
+    except ImportError:  # no flock (Windows): conversions are still atomic, only not serialised
+        yield
+        return
+    with open(folder / LOCK_NAME, "a+b") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def remove_stale_partials(folder: Path) -> list[Path]:
+    """Delete the temporary files of conversions that died half-way (call it holding :func:`cache_lock`)."""
+    removed = []
+    for partial in folder.glob(PARTIAL_GLOB):
+        with contextlib.suppress(FileNotFoundError):
+            partial.unlink()
+            removed.append(partial)
+    return removed
+
+
+def cached_conversion(folder: Path, base_path: Path, target: Path, *, outtype: str, skip_embeddings: bool,
+                      allow_pickle: bool) -> Path:
+    """``target`` (a path of :func:`converted_adapter_path`), converting the PEFT ``folder`` into it if needed.
+
+    Under :func:`cache_lock`: leftovers of killed conversions are removed first, and a file at
+    ``target`` is whole (the converter renames it into place only once written)."""
+    with cache_lock(target.parent):
+        remove_stale_partials(target.parent)
+        if not target.is_file():
+            convert_peft_to_gguf(folder, base_path, target, outtype=outtype, skip_embeddings=skip_embeddings,
+                                 allow_pickle=allow_pickle)
+    return target
+
+
 __all__ = [
     "AdapterSkippedWarning",
     "CONVERTER_CACHE_VERSION",
@@ -127,9 +174,12 @@ __all__ = [
     "PoolAdapter",
     "SkippedAdapter",
     "adapter_name",
+    "cache_lock",
+    "cached_conversion",
     "converted_adapter_path",
     "converter_fingerprint",
     "find_adapter_sources",
     "is_peft_folder",
     "peft_cache_key",
+    "remove_stale_partials",
 ]

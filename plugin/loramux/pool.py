@@ -49,6 +49,7 @@ from loramux.adapters import (
     PoolAdapter,
     SkippedAdapter,
     adapter_name,
+    cached_conversion,
     converted_adapter_path,
     find_adapter_sources,
     is_peft_folder,
@@ -199,8 +200,8 @@ class AdapterPool:
             raise AdapterError(f"{src} is a folder without {PEFT_CONFIG}: not a PEFT adapter (use load_adapters for folders of adapters)")
         gguf_path = converted_adapter_path(src, self.base_info, outtype=outtype, skip_embeddings=skip_embeddings)
         if not gguf_path.is_file():  # the converter writes atomically: a file here is whole
-            convert_peft_to_gguf(src, self.base_path, gguf_path, outtype=outtype, skip_embeddings=skip_embeddings,
-                                 allow_pickle=allow_pickle)
+            cached_conversion(src, self.base_path, gguf_path, outtype=outtype, skip_embeddings=skip_embeddings,
+                              allow_pickle=allow_pickle)
         return gguf_path
 
     def unload(self, name: str) -> None:

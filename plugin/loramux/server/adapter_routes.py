@@ -19,7 +19,9 @@ from typing import Any
 from fastapi import APIRouter, Request
 from starlette.concurrency import run_in_threadpool
 
-from loramux.errors import LoramuxError
+from loramux.errors import AdapterError, LoramuxError, RuntimeLoadError
+from loramux.server import schema
+from loramux.server.bodies import text_field
 from loramux.server.errors import APIError, from_loramux
 from loramux.server.openai_routes import json_body
 
@@ -30,6 +32,7 @@ def allowed_path(raw: Any, roots: list[Path]) -> Path:
     """The adapter path ``raw`` resolved inside one of ``roots``, or a 403/404 APIError."""
     if not isinstance(raw, str) or not raw or "\0" in raw:
         raise APIError(400, "path must be a non-empty string", param="path")
+    text_field(raw, "path")
     given = Path(raw)
     candidates = [given] if given.is_absolute() else [root / given for root in roots]
     for cand in candidates:
@@ -56,23 +59,36 @@ async def list_adapters(request: Request) -> dict[str, Any]:
     return {"object": "list", "data": [_describe(state, n) for n in state.pool.names]}
 
 
-@router.post("/v1/adapters", status_code=201)
+@router.post("/v1/adapters", status_code=201, **schema.LOAD)
 async def load_adapter(request: Request) -> dict[str, Any]:
     state = request.app.state.loramux
     body = await json_body(request)
     path = allowed_path(body.get("path"), state.settings.adapter_dirs())
     name = body.get("name")
-    if name is not None and not isinstance(name, str):
-        raise APIError(400, "name must be a string", param="name")
+    if name is not None:
+        text_field(name, "name")
     try:
         info = await run_in_threadpool(state.pool.load, path, name=name, skip_embeddings=state.settings.skip_embeddings)
-    except LoramuxError as exc:
-        raise from_loramux(exc) from None
+    except (LoramuxError, OSError, ValueError) as exc:
+        raise load_refused(exc, body.get("path"), path) from None
     state.lora.add(info.name)
     return _describe(state, info.name)
 
 
-@router.delete("/v1/adapters/{name}")
+def load_refused(exc: Exception, given: str, path: Path) -> APIError:
+    """The 400 for an adapter that cannot be loaded, naming the file as the client gave it.
+
+    Whatever fails while reading a client's file (a truncated or garbage GGUF, a PEFT folder the
+    converter refuses, llama.cpp refusing the file) is the file's fault, not the server's."""
+    if isinstance(exc, LoramuxError) and not isinstance(exc, (AdapterError, RuntimeLoadError)):
+        return from_loramux(exc)
+    message = str(exc) or type(exc).__name__
+    if given not in message and str(path) not in message:
+        message = f"{given}: {message}"
+    return APIError(400, f"cannot load adapter {given!r}: {message}", param="path", code="invalid_adapter")
+
+
+@router.delete("/v1/adapters/{name}", responses=schema.errors(*schema.COMMON_ERRORS, 404))
 async def unload_adapter(name: str, request: Request) -> dict[str, Any]:
     state = request.app.state.loramux
     if name not in state.pool.names:
@@ -92,7 +108,7 @@ async def lora_adapters(request: Request) -> list[dict[str, Any]]:
     return state.lora.listing({n: str(a.gguf_path) for n, a in state.pool.adapters.items()})
 
 
-@router.post("/lora-adapters")
+@router.post("/lora-adapters", **schema.SCALES)
 async def set_lora_scales(request: Request) -> list[dict[str, Any]]:
     state = request.app.state.loramux
     try:
@@ -104,4 +120,4 @@ async def set_lora_scales(request: Request) -> list[dict[str, Any]]:
     return await lora_adapters(request)
 
 
-__all__ = ["allowed_path", "router"]
+__all__ = ["allowed_path", "load_refused", "router"]

@@ -10,16 +10,20 @@ from __future__ import annotations
 
 import contextlib
 import hmac
+import sys
+import traceback
 from dataclasses import dataclass, field
 from typing import Any
 
 from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from loramux import __version__
 from loramux.errors import LoramuxError
 from loramux.server import metrics
-from loramux.server.errors import APIError, from_loramux
+from loramux.server.errors import REQUEST_ID_HEADER, APIError, from_loramux, request_id_of
 from loramux.server.selection import LoraTable, MixSelector
 from loramux.server.settings import ServeSettings
 
@@ -81,6 +85,8 @@ def create_app(state: ServerState, *, routers=None, on_close=None) -> FastAPI:
 
 
 def _install_handlers(app: FastAPI, state: ServerState) -> None:
+    """Errors in OpenAI's shape (the library's, FastAPI's own 404/405/422, and unexpected ones), API
+    keys, the HTTP counters, and the client's ``X-Request-Id`` echoed on every answer."""
     @app.exception_handler(APIError)
     async def api_error(request: Request, exc: APIError):
         return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
@@ -90,19 +96,44 @@ def _install_handlers(app: FastAPI, state: ServerState) -> None:
         err = from_loramux(exc)
         return JSONResponse(err.body(), status_code=err.status, headers=err.headers)
 
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException):
+        err = APIError(exc.status_code, str(exc.detail), code="not_found" if exc.status_code == 404 else None)
+        return JSONResponse(err.body(), status_code=exc.status_code, headers=getattr(exc, "headers", None))
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(request: Request, exc: RequestValidationError):
+        first = exc.errors()[0] if exc.errors() else {}
+        where = ".".join(str(x) for x in first.get("loc", ()))
+        err = APIError(400, f"{where}: {first.get('msg', 'invalid request')}", param=where or None)
+        return JSONResponse(err.body(), status_code=400)
+
     @app.middleware("http")
     async def auth_and_count(request: Request, call_next):
-        key = state.settings.api_key
-        if key and request.url.path not in OPEN_PATHS:
-            given = request.headers.get("authorization", "")
-            if not hmac.compare_digest(given.encode(), f"Bearer {key}".encode()):
-                err = APIError(401, "invalid or missing API key (Authorization: Bearer KEY)", type="authentication_error",
-                               code="invalid_api_key")
-                state.http.count(request.url.path, 401)
-                return JSONResponse(err.body(), status_code=401)
-        response = await call_next(request)
+        response = await _authorized(request, call_next, state)
         state.http.count(request.url.path, response.status_code)
+        rid = request_id_of(request)
+        if rid is not None:
+            response.headers[REQUEST_ID_HEADER] = rid
         return response
+
+
+async def _authorized(request: Request, call_next, state: ServerState):
+    """The route's response; 401 without the API key; an unexpected error as a 500 in OpenAI's shape (logged)."""
+    key = state.settings.api_key
+    if key and request.url.path not in OPEN_PATHS:
+        given = request.headers.get("authorization", "")
+        if not hmac.compare_digest(given.encode(), f"Bearer {key}".encode()):
+            err = APIError(401, "invalid or missing API key (Authorization: Bearer KEY)", type="authentication_error",
+                           code="invalid_api_key")
+            return JSONResponse(err.body(), status_code=401)
+    try:
+        return await call_next(request)
+    except Exception as exc:  # a bug: answered in OpenAI's shape, with the traceback in the server's log
+        print(f"loramux serve: {request.method} {request.url.path} failed:", file=sys.stderr)
+        traceback.print_exc()
+        err = APIError(500, f"internal error: {type(exc).__name__}: {exc}", type="server_error")
+        return JSONResponse(err.body(), status_code=500)
 
 
 __all__ = ["ServerState", "create_app", "pool_state"]

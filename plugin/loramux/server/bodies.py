@@ -6,6 +6,7 @@ is computed and that loramux does not compute are refused with 400, never ignore
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any, Mapping
 
@@ -16,6 +17,8 @@ from loramux.server.errors import APIError
 SAMPLING_FIELDS = ("temperature", "top_k", "top_p", "min_p", "typical_p", "repeat_penalty", "frequency_penalty",
                    "presence_penalty", "seed", "logit_bias")
 REFUSED = ("tools", "tool_choice", "functions", "function_call", "grammar", "json_schema", "suffix")
+WHOLE_FIELDS = ("top_k", "seed")          # whole numbers (the rest of SAMPLING_FIELDS are real numbers)
+INT32_MAX = 2**31 - 1                     # top_k is a C int in llama.cpp
 
 
 @dataclass
@@ -39,27 +42,72 @@ def _refuse_unsupported(body: Mapping[str, Any]) -> None:
         raise APIError(400, "echo is not supported by loramux", param="echo")
 
 
-def _common(body: Mapping[str, Any], *, chat: bool) -> dict[str, Any]:
-    _refuse_unsupported(body)
-    given = {k: body[k] for k in SAMPLING_FIELDS if body.get(k) is not None}
-    if isinstance(given.get("logit_bias"), Mapping):
-        try:
-            given["logit_bias"] = {int(k): float(v) for k, v in given["logit_bias"].items()}
-        except (TypeError, ValueError):
-            raise APIError(400, "logit_bias maps token ids to numbers", param="logit_bias") from None
+def _number(key: str, value: Any) -> float | int:
+    """A sampling field's value checked as llama.cpp takes it (a finite number; a whole one for top_k, seed)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise APIError(400, f"{key} must be a number, got {value!r}", param=key)
+    if key in WHOLE_FIELDS:
+        if isinstance(value, float) and not value.is_integer():   # also NaN and infinities
+            raise APIError(400, f"{key} must be a whole number, got {value!r}", param=key)
+        value = int(value)
+        if key == "top_k" and abs(value) > INT32_MAX:
+            raise APIError(400, f"top_k={value} is out of range (|top_k| <= {INT32_MAX})", param=key)
+        return value
     try:
-        sampling = sampling_from(given, chat=chat)
-    except LoramuxError as exc:
-        raise APIError(400, str(exc)) from None
+        real = float(value)
+    except OverflowError:
+        real = math.inf
+    if not math.isfinite(real):
+        raise APIError(400, f"{key} must be a finite number, got {value!r}", param=key)
+    return real
+
+
+def _logit_bias(raw: Any) -> dict[int, float]:
+    """``logit_bias`` as ``{token id: finite bias}`` (the ids are checked against the vocabulary later)."""
+    if not isinstance(raw, Mapping):
+        raise APIError(400, "logit_bias must be an object {token id: bias}", param="logit_bias")
+    try:
+        bias = {int(k): float(v) for k, v in raw.items() if not isinstance(v, bool)}
+    except (TypeError, ValueError, OverflowError):
+        raise APIError(400, "logit_bias maps token ids to numbers", param="logit_bias") from None
+    if len(bias) != len(raw) or not all(math.isfinite(b) for b in bias.values()):
+        raise APIError(400, "logit_bias maps token ids to finite numbers", param="logit_bias")
+    return bias
+
+
+def text_field(value: Any, param: str) -> str:
+    """``value`` if it is a string that UTF-8 can encode (a lone surrogate cannot), else a 400 naming ``param``."""
+    if not isinstance(value, str):
+        raise APIError(400, f"{param} must be a string, got {type(value).__name__}", param=param)
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise APIError(400, f"{param} is not valid Unicode text ({exc.reason} at {exc.start})", param=param) from None
+    return value
+
+
+def _stops(body: Mapping[str, Any]) -> tuple[str, ...]:
     stop = body.get("stop") or ()
     if isinstance(stop, str):
         stop = (stop,)
     if not isinstance(stop, (list, tuple)) or not all(isinstance(s, str) for s in stop):
         raise APIError(400, "stop must be a string or a list of strings", param="stop")
+    return tuple(text_field(s, "stop") for s in stop)
+
+
+def _common(body: Mapping[str, Any], *, chat: bool) -> dict[str, Any]:
+    _refuse_unsupported(body)
+    given: dict[str, Any] = {k: body[k] for k in SAMPLING_FIELDS if body.get(k) is not None}
+    for key in given:
+        given[key] = _logit_bias(given[key]) if key == "logit_bias" else _number(key, given[key])
+    try:
+        sampling = sampling_from(given, chat=chat)
+    except LoramuxError as exc:
+        raise APIError(400, str(exc)) from None
     max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
     if max_tokens is not None and (not isinstance(max_tokens, int) or isinstance(max_tokens, bool) or max_tokens < 1):
         raise APIError(400, f"max_tokens must be a whole number >= 1, got {max_tokens!r}", param="max_tokens")
-    return {"sampling": sampling, "stop": tuple(stop), "max_tokens": max_tokens}
+    return {"sampling": sampling, "stop": _stops(body), "max_tokens": max_tokens}
 
 
 def _stream_flags(body: Mapping[str, Any]) -> tuple[bool, bool]:
@@ -74,6 +122,8 @@ def completion_body(body: Mapping[str, Any]) -> ParsedBody:
     ok_tokens = isinstance(prompt, list) and prompt and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt)
     if not (isinstance(prompt, str) or ok_tokens):
         raise APIError(400, "prompt must be a string (or one list of token ids); one prompt per request", param="prompt")
+    if isinstance(prompt, str):
+        text_field(prompt, "prompt")
     common = _common(body, chat=False)
     if common["max_tokens"] is None:
         common["max_tokens"] = 16  # OpenAI's and llama-cpp-python's default for completions
@@ -88,6 +138,8 @@ def chat_body(body: Mapping[str, Any]) -> ParsedBody:
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages or not all(isinstance(m, Mapping) and "role" in m for m in messages):
         raise APIError(400, "messages must be a non-empty list of {\"role\", \"content\"}", param="messages")
+    for m in messages:
+        text_field(m["role"], "messages[].role")
     if body.get("logprobs"):
         raise APIError(400, "logprobs on chat completions are not supported by loramux (use /v1/completions)", param="logprobs")
     msgs = [{"role": m["role"], "content": _text_content(m.get("content"))} for m in messages]
@@ -97,11 +149,29 @@ def chat_body(body: Mapping[str, Any]) -> ParsedBody:
 
 def _text_content(content: Any) -> str:
     """A message's text (a string, or OpenAI's list of ``{"type": "text", "text"}`` parts)."""
-    if content is None or isinstance(content, str):
-        return content or ""
+    if content is None:
+        return ""
+    if isinstance(content, str):
+        return text_field(content, "messages[].content")
     if isinstance(content, list) and all(isinstance(p, Mapping) and p.get("type") == "text" for p in content):
-        return "".join(str(p.get("text", "")) for p in content)
+        return text_field("".join(str(p.get("text", "")) for p in content), "messages[].content")
     raise APIError(400, "message content must be text (images and audio are not supported)", param="messages")
+
+
+def check_token_ids(req: PoolRequest, n_vocab: int) -> None:
+    """Token ids of the prompt and of ``logit_bias`` must lie in the vocabulary (``0 .. n_vocab - 1``).
+
+    Checked before the request reaches the engine: llama.cpp refuses a batch with an unknown
+    token as a whole, which would fail every request decoding in that step, not only this one."""
+    if isinstance(req.prompt, (list, tuple)):
+        bad = [t for t in req.prompt if not 0 <= t < n_vocab]
+        if bad:
+            raise APIError(400, f"prompt holds token ids outside the vocabulary (0..{n_vocab - 1}): {bad[:5]}",
+                           param="prompt")
+    bad = [t for t in req.sampling.logit_bias if not 0 <= t < n_vocab]
+    if bad:
+        raise APIError(400, f"logit_bias names token ids outside the vocabulary (0..{n_vocab - 1}): {bad[:5]}",
+                       param="logit_bias")
 
 
 def prompt_text(req: PoolRequest) -> str:
@@ -112,4 +182,4 @@ def prompt_text(req: PoolRequest) -> str:
     return req.prompt if isinstance(req.prompt, str) else ""
 
 
-__all__ = ["ParsedBody", "chat_body", "completion_body", "prompt_text"]
+__all__ = ["ParsedBody", "chat_body", "check_token_ids", "completion_body", "prompt_text", "text_field"]

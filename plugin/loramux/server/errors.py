@@ -1,6 +1,7 @@
 """Errors as OpenAI shapes them: ``{"error": {"message", "type", "param", "code"}}`` with the right status."""
 from __future__ import annotations
 
+import re
 from typing import Any
 
 from loramux.errors import (
@@ -14,6 +15,8 @@ from loramux.errors import (
 )
 
 RETRY_AFTER_S = 1
+REQUEST_ID_HEADER = "X-Request-Id"
+_REQUEST_ID = re.compile(r"[A-Za-z0-9._:/+=-]{1,128}")
 
 
 class APIError(Exception):
@@ -34,13 +37,23 @@ def model_not_found(model: str, known: list[str]) -> APIError:
                     param="model")
 
 
-def from_loramux(exc: LoramuxError) -> APIError:
-    """The API error for a library error (the library's message names the input)."""
+def request_id_of(request: Any) -> str | None:
+    """The client's ``X-Request-Id`` header (up to 128 characters of ``[A-Za-z0-9._:/+=-]``), else None.
+
+    The server echoes it on the response and names the request by it in engine errors, so a
+    client can match every answer to what it sent."""
+    given = request.headers.get(REQUEST_ID_HEADER)
+    return given if given is not None and _REQUEST_ID.fullmatch(given) else None
+
+
+def from_loramux(exc: LoramuxError, *, param: str | None = None) -> APIError:
+    """The API error for a library error (the library's message names the input); ``param``: the
+    request field a context-length error points at (default ``messages``)."""
     if isinstance(exc, QueueFullError):
         return APIError(429, str(exc), type="rate_limit_error", code="queue_full",
                         headers={"Retry-After": str(RETRY_AFTER_S)})
     if isinstance(exc, ContextLengthError):
-        return APIError(400, str(exc), code="context_length_exceeded", param="messages")
+        return APIError(400, str(exc), code="context_length_exceeded", param=param or "messages")
     if isinstance(exc, MixError):
         return APIError(400, str(exc), code="invalid_mix", param="mix")
     if isinstance(exc, (RequestError, AdapterError)):
@@ -50,4 +63,4 @@ def from_loramux(exc: LoramuxError) -> APIError:
     return APIError(500, str(exc), type="server_error")
 
 
-__all__ = ["APIError", "RETRY_AFTER_S", "from_loramux", "model_not_found"]
+__all__ = ["APIError", "REQUEST_ID_HEADER", "RETRY_AFTER_S", "from_loramux", "model_not_found", "request_id_of"]

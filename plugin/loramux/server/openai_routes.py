@@ -19,8 +19,9 @@ from fastapi.responses import StreamingResponse
 from loramux import responses
 from loramux.engine import RequestHandle
 from loramux.errors import LoramuxError
-from loramux.server.bodies import chat_body, completion_body, prompt_text
-from loramux.server.errors import APIError, from_loramux
+from loramux.server import schema
+from loramux.server.bodies import chat_body, check_token_ids, completion_body, prompt_text
+from loramux.server.errors import APIError, from_loramux, request_id_of
 
 router = APIRouter()
 
@@ -43,12 +44,12 @@ async def models(request: Request) -> dict[str, Any]:
                                        for m in state.selector.models()]}
 
 
-@router.post("/v1/completions")
+@router.post("/v1/completions", **schema.GENERATION)
 async def completions(request: Request):
     return await _answer(request, chat=False)
 
 
-@router.post("/v1/chat/completions")
+@router.post("/v1/chat/completions", **schema.CHAT_GENERATION)
 async def chat_completions(request: Request):
     return await _answer(request, chat=True)
 
@@ -57,12 +58,14 @@ async def _answer(request: Request, *, chat: bool):
     state = request.app.state.loramux
     body = await json_body(request)
     parsed = (chat_body if chat else completion_body)(body)
+    check_token_ids(parsed.request, state.pool.model.n_vocab())
+    parsed.request.request_id = request_id_of(request)
     selection = state.selector.select(body, lambda: prompt_text(parsed.request))
     parsed.request.mix = selection.mix
     try:
         handle = state.pool.submit(parsed.request, loop=asyncio.get_running_loop())
     except LoramuxError as exc:
-        raise from_loramux(exc) from None
+        raise from_loramux(exc, param=None if chat else "prompt") from None
     extra: dict[str, Any] = {"mix": handle.request.mix.to_dict(), "mix_source": selection.source}
     if selection.routing is not None:
         extra["routing"] = selection.routing

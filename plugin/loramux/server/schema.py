@@ -1,0 +1,117 @@
+"""The OpenAPI description of ``loramux serve``'s bodies: request schemas and the error shape.
+
+The routes parse their JSON bodies themselves (so that every refusal is a 400 in OpenAI's
+error shape, naming the field), so FastAPI cannot infer their schemas; these JSON schemas are
+published in ``/openapi.json`` through ``openapi_extra`` and ``responses`` instead. They
+describe what the server accepts: a body outside them is answered 400 (never 5xx), and
+fields they do not list are ignored unless :mod:`loramux.server.bodies` refuses them by name.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+NUMBER = {"type": "number"}
+STRINGS = {"type": "array", "items": {"type": "string"}}
+
+ERROR = {
+    "type": "object",
+    "required": ["error"],
+    "properties": {"error": {
+        "type": "object",
+        "required": ["message", "type"],
+        "properties": {"message": {"type": "string"}, "type": {"type": "string"},
+                       "param": {"type": ["string", "null"]}, "code": {"type": ["string", "null"]}},
+    }},
+}
+
+LORA_ENTRIES = {
+    "type": "array",
+    "items": {"type": "object", "required": ["id"],
+              "properties": {"id": {"type": "integer", "minimum": 0}, "scale": NUMBER}},
+}
+
+MIX = {
+    "description": "{adapter name: weight}, or \"name=w,name=w\"",
+    "oneOf": [{"type": "object", "additionalProperties": NUMBER}, {"type": "string"}],
+}
+
+SAMPLING: dict[str, Any] = {
+    "model": {"type": "string", "description": "base model id, an adapter, a named mix, or \"auto\""},
+    "mix": MIX,
+    "lora": LORA_ENTRIES,
+    "max_tokens": {"type": "integer", "minimum": 1},
+    "max_completion_tokens": {"type": "integer", "minimum": 1},
+    "temperature": {"type": "number", "minimum": 0},
+    "top_p": {"type": "number", "minimum": 0, "maximum": 1},
+    "top_k": {"type": "integer"},
+    "min_p": {"type": "number", "minimum": 0, "maximum": 1},
+    "typical_p": {"type": "number", "exclusiveMinimum": 0, "maximum": 1},
+    "repeat_penalty": {"type": "number", "exclusiveMinimum": 0},
+    "frequency_penalty": NUMBER,
+    "presence_penalty": NUMBER,
+    "seed": {"type": "integer"},
+    "logit_bias": {"type": "object", "additionalProperties": NUMBER, "description": "{token id: bias}"},
+    "stop": {"oneOf": [{"type": "string"}, STRINGS]},
+    "stream": {"type": "boolean"},
+    "stream_options": {"type": "object", "properties": {"include_usage": {"type": "boolean"}}},
+    "n": {"type": "integer", "enum": [1]},
+    "user": {"type": "string"},
+}
+
+COMPLETION = {
+    "type": "object",
+    "required": ["prompt"],
+    "properties": {
+        "prompt": {"oneOf": [{"type": "string"}, {"type": "array", "minItems": 1, "items": {"type": "integer", "minimum": 0}}]},
+        "logprobs": {"type": ["integer", "null"], "minimum": 0, "maximum": 20},
+        **SAMPLING,
+    },
+}
+
+MESSAGE = {
+    "type": "object",
+    "required": ["role"],
+    "properties": {
+        "role": {"type": "string", "enum": ["system", "developer", "user", "assistant"]},
+        "content": {"oneOf": [
+            {"type": "string"}, {"type": "null"},
+            {"type": "array", "items": {"type": "object", "required": ["type", "text"],
+                                        "properties": {"type": {"enum": ["text"]}, "text": {"type": "string"}}}},
+        ]},
+    },
+}
+
+CHAT = {
+    "type": "object",
+    "required": ["messages"],
+    "properties": {"messages": {"type": "array", "minItems": 1, "items": MESSAGE}, **SAMPLING},
+}
+
+ADAPTER_LOAD = {
+    "type": "object",
+    "required": ["path"],
+    "properties": {"path": {"type": "string", "description": "a GGUF file or PEFT folder inside --adapters"},
+                   "name": {"type": "string"}},
+}
+
+
+def json_body(schema: dict[str, Any]) -> dict[str, Any]:
+    """``openapi_extra`` for a route whose JSON body is ``schema`` (the route parses it itself)."""
+    return {"requestBody": {"required": True, "content": {"application/json": {"schema": schema}}}}
+
+
+def errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    """``responses`` entries for these error statuses, all in OpenAI's error shape."""
+    return {s: {"description": "an error in OpenAI's shape", "content": {"application/json": {"schema": ERROR}}}
+            for s in statuses}
+
+
+# Every route may answer these: a bad body or field (400), a missing --api-key (401).
+COMMON_ERRORS = (400, 401)
+GENERATION = {"openapi_extra": json_body(COMPLETION), "responses": errors(*COMMON_ERRORS, 404, 429)}
+CHAT_GENERATION = {"openapi_extra": json_body(CHAT), "responses": errors(*COMMON_ERRORS, 404, 429)}
+LOAD = {"openapi_extra": json_body(ADAPTER_LOAD), "responses": errors(*COMMON_ERRORS, 403, 404)}
+SCALES = {"openapi_extra": json_body(LORA_ENTRIES), "responses": errors(*COMMON_ERRORS)}
+
+__all__ = ["ADAPTER_LOAD", "CHAT", "CHAT_GENERATION", "COMPLETION", "ERROR", "GENERATION", "LOAD", "LORA_ENTRIES",
+           "SCALES", "errors", "json_body"]
