@@ -37,7 +37,7 @@ def _read(path: str, mtime_ns: int, size: int) -> BaseModelInfo:
     try:
         header = read_gguf_header(path)
     except (OSError, GgufHeaderError) as exc:
-        raise BaseModelError(f"cannot read base model {path!r} as GGUF: {exc}") from exc
+        raise BaseModelError(f"cannot read base model {path!r} as GGUF: {exc}; pass a complete GGUF model file (loramux fetch-base writes the default one)") from exc
     kv = header.metadata
     arch = kv.get("general.architecture")
     if not isinstance(arch, str):
@@ -54,9 +54,11 @@ def _read(path: str, mtime_ns: int, size: int) -> BaseModelInfo:
         digest.update(f"{t.name}:{tuple(np.array(t.shape, dtype=np.uint64))}:{t.tensor_type};".encode())
     emb = next((t for t in header.tensors if t.name == "token_embd.weight"), None)
     if emb is not None:
+        nbytes = _tensor_nbytes(emb, path)
         with open(path, "rb") as f:
-            f.seek(emb.offset)
-            digest.update(f.read(min(1 << 20, _tensor_nbytes(emb))))
+            if emb.offset < os.fstat(f.fileno()).st_size:  # past the end (or past 2^63): nothing to hash
+                f.seek(emb.offset)
+                digest.update(f.read(min(1 << 20, nbytes)))
     return BaseModelInfo(
         path=Path(path),
         architecture=arch,
@@ -67,10 +69,17 @@ def _read(path: str, mtime_ns: int, size: int) -> BaseModelInfo:
     )
 
 
-def _tensor_nbytes(t) -> int:
+def _tensor_nbytes(t, path: str) -> int:
+    """Bytes of a tensor's data; BaseModelError for a ggml type gguf-py does not know."""
     import gguf
 
-    block, type_size = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType(t.tensor_type)]
+    try:
+        block, type_size = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType(t.tensor_type)]
+    except (ValueError, KeyError) as exc:
+        raise BaseModelError(
+            f"base model {path!r}: tensor {t.name!r} has ggml type {t.tensor_type}, which gguf-py does not know: "
+            "corrupt file, or a newer format (upgrade the gguf package)"
+        ) from exc
     count = 1
     for d in t.shape:
         count *= d

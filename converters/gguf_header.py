@@ -15,6 +15,8 @@ import os
 import struct
 from dataclasses import dataclass
 
+from .errors import LoramuxError
+
 GGUF_MAGIC = b"GGUF"
 DEFAULT_ALIGNMENT = 32
 
@@ -39,8 +41,14 @@ class GgufHeader:
     data_offset: int
 
 
-class GgufHeaderError(ValueError):
-    """The file is not a (little-endian, version 2 or 3) GGUF file, or its header is cut short."""
+class GgufHeaderError(LoramuxError, ValueError):
+    """The file is not a (little-endian, version 2 or 3) GGUF file, or its header is cut short.
+
+    A LoramuxError (callers catch one base class) and, as before, a ValueError.
+    """
+
+
+MAX_ARRAY_NESTING = 8  # arrays of arrays; llama.cpp itself reads no nested arrays
 
 
 def _scalar_formats() -> dict[int, str]:
@@ -52,88 +60,112 @@ def _scalar_formats() -> dict[int, str]:
     }
 
 
+class _Cursor:
+    """Reads a GGUF header from a buffer; every length and count is checked against the bytes left."""
+
+    def __init__(self, buf: mmap.mmap) -> None:
+        from gguf import GGUFValueType
+
+        self.buf, self.pos = buf, 0
+        self.formats = _scalar_formats()
+        self.sizes = {t: struct.calcsize(f) for t, f in self.formats.items()}
+        self.string_t, self.array_t = int(GGUFValueType.STRING), int(GGUFValueType.ARRAY)
+
+    def left(self) -> int:
+        return len(self.buf) - self.pos
+
+    def take(self, fmt: str):
+        size = struct.calcsize(fmt)
+        if size > self.left():
+            raise GgufHeaderError(f"header cut short at byte {self.pos} of {len(self.buf)}: truncated file?")
+        value = struct.unpack_from(fmt, self.buf, self.pos)
+        self.pos += size
+        return value[0] if len(value) == 1 else value
+
+    def count(self, what: str, min_size: int) -> int:
+        """A u64 count of items of at least ``min_size`` bytes each, refused when they cannot fit in the file."""
+        at, n = self.pos, self.take("<Q")
+        if n * min_size > self.left():
+            raise GgufHeaderError(f"header cut short: it claims {n} {what} at byte {at}, more than the {self.left()} bytes left can hold: truncated or corrupt file?")
+        return n
+
+    def string(self) -> str:
+        n = self.count("string bytes", 1)
+        s = bytes(self.buf[self.pos : self.pos + n]).decode("utf-8", errors="replace")
+        self.pos += n
+        return s
+
+    def value(self, vtype: int) -> object:
+        """A scalar or string value; None for an array (skipped)."""
+        if vtype in self.formats:
+            return self.take(self.formats[vtype])
+        if vtype == self.string_t:
+            return self.string()
+        self.skip(vtype, 0)
+        return None
+
+    def min_size(self, vtype: int) -> int:
+        return self.sizes.get(vtype) or (8 if vtype == self.string_t else 12)
+
+    def skip(self, vtype: int, depth: int) -> None:
+        """Skip a value by its lengths, without building it."""
+        if vtype in self.sizes:
+            self.take(f"{self.sizes[vtype]}s")
+        elif vtype == self.string_t:
+            n = self.count("string bytes", 1)  # (not `self.pos += self.count(...)`: count() moves pos first)
+            self.pos += n
+        elif vtype == self.array_t:
+            if depth >= MAX_ARRAY_NESTING:
+                raise GgufHeaderError(f"metadata arrays nested more than {MAX_ARRAY_NESTING} deep at byte {self.pos}: corrupt file?")
+            itype = self.take("<I")
+            n = self.count("array items", self.min_size(itype))
+            if itype in self.sizes:
+                self.pos += self.sizes[itype] * n
+            else:
+                for _ in range(n):
+                    self.skip(itype, depth + 1)
+        else:
+            raise GgufHeaderError(f"unknown metadata value type {vtype} at byte {self.pos}")
+
+
 def read_gguf_header(path: str | os.PathLike) -> GgufHeader:
-    """Parse the header of ``path``; raise :class:`GgufHeaderError` on anything malformed."""
-    from gguf import GGUFValueType
-
-    formats = _scalar_formats()
-    sizes = {t: struct.calcsize(f) for t, f in formats.items()}
-    string_t, array_t = int(GGUFValueType.STRING), int(GGUFValueType.ARRAY)
-
+    """Parse the header of ``path``; raise :class:`GgufHeaderError` (message names the file) on anything malformed."""
     with open(path, "rb") as f:
         try:
             buf = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
         except ValueError as exc:  # empty file
-            raise GgufHeaderError("empty file") from exc
+            raise GgufHeaderError(f"{os.fspath(path)}: empty file, not a GGUF model or adapter") from exc
     with buf:
-        pos = 0
+        try:
+            return _parse(_Cursor(buf))
+        except GgufHeaderError as exc:
+            raise GgufHeaderError(f"{os.fspath(path)}: {exc}") from None
 
-        def take(fmt: str):
-            nonlocal pos
-            size = struct.calcsize(fmt)
-            if pos + size > len(buf):
-                raise GgufHeaderError(f"header cut short at byte {pos} of {len(buf)}: truncated file?")
-            value = struct.unpack_from(fmt, buf, pos)
-            pos += size
-            return value[0] if len(value) == 1 else value
 
-        def string() -> str:
-            nonlocal pos
-            n = take("<Q")
-            if pos + n > len(buf):
-                raise GgufHeaderError(f"header cut short: a string of {n} bytes at byte {pos} runs past the end ({len(buf)} bytes): truncated file?")
-            s = bytes(buf[pos : pos + n]).decode("utf-8", errors="replace")
-            pos += n
-            return s
-
-        def skip_value(vtype: int) -> None:
-            nonlocal pos
-            if vtype in sizes:
-                pos += sizes[vtype]
-            elif vtype == string_t:
-                n = take("<Q")  # the length prefix, then skip the bytes
-                pos += n
-            elif vtype == array_t:
-                itype, count = take("<I"), take("<Q")
-                if itype in sizes:
-                    pos += sizes[itype] * count
-                else:
-                    for _ in range(count):
-                        skip_value(itype)
-            else:
-                raise GgufHeaderError(f"unknown metadata value type {vtype} at byte {pos}")
-            if pos > len(buf):
-                raise GgufHeaderError(f"header cut short: metadata runs past the end of the file ({len(buf)} bytes): truncated file?")
-
-        if bytes(buf[:4]) != GGUF_MAGIC:
-            raise GgufHeaderError("no GGUF magic at the start of the file")
-        pos = 4
-        version = take("<I")
-        if version not in (2, 3):
-            raise GgufHeaderError(f"GGUF version {version} (big-endian file?); versions 2 and 3 are read")
-        n_tensors, n_kv = take("<Q"), take("<Q")
-        metadata: dict[str, object] = {}
-        for _ in range(n_kv):
-            key = string()
-            vtype = take("<I")
-            if vtype in formats:
-                metadata[key] = take(formats[vtype])
-            elif vtype == string_t:
-                metadata[key] = string()
-            else:
-                skip_value(vtype)
-                metadata[key] = None
-        infos = []
-        for _ in range(n_tensors):
-            name = string()
-            n_dims = take("<I")
-            if n_dims > 8:
-                raise GgufHeaderError(f"tensor {name!r} claims {n_dims} dimensions")
-            shape = tuple(take("<Q") for _ in range(n_dims))
-            infos.append((name, shape, take("<I"), take("<Q")))
-        alignment = metadata.get("general.alignment") or DEFAULT_ALIGNMENT
-        if not isinstance(alignment, int) or alignment & (alignment - 1):
-            raise GgufHeaderError(f"general.alignment {alignment!r} is not a power of two")
-        data_offset = pos + (-pos % alignment)
-        tensors = [TensorInfo(n, s, t, data_offset + o) for n, s, t, o in infos]
-        return GgufHeader(version=version, metadata=metadata, tensors=tensors, data_offset=data_offset)
+def _parse(cur: _Cursor) -> GgufHeader:
+    if bytes(cur.buf[:4]) != GGUF_MAGIC:
+        raise GgufHeaderError("no GGUF magic at the start of the file: not a GGUF file")
+    cur.pos = 4
+    version = cur.take("<I")
+    if version not in (2, 3):
+        raise GgufHeaderError(f"GGUF version {version} (big-endian file?); versions 2 and 3 are read")
+    n_tensors = cur.count("tensors", 8 + 4 + 4 + 8)   # name length, n_dims, type, offset
+    n_kv = cur.count("metadata entries", 8 + 4 + 1)   # key length, value type, a 1-byte value
+    metadata: dict[str, object] = {}
+    for _ in range(n_kv):
+        key = cur.string()
+        metadata[key] = cur.value(cur.take("<I"))
+    infos = []
+    for _ in range(n_tensors):
+        name = cur.string()
+        n_dims = cur.take("<I")
+        if n_dims > 8:
+            raise GgufHeaderError(f"tensor {name!r} claims {n_dims} dimensions")
+        shape = tuple(cur.take("<Q") for _ in range(n_dims))
+        infos.append((name, shape, cur.take("<I"), cur.take("<Q")))
+    alignment = metadata.get("general.alignment") or DEFAULT_ALIGNMENT
+    if not isinstance(alignment, int) or alignment & (alignment - 1):
+        raise GgufHeaderError(f"general.alignment {alignment!r} is not a power of two")
+    data_offset = cur.pos + (-cur.pos % alignment)
+    tensors = [TensorInfo(n, s, t, data_offset + o) for n, s, t, o in infos]
+    return GgufHeader(version=version, metadata=metadata, tensors=tensors, data_offset=data_offset)

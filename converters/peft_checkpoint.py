@@ -156,4 +156,9 @@ def load_peft_adapter(path: str | Path, *, allow_pickle: bool = False) -> PeftAd
 
 
 def _natural_key(name: str) -> list[Any]:
-    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", name)]
+    """Sort key with digit runs compared as numbers ("layers.2" before "layers.10").
+
+    A run is compared as (length without leading zeros, digits), not int(): int() refuses runs of
+    more than 4300 digits, and str.isdigit() is true of characters int() cannot read ("²").
+    """
+    return [(len(t.lstrip("0")), t.lstrip("0")) if i % 2 else t for i, t in enumerate(re.split(r"(\d+)", name))]

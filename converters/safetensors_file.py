@@ -6,6 +6,7 @@ converter must say precisely what is wrong with a truncated or corrupt file.
 from __future__ import annotations
 
 import json
+import math
 import os
 import struct
 from pathlib import Path
@@ -21,6 +22,34 @@ _DTYPES: dict[str, tuple[str, int]] = {
     "BF16": ("<u2", 2),  # widened to float32 by shifting into the high half
     "F64": ("<f8", 8),
 }
+_MAX_DIMS = 32  # numpy allows 64; LoRA matrices have 2
+
+
+def _is_index(value: object) -> bool:
+    """A JSON integer usable as a size or an offset (not a bool, not negative)."""
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _entry(where: str, name: str, info: object, body_len: int) -> tuple[str, list[int], int, int]:
+    """Validate one header entry; return (dtype, shape, start, end) or raise AdapterError naming the tensor."""
+    try:
+        dtype, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]  # type: ignore[index]
+    except (KeyError, TypeError, IndexError) as exc:
+        raise AdapterError(f"{where}: tensor {name!r} has a malformed header entry (needs dtype, shape, data_offsets): corrupt file") from exc
+    if not isinstance(dtype, str) or dtype not in _DTYPES:
+        raise AdapterError(f"{where}: tensor {name!r} has dtype {dtype!r}; LoRA weights must be F32, F16 or BF16")
+    if not isinstance(shape, list) or len(shape) > _MAX_DIMS or not all(_is_index(d) for d in shape):
+        raise AdapterError(f"{where}: tensor {name!r} has shape {shape!r}; a shape is a list of at most {_MAX_DIMS} non-negative integers: corrupt file")
+    if not isinstance(offsets, list) or len(offsets) != 2 or not all(_is_index(o) for o in offsets):
+        raise AdapterError(f"{where}: tensor {name!r} has data_offsets {offsets!r}; expected [start, end] as non-negative integers: corrupt file")
+    start, end = offsets
+    if not start <= end <= body_len:
+        raise AdapterError(f"{where}: tensor {name!r} lies past the end of the file (bytes {start}-{end} of {body_len}): truncated download?")
+    item = _DTYPES[dtype][1]
+    need = math.prod(shape) * item
+    if end - start != need or math.prod(max(d, 1) for d in shape) * item >= 2**62:
+        raise AdapterError(f"{where}: tensor {name!r} holds {end - start} bytes, its shape {shape} needs {need}: corrupt file")
+    return dtype, shape, start, end
 
 
 def read_safetensors(path: Path) -> tuple[dict[str, np.ndarray], dict[str, str]]:
@@ -39,8 +68,8 @@ def read_safetensors(path: Path) -> tuple[dict[str, np.ndarray], dict[str, str]]
             raise AdapterError(f"{where}: header claims {header_len} bytes but the file has {size - 8}: truncated or not safetensors")
         try:
             header = json.loads(f.read(header_len))
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise AdapterError(f"{where}: header is not valid JSON ({exc}): corrupt file") from exc
+        except (ValueError, RecursionError) as exc:  # bad UTF-8 or JSON, 4300+ digit numbers, deep nesting
+            raise AdapterError(f"{where}: header is not valid JSON ({str(exc)[:200]}): corrupt file") from exc
         if not isinstance(header, dict):
             raise AdapterError(f"{where}: header is not a JSON object: corrupt file")
         body_start, body_len = 8 + header_len, size - 8 - header_len
@@ -49,18 +78,8 @@ def read_safetensors(path: Path) -> tuple[dict[str, np.ndarray], dict[str, str]]
         for name, info in header.items():
             if name == "__metadata__":
                 continue
-            try:
-                dtype, shape, (start, end) = info["dtype"], list(info["shape"]), info["data_offsets"]
-            except (KeyError, TypeError, ValueError) as exc:
-                raise AdapterError(f"{where}: tensor {name!r} has a malformed header entry: corrupt file") from exc
-            if dtype not in _DTYPES:
-                raise AdapterError(f"{where}: tensor {name!r} has dtype {dtype}; LoRA weights must be F32, F16 or BF16")
-            np_dtype, item = _DTYPES[dtype]
-            count = int(np.prod(shape)) if shape else 1
-            if not (0 <= start <= end <= body_len):
-                raise AdapterError(f"{where}: tensor {name!r} lies past the end of the file (bytes {start}-{end} of {body_len}): truncated download?")
-            if end - start != count * item:
-                raise AdapterError(f"{where}: tensor {name!r} holds {end - start} bytes, its shape {shape} needs {count * item}: corrupt file")
+            dtype, shape, start, end = _entry(where, name, info, body_len)
+            np_dtype = _DTYPES[dtype][0]
             f.seek(body_start + start)
             raw = np.frombuffer(f.read(end - start), dtype=np_dtype)
             if dtype == "BF16":

@@ -8,10 +8,12 @@ that names the adapter.
 from __future__ import annotations
 
 import hashlib
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
 from loramux.converters import BaseModelInfo
+from loramux.converters.gguf_header import GgufHeaderError, read_gguf_header
 from loramux.errors import AdapterError, BaseModelMismatchError, UnsupportedAdapterError
 
 _SUFFIXES = (".lora_a", ".lora_b")
@@ -52,18 +54,41 @@ def _kv(reader, key: str):
     return field.parts[field.data[0]].tolist()[0]
 
 
-def check_gguf_adapter(path: str | Path, base: BaseModelInfo, *, name: str | None = None) -> GgufAdapterFacts:
-    """Validate a GGUF LoRA file against ``base``; raise a typed error naming the adapter if it does not fit."""
+def _open_reader(p: Path, label: str):
+    """gguf-py's reader on ``p``, after loramux's own header reader has bounded every count by the file size.
+
+    GGUFReader trusts the lengths in the file: a metadata array claiming 2^40 one-byte items makes it
+    loop (and allocate) for ever on a 5 KB file. read_gguf_header refuses such a header at once.
+    """
     import gguf
 
+    hint = "is the file complete? Convert the PEFT adapter again (loramux convert) if it is damaged"
+    try:
+        read_gguf_header(p)
+    except (OSError, GgufHeaderError) as exc:
+        raise AdapterError(f"{label}: cannot read as GGUF ({exc}); {hint}") from exc
+    try:
+        return gguf.GGUFReader(p, "r")
+    except Exception as exc:  # gguf raises ValueError / KeyError / IndexError / numpy errors on bad files
+        raise AdapterError(f"{label}: cannot read as GGUF ({type(exc).__name__}: {str(exc)[:200]}); {hint}") from exc
+
+
+def _alpha(value: object, label: str) -> float:
+    """adapter.lora.alpha as a float (0.0 when absent: llama.cpp then applies no alpha/r scale)."""
+    if value is None:
+        return 0.0
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise AdapterError(f"{label}: adapter.lora.alpha is {value!r}, not a finite number; convert the PEFT adapter again (loramux convert)")
+    return float(value)
+
+
+def check_gguf_adapter(path: str | Path, base: BaseModelInfo, *, name: str | None = None) -> GgufAdapterFacts:
+    """Validate a GGUF LoRA file against ``base``; raise a typed error naming the adapter if it does not fit."""
     p = Path(path)
     label = f"adapter {name!r} ({p})" if name else f"adapter {p}"
     if not p.is_file():
         raise AdapterError(f"{label}: no such file")
-    try:
-        reader = gguf.GGUFReader(p, "r")
-    except Exception as exc:  # gguf raises ValueError / struct errors on bad files
-        raise AdapterError(f"{label}: cannot read as GGUF ({exc}); is the file complete?") from exc
+    reader = _open_reader(p, label)
     if _kv(reader, "general.type") != "adapter" or _kv(reader, "adapter.type") != "lora":
         raise AdapterError(
             f"{label}: general.type={_kv(reader, 'general.type')!r}, adapter.type={_kv(reader, 'adapter.type')!r}; "
@@ -98,10 +123,10 @@ def check_gguf_adapter(path: str | Path, base: BaseModelInfo, *, name: str | Non
         if set(found) != set(_SUFFIXES):
             raise AdapterError(f"{label}: {target!r} has only {sorted(found)} (a LoRA pair needs .lora_a and .lora_b)")
         base_shape = base.tensor_shapes.get(target)
-        if base_shape is None:
+        if base_shape is None or len(base_shape) != 2:
             raise BaseModelMismatchError(
-                f"{label} adapts {target!r}, which the base model {base.path.name} does not have: "
-                "was it made for another model?"
+                f"{label} adapts {target!r}, which the base model {base.path.name} does not have "
+                f"{'as a matrix' if base_shape else ''}: was it made for another model?"
             )
         a, b = found[".lora_a"], found[".lora_b"]  # ggml ne, innermost first
         if target == "token_embd.weight":
@@ -117,17 +142,19 @@ def check_gguf_adapter(path: str | Path, base: BaseModelInfo, *, name: str | Non
         else:
             ok = len(a) == 2 and len(b) == 2 and base_shape[0] == a[0] and base_shape[1] == b[1] and a[1] == b[0]
             rank = a[1] if len(a) == 2 else -1
+        if ok and rank < 1:
+            raise AdapterError(f"{label}: LoRA pair for {target!r} has rank 0 (lora_a {list(a)}, lora_b {list(b)}): a broken file")
         if not ok:
             raise BaseModelMismatchError(
                 f"{label}: LoRA pair for {target!r} has lora_a {list(a)} and lora_b {list(b)}, which do not fit "
                 f"the base tensor {list(base_shape)} of {base.path.name}: was it made for another model?"
             )
         ranks.add(int(rank))
-    alpha = _kv(reader, "adapter.lora.alpha")
+    alpha = _alpha(_kv(reader, "adapter.lora.alpha"), label)
     return GgufAdapterFacts(
         path=p,
         architecture=str(arch),
-        alpha=float(alpha) if alpha is not None else 0.0,
+        alpha=alpha,
         n_modules=len(pairs),
         ranks=tuple(sorted(ranks)),
         sha256=file_sha256(p),
