@@ -9,6 +9,11 @@ so a conversion killed half-way never leaves a file that a later load would use.
 :func:`cached_conversion` converts under an exclusive lock on the cache folder (processes
 sharing a cache convert one at a time; the kernel drops the lock of a killed process), and
 removes, under that lock, the temporary ``.*.partial`` files that a killed conversion left.
+
+:class:`PinnedFiles` keeps a private copy of every GGUF file a pool loaded, and llama.cpp
+reads that copy: the pool frees an adapter's llama.cpp tensors once the per-sequence mixer
+holds its own copy and loads them again from the file at the next registration, so a file
+deleted or replaced on disk after the load must not be read again.
 """
 from __future__ import annotations
 
@@ -16,6 +21,9 @@ import contextlib
 import functools
 import hashlib
 import os
+import shutil
+import tempfile
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -166,11 +174,52 @@ def cached_conversion(folder: Path, base_path: Path, target: Path, *, outtype: s
     return target
 
 
+class PinnedFiles:
+    """Private, read-only copies of the GGUF files an :class:`~loramux.AdapterPool` loaded.
+
+    :meth:`pin` copies a file into a private temporary folder and checks that the copy has the
+    bytes the pool validated; :meth:`unpin` deletes one copy, :meth:`close` all of them.
+    """
+
+    def __init__(self) -> None:
+        self._dir: Path | None = None
+        self._lock = threading.Lock()
+
+    def pin(self, path: Path, sha256: str, name: str) -> Path:
+        """A private copy of ``path`` (adapter ``name``); AdapterError if its bytes are no longer ``sha256``."""
+        with self._lock:
+            if self._dir is None:
+                self._dir = Path(tempfile.mkdtemp(prefix="loramux-adapters-"))
+            fd, tmp = tempfile.mkstemp(prefix=f"{name}.", suffix=".gguf", dir=self._dir)
+        os.close(fd)
+        copy = Path(tmp)
+        try:
+            shutil.copyfile(path, copy)
+            if file_sha256(copy) != sha256:
+                raise AdapterError(f"adapter {name!r} ({path}) changed on disk while it was being loaded; load it again")
+            copy.chmod(0o400)
+        except BaseException:
+            self.unpin(copy)
+            raise
+        return copy
+
+    def unpin(self, copy: Path) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            copy.unlink()
+
+    def close(self) -> None:
+        with self._lock:
+            folder, self._dir = self._dir, None
+        if folder is not None:
+            shutil.rmtree(folder, ignore_errors=True)
+
+
 __all__ = [
     "AdapterSkippedWarning",
     "CONVERTER_CACHE_VERSION",
     "LoadReport",
     "PEFT_CONFIG",
+    "PinnedFiles",
     "PoolAdapter",
     "SkippedAdapter",
     "adapter_name",

@@ -46,6 +46,7 @@ from loramux.adapters import (
     PEFT_CONFIG,
     AdapterSkippedWarning,
     LoadReport,
+    PinnedFiles,
     PoolAdapter,
     SkippedAdapter,
     adapter_name,
@@ -111,6 +112,7 @@ class AdapterPool:
 
         self._closed = True
         self._handles: dict[str, LoraAdapterHandle] = {}
+        self._pinned = PinnedFiles()   # what llama.cpp reads (and reads again): copies, safe from changes on disk
         self._adapters: dict[str, PoolAdapter] = {}
         self.base_path = Path(base) if base is not None else default_base_model()
         self.base_info: BaseModelInfo = read_base_model(self.base_path)
@@ -173,8 +175,13 @@ class AdapterPool:
                 return existing
             raise AdapterError(f"adapter name {name!r} is already used for other weights ({existing.source}); "
                                f"a name is never reused for different weights: load {src} under another name")
-        handle = self._engine.call(lambda: LoraAdapterHandle(self.model.model, gguf_path, name, verbose=self._verbose,
-                                                             adapts_embeddings=facts.adapts_embeddings))
+        pinned = self._pinned.pin(gguf_path, facts.sha256, name)
+        try:
+            handle = self._engine.call(lambda: LoraAdapterHandle(self.model.model, pinned, name, verbose=self._verbose,
+                                                                 adapts_embeddings=facts.adapts_embeddings))
+        except BaseException:
+            self._pinned.unpin(pinned)
+            raise
         info = PoolAdapter(name=name, source=src, gguf_path=gguf_path, sha256=facts.sha256, from_peft=src.is_dir(),
                            skip_embeddings=bool(src.is_dir() and skip_embeddings), n_modules=facts.n_modules,
                            ranks=facts.ranks)
@@ -214,7 +221,7 @@ class AdapterPool:
             handle = self._handles[name]
             self._handles = {n: h for n, h in self._handles.items() if n != name}
             self._adapters = {n: a for n, a in self._adapters.items() if n != name}
-            self._engine.retire_adapter(name, self._handles, handle.free)
+            self._engine.retire_adapter(name, self._handles, lambda: (handle.free(), self._pinned.unpin(handle.path)))
 
     def load_adapters(self, paths: str | os.PathLike | Iterable[str | os.PathLike], *, skip_embeddings: bool = False,
                       allow_pickle: bool = False, progress: Callable[[int, int], None] | None = None) -> LoadReport:
@@ -500,6 +507,7 @@ class AdapterPool:
             self._probe.close()
         for handle in self._handles.values():
             handle.free()
+        self._pinned.close()
         self.model.close()
 
     def __enter__(self) -> "AdapterPool":
