@@ -14,6 +14,7 @@ import mmap
 import os
 import struct
 from dataclasses import dataclass
+from typing import Any
 
 from .errors import LoramuxError
 
@@ -72,9 +73,11 @@ class _Cursor:
         self.string_t, self.array_t = int(GGUFValueType.STRING), int(GGUFValueType.ARRAY)
 
     def left(self) -> int:
+        """Bytes after the cursor."""
         return len(self.buf) - self.pos
 
-    def take(self, fmt: str):
+    def take(self, fmt: str) -> Any:
+        """Unpack ``fmt`` at the cursor and move past it; GgufHeaderError when the file ends first."""
         size = struct.calcsize(fmt)
         if size > self.left():
             raise GgufHeaderError(f"header cut short at byte {self.pos} of {len(self.buf)}: truncated file?")
@@ -90,6 +93,7 @@ class _Cursor:
         return n
 
     def string(self) -> str:
+        """A length-prefixed UTF-8 string (undecodable bytes replaced)."""
         n = self.count("string bytes", 1)
         s = bytes(self.buf[self.pos : self.pos + n]).decode("utf-8", errors="replace")
         self.pos += n
@@ -105,6 +109,7 @@ class _Cursor:
         return None
 
     def min_size(self, vtype: int) -> int:
+        """The fewest bytes a value of ``vtype`` takes (an unknown type: as an array header)."""
         return self.sizes.get(vtype) or (8 if vtype == self.string_t else 12)
 
     def skip(self, vtype: int, depth: int) -> None:
@@ -143,6 +148,7 @@ def read_gguf_header(path: str | os.PathLike) -> GgufHeader:
 
 
 def _parse(cur: _Cursor) -> GgufHeader:
+    """Magic, version, counts, metadata and tensor infos; messages say where the header went wrong."""
     if bytes(cur.buf[:4]) != GGUF_MAGIC:
         raise GgufHeaderError("no GGUF magic at the start of the file: not a GGUF file")
     cur.pos = 4

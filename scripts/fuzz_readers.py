@@ -292,12 +292,13 @@ def build_seeds(target: str, base_path: Path) -> dict[str, bytes]:
 _RAW_TOKENS = ["1" * 5000, "[" * 5000 + "]" * 5000, "1e999", "-0", "NaN", "Infinity", "-Infinity"]
 _JSON_VALUES: list[Any] = [
     None, True, False, 0, 1, -1, 2, 8, 16, 2**31, 2**32, 2**63, 2**64, -2**63, 10**30, 0.5, -0.5, 1e308,
-    "", "x", "none", "all", "LORA", "BF16", "F16", "F32", "F64", "I8", "U8", "²", "(a+)+$", "[", "model.layers.0",
+    "", "x", "none", "all", "LORA", "BF16", "F16", "F32", "F64", "I8", "U8", "²", "[", "model.layers.0",
+    *(_REGEXES := ["(a+)+$", "(.*.*)*z", "(.|.)*z", ".*.*.*.*.*.*.*z", "q_proj)("]),  # backtracking for ever, invalid
     [], [0], [1], [0, 0], [0, 4], [4, 0], [-1, 4], [1, 2, 3], [[1]], ["1", "2"], {}, {"a": 1}, {"model.layers.0.self_attn.q_proj": 0},
 ] + [f"\0raw{i}" for i in range(len(_RAW_TOKENS))]
 _JSON_KEYS = ["r", "lora_alpha", "peft_type", "rank_pattern", "alpha_pattern", "use_rslora", "use_dora", "bias",
               "__metadata__", "dtype", "shape", "data_offsets", "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight",
-              "base_model.model.model.embed_tokens.lora_embedding_A", "model.layers.0.mlp.up_proj.lora_B", "x.²1.lora_A"]
+              "base_model.model.model.embed_tokens.lora_embedding_A", "model.layers.0.mlp.up_proj.lora_B", "x.².lora_A", "x." + "1" * 4400 + ".lora_A", *_REGEXES]
 
 
 def _json_paths(obj: Any, path: tuple = ()) -> list[tuple]:

@@ -82,6 +82,41 @@ def _alpha(value: object, label: str) -> float:
     return float(value)
 
 
+def _pair_rank(label: str, base: BaseModelInfo, target: str, found: dict[str, tuple[int, ...]]) -> int:
+    """Check one .lora_a/.lora_b pair (ggml ne, innermost first) against its base tensor; return its rank."""
+    if set(found) != set(_SUFFIXES):
+        raise AdapterError(f"{label}: {target!r} has only {sorted(found)} (a LoRA pair needs .lora_a and .lora_b)")
+    base_shape = base.tensor_shapes.get(target)
+    if base_shape is None or len(base_shape) != 2:
+        raise BaseModelMismatchError(
+            f"{label} adapts {target!r}, which the base model {base.path.name} does not have "
+            f"{'as a matrix' if base_shape else ''}: was it made for another model?"
+        )
+    a, b = found[".lora_a"], found[".lora_b"]
+    if target == "token_embd.weight":
+        if base.ties_output_to_embeddings:
+            raise UnsupportedAdapterError(
+                f"{label} adapts token_embd, but {base.path.name} ties its output projection to token_embd: "
+                "llama.cpp would apply the LoRA to the output projection too and abort at the first decode. "
+                "Convert the PEFT adapter again with --skip-embeddings (loramux convert / --skip-embeddings on "
+                "run, chat and eval), or merge it into the base model"
+            )
+        # lora_a ne = [r, vocab], lora_b ne = [r, dim]
+        ok = len(a) == 2 and len(b) == 2 and base_shape[0] == b[1] and base_shape[1] == a[1] and a[0] == b[0]
+        rank = a[0] if len(a) == 2 else -1
+    else:  # lora_a ne = [in, r], lora_b ne = [r, out]
+        ok = len(a) == 2 and len(b) == 2 and base_shape[0] == a[0] and base_shape[1] == b[1] and a[1] == b[0]
+        rank = a[1] if len(a) == 2 else -1
+    if ok and rank < 1:
+        raise AdapterError(f"{label}: LoRA pair for {target!r} has rank 0 (lora_a {list(a)}, lora_b {list(b)}): a broken file")
+    if not ok:
+        raise BaseModelMismatchError(
+            f"{label}: LoRA pair for {target!r} has lora_a {list(a)} and lora_b {list(b)}, which do not fit "
+            f"the base tensor {list(base_shape)} of {base.path.name}: was it made for another model?"
+        )
+    return int(rank)
+
+
 def check_gguf_adapter(path: str | Path, base: BaseModelInfo, *, name: str | None = None) -> GgufAdapterFacts:
     """Validate a GGUF LoRA file against ``base``; raise a typed error naming the adapter if it does not fit."""
     p = Path(path)
@@ -118,38 +153,7 @@ def check_gguf_adapter(path: str | Path, base: BaseModelInfo, *, name: str | Non
     if not pairs:
         raise AdapterError(f"{label}: the file holds no LoRA tensors")
 
-    ranks = set()
-    for target, found in sorted(pairs.items()):
-        if set(found) != set(_SUFFIXES):
-            raise AdapterError(f"{label}: {target!r} has only {sorted(found)} (a LoRA pair needs .lora_a and .lora_b)")
-        base_shape = base.tensor_shapes.get(target)
-        if base_shape is None or len(base_shape) != 2:
-            raise BaseModelMismatchError(
-                f"{label} adapts {target!r}, which the base model {base.path.name} does not have "
-                f"{'as a matrix' if base_shape else ''}: was it made for another model?"
-            )
-        a, b = found[".lora_a"], found[".lora_b"]  # ggml ne, innermost first
-        if target == "token_embd.weight":
-            if base.ties_output_to_embeddings:
-                raise UnsupportedAdapterError(
-                    f"{label} adapts token_embd, but {base.path.name} ties its output projection to token_embd: "
-                    "llama.cpp would apply the LoRA to the output projection too and abort at the first decode. "
-                    "Convert the PEFT adapter again with --skip-embeddings (loramux convert / --skip-embeddings on "
-                    "run, chat and eval), or merge it into the base model"
-                )
-            ok = len(a) == 2 and len(b) == 2 and base_shape[0] == b[1] and base_shape[1] == a[1]
-            rank = a[0] if len(a) == 2 else -1
-        else:
-            ok = len(a) == 2 and len(b) == 2 and base_shape[0] == a[0] and base_shape[1] == b[1] and a[1] == b[0]
-            rank = a[1] if len(a) == 2 else -1
-        if ok and rank < 1:
-            raise AdapterError(f"{label}: LoRA pair for {target!r} has rank 0 (lora_a {list(a)}, lora_b {list(b)}): a broken file")
-        if not ok:
-            raise BaseModelMismatchError(
-                f"{label}: LoRA pair for {target!r} has lora_a {list(a)} and lora_b {list(b)}, which do not fit "
-                f"the base tensor {list(base_shape)} of {base.path.name}: was it made for another model?"
-            )
-        ranks.add(int(rank))
+    ranks = {_pair_rank(label, base, target, found) for target, found in sorted(pairs.items())}
     alpha = _alpha(_kv(reader, "adapter.lora.alpha"), label)
     return GgufAdapterFacts(
         path=p,
