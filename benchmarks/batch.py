@@ -23,6 +23,7 @@ Prints a table and, with ``--json OUT``, writes ``native_tokens_per_s``, ``group
 
     .venv/bin/python benchmarks/batch.py --requests 8 32 --json out/batch.json
 """
+
 from __future__ import annotations
 
 import argparse
@@ -44,8 +45,11 @@ DEV = ROOT.parent / "shared" / "data" / "bbh" / "dev.jsonl"
 
 
 def parse_args(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter,
-                                 epilog="\n".join(__doc__.splitlines()[2:]))
+    ap = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="\n".join(__doc__.splitlines()[2:]),
+    )
     ap.add_argument("--requests", type=int, nargs="+", default=[8], help="numbers of concurrent requests (default: 8)")
     ap.add_argument("--steps", type=int, default=48, help="greedy tokens per request (default: 48)")
     ap.add_argument("--runs", type=int, default=3, help="repetitions of each mode; medians are reported (default: 3)")
@@ -124,8 +128,13 @@ class Bench:
         from loramux.native import teacher
 
         n_ctx = n_seq * (self.args.prompt_tokens + self.args.steps + 16)
-        return teacher.new_context(self.model, n_seq_max=n_seq, n_ctx=max(n_ctx, 256),
-                                   n_batch=max(512, n_seq * self.args.prompt_tokens), n_threads=self.args.threads)
+        return teacher.new_context(
+            self.model,
+            n_seq_max=n_seq,
+            n_ctx=max(n_ctx, 256),
+            n_batch=max(512, n_seq * self.args.prompt_tokens),
+            n_threads=self.args.threads,
+        )
 
     def stock(self, ctx, mix):
         from loramux.native import teacher
@@ -199,8 +208,19 @@ class Bench:
         ctx_stock = self.context(n)
         ctx_small = self.context(n)
         small = SeqMixer(ctx_small, {a: self.adapters[a] for a in mixes[0]}, max_active=3)
-        res = {k: [] for k in ("native", "grouped", "same_mix", "single_adapter", "native_no_mix", "base",
-                               "native_same_mix_full_pool", "native_same_mix_pool_of_3")}
+        res = {
+            k: []
+            for k in (
+                "native",
+                "grouped",
+                "same_mix",
+                "single_adapter",
+                "native_no_mix",
+                "base",
+                "native_same_mix_full_pool",
+                "native_same_mix_pool_of_3",
+            )
+        }
         # llama-server groups by identical mix; the drawn mixes are all different
         groups: dict[tuple, list[int]] = {}
         for s, m in enumerate(mixes):
@@ -227,8 +247,9 @@ class Bench:
         out["native_over_grouped"] = round(out["native_tokens_per_s"] / out["grouped_tokens_per_s"], 3)
         out["same_mix_over_grouped"] = round(out["same_mix_tokens_per_s"] / out["grouped_tokens_per_s"], 3)
         out["native_top3_over_single_adapter"] = round(out["native_tokens_per_s"] / out["single_adapter_tokens_per_s"], 3)
-        out["native_full_pool_over_pool_of_3"] = round(out["native_same_mix_full_pool_tokens_per_s"]
-                                                       / out["native_same_mix_pool_of_3_tokens_per_s"], 3)
+        out["native_full_pool_over_pool_of_3"] = round(
+            out["native_same_mix_full_pool_tokens_per_s"] / out["native_same_mix_pool_of_3_tokens_per_s"], 3
+        )
         out["pool_size"] = len(self.names)
         out["mixes"] = mixes
         out.update(self.mix_change_cost(ctx_native, mixer, ctx_stock))
@@ -260,6 +281,7 @@ class Bench:
         prompt = {0: self.prompts[0]}
         batch = lc.llama_batch_init(512, 0, 1)
         try:
+
             def decode_ms(ctx, change, native):
                 lc.llama_memory_clear(lc.llama_get_memory(ctx), True)
                 if not native:
@@ -276,6 +298,7 @@ class Bench:
                     self.step(ctx, batch, [0], nxt, self.args.prompt_tokens + t)
                     times.append(time.perf_counter() - t0)
                 return statistics.median(times[4:]) * 1e3
+
             stock_same, stock_change = decode_ms(ctx_stock, False, False), decode_ms(ctx_stock, True, False)
             native_same, native_change = decode_ms(ctx_native, False, True), decode_ms(ctx_native, True, True)
             self.stock(ctx_stock, None)
@@ -299,15 +322,21 @@ def main(argv=None) -> int:
     for n in args.requests:
         r = bench.measure(n)
         by_n[str(n)] = r
-        print(f"N={n:3d}  native {r['native_tokens_per_s']:8.1f}  grouped {r['grouped_tokens_per_s']:8.1f}  "
-              f"same-mix {r['same_mix_tokens_per_s']:8.1f}  single {r['single_adapter_tokens_per_s']:8.1f}  "
-              f"base {r['base_tokens_per_s']:8.1f}  tokens/s | native/same {r['native_over_same_mix']:.3f}  "
-              f"native/grouped {r['native_over_grouped']:.2f}  top3/single {r['native_top3_over_single_adapter']:.3f}")
-        print(f"       set mix: C call {r['set_seq_mix_c_call_us']:.3f} us, Python {r['set_seq_mix_python_us']:.2f} us | "
-              f"decode after a mix change: stock {r['stock_decode_ms_mix_changed']:.2f} ms vs {r['stock_decode_ms_same_mix']:.2f} ms, "
-              f"native {r['native_decode_ms_mix_changed']:.2f} ms vs {r['native_decode_ms_same_mix']:.2f} ms")
-        print(f"       one top-3 mix, native: pool of {r['pool_size']} {r['native_same_mix_full_pool_tokens_per_s']:.1f} vs pool of 3 "
-              f"{r['native_same_mix_pool_of_3_tokens_per_s']:.1f} tokens/s (ratio {r['native_full_pool_over_pool_of_3']:.3f})")
+        print(
+            f"N={n:3d}  native {r['native_tokens_per_s']:8.1f}  grouped {r['grouped_tokens_per_s']:8.1f}  "
+            f"same-mix {r['same_mix_tokens_per_s']:8.1f}  single {r['single_adapter_tokens_per_s']:8.1f}  "
+            f"base {r['base_tokens_per_s']:8.1f}  tokens/s | native/same {r['native_over_same_mix']:.3f}  "
+            f"native/grouped {r['native_over_grouped']:.2f}  top3/single {r['native_top3_over_single_adapter']:.3f}"
+        )
+        print(
+            f"       set mix: C call {r['set_seq_mix_c_call_us']:.3f} us, Python {r['set_seq_mix_python_us']:.2f} us | "
+            f"decode after a mix change: stock {r['stock_decode_ms_mix_changed']:.2f} ms vs {r['stock_decode_ms_same_mix']:.2f} ms, "
+            f"native {r['native_decode_ms_mix_changed']:.2f} ms vs {r['native_decode_ms_same_mix']:.2f} ms"
+        )
+        print(
+            f"       one top-3 mix, native: pool of {r['pool_size']} {r['native_same_mix_full_pool_tokens_per_s']:.1f} vs pool of 3 "
+            f"{r['native_same_mix_pool_of_3_tokens_per_s']:.1f} tokens/s (ratio {r['native_full_pool_over_pool_of_3']:.3f})"
+        )
     first = by_n[str(args.requests[0])]
     result = {
         "native_tokens_per_s": first["native_tokens_per_s"],

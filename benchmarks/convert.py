@@ -22,6 +22,7 @@ conversion itself allocates: RSS above the process's own RSS after imports, and 
 the size of the largest adapter file. Goals (issue 2): upstream total / loramux total >= 5,
 loramux conversion memory < 3x the largest adapter.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -146,22 +147,29 @@ def _import_baseline_rss() -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--repeats", type=int, default=3, help="runs of each method (default 3); min and median are reported")
-    parser.add_argument("--outtype", default="f16", choices=["f32", "f16", "bf16", "q8_0"], help="tensor type for both converters (default f16)")
-    parser.add_argument("--fixtures", type=Path, default=FIXTURES, help="folder of PEFT adapters (default ../shared/fixtures/smollm2-bbh-lora)")
+    parser.add_argument(
+        "--outtype", default="f16", choices=["f32", "f16", "bf16", "q8_0"], help="tensor type for both converters (default f16)"
+    )
+    parser.add_argument(
+        "--fixtures", type=Path, default=FIXTURES, help="folder of PEFT adapters (default ../shared/fixtures/smollm2-bbh-lora)"
+    )
     parser.add_argument("--base", type=Path, default=None, help="base GGUF (default: loramux's embedded SmolLM2-135M Q4_1)")
     parser.add_argument("--json", type=Path, default=None, help="write all measurements here")
     args = parser.parse_args(argv)
 
-    from upstream_converter import base_config_dir, script_path
-
     from loramux.base_model import default_base_model
+
+    from upstream_converter import base_config_dir, script_path
 
     base = args.base or default_base_model()
     fixtures = sorted(p for p in args.fixtures.iterdir() if (p / "adapter_config.json").is_file())
     script_path()  # fetch the pinned sdist before timing anything
     sizes = {p.name: (p / "adapter_model.safetensors").stat().st_size for p in fixtures}
     largest = max(sizes, key=sizes.get)
-    print(f"{len(fixtures)} adapters, largest {largest} {sizes[largest] / 1e6:.2f} MB; outtype {args.outtype}; {args.repeats} repeats", file=sys.stderr)
+    print(
+        f"{len(fixtures)} adapters, largest {largest} {sizes[largest] / 1e6:.2f} MB; outtype {args.outtype}; {args.repeats} repeats",
+        file=sys.stderr,
+    )
 
     runs: dict[str, list[dict]] = {"loramux-cli": [], "loramux-inprocess": [], "upstream": []}
     with tempfile.TemporaryDirectory(prefix="bench-convert-") as tmp:
@@ -177,12 +185,19 @@ def main(argv: list[str] | None = None) -> int:
                 else:
                     result = upstream(fixtures, config_dir, out, args.outtype)
                 runs[method].append(result)
-                print(f"repeat {i + 1}: {method:18s} {result['total_s']:7.2f} s, peak RSS {result['peak_rss'] / 2**20:6.0f} MiB", file=sys.stderr)
+                print(
+                    f"repeat {i + 1}: {method:18s} {result['total_s']:7.2f} s, peak RSS {result['peak_rss'] / 2**20:6.0f} MiB",
+                    file=sys.stderr,
+                )
         baseline = _import_baseline_rss()
 
     def stats(method: str) -> dict:
         totals = [r["total_s"] for r in runs[method]]
-        return {"min_s": min(totals), "median_s": statistics.median(totals), "peak_rss_mib": max(r["peak_rss"] for r in runs[method]) / 2**20}
+        return {
+            "min_s": min(totals),
+            "median_s": statistics.median(totals),
+            "peak_rss_mib": max(r["peak_rss"] for r in runs[method]) / 2**20,
+        }
 
     table = {m: stats(m) for m in runs}
     inproc = runs["loramux-inprocess"][-1]

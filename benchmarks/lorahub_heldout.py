@@ -13,6 +13,7 @@ accuracy (``loramux eval``'s greedy exact match) on the task's first --dev-rows 
 
     .venv/bin/python benchmarks/lorahub_heldout.py --seeds 0 1 2 --dev-rows 20 --json out/lorahub.json
 """
+
 from __future__ import annotations
 
 import argparse
@@ -44,7 +45,7 @@ def best_single(pool, examples) -> str:
 
     items = example_items(pool, examples)
     scored = pool.score([ScoreItem(t, n, Mix({a: 1.0})) for a in pool.names for t, n in items])
-    per = {a: statistics.mean(scored[i * len(items):(i + 1) * len(items)]) for i, a in enumerate(pool.names)}
+    per = {a: statistics.mean(scored[i * len(items) : (i + 1) * len(items)]) for i, a in enumerate(pool.names)}
     return min(per, key=per.get)
 
 
@@ -56,16 +57,28 @@ def one_task(pool, task: str, seeds, dev_rows: int) -> dict:
     examples = load_rows(BBH / "train.jsonl", tasks=[task], limit_per_task=5)
     rows = load_rows(BBH / "dev.jsonl", tasks=[task], limit_per_task=dev_rows)
     single = best_single(pool, examples)
-    out = {"base": accuracy(pool, rows, None), "uniform": accuracy(pool, rows, Mix.uniform(pool.names)),
-           "best_single": accuracy(pool, rows, {single: 1.0}), "best_single_adapter": single, "lorahub": {}}
+    out = {
+        "base": accuracy(pool, rows, None),
+        "uniform": accuracy(pool, rows, Mix.uniform(pool.names)),
+        "best_single": accuracy(pool, rows, {single: 1.0}),
+        "best_single_adapter": single,
+        "lorahub": {},
+    }
     for seed in seeds:
         t0 = time.perf_counter()
         result = compose(pool, examples, seed=seed)
-        out["lorahub"][str(seed)] = {"accuracy": accuracy(pool, rows, result.mix), "loss": result.loss,
-                                     "base_nll": result.base_nll, "compose_s": round(time.perf_counter() - t0, 1),
-                                     "mix": result.mix.to_dict()}
-        print(f"{task} seed {seed}: {out['lorahub'][str(seed)]['accuracy']:.3f} (loss {result.base_nll:.3f} -> "
-              f"{result.loss:.3f}, {out['lorahub'][str(seed)]['compose_s']} s)", file=sys.stderr)
+        out["lorahub"][str(seed)] = {
+            "accuracy": accuracy(pool, rows, result.mix),
+            "loss": result.loss,
+            "base_nll": result.base_nll,
+            "compose_s": round(time.perf_counter() - t0, 1),
+            "mix": result.mix.to_dict(),
+        }
+        print(
+            f"{task} seed {seed}: {out['lorahub'][str(seed)]['accuracy']:.3f} (loss {result.base_nll:.3f} -> "
+            f"{result.loss:.3f}, {out['lorahub'][str(seed)]['compose_s']} s)",
+            file=sys.stderr,
+        )
     accs = [v["accuracy"] for v in out["lorahub"].values()]
     out["lorahub_mean"] = statistics.mean(accs) if accs else float("nan")
     out["lorahub_sd"] = statistics.stdev(accs) if len(accs) > 1 else 0.0

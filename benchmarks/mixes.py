@@ -19,6 +19,7 @@ Figures are min and median over --repeats rounds. Run:
     .venv/bin/python benchmarks/mixes.py                       # all fixtures (../shared), defaults
     .venv/bin/python benchmarks/mixes.py --threads 2 --repeats 7 --json /tmp/mixes.json
 """
+
 from __future__ import annotations
 
 import argparse
@@ -35,8 +36,10 @@ DEFAULT_ADAPTERS = ROOT.parent / "shared" / "fixtures" / "smollm2-bbh-lora"
 ONE = "boolean_expressions"
 TOP3 = {"boolean_expressions": 0.5, "navigate": 0.3, "sports_understanding": 0.2}
 DECODE_PROMPT = "Write a short story about a lighthouse keeper who finds a message in a bottle."
-CHANGE_PROMPTS = [f"{w} is a word. Write one sentence about it:" for w in
-                  ("Apple", "River", "Mountain", "Candle", "Harbor", "Violin", "Desert", "Lantern", "Orchard", "Glacier", "Meadow", "Falcon")]
+CHANGE_PROMPTS = [
+    f"{w} is a word. Write one sentence about it:"
+    for w in ("Apple", "River", "Mountain", "Candle", "Harbor", "Violin", "Desert", "Lantern", "Orchard", "Glacier", "Meadow", "Falcon")
+]
 
 
 def decode_round(pool, mix, n_tokens, ban):
@@ -132,20 +135,38 @@ def main(argv=None) -> int:
     for label in configs:
         s = summary(decode[label])
         tps_med, tps_best = 1000 / s["median"], 1000 / s["min"]
-        rows.append({"config": label, "adapters": len(configs[label]), "decode_tokens_per_s_median": tps_med,
-                     "decode_tokens_per_s_best": tps_best, "first_token_ms_median": statistics.median(first_ms[label])})
+        rows.append(
+            {
+                "config": label,
+                "adapters": len(configs[label]),
+                "decode_tokens_per_s_median": tps_med,
+                "decode_tokens_per_s_best": tps_best,
+                "first_token_ms_median": statistics.median(first_ms[label]),
+            }
+        )
         print(f"{label:<22}{tps_med:>23.1f}{tps_best:>8.1f}{tps_med / base_tps:>8.2f}x{statistics.median(first_ms[label]):>20.1f}")
     s_same, s_alt = summary(same), summary(alternating)
     print(f"\nrequests of {args.change_tokens} tokens, randomly interleaved (prompts never share a prefix):")
     print(f"  same mix as the previous request ({len(same)}):  median {s_same['median']:.1f} ms, min {s_same['min']:.1f} ms")
     print(f"  mix changed since the previous ({len(alternating)}):  median {s_alt['median']:.1f} ms, min {s_alt['min']:.1f} ms")
-    print(f"  cost of a change: {s_alt['median'] - s_same['median']:+.1f} ms (median), {s_alt['min'] - s_same['min']:+.1f} ms (min); "
-          f"llama_set_adapters_lora itself {set_us:.1f} us per call ({set_calls} calls)")
+    print(
+        f"  cost of a change: {s_alt['median'] - s_same['median']:+.1f} ms (median), {s_alt['min'] - s_same['min']:+.1f} ms (min); "
+        f"llama_set_adapters_lora itself {set_us:.1f} us per call ({set_calls} calls)"
+    )
     result = {
-        "base": str(pool.base_path.name), "threads": threads, "repeats": args.repeats, "tokens": args.tokens,
+        "base": str(pool.base_path.name),
+        "threads": threads,
+        "repeats": args.repeats,
+        "tokens": args.tokens,
         "decode": rows,
-        "mix_change": {"tokens": args.change_tokens, "kept_ms": s_same, "changed_ms": s_alt,
-                       "delta_ms_median": s_alt["median"] - s_same["median"], "set_call_us": set_us, "set_calls": set_calls},
+        "mix_change": {
+            "tokens": args.change_tokens,
+            "kept_ms": s_same,
+            "changed_ms": s_alt,
+            "delta_ms_median": s_alt["median"] - s_same["median"],
+            "set_call_us": set_us,
+            "set_calls": set_calls,
+        },
     }
     if args.json:
         args.json.write_text(json.dumps(result, indent=1) + "\n")

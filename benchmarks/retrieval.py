@@ -7,6 +7,7 @@ task, the time to build the keys and the median route time, and the most frequen
 
     .venv/bin/python benchmarks/retrieval.py --features token_meanmax token_mean --json out/retrieval.json
 """
+
 from __future__ import annotations
 
 import argparse
@@ -38,8 +39,14 @@ def one_feature(pool, feature: str, train, dev) -> dict:
         weight += routing.mix.get(row["task"], 0.0)
         if routing.top1 != row["task"]:
             misses[f"{row['task']} -> {routing.top1}"] += 1
-    return {"top1": hits / len(dev), "rows": len(dev), "mean_weight_on_task": weight / len(dev),
-            "index_s": round(index_s, 2), "route_ms_p50": statistics.median(times), "confusions": dict(misses.most_common(5))}
+    return {
+        "top1": hits / len(dev),
+        "rows": len(dev),
+        "mean_weight_on_task": weight / len(dev),
+        "index_s": round(index_s, 2),
+        "route_ms_p50": statistics.median(times),
+        "confusions": dict(misses.most_common(5)),
+    }
 
 
 def main() -> int:
@@ -60,8 +67,10 @@ def main() -> int:
         dev = load_rows(BBH / "dev.jsonl", tasks=pool.names, limit_per_task=args.limit_per_task)
         result = {f: one_feature(pool, f, train, dev) for f in args.features}
     for f, r in result.items():
-        print(f"{f:<16} top-1 {r['top1']:.3f} on {r['rows']} rows, weight on the task {r['mean_weight_on_task']:.3f}, "
-              f"keys {r['index_s']} s, route p50 {r['route_ms_p50']:.2f} ms; misses {r['confusions']}")
+        print(
+            f"{f:<16} top-1 {r['top1']:.3f} on {r['rows']} rows, weight on the task {r['mean_weight_on_task']:.3f}, "
+            f"keys {r['index_s']} s, route p50 {r['route_ms_p50']:.2f} ms; misses {r['confusions']}"
+        )
     if args.json:
         args.json.write_text(json.dumps(result, indent=1))
     return 0

@@ -27,6 +27,7 @@ Run:
     .venv/bin/python benchmarks/router.py                          # trains a router first if --router is absent
     .venv/bin/python benchmarks/router.py --router out/router.onnx --json /tmp/router_bench.json
 """
+
 from __future__ import annotations
 
 import argparse
@@ -106,8 +107,16 @@ def albert_figures(lengths: list[int], iters: int) -> dict:
 
     torch.set_num_threads(1)
     # albert-base-v2's published configuration; 22 labels like the router
-    config = AlbertConfig(vocab_size=30000, embedding_size=128, hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
-                          intermediate_size=3072, max_position_embeddings=512, num_labels=22)
+    config = AlbertConfig(
+        vocab_size=30000,
+        embedding_size=128,
+        hidden_size=768,
+        num_hidden_layers=12,
+        num_attention_heads=12,
+        intermediate_size=3072,
+        max_position_embeddings=512,
+        num_labels=22,
+    )
     model = AlbertForSequenceClassification(config).eval()
     params = sum(p.numel() for p in model.parameters())
     out = {"parameters": int(params), "fp32_mb": params * 4 / 1e6}
@@ -139,8 +148,10 @@ def training_free_figures(pool, prompts: dict, repeats: int) -> dict:
 
     # latency does not depend on how many samples built a key: 20 per adapter for token_mean, 2 for hidden:-8
     rows = load_rows(BBH / "train.jsonl")
-    routers = {f"retrieval {f}": RetrievalRouter(build_keys(pool, samples_by_adapter(rows, pool.names, n), feature=f), pool)
-               for f, n in (("token_meanmax", 20), ("token_mean", 20), ("hidden:-8", 2))}
+    routers = {
+        f"retrieval {f}": RetrievalRouter(build_keys(pool, samples_by_adapter(rows, pool.names, n), feature=f), pool)
+        for f, n in (("token_meanmax", 20), ("token_mean", 20), ("hidden:-8", 2))
+    }
     routers["logo"] = LogoRouter(pool)
     out: dict = {}
     for n, (text, n_tok) in prompts.items():
@@ -172,9 +183,14 @@ def compose_figures(base: Path, repeats: int) -> dict:
         batched = CompositionObjective(pool, pool.names, items, 0.05, True)
         alone = CompositionObjective(pool, pool.names, items, 0.05, False)
         same = np.allclose(batched.nll(weights), alone.nll(weights), atol=2e-3)
-        fig = {"candidates": 8, "examples": len(items), "tokens_per_candidate": sum(len(t) for t, _ in items),
-               "batched_round_ms": median_ms(lambda: batched.nll(weights), repeats),
-               "one_at_a_time_round_ms": median_ms(lambda: alone.nll(weights), repeats), "same_losses": bool(same)}
+        fig = {
+            "candidates": 8,
+            "examples": len(items),
+            "tokens_per_candidate": sum(len(t) for t, _ in items),
+            "batched_round_ms": median_ms(lambda: batched.nll(weights), repeats),
+            "one_at_a_time_round_ms": median_ms(lambda: alone.nll(weights), repeats),
+            "same_losses": bool(same),
+        }
     fig["speedup"] = fig["one_at_a_time_round_ms"] / fig["batched_round_ms"]
     return fig
 
@@ -203,12 +219,12 @@ def main() -> int:
     ap.add_argument("--json", type=Path, default=None, help="write the figures as JSON")
     args = ap.parse_args()
 
+    import onnxruntime as ort
+
     from loramux.evaluate import load_rows
     from loramux.pool import AdapterPool
     from loramux.router import Router
     from loramux.router.runtime import CUDA
-
-    import onnxruntime as ort
 
     router_path = ensure_router(args.router)
     rows = load_rows(BBH / "dev.jsonl")
@@ -252,19 +268,25 @@ def main() -> int:
     result["albert_baseline"] = albert_figures([p["tokens"] for p in result["prompts"].values()], args.albert_iters)
 
     print(f"router file: {result['router_file_mb']:.1f} MB, providers {result['providers']}, onnxruntime 1 thread")
-    print(f"{'prompt':>8} {'tokenize p50/p99':>18} {'onnx p50/p99':>16} {'route p50/p99':>16} {'prefill+32 tok':>15} {'route share':>12} {'onnx share':>11} {'ALBERT p50':>11}")
+    print(
+        f"{'prompt':>8} {'tokenize p50/p99':>18} {'onnx p50/p99':>16} {'route p50/p99':>16} {'prefill+32 tok':>15} {'route share':>12} {'onnx share':>11} {'ALBERT p50':>11}"
+    )
     for n, p in result["prompts"].items():
         al = result["albert_baseline"].get(str(min(p["tokens"], 512)), {})
-        print(f"{p['tokens']:>5} tk "
-              f"{p['tokenize_ms']['p50']:>8.3f}/{p['tokenize_ms']['p99']:<8.3f} ms"
-              f"{p['onnx_ms']['p50']:>7.3f}/{p['onnx_ms']['p99']:<6.3f} ms"
-              f"{p['route_ms']['p50']:>7.3f}/{p['route_ms']['p99']:<6.3f} ms"
-              f"{p['generation_ms']['median']:>12.1f} ms"
-              f"{100 * p['route_share_of_generation']:>11.2f}%"
-              f"{100 * p['onnx_share_of_generation']:>10.3f}%"
-              f"{al.get('p50', float('nan')):>9.1f} ms")
+        print(
+            f"{p['tokens']:>5} tk "
+            f"{p['tokenize_ms']['p50']:>8.3f}/{p['tokenize_ms']['p99']:<8.3f} ms"
+            f"{p['onnx_ms']['p50']:>7.3f}/{p['onnx_ms']['p99']:<6.3f} ms"
+            f"{p['route_ms']['p50']:>7.3f}/{p['route_ms']['p99']:<6.3f} ms"
+            f"{p['generation_ms']['median']:>12.1f} ms"
+            f"{100 * p['route_share_of_generation']:>11.2f}%"
+            f"{100 * p['onnx_share_of_generation']:>10.3f}%"
+            f"{al.get('p50', float('nan')):>9.1f} ms"
+        )
     ab = result["albert_baseline"]
-    print(f"ALBERT-base-sized classifier (DLP-LoRA style): {ab['parameters'] / 1e6:.1f} M parameters, {ab['fp32_mb']:.0f} MB fp32, torch 1 thread")
+    print(
+        f"ALBERT-base-sized classifier (DLP-LoRA style): {ab['parameters'] / 1e6:.1f} M parameters, {ab['fp32_mb']:.0f} MB fp32, torch 1 thread"
+    )
     if "cuda" in result:
         for n, p in result["cuda"].items():
             if n != "providers":
@@ -279,12 +301,16 @@ def print_training_free(result: dict) -> None:
     print(f"\n{'prompt':>8} {'onnx route p50':>15} " + " ".join(f"{k:>22}" for k in next(iter(result["training_free"].values()))))
     for n, row in result["training_free"].items():
         onnx = result["prompts"][n]["route_ms"]["p50"]
-        print(f"{result['prompts'][n]['tokens']:>5} tk {onnx:>12.3f} ms " + " ".join(
-            f"{v:>19.3f} {'x' if k == 'logo_over_prefill' else 'ms'}" for k, v in row.items()))
+        print(
+            f"{result['prompts'][n]['tokens']:>5} tk {onnx:>12.3f} ms "
+            + " ".join(f"{v:>19.3f} {'x' if k == 'logo_over_prefill' else 'ms'}" for k, v in row.items())
+        )
     lh = result["lorahub_round"]
-    print(f"LoraHub round ({lh['candidates']} candidates x {lh['examples']} examples, {lh['tokens_per_candidate']} tokens "
-          f"each): batched {lh['batched_round_ms']:.0f} ms, one at a time {lh['one_at_a_time_round_ms']:.0f} ms "
-          f"({lh['speedup']:.2f}x; same losses: {lh['same_losses']})")
+    print(
+        f"LoraHub round ({lh['candidates']} candidates x {lh['examples']} examples, {lh['tokens_per_candidate']} tokens "
+        f"each): batched {lh['batched_round_ms']:.0f} ms, one at a time {lh['one_at_a_time_round_ms']:.0f} ms "
+        f"({lh['speedup']:.2f}x; same losses: {lh['same_losses']})"
+    )
 
 
 if __name__ == "__main__":

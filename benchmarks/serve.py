@@ -18,6 +18,7 @@ interleaved in each round). Also the resident memory (peak VmHWM, current VmRSS)
 
     .venv/bin/python benchmarks/serve.py --clients 8 32 --runs 3 --json out/serve.json
 """
+
 from __future__ import annotations
 
 import argparse
@@ -43,16 +44,23 @@ LOADS = ("mixed", "shared", "base")
 
 
 def parse_args(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter,
-                                 epilog="\n".join(__doc__.splitlines()[2:]))
+    ap = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="\n".join(__doc__.splitlines()[2:]),
+    )
     ap.add_argument("--clients", type=int, nargs="+", default=[1, 8, 32], help="concurrent clients (default: 1 8 32)")
     ap.add_argument("--requests-per-client", type=int, default=2, help="requests each client sends in turn (default: 2)")
     ap.add_argument("--tokens", type=int, default=64, help="greedy tokens per answer (default: 64)")
     ap.add_argument("--runs", type=int, default=3, help="rounds; medians are reported (default: 3)")
     ap.add_argument("--threads", type=int, default=2, help="CPU threads of both servers (default: 2)")
     ap.add_argument("--n-ctx", type=int, default=512, help="context per sequence / slot (default: 512)")
-    ap.add_argument("--prompt-chars", type=int, default=200,
-                    help="cut each BBH prompt to this many characters, so decoding, not prefill, dominates (default: 200)")
+    ap.add_argument(
+        "--prompt-chars",
+        type=int,
+        default=200,
+        help="cut each BBH prompt to this many characters, so decoding, not prefill, dominates (default: 200)",
+    )
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", type=Path, help="write every figure here")
     return ap.parse_args(argv)
@@ -79,7 +87,7 @@ def make_load(names: list[str], n: int, seed: int, prompt_chars: int) -> dict:
     rng = random.Random(seed)
     rows = [json.loads(line) for line in DEV.open()]
     rng.shuffle(rows)
-    prompts = [r["input"][:prompt_chars] for r in rows]   # every cell of a run takes its own window: no prompt is cached for another
+    prompts = [r["input"][:prompt_chars] for r in rows]  # every cell of a run takes its own window: no prompt is cached for another
 
     def top3() -> dict[str, float]:
         picked = rng.sample(names, 3)
@@ -102,10 +110,17 @@ def summarise(results: list[dict], wall: float) -> dict:
     itl = [x for r in ok for x in r["itl"]]
     out_tokens = sum(r["tokens"] for r in ok)
     ms = lambda v: None if v is None else round(v * 1000, 1)  # noqa: E731
-    return {"completed": len(ok), "failed": len(results) - len(ok), "output_tokens_per_s": round(out_tokens / wall, 1),
-            "ttft_p50_ms": ms(percentile([r["ttft"] for r in ok], 50)), "ttft_p99_ms": ms(percentile([r["ttft"] for r in ok], 99)),
-            "itl_p50_ms": ms(percentile(itl, 50)), "itl_p99_ms": ms(percentile(itl, 99)),
-            "e2e_p50_ms": ms(percentile([r["e2e"] for r in ok], 50)), "wall_s": round(wall, 2)}
+    return {
+        "completed": len(ok),
+        "failed": len(results) - len(ok),
+        "output_tokens_per_s": round(out_tokens / wall, 1),
+        "ttft_p50_ms": ms(percentile([r["ttft"] for r in ok], 50)),
+        "ttft_p99_ms": ms(percentile([r["ttft"] for r in ok], 99)),
+        "itl_p50_ms": ms(percentile(itl, 50)),
+        "itl_p99_ms": ms(percentile(itl, 99)),
+        "e2e_p50_ms": ms(percentile([r["e2e"] for r in ok], 50)),
+        "wall_s": round(wall, 2),
+    }
 
 
 # --- HTTP clients ----------------------------------------------------------------------------------
@@ -136,6 +151,7 @@ async def stream_one(client: httpx.AsyncClient, body: dict) -> dict:
 
 async def run_clients(url: str, bodies: list[list[dict]]) -> dict:
     async with httpx.AsyncClient(base_url=url, timeout=600, limits=httpx.Limits(max_connections=len(bodies) + 4)) as client:
+
         async def client_loop(mine: list[dict]) -> list[dict]:
             return [await stream_one(client, b) for b in mine]
 
@@ -156,9 +172,14 @@ def request_bodies(server: str, load: dict, kind: str, args, ban: dict, lora_ids
     for c in range(n):
         mine = []
         for k in range(args.requests_per_client):
-            body = {"messages": [{"role": "user", "content": prompt_of(load, window, c, k, args)}],
-                    "max_tokens": args.tokens, "temperature": 0, "stream": True, "stream_options": {"include_usage": True},
-                    "logit_bias": ban}
+            body = {
+                "messages": [{"role": "user", "content": prompt_of(load, window, c, k, args)}],
+                "max_tokens": args.tokens,
+                "temperature": 0,
+                "stream": True,
+                "stream_options": {"include_usage": True},
+                "logit_bias": ban,
+            }
             mix = load[kind][c]
             if server == "loramux":
                 body["mix"] = mix
@@ -180,8 +201,12 @@ def engine_run(pool, load: dict, args, ban: dict, window: int) -> dict:
     def client(c: int) -> None:
         for k in range(args.requests_per_client):
             prompt = prompt_of(load, window, c, k, args)
-            req = PoolRequest(messages=[{"role": "user", "content": prompt}], mix=load["mixed"][c], max_tokens=args.tokens,
-                              sampling=SamplingParams(temperature=0, logit_bias={int(t): b for t, b in ban.items()}))
+            req = PoolRequest(
+                messages=[{"role": "user", "content": prompt}],
+                mix=load["mixed"][c],
+                max_tokens=args.tokens,
+                sampling=SamplingParams(temperature=0, logit_bias={int(t): b for t, b in ban.items()}),
+            )
             t0 = time.perf_counter()
             ttft, last, itl, n = None, None, [], 0
             for ev in pool.submit(req):
@@ -225,9 +250,23 @@ def start_servers(stack: ExitStack, n: int, args, base: Path, adapters: list[Pat
     from llama_server import running_llama_server
     from serve_proc import loramux_server
 
-    ours = stack.enter_context(loramux_server("--base", str(base), "--adapters", str(adapters[0].parent), "--n-seq-max",
-                                              str(n), "--n-ctx", str(args.n_ctx), "--threads", str(args.threads),
-                                              "--max-queue", str(4 * n + 8), log_dir=log_dir))
+    ours = stack.enter_context(
+        loramux_server(
+            "--base",
+            str(base),
+            "--adapters",
+            str(adapters[0].parent),
+            "--n-seq-max",
+            str(n),
+            "--n-ctx",
+            str(args.n_ctx),
+            "--threads",
+            str(args.threads),
+            "--max-queue",
+            str(4 * n + 8),
+            log_dir=log_dir,
+        )
+    )
     stock = stack.enter_context(running_llama_server(base, adapters, n_parallel=n, n_ctx=n * args.n_ctx, threads=args.threads))
     return {"loramux": ours, "stock": stock}
 
@@ -245,12 +284,15 @@ def measure_n(n: int, args, base: Path, adapters: list[Path], ban: dict, log_dir
             asyncio.run(run_clients(urls[s], request_bodies(s, load, "mixed", args, ban, lora_ids, window)[:2]))
         for r in range(args.runs):
             for kind in LOADS:
-                window += 1   # both servers get the same prompts, unseen by either
+                window += 1  # both servers get the same prompts, unseen by either
                 for s in SERVERS:
                     res = asyncio.run(run_clients(urls[s], request_bodies(s, load, kind, args, ban, lora_ids, window)))
                     cells[f"{s} {kind}"].append(res)
-                    print(f"  N={n} run {r + 1} {s:7s} {kind:6s} {res['output_tokens_per_s']:7.1f} tok/s "
-                          f"ttft p99 {res['ttft_p99_ms']} ms, failed {res['failed']}", flush=True)
+                    print(
+                        f"  N={n} run {r + 1} {s:7s} {kind:6s} {res['output_tokens_per_s']:7.1f} tok/s "
+                        f"ttft p99 {res['ttft_p99_ms']} ms, failed {res['failed']}",
+                        flush=True,
+                    )
         for s in SERVERS:
             rss[s] = rss_mib(int(urls[s].rsplit(":", 1)[1]))
     from loramux import AdapterPool
@@ -263,8 +305,9 @@ def measure_n(n: int, args, base: Path, adapters: list[Path], ban: dict, log_dir
 
 
 def median_cell(runs: list[dict]) -> dict:
-    return {k: (statistics.median([r[k] for r in runs if r[k] is not None]) if any(r[k] is not None for r in runs) else None)
-            for k in runs[0]}
+    return {
+        k: (statistics.median([r[k] for r in runs if r[k] is not None]) if any(r[k] is not None for r in runs) else None) for k in runs[0]
+    }
 
 
 def print_table(n: int, cells: dict) -> None:
@@ -276,22 +319,23 @@ def print_table(n: int, cells: dict) -> None:
     m, b = cells["loramux mixed"]["output_tokens_per_s"], cells["loramux base"]["output_tokens_per_s"]
     sm, ss = cells["stock mixed"]["output_tokens_per_s"], cells["stock shared"]["output_tokens_per_s"]
     e = cells["engine mixed"]["output_tokens_per_s"]
-    print(f"ratios: loramux mixed / loramux base {m / b:.2f}; loramux mixed / stock mixed {m / sm:.2f}; "
-          f"loramux shared / stock shared {cells['loramux shared']['output_tokens_per_s'] / ss:.2f}; "
-          f"HTTP / engine {m / e:.2f}")
+    print(
+        f"ratios: loramux mixed / loramux base {m / b:.2f}; loramux mixed / stock mixed {m / sm:.2f}; "
+        f"loramux shared / stock shared {cells['loramux shared']['output_tokens_per_s'] / ss:.2f}; "
+        f"HTTP / engine {m / e:.2f}"
+    )
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    from loramux.base_model import default_base_model
     from loramux import AdapterPool
+    from loramux.base_model import default_base_model
 
     base = default_base_model()
     adapters = convert_adapters(Path(tempfile.gettempdir()) / "loramux-serve-bench", base)
     with AdapterPool(base, n_ctx=64, n_seq_max=1) as pool:
         ban = {str(t): -100 for t in {pool.token_eos(), *pool.tokenize("<|im_end|>")}}
-    out = {"args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}, "adapters": len(adapters),
-           "by_clients": {}}
+    out = {"args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}, "adapters": len(adapters), "by_clients": {}}
     with tempfile.TemporaryDirectory() as logs:
         for n in args.clients:
             res = measure_n(n, args, base, adapters, ban, Path(logs))

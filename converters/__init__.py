@@ -2,6 +2,7 @@
 
 The scale convention and tensor layouts are documented once, in :mod:`loramux.converters.scale`.
 """
+
 from .base_gguf import BaseModelInfo, read_base_model
 from .errors import AdapterError, BaseModelError, BaseModelMismatchError, LoramuxError, UnsupportedAdapterError
 from .gguf_adapter import OUT_TYPES, convert_peft_to_gguf

@@ -1,4 +1,5 @@
 """Write-then-rename, so that a failed conversion never leaves a partial output file."""
+
 from __future__ import annotations
 
 import contextlib

@@ -1,4 +1,5 @@
 """What a converter needs to know about the base model, read from its GGUF file alone."""
+
 from __future__ import annotations
 
 import hashlib
@@ -37,7 +38,9 @@ def _read(path: str, mtime_ns: int, size: int) -> BaseModelInfo:
     try:
         header = read_gguf_header(path)
     except (OSError, GgufHeaderError) as exc:
-        raise BaseModelError(f"cannot read base model {path!r} as GGUF: {exc}; pass a complete GGUF model file (loramux fetch-base writes the default one)") from exc
+        raise BaseModelError(
+            f"cannot read base model {path!r} as GGUF: {exc}; pass a complete GGUF model file (loramux fetch-base writes the default one)"
+        ) from exc
     kv = header.metadata
     arch = kv.get("general.architecture")
     if not isinstance(arch, str):

@@ -3,6 +3,7 @@
 Shared by every output format (GGUF, onnxruntime), so a misfit adapter gets the same
 refusal whatever it is converted to.
 """
+
 from __future__ import annotations
 
 from .base_gguf import BaseModelInfo

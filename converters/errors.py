@@ -1,4 +1,5 @@
 """Typed errors of the converters. Each message names the input and says what to do."""
+
 from __future__ import annotations
 
 

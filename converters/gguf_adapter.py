@@ -1,4 +1,5 @@
 """PEFT LoRA checkpoint -> GGUF LoRA adapter that stock llama.cpp loads, with PEFT's exact deltas."""
+
 from __future__ import annotations
 
 import os
@@ -10,8 +11,8 @@ import numpy as np
 
 from .atomic import atomic_output
 from .base_gguf import BaseModelInfo, read_base_model
-from .errors import BaseModelMismatchError, UnsupportedAdapterError
 from .base_match import check_module_fits, locate_base_tensor
+from .errors import BaseModelMismatchError, UnsupportedAdapterError
 from .name_map import ARCH_TABLES, permutation_key, permute_rows, supported_architectures
 from .peft_checkpoint import LoraModule, PeftAdapter, load_peft_adapter
 from .scale import fold_factor
@@ -113,13 +114,20 @@ class AdapterHeader:
     """The metadata of a GGUF LoRA adapter that loramux writes."""
 
     name: str
-    alpha: float          # adapter.lora.alpha: llama.cpp scales each module by alpha / r (0: by 1)
+    alpha: float  # adapter.lora.alpha: llama.cpp scales each module by alpha / r (0: by 1)
     source: str
     peft_type: str
 
 
-def write_gguf_lora(out: str | os.PathLike, planned: list[GgufLoraTensors], info: BaseModelInfo, header: AdapterHeader, *,
-                    outtype: OutType = "f16", progress: Callable[[int, int], None] | None = None) -> Path:
+def write_gguf_lora(
+    out: str | os.PathLike,
+    planned: list[GgufLoraTensors],
+    info: BaseModelInfo,
+    header: AdapterHeader,
+    *,
+    outtype: OutType = "f16",
+    progress: Callable[[int, int], None] | None = None,
+) -> Path:
     """Write ``planned`` modules as a GGUF LoRA adapter for the base ``info``, atomically."""
     import gguf
 
@@ -169,6 +177,10 @@ def convert_peft_to_gguf(
     adapter = load_peft_adapter(peft_dir, allow_pickle=allow_pickle)
     info = read_base_model(base)
     planned = plan_adapter(adapter, info, skip_embeddings=skip_embeddings)
-    header = AdapterHeader(name=adapter.name, alpha=float(adapter.config["lora_alpha"]), source="loramux PEFT converter",
-                           peft_type="LORA+RSLORA" if adapter.config.get("use_rslora") else "LORA")
+    header = AdapterHeader(
+        name=adapter.name,
+        alpha=float(adapter.config["lora_alpha"]),
+        source="loramux PEFT converter",
+        peft_type="LORA+RSLORA" if adapter.config.get("use_rslora") else "LORA",
+    )
     return write_gguf_lora(out, planned, info, header, outtype=outtype, progress=progress)

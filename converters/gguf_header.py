@@ -8,6 +8,7 @@ array contents by length. Value type codes and tensor types come from gguf-py's
 constants (``GGUFValueType``, ``GGMLQuantizationType``), so the file format is still
 written down in one place.
 """
+
 from __future__ import annotations
 
 import mmap
@@ -56,8 +57,17 @@ def _scalar_formats() -> dict[int, str]:
     from gguf import GGUFValueType as T
 
     return {
-        T.UINT8: "<B", T.INT8: "<b", T.UINT16: "<H", T.INT16: "<h", T.UINT32: "<I", T.INT32: "<i",
-        T.FLOAT32: "<f", T.BOOL: "<?", T.UINT64: "<Q", T.INT64: "<q", T.FLOAT64: "<d",
+        T.UINT8: "<B",
+        T.INT8: "<b",
+        T.UINT16: "<H",
+        T.INT16: "<h",
+        T.UINT32: "<I",
+        T.INT32: "<i",
+        T.FLOAT32: "<f",
+        T.BOOL: "<?",
+        T.UINT64: "<Q",
+        T.INT64: "<q",
+        T.FLOAT64: "<d",
     }
 
 
@@ -89,7 +99,9 @@ class _Cursor:
         """A u64 count of items of at least ``min_size`` bytes each, refused when they cannot fit in the file."""
         at, n = self.pos, self.take("<Q")
         if n * min_size > self.left():
-            raise GgufHeaderError(f"header cut short: it claims {n} {what} at byte {at}, more than the {self.left()} bytes left can hold: truncated or corrupt file?")
+            raise GgufHeaderError(
+                f"header cut short: it claims {n} {what} at byte {at}, more than the {self.left()} bytes left can hold: truncated or corrupt file?"
+            )
         return n
 
     def string(self) -> str:
@@ -155,8 +167,8 @@ def _parse(cur: _Cursor) -> GgufHeader:
     version = cur.take("<I")
     if version not in (2, 3):
         raise GgufHeaderError(f"GGUF version {version} (big-endian file?); versions 2 and 3 are read")
-    n_tensors = cur.count("tensors", 8 + 4 + 4 + 8)   # name length, n_dims, type, offset
-    n_kv = cur.count("metadata entries", 8 + 4 + 1)   # key length, value type, a 1-byte value
+    n_tensors = cur.count("tensors", 8 + 4 + 4 + 8)  # name length, n_dims, type, offset
+    n_kv = cur.count("metadata entries", 8 + 4 + 1)  # key length, value type, a 1-byte value
     metadata: dict[str, object] = {}
     for _ in range(n_kv):
         key = cur.string()

@@ -3,6 +3,7 @@
 Needs the ``train`` extra (torch, transformers). Used as the torch+PEFT reference in tests
 and as the source of the ONNX base model; llama.cpp itself never needs it.
 """
+
 from __future__ import annotations
 
 import os

@@ -1,4 +1,5 @@
 """Describe what an adapter holds: a PEFT folder or a GGUF LoRA file."""
+
 from __future__ import annotations
 
 import os

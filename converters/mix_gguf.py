@@ -11,6 +11,7 @@ mix at user scale 1.0. Token-embedding LoRAs concatenate the same way along thei
 Modules that only some adapters adapt get only those adapters' parts. Tensors stay float32 by
 default (``outtype``), so nothing is rounded beyond the source files.
 """
+
 from __future__ import annotations
 
 import os
@@ -66,18 +67,22 @@ def concatenated_modules(mix: Mapping[str, float], files: Mapping[str, str | os.
     return planned
 
 
-def write_mix_gguf(mix: Mapping[str, float], files: Mapping[str, str | os.PathLike], base: str | os.PathLike,
-                   out: str | os.PathLike, *, name: str | None = None, outtype: OutType = "f32") -> Path:
+def write_mix_gguf(
+    mix: Mapping[str, float],
+    files: Mapping[str, str | os.PathLike],
+    base: str | os.PathLike,
+    out: str | os.PathLike,
+    *,
+    name: str | None = None,
+    outtype: OutType = "f32",
+) -> Path:
     """Write ``mix`` as one GGUF adapter for ``base`` at ``out`` (atomically); return the path."""
     live = {n: float(w) for n, w in mix.items() if w != 0.0}
     if not live:
         raise AdapterError("the mix has no adapter with a non-zero weight: nothing to write")
     planned = concatenated_modules(live, files)
-    header = AdapterHeader(name=name or Path(out).stem, alpha=0.0, source="loramux mix (rank concatenation)",
-                           peft_type="LORA")
+    header = AdapterHeader(name=name or Path(out).stem, alpha=0.0, source="loramux mix (rank concatenation)", peft_type="LORA")
     return write_gguf_lora(out, planned, read_base_model(base), header, outtype=outtype)
-
-
 
 
 def averaged_modules(weights: Mapping[str, float], files: Mapping[str, str | os.PathLike]) -> tuple[list[GgufLoraTensors], float]:
@@ -94,8 +99,7 @@ def averaged_modules(weights: Mapping[str, float], files: Mapping[str, str | os.
         if first is None:
             first, alpha0, shape_of = name, alpha, shapes
         elif shapes != shape_of or alpha != alpha0:
-            raise AdapterError(f"LoraHub's A/B merge needs adapters of one rank, alpha and module set: {name!r} differs "
-                               f"from {first!r}")
+            raise AdapterError(f"LoraHub's A/B merge needs adapters of one rank, alpha and module set: {name!r} differs from {first!r}")
         for tensor, (a, b) in modules.items():
             acc = merged.setdefault(tensor, [np.zeros_like(a, dtype=np.float64), np.zeros_like(b, dtype=np.float64)])
             acc[0] += weight * a
@@ -104,8 +108,14 @@ def averaged_modules(weights: Mapping[str, float], files: Mapping[str, str | os.
     return planned, float(alpha0 or 0.0)
 
 
-def write_averaged_gguf(weights: Mapping[str, float], files: Mapping[str, str | os.PathLike], base: str | os.PathLike,
-                        out: str | os.PathLike, *, name: str | None = None) -> Path:
+def write_averaged_gguf(
+    weights: Mapping[str, float],
+    files: Mapping[str, str | os.PathLike],
+    base: str | os.PathLike,
+    out: str | os.PathLike,
+    *,
+    name: str | None = None,
+) -> Path:
     """Write LoraHub's A/B-averaged merge of ``weights`` as one GGUF adapter (f32), atomically."""
     planned, alpha = averaged_modules(weights, files)
     header = AdapterHeader(name=name or Path(out).stem, alpha=alpha, source="loramux LoraHub A/B merge", peft_type="LORA")

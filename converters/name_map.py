@@ -3,6 +3,7 @@
 Each entry says where it comes from, so that a new architecture is a new table row,
 not new code.
 """
+
 from __future__ import annotations
 
 import re
@@ -26,19 +27,19 @@ class ArchTable:
 
 
 _LLAMA_LIKE_MODULES = {
-    "model.embed_tokens": "token_embd.weight",        # MODEL_TENSOR.TOKEN_EMBD
-    "lm_head": "output.weight",                       # MODEL_TENSOR.OUTPUT
-    "model.layers.{bid}.self_attn.q_proj": "blk.{bid}.attn_q.weight",       # ATTN_Q
-    "model.layers.{bid}.self_attn.k_proj": "blk.{bid}.attn_k.weight",       # ATTN_K
-    "model.layers.{bid}.self_attn.v_proj": "blk.{bid}.attn_v.weight",       # ATTN_V
+    "model.embed_tokens": "token_embd.weight",  # MODEL_TENSOR.TOKEN_EMBD
+    "lm_head": "output.weight",  # MODEL_TENSOR.OUTPUT
+    "model.layers.{bid}.self_attn.q_proj": "blk.{bid}.attn_q.weight",  # ATTN_Q
+    "model.layers.{bid}.self_attn.k_proj": "blk.{bid}.attn_k.weight",  # ATTN_K
+    "model.layers.{bid}.self_attn.v_proj": "blk.{bid}.attn_v.weight",  # ATTN_V
     "model.layers.{bid}.self_attn.o_proj": "blk.{bid}.attn_output.weight",  # ATTN_OUT
-    "model.layers.{bid}.mlp.gate_proj": "blk.{bid}.ffn_gate.weight",        # FFN_GATE
-    "model.layers.{bid}.mlp.up_proj": "blk.{bid}.ffn_up.weight",            # FFN_UP
-    "model.layers.{bid}.mlp.down_proj": "blk.{bid}.ffn_down.weight",        # FFN_DOWN
+    "model.layers.{bid}.mlp.gate_proj": "blk.{bid}.ffn_gate.weight",  # FFN_GATE
+    "model.layers.{bid}.mlp.up_proj": "blk.{bid}.ffn_up.weight",  # FFN_UP
+    "model.layers.{bid}.mlp.down_proj": "blk.{bid}.ffn_down.weight",  # FFN_DOWN
     # Norms: never LoRA targets, listed so a GGUF base can be rebuilt as an HF model.
-    "model.layers.{bid}.input_layernorm": "blk.{bid}.attn_norm.weight",              # ATTN_NORM
-    "model.layers.{bid}.post_attention_layernorm": "blk.{bid}.ffn_norm.weight",      # FFN_NORM
-    "model.norm": "output_norm.weight",                                              # OUTPUT_NORM
+    "model.layers.{bid}.input_layernorm": "blk.{bid}.attn_norm.weight",  # ATTN_NORM
+    "model.layers.{bid}.post_attention_layernorm": "blk.{bid}.ffn_norm.weight",  # FFN_NORM
+    "model.norm": "output_norm.weight",  # OUTPUT_NORM
 }
 
 ARCH_TABLES: dict[str, ArchTable] = {
@@ -65,7 +66,7 @@ def gguf_tensor_name(arch: str, module: str) -> str | None:
     table = ARCH_TABLES[arch]
     m = _BLOCK.search(module)
     if m:
-        template = module[: m.start()] + ".{bid}." + module[m.end():]
+        template = module[: m.start()] + ".{bid}." + module[m.end() :]
         target = table.modules.get(template)
         return target.format(bid=m.group(1)) if target else None
     return table.modules.get(module)
@@ -93,18 +94,10 @@ def permute_rows(rows: np.ndarray, n_head: int) -> np.ndarray:
     out = rows.shape[0]
     if out % (2 * n_head):
         raise ValueError(f"cannot permute {out} rows into {n_head} heads")
-    return (
-        rows.reshape(n_head, 2, out // n_head // 2, *rows.shape[1:])
-        .swapaxes(1, 2)
-        .reshape(rows.shape)
-    )
+    return rows.reshape(n_head, 2, out // n_head // 2, *rows.shape[1:]).swapaxes(1, 2).reshape(rows.shape)
 
 
 def unpermute_rows(rows: np.ndarray, n_head: int) -> np.ndarray:
     """Inverse of :func:`permute_rows`: GGUF row order back to Hugging Face's."""
     out = rows.shape[0]
-    return (
-        rows.reshape(n_head, out // n_head // 2, 2, *rows.shape[1:])
-        .swapaxes(1, 2)
-        .reshape(rows.shape)
-    )
+    return rows.reshape(n_head, out // n_head // 2, 2, *rows.shape[1:]).swapaxes(1, 2).reshape(rows.shape)

@@ -17,6 +17,7 @@ base model), which contribute nothing.
 The PEFT reader, validation and refusals are those of the GGUF converter
 (:func:`load_peft_adapter`); output files are written atomically.
 """
+
 from __future__ import annotations
 
 import os
@@ -29,8 +30,8 @@ import numpy as np
 from . import onnx_deps
 from .atomic import atomic_output
 from .base_gguf import BaseModelInfo, read_base_model
-from .errors import AdapterError, BaseModelMismatchError, UnsupportedAdapterError
 from .base_match import check_module_fits, locate_base_tensor
+from .errors import AdapterError, BaseModelMismatchError, UnsupportedAdapterError
 from .name_map import ARCH_TABLES, supported_architectures
 from .onnx_names import lora_parameter_names, onnx_prefix
 from .peft_checkpoint import LoraModule, PeftAdapter, load_peft_adapter
@@ -47,10 +48,10 @@ MODEL_VERSION = 1
 class OnnxLoraPair:
     """One module in ONNX layout (float32): the two graph-input tensors of its LoRA path."""
 
-    module: str          # PEFT module, e.g. model.layers.3.self_attn.q_proj
-    prefix: str          # ONNX prefix, e.g. model.layers.3.attn.q_proj
-    lora_a: np.ndarray   # [in, r]
-    lora_b: np.ndarray   # [r, out], PEFT scaling folded in
+    module: str  # PEFT module, e.g. model.layers.3.self_attn.q_proj
+    prefix: str  # ONNX prefix, e.g. model.layers.3.attn.q_proj
+    lora_a: np.ndarray  # [in, r]
+    lora_b: np.ndarray  # [r, out], PEFT scaling folded in
 
     @property
     def names(self) -> tuple[str, str]:

@@ -1,4 +1,5 @@
 """Imports of the optional ``onnx`` extra, with one clear message when it is missing."""
+
 from __future__ import annotations
 
 import importlib

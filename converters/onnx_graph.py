@@ -25,6 +25,7 @@ Attention is computed in plain ops (rotary embedding with HF's rotate-half layou
 grouped-query heads repeated, additive causal + padding mask), so onnxruntime on any
 execution provider can run it; no contrib operator is needed.
 """
+
 from __future__ import annotations
 
 import math
@@ -37,7 +38,7 @@ from . import onnx_deps
 from .onnx_names import BASE_WEIGHT_SUFFIX, lora_parameter_names, onnx_prefixes_for_layers
 
 OPSET = 17
-MASK_VALUE = -1e9   # additive mask for positions that may not be attended (exp underflows to 0)
+MASK_VALUE = -1e9  # additive mask for positions that may not be attended (exp underflows to 0)
 
 
 @dataclass(frozen=True)
@@ -140,7 +141,7 @@ def build_llama_graph(
             g.inputs.append(g.value(f"past_key_values.{i}.{kv}", TP.FLOAT, ["batch_size", nkv, "past_sequence_length", hd]))
 
     def lora_linear(x: str, module: str, prefix: str, basename: str) -> str:
-        w = weight(module + ".weight")          # (out, in)
+        w = weight(module + ".weight")  # (out, in)
         n_out, n_in = w.shape
         base_w = g.init(prefix + BASE_WEIGHT_SUFFIX, np.ascontiguousarray(w.T))
         a_name, b_name = lora_parameter_names(prefix)
@@ -169,8 +170,16 @@ def build_llama_graph(
     cos_t, sin_t = rotary_tables(s)
     g.init("cos_cache", cos_t)
     g.init("sin_cache", sin_t)
-    cos = g.op("Unsqueeze", [g.op("Gather", ["cos_cache", "position_ids"], "/model/rotemb/cos/Gather"), g.const([1])], "/model/rotemb/cos/Unsqueeze")
-    sin = g.op("Unsqueeze", [g.op("Gather", ["sin_cache", "position_ids"], "/model/rotemb/sin/Gather"), g.const([1])], "/model/rotemb/sin/Unsqueeze")
+    cos = g.op(
+        "Unsqueeze",
+        [g.op("Gather", ["cos_cache", "position_ids"], "/model/rotemb/cos/Gather"), g.const([1])],
+        "/model/rotemb/cos/Unsqueeze",
+    )
+    sin = g.op(
+        "Unsqueeze",
+        [g.op("Gather", ["sin_cache", "position_ids"], "/model/rotemb/sin/Gather"), g.const([1])],
+        "/model/rotemb/sin/Unsqueeze",
+    )
 
     total = g.op("Gather", [g.op("Shape", ["attention_mask"], "/model/mask/Shape_T"), g.const(1)], "/model/mask/T")
     seq = g.op("Gather", [g.op("Shape", ["input_ids"], "/model/mask/Shape_S"), g.const(1)], "/model/mask/S")
@@ -179,10 +188,15 @@ def build_llama_graph(
     queries = g.op("Range", [past, total, g.const(1)], "/model/mask/query_pos")
     causal = g.op(
         "LessOrEqual",
-        [g.op("Unsqueeze", [keys, g.const([0])], "/model/mask/key_row"), g.op("Unsqueeze", [queries, g.const([1])], "/model/mask/query_col")],
+        [
+            g.op("Unsqueeze", [keys, g.const([0])], "/model/mask/key_row"),
+            g.op("Unsqueeze", [queries, g.const([1])], "/model/mask/query_col"),
+        ],
         "/model/mask/causal",
     )  # [S, T]
-    padding = g.op("Unsqueeze", [g.op("Cast", ["attention_mask"], "/model/mask/Cast", to=TP.BOOL), g.const([1, 2])], "/model/mask/pad")  # [B,1,1,T]
+    padding = g.op(
+        "Unsqueeze", [g.op("Cast", ["attention_mask"], "/model/mask/Cast", to=TP.BOOL), g.const([1, 2])], "/model/mask/pad"
+    )  # [B,1,1,T]
     allowed = g.op("And", [causal, padding], "/model/mask/And")  # [B,1,S,T]
     mask = g.op("Where", [allowed, g.const(0.0, np.float32), g.const(MASK_VALUE, np.float32)], "/model/mask/Where")
 
@@ -191,7 +205,9 @@ def build_llama_graph(
         x1 = g.op("Slice", [x, g.const([0]), g.const([half]), g.const([-1])], f"{basename}/Slice_1")
         x2 = g.op("Slice", [x, g.const([half]), g.const([hd]), g.const([-1])], f"{basename}/Slice_2")
         rotated = g.op("Concat", [g.op("Neg", [x2], f"{basename}/Neg"), x1], f"{basename}/Concat", axis=-1)
-        return g.op("Add", [g.op("Mul", [x, cos], f"{basename}/MulCos"), g.op("Mul", [rotated, sin], f"{basename}/MulSin")], f"{basename}/Add")
+        return g.op(
+            "Add", [g.op("Mul", [x, cos], f"{basename}/MulCos"), g.op("Mul", [rotated, sin], f"{basename}/MulSin")], f"{basename}/Add"
+        )
 
     def repeat_kv(x: str, basename: str) -> str:
         if n_rep == 1:
@@ -199,9 +215,13 @@ def build_llama_graph(
         shape = g.op("Shape", [x], f"{basename}/Shape")  # [B, nkv, T, hd]
         target = g.op(
             "Concat",
-            [g.op("Slice", [shape, g.const([0]), g.const([2])], f"{basename}/Slice_BK"), g.const([n_rep]),
-             g.op("Slice", [shape, g.const([2]), g.const([4])], f"{basename}/Slice_TD")],
-            f"{basename}/TargetShape", axis=0,
+            [
+                g.op("Slice", [shape, g.const([0]), g.const([2])], f"{basename}/Slice_BK"),
+                g.const([n_rep]),
+                g.op("Slice", [shape, g.const([2]), g.const([4])], f"{basename}/Slice_TD"),
+            ],
+            f"{basename}/TargetShape",
+            axis=0,
         )
         expanded = g.op("Expand", [g.op("Unsqueeze", [x, g.const([2])], f"{basename}/Unsqueeze"), target], f"{basename}/Expand")
         return g.op("Reshape", [expanded, g.const([0, nh, -1, hd])], f"{basename}/Reshape")
@@ -216,14 +236,22 @@ def build_llama_graph(
         q = lora_linear(x, f"{L}.self_attn.q_proj", prefixes[f"{L}.self_attn.q_proj"], f"{B}/attn/q_proj")
         k = lora_linear(x, f"{L}.self_attn.k_proj", prefixes[f"{L}.self_attn.k_proj"], f"{B}/attn/k_proj")
         v = lora_linear(x, f"{L}.self_attn.v_proj", prefixes[f"{L}.self_attn.v_proj"], f"{B}/attn/v_proj")
-        q = g.op("Transpose", [g.op("Reshape", [q, g.const([0, 0, nh, hd])], f"{B}/attn/q/Reshape")], f"{B}/attn/q/Transpose", perm=[0, 2, 1, 3])
-        k = g.op("Transpose", [g.op("Reshape", [k, g.const([0, 0, nkv, hd])], f"{B}/attn/k/Reshape")], f"{B}/attn/k/Transpose", perm=[0, 2, 1, 3])
-        v = g.op("Transpose", [g.op("Reshape", [v, g.const([0, 0, nkv, hd])], f"{B}/attn/v/Reshape")], f"{B}/attn/v/Transpose", perm=[0, 2, 1, 3])
+        q = g.op(
+            "Transpose", [g.op("Reshape", [q, g.const([0, 0, nh, hd])], f"{B}/attn/q/Reshape")], f"{B}/attn/q/Transpose", perm=[0, 2, 1, 3]
+        )
+        k = g.op(
+            "Transpose", [g.op("Reshape", [k, g.const([0, 0, nkv, hd])], f"{B}/attn/k/Reshape")], f"{B}/attn/k/Transpose", perm=[0, 2, 1, 3]
+        )
+        v = g.op(
+            "Transpose", [g.op("Reshape", [v, g.const([0, 0, nkv, hd])], f"{B}/attn/v/Reshape")], f"{B}/attn/v/Transpose", perm=[0, 2, 1, 3]
+        )
         q = rope(q, f"{B}/attn/q_rotary")
         k = rope(k, f"{B}/attn/k_rotary")
         present_k, present_v = f"present.{i}.key", f"present.{i}.value"
         g.nodes.append(onnx.helper.make_node("Concat", [f"past_key_values.{i}.key", k], [present_k], name=f"{B}/attn/k/ConcatPast", axis=2))
-        g.nodes.append(onnx.helper.make_node("Concat", [f"past_key_values.{i}.value", v], [present_v], name=f"{B}/attn/v/ConcatPast", axis=2))
+        g.nodes.append(
+            onnx.helper.make_node("Concat", [f"past_key_values.{i}.value", v], [present_v], name=f"{B}/attn/v/ConcatPast", axis=2)
+        )
         for kv in (present_k, present_v):
             g.outputs.append(g.value(kv, TP.FLOAT, ["batch_size", nkv, "total_sequence_length", hd]))
         k_all = repeat_kv(present_k, f"{B}/attn/k/repeat_kv")
@@ -232,7 +260,11 @@ def build_llama_graph(
         scores = g.op("Add", [g.op("Mul", [scores, scale], f"{B}/attn/Scale"), mask], f"{B}/attn/Mask")
         probs = g.op("Softmax", [scores], f"{B}/attn/Softmax", axis=-1)
         ctx = g.op("MatMul", [probs, v_all], f"{B}/attn/PV")
-        ctx = g.op("Reshape", [g.op("Transpose", [ctx], f"{B}/attn/ctx/Transpose", perm=[0, 2, 1, 3]), g.const([0, 0, nh * hd])], f"{B}/attn/ctx/Reshape")
+        ctx = g.op(
+            "Reshape",
+            [g.op("Transpose", [ctx], f"{B}/attn/ctx/Transpose", perm=[0, 2, 1, 3]), g.const([0, 0, nh * hd])],
+            f"{B}/attn/ctx/Reshape",
+        )
         o = lora_linear(ctx, f"{L}.self_attn.o_proj", prefixes[f"{L}.self_attn.o_proj"], f"{B}/attn/o_proj")
         h = g.op("Add", [h, o], f"{B}/attn/Residual")
 
@@ -240,7 +272,9 @@ def build_llama_graph(
         gate = lora_linear(x, f"{L}.mlp.gate_proj", prefixes[f"{L}.mlp.gate_proj"], f"{B}/mlp/gate_proj")
         up = lora_linear(x, f"{L}.mlp.up_proj", prefixes[f"{L}.mlp.up_proj"], f"{B}/mlp/up_proj")
         act = g.op("Mul", [gate, g.op("Sigmoid", [gate], f"{B}/mlp/act_fn/Sigmoid")], f"{B}/mlp/act_fn/Mul")
-        down = lora_linear(g.op("Mul", [act, up], f"{B}/mlp/Mul"), f"{L}.mlp.down_proj", prefixes[f"{L}.mlp.down_proj"], f"{B}/mlp/down_proj")
+        down = lora_linear(
+            g.op("Mul", [act, up], f"{B}/mlp/Mul"), f"{L}.mlp.down_proj", prefixes[f"{L}.mlp.down_proj"], f"{B}/mlp/down_proj"
+        )
         h = g.op("Add", [h, down], f"{B}/mlp/Residual")
         if progress:
             progress(i + 1, n_layers)

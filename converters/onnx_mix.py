@@ -12,6 +12,7 @@ folded into ``B_a``). A module only some adapters touch concatenates only those;
 terms ``A_i B_j`` appear (unlike averaging A's and B's separately). Zero weights drop the
 adapter.
 """
+
 from __future__ import annotations
 
 import math
@@ -102,10 +103,7 @@ def mix_peft_to_onnx_parameters(
     """Convert the PEFT folders ``{name: path}`` that ``weights`` uses and mix them in memory (per-request use)."""
     info = base if isinstance(base, BaseModelInfo) else read_base_model(base)
     used = _check_weights(weights, peft_dirs)
-    converted = {
-        name: onnx_adapter_parameters(peft_dirs[name], info, dtype="float32", skip_embeddings=skip_embeddings)
-        for name in used
-    }
+    converted = {name: onnx_adapter_parameters(peft_dirs[name], info, dtype="float32", skip_embeddings=skip_embeddings) for name in used}
     return mix_onnx_parameters(converted, used, dtype=dtype)
 
 

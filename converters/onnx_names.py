@@ -28,6 +28,7 @@ Hence, for a PEFT module with ``A: (r, in)``, ``B: (out, r)`` and ``scaling``::
 Token embeddings get no LoRA path in the builder (``make_embedding`` is a plain Gather),
 so embedding LoRA has no ONNX parameter name.
 """
+
 from __future__ import annotations
 
 import re
@@ -35,20 +36,20 @@ import re
 # PEFT module path (with {bid} for the block index) -> ONNX prefix of its MatMul.
 # Each entry: where the builder makes that MatMul.
 ONNX_GENAI_LINEARS: dict[str, str] = {
-    "model.layers.{bid}.self_attn.q_proj": "model.layers.{bid}.attn.q_proj",    # make_attention_input_proj: q_matmul_basename
-    "model.layers.{bid}.self_attn.k_proj": "model.layers.{bid}.attn.k_proj",    # make_attention_input_proj: k_matmul_basename
-    "model.layers.{bid}.self_attn.v_proj": "model.layers.{bid}.attn.v_proj",    # make_attention_input_proj: v_matmul_basename
-    "model.layers.{bid}.self_attn.o_proj": "model.layers.{bid}.attn.o_proj",    # make_attention_output_proj: o_matmul_basename
-    "model.layers.{bid}.mlp.gate_proj": "model.layers.{bid}.mlp.gate_proj",     # make_mlp_proj: gate_matmul_basename
-    "model.layers.{bid}.mlp.up_proj": "model.layers.{bid}.mlp.up_proj",         # make_mlp_proj: up_matmul_basename
-    "model.layers.{bid}.mlp.down_proj": "model.layers.{bid}.mlp.down_proj",     # make_mlp_proj: down_matmul_basename
-    "lm_head": "lm_head",                                                       # make_lm_head: "/lm_head/MatMul" (untied heads only)
+    "model.layers.{bid}.self_attn.q_proj": "model.layers.{bid}.attn.q_proj",  # make_attention_input_proj: q_matmul_basename
+    "model.layers.{bid}.self_attn.k_proj": "model.layers.{bid}.attn.k_proj",  # make_attention_input_proj: k_matmul_basename
+    "model.layers.{bid}.self_attn.v_proj": "model.layers.{bid}.attn.v_proj",  # make_attention_input_proj: v_matmul_basename
+    "model.layers.{bid}.self_attn.o_proj": "model.layers.{bid}.attn.o_proj",  # make_attention_output_proj: o_matmul_basename
+    "model.layers.{bid}.mlp.gate_proj": "model.layers.{bid}.mlp.gate_proj",  # make_mlp_proj: gate_matmul_basename
+    "model.layers.{bid}.mlp.up_proj": "model.layers.{bid}.mlp.up_proj",  # make_mlp_proj: up_matmul_basename
+    "model.layers.{bid}.mlp.down_proj": "model.layers.{bid}.mlp.down_proj",  # make_mlp_proj: down_matmul_basename
+    "lm_head": "lm_head",  # make_lm_head: "/lm_head/MatMul" (untied heads only)
 }
 
 # Suffixes appended to a prefix (make_matmul_lora + make_matmul_float, see the module docstring).
-LORA_A_SUFFIX = ".lora_A.MatMul.weight"   # [in, r]   = PEFT A.T
-LORA_B_SUFFIX = ".lora_B.MatMul.weight"   # [r, out]  = (PEFT scaling * B).T
-BASE_WEIGHT_SUFFIX = ".MatMul.weight"     # [in, out] = Linear.weight.T
+LORA_A_SUFFIX = ".lora_A.MatMul.weight"  # [in, r]   = PEFT A.T
+LORA_B_SUFFIX = ".lora_B.MatMul.weight"  # [r, out]  = (PEFT scaling * B).T
+BASE_WEIGHT_SUFFIX = ".MatMul.weight"  # [in, out] = Linear.weight.T
 
 _BLOCK = re.compile(r"\.(\d+)\.")
 _PARAM = re.compile(r"^(?P<prefix>.+)\.(?P<part>lora_A|lora_B)\.MatMul\.weight$")
@@ -58,7 +59,7 @@ def onnx_prefix(module: str) -> str | None:
     """ONNX MatMul prefix of a PEFT module (``model.layers.3.self_attn.q_proj`` -> ``model.layers.3.attn.q_proj``)."""
     m = _BLOCK.search(module)
     if m:
-        template = module[: m.start()] + ".{bid}." + module[m.end():]
+        template = module[: m.start()] + ".{bid}." + module[m.end() :]
         target = ONNX_GENAI_LINEARS.get(template)
         return target.format(bid=m.group(1)) if target else None
     return ONNX_GENAI_LINEARS.get(module)

@@ -1,4 +1,5 @@
 """Read a PEFT LoRA checkpoint folder into per-module (A, B, rank, alpha, scaling) records."""
+
 from __future__ import annotations
 
 import re
@@ -14,19 +15,17 @@ from .safetensors_file import read_safetensors
 from .scale import peft_scaling
 
 # PEFT key suffix -> (which matrix, module kind). save_pretrained strips the adapter name.
-_KEY = re.compile(
-    r"^(?:base_model\.model\.)?(?P<module>.+?)\.(?P<part>lora_A|lora_B|lora_embedding_A|lora_embedding_B)(?:\.weight)?$"
-)
+_KEY = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+?)\.(?P<part>lora_A|lora_B|lora_embedding_A|lora_embedding_B)(?:\.weight)?$")
 
 
 @dataclass
 class LoraModule:
     """One adapted module: PEFT's arrays (float32) and the scale PEFT applies."""
 
-    name: str                              # e.g. "model.layers.3.self_attn.q_proj"
+    name: str  # e.g. "model.layers.3.self_attn.q_proj"
     kind: Literal["linear", "embedding"]
-    A: np.ndarray                          # (r, in); for embeddings (r, vocab)
-    B: np.ndarray                          # (out, r); for embeddings (dim, r)
+    A: np.ndarray  # (r, in); for embeddings (r, vocab)
+    B: np.ndarray  # (out, r); for embeddings (dim, r)
     rank: int
     alpha: float
     scaling: float
@@ -101,7 +100,9 @@ def _refuse_foreign_keys(folder: Path, names: list[str]) -> None:
                 "bias='none' (and lora_bias=false), or merge the adapter into the base model with PEFT's merge_and_unload()"
             )
         if not _KEY.match(name):
-            raise UnsupportedAdapterError(f"{folder}: tensor {name!r} is not a LoRA A/B matrix (modules_to_save or another method?); only plain LoRA weights can be converted")
+            raise UnsupportedAdapterError(
+                f"{folder}: tensor {name!r} is not a LoRA A/B matrix (modules_to_save or another method?); only plain LoRA weights can be converted"
+            )
 
 
 def load_peft_adapter(path: str | Path, *, allow_pickle: bool = False) -> PeftAdapter:
@@ -130,7 +131,9 @@ def load_peft_adapter(path: str | Path, *, allow_pickle: bool = False) -> PeftAd
             raise AdapterError(f"{folder}: module {module!r} has only one of its two LoRA matrices ({sorted(found.values())})")
         A, B = arrays[a_key], arrays[b_key]
         if A.ndim != 2 or B.ndim != 2 or A.shape[0] != B.shape[1]:
-            raise AdapterError(f"{folder}: module {module!r} has A {list(A.shape)} and B {list(B.shape)}, which do not form a rank-r pair (A: r x in, B: out x r)")
+            raise AdapterError(
+                f"{folder}: module {module!r} has A {list(A.shape)} and B {list(B.shape)}, which do not form a rank-r pair (A: r x in, B: out x r)"
+            )
         for key, arr in ((a_key, A), (b_key, B)):
             if not np.isfinite(arr).all():
                 bad = int((~np.isfinite(arr)).sum())

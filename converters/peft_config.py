@@ -1,4 +1,5 @@
 """Validation of a PEFT ``adapter_config.json``: what loramux can express, and why not otherwise."""
+
 from __future__ import annotations
 
 import json
@@ -26,14 +27,36 @@ _MERGE_HINT = "merge it into the base model with PEFT's merge_and_unload() and c
 # (config key, refused when, why and what to do). Keys that only affect initialisation
 # (init_lora_weights, loftq_config, eva_config, corda_config) do not change the delta.
 REFUSED_CONFIG: list[tuple[str, Callable[[Any], bool], str]] = [
-    ("use_dora", _truthy, "DoRA (use_dora=true) rescales every output column by a learned magnitude vector, which llama.cpp LoRA adapters cannot express; " + _MERGE_HINT),
-    ("modules_to_save", _truthy, "modules_to_save holds fully retrained modules ({value}), not low-rank deltas; a LoRA adapter file cannot carry them; " + _MERGE_HINT),
-    ("bias", lambda v: v not in (None, "none"), "bias={value!r} trains bias vectors, which a LoRA adapter file cannot carry; retrain with bias='none' or " + _MERGE_HINT),
+    (
+        "use_dora",
+        _truthy,
+        "DoRA (use_dora=true) rescales every output column by a learned magnitude vector, which llama.cpp LoRA adapters cannot express; "
+        + _MERGE_HINT,
+    ),
+    (
+        "modules_to_save",
+        _truthy,
+        "modules_to_save holds fully retrained modules ({value}), not low-rank deltas; a LoRA adapter file cannot carry them; "
+        + _MERGE_HINT,
+    ),
+    (
+        "bias",
+        lambda v: v not in (None, "none"),
+        "bias={value!r} trains bias vectors, which a LoRA adapter file cannot carry; retrain with bias='none' or " + _MERGE_HINT,
+    ),
     ("lora_bias", _truthy, "lora_bias=true adds a bias to lora_B, which llama.cpp LoRA adapters cannot express; " + _MERGE_HINT),
-    ("fan_in_fan_out", _truthy, "fan_in_fan_out=true (Conv1D layers, GPT-2 style) is not supported; only nn.Linear / nn.Embedding targets are"),
+    (
+        "fan_in_fan_out",
+        _truthy,
+        "fan_in_fan_out=true (Conv1D layers, GPT-2 style) is not supported; only nn.Linear / nn.Embedding targets are",
+    ),
     ("use_qalora", _truthy, "QA-LoRA (use_qalora=true) pools inputs by group before lora_A; llama.cpp cannot express it; " + _MERGE_HINT),
     ("alora_invocation_tokens", _truthy, "activated LoRA (alora_invocation_tokens) is not supported by loramux yet"),
-    ("trainable_token_indices", _truthy, "trainable_token_indices retrains embedding rows, which a LoRA adapter file cannot carry; " + _MERGE_HINT),
+    (
+        "trainable_token_indices",
+        _truthy,
+        "trainable_token_indices retrains embedding rows, which a LoRA adapter file cannot carry; " + _MERGE_HINT,
+    ),
     ("layer_replication", _truthy, "layer_replication changes the model's layer stack; a LoRA adapter file cannot express it"),
     ("target_parameters", _truthy, "target_parameters (LoRA on nn.Parameter, e.g. MoE experts) is not supported"),
     ("megatron_config", _truthy, "Megatron parallel LoRA layers are not supported"),
@@ -49,7 +72,9 @@ def load_config(folder: Path) -> dict[str, Any]:
     """Read and validate ``adapter_config.json``; raise with the reason and the fix."""
     path = folder / "adapter_config.json"
     if not path.is_file():
-        raise AdapterError(f"{folder}: no adapter_config.json; a PEFT LoRA folder is what save_pretrained() writes (adapter_config.json + adapter_model.safetensors)")
+        raise AdapterError(
+            f"{folder}: no adapter_config.json; a PEFT LoRA folder is what save_pretrained() writes (adapter_config.json + adapter_model.safetensors)"
+        )
     try:
         config = json.loads(path.read_text(encoding="utf-8"))
     except (ValueError, RecursionError) as exc:  # bad UTF-8 or JSON, 4300+ digit numbers, deep nesting
@@ -65,7 +90,9 @@ def load_config(folder: Path) -> dict[str, Any]:
             raise UnsupportedAdapterError(f"{folder}: {why.format(value=value)}")
     for key in ("r", "lora_alpha"):
         if _number(config.get(key), rank=key == "r") is None:
-            raise AdapterError(f"{path}: {key} must be a positive number{' (a whole one)' if key == 'r' else ''}, got {_short(config.get(key))}")
+            raise AdapterError(
+                f"{path}: {key} must be a positive number{' (a whole one)' if key == 'r' else ''}, got {_short(config.get(key))}"
+            )
     for key in ("rank_pattern", "alpha_pattern"):
         _check_patterns(path, key, config.get(key) or {})
     return config

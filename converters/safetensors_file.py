@@ -3,6 +3,7 @@
 Written here (not safetensors.numpy) because numpy has no bfloat16 and because a
 converter must say precisely what is wrong with a truncated or corrupt file.
 """
+
 from __future__ import annotations
 
 import json
@@ -35,16 +36,24 @@ def _entry(where: str, name: str, info: object, body_len: int) -> tuple[str, lis
     try:
         dtype, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]  # type: ignore[index]
     except (KeyError, TypeError, IndexError) as exc:
-        raise AdapterError(f"{where}: tensor {name!r} has a malformed header entry (needs dtype, shape, data_offsets): corrupt file") from exc
+        raise AdapterError(
+            f"{where}: tensor {name!r} has a malformed header entry (needs dtype, shape, data_offsets): corrupt file"
+        ) from exc
     if not isinstance(dtype, str) or dtype not in _DTYPES:
         raise AdapterError(f"{where}: tensor {name!r} has dtype {dtype!r}; LoRA weights must be F32, F16 or BF16")
     if not isinstance(shape, list) or len(shape) > _MAX_DIMS or not all(_is_index(d) for d in shape):
-        raise AdapterError(f"{where}: tensor {name!r} has shape {shape!r}; a shape is a list of at most {_MAX_DIMS} non-negative integers: corrupt file")
+        raise AdapterError(
+            f"{where}: tensor {name!r} has shape {shape!r}; a shape is a list of at most {_MAX_DIMS} non-negative integers: corrupt file"
+        )
     if not isinstance(offsets, list) or len(offsets) != 2 or not all(_is_index(o) for o in offsets):
-        raise AdapterError(f"{where}: tensor {name!r} has data_offsets {offsets!r}; expected [start, end] as non-negative integers: corrupt file")
+        raise AdapterError(
+            f"{where}: tensor {name!r} has data_offsets {offsets!r}; expected [start, end] as non-negative integers: corrupt file"
+        )
     start, end = offsets
     if not start <= end <= body_len:
-        raise AdapterError(f"{where}: tensor {name!r} lies past the end of the file (bytes {start}-{end} of {body_len}): truncated download?")
+        raise AdapterError(
+            f"{where}: tensor {name!r} lies past the end of the file (bytes {start}-{end} of {body_len}): truncated download?"
+        )
     item = _DTYPES[dtype][1]
     need = math.prod(shape) * item
     if end - start != need or math.prod(max(d, 1) for d in shape) * item >= 2**62:

@@ -33,6 +33,7 @@ GGUF tensor layouts (ggml ``ne`` order is numpy's shape reversed)::
 Mixes: ``{name: w}`` means the output-space sum ``sum_a w_a * delta_W_a x``, which is
 what llama.cpp computes when several adapters are set with user scales ``w_a``.
 """
+
 from __future__ import annotations
 
 import math

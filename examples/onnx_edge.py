@@ -20,6 +20,7 @@ llama.cpp inference). Run from the repository root::
 
 Needs the onnx extra: pip install 'loramux[onnx]'.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -52,7 +53,11 @@ def chat_prompt(vocab, user_text: str) -> list[int]:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--prompt", default="True and not ( False and True ) is", help="the user's question")
-    ap.add_argument("--mix", default="boolean_expressions=0.7,dyck_languages=0.3", help="fixed mix name=w,... over examples/adapters (used without --router)")
+    ap.add_argument(
+        "--mix",
+        default="boolean_expressions=0.7,dyck_languages=0.3",
+        help="fixed mix name=w,... over examples/adapters (used without --router)",
+    )
     ap.add_argument("--router", type=Path, default=None, help="an ONNX router file (loramux router train); picks the mix from the prompt")
     ap.add_argument("--adapters", type=Path, default=ADAPTERS, help="folder of PEFT adapters, one sub-folder per adapter")
     ap.add_argument("--save-adapter", type=Path, default=None, help="also write the mix as an .onnx_adapter file and run through it")
@@ -63,8 +68,8 @@ def main(argv: list[str] | None = None) -> int:
     from llama_cpp import Llama
 
     from loramux.base_model import default_base_model
-    from loramux.converters.onnx_mix import mix_peft_to_onnx_parameters
     from loramux.converters.onnx_adapter import write_onnx_adapter
+    from loramux.converters.onnx_mix import mix_peft_to_onnx_parameters
     from loramux.onnx_base import OnnxLoraModel, onnx_base_model
 
     base = default_base_model()

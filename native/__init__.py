@@ -17,6 +17,7 @@ of these bindings and lives in the ``loramux`` package.
 Without the library everything still works with stock per-context mixes:
 :func:`warn_if_unavailable` emits one :class:`NativeUnavailableWarning` per process.
 """
+
 from __future__ import annotations
 
 import threading

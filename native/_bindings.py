@@ -3,6 +3,7 @@
 Bound on the libllama handle llama_cpp itself loaded (``llama_cpp.llama_cpp._lib``), so there is
 one library in the process. Call :func:`bind` once (``loramux.native`` does) before using them.
 """
+
 from __future__ import annotations
 
 import ctypes

@@ -15,6 +15,7 @@ Where the patched library is looked for, first hit wins:
 
 ``LORAMUX_NATIVE=0`` turns the native path off (stock llama.cpp, per-context mixes).
 """
+
 from __future__ import annotations
 
 import os
@@ -104,8 +105,11 @@ def load() -> NativeStatus:
         folder = find_library_dir()
         if folder is None:
             searched = ", ".join(str(d) for d in candidate_dirs()[:3])
-            return NativeStatus(False, None, f"the patched libllama is not built (searched {searched}, ...); "
-                                             "build it with scripts/build_native.sh or reinstall loramux")
+            return NativeStatus(
+                False,
+                None,
+                f"the patched libllama is not built (searched {searched}, ...); build it with scripts/build_native.sh or reinstall loramux",
+            )
         current = os.environ.get(LLAMA_ENV)
         if current and Path(current).resolve() != folder:
             # the user chose a library: use it if it is a patched one, never load a second copy
@@ -117,6 +121,9 @@ def load() -> NativeStatus:
         return NativeStatus(False, None, f"llama_cpp could not load its library: {exc}")
     status = _check_handle(lc._lib, "libllama")
     if not status.available and loaded is not None:
-        return NativeStatus(False, status.library, status.reason + " (llama_cpp was imported before loramux.native "
-                                                                 "could point it at the patched library; import loramux first)")
+        return NativeStatus(
+            False,
+            status.library,
+            status.reason + " (llama_cpp was imported before loramux.native could point it at the patched library; import loramux first)",
+        )
     return status

@@ -14,6 +14,7 @@ runs the build; ``scripts/build_native.sh`` runs it too. Prints the path of the 
 ``--unpatched`` prepares the same vendored sources untouched instead (no overlay, no patch), for
 stock llama.cpp tools built from the same pin (``scripts/build_llama_server.sh``).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -76,8 +77,19 @@ def download_sdist(folder: Path, version: str, python: str) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     # --no-binary for this one package: the sdist; --no-build-isolation: pip reads its metadata
     # with the build backend already present instead of building a fresh build environment.
-    cmd = [python, "-m", "pip", "download", "--no-deps", "--no-binary", "llama-cpp-python",
-           "--no-build-isolation", f"llama-cpp-python=={version}", "-d", str(folder)]
+    cmd = [
+        python,
+        "-m",
+        "pip",
+        "download",
+        "--no-deps",
+        "--no-binary",
+        "llama-cpp-python",
+        "--no-build-isolation",
+        f"llama-cpp-python=={version}",
+        "-d",
+        str(folder),
+    ]
     print(f"loramux: fetching the llama-cpp-python {version} sdist through pip", file=sys.stderr)
     proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     found = find_sdist(folder, version)
@@ -154,8 +166,7 @@ def sync_tree(src: Path, dst: Path) -> int:
     return changed
 
 
-def prepare(dest: Path, *, version: str = LLAMA_CPP_PYTHON_VERSION, sdist: Path | None = None,
-            python: str = sys.executable) -> Path:
+def prepare(dest: Path, *, version: str = LLAMA_CPP_PYTHON_VERSION, sdist: Path | None = None, python: str = sys.executable) -> Path:
     """Return dest/llama.cpp holding the patched sources (prepared once per sources key)."""
     tree = dest / "llama.cpp"
     key = sources_key(version)
@@ -179,8 +190,14 @@ def prepare(dest: Path, *, version: str = LLAMA_CPP_PYTHON_VERSION, sdist: Path 
     return tree
 
 
-def prepare_unpatched(dest: Path, *, version: str = LLAMA_CPP_PYTHON_VERSION, sdist: Path | None = None,
-                      sdist_dir: Path | None = None, python: str = sys.executable) -> Path:
+def prepare_unpatched(
+    dest: Path,
+    *,
+    version: str = LLAMA_CPP_PYTHON_VERSION,
+    sdist: Path | None = None,
+    sdist_dir: Path | None = None,
+    python: str = sys.executable,
+) -> Path:
     """Return dest/llama.cpp holding the vendored sources exactly as the sdist ships them.
 
     No overlay and no patch: the tree stock llama.cpp tools (llama-server) are built from. The sdist
@@ -209,19 +226,29 @@ def prepare_unpatched(dest: Path, *, version: str = LLAMA_CPP_PYTHON_VERSION, sd
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--dest", required=True, type=Path, help="cache folder (holds sdist/ and llama.cpp/)")
-    ap.add_argument("--sdist", type=Path, default=os.environ.get("LORAMUX_LLAMA_SDIST") or None,
-                    help="a llama-cpp-python sdist already on disk (default: fetched through pip)")
+    ap.add_argument(
+        "--sdist",
+        type=Path,
+        default=os.environ.get("LORAMUX_LLAMA_SDIST") or None,
+        help="a llama-cpp-python sdist already on disk (default: fetched through pip)",
+    )
     ap.add_argument("--version", default=LLAMA_CPP_PYTHON_VERSION)
-    ap.add_argument("--unpatched", action="store_true",
-                    help="the vendored sources as shipped (no overlay, no patch), for stock llama.cpp tools")
-    ap.add_argument("--sdist-dir", type=Path, default=None,
-                    help="with --unpatched: where the sdist is cached (default: DEST/sdist)")
+    ap.add_argument(
+        "--unpatched", action="store_true", help="the vendored sources as shipped (no overlay, no patch), for stock llama.cpp tools"
+    )
+    ap.add_argument("--sdist-dir", type=Path, default=None, help="with --unpatched: where the sdist is cached (default: DEST/sdist)")
     args = ap.parse_args(argv)
     args.dest.mkdir(parents=True, exist_ok=True)
     try:
         if args.unpatched:
-            print(prepare_unpatched(args.dest.resolve(), version=args.version, sdist=args.sdist,
-                                    sdist_dir=args.sdist_dir.resolve() if args.sdist_dir else None))
+            print(
+                prepare_unpatched(
+                    args.dest.resolve(),
+                    version=args.version,
+                    sdist=args.sdist,
+                    sdist_dir=args.sdist_dir.resolve() if args.sdist_dir else None,
+                )
+            )
         else:
             print(prepare(args.dest.resolve(), version=args.version, sdist=args.sdist))
     except (FetchError, OSError, tarfile.TarError) as exc:

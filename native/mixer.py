@@ -10,6 +10,7 @@ the scheduler once); setting a mix is a write into a host table read at the next
 no scheduler rebuild, and graph reuse keeps working. Each call checks the library's status code
 and raises a loramux error that names the offending input.
 """
+
 from __future__ import annotations
 
 import ctypes
@@ -60,24 +61,30 @@ class SeqMixer:
         if self.max_active < 1:
             rc = B.loramux_unregister(ctx_ptr)
             undone = "unregistered again" if rc == B.LORAMUX_OK else f"and could not unregister them ({B.reason(rc)})"
-            raise RuntimeLoadError(f"loramux registered adapters {', '.join(names)} but reports max_active={self.max_active} "
-                                   f"({B.strerror(self.max_active) if self.max_active < 0 else 'no active slots'}); {undone}")
+            raise RuntimeLoadError(
+                f"loramux registered adapters {', '.join(names)} but reports max_active={self.max_active} "
+                f"({B.strerror(self.max_active) if self.max_active < 0 else 'no active slots'}); {undone}"
+            )
         self._closed = False
 
     def _named(self, text: str) -> str:
         """The library's reason with each "adapter N" (a pool id) given its name."""
+
         def name(m: re.Match) -> str:
             i = int(m.group(1))
             return f"adapter {self.names[i]!r}" if 0 <= i < len(self.names) else m.group(0)
+
         return re.sub(r"\badapter (\d+)\b", name, text)
 
     def check_applied(self) -> None:
         """Raise when a decode met an adapted weight the per-sequence hook could not apply."""
         rc = B.loramux_check_applied(self._ctx)
         if rc != B.LORAMUX_OK:
-            raise RuntimeLoadError(f"loramux could not apply adapters {', '.join(self.names)} in the last decode: "
-                                   f"{self._named(B.reason(rc))} (code {rc}); these adapters cannot be mixed per "
-                                   "sequence on this model")
+            raise RuntimeLoadError(
+                f"loramux could not apply adapters {', '.join(self.names)} in the last decode: "
+                f"{self._named(B.reason(rc))} (code {rc}); these adapters cannot be mixed per "
+                "sequence on this model"
+            )
 
     @property
     def n_adapters(self) -> int:
@@ -153,8 +160,10 @@ class SeqMixer:
         if rc == B.LORAMUX_ERR_BAD_SEQ_ID:
             raise LoramuxError(f"sequence id {seq_id} is out of range for this context (n_seq_max too small?): {why}")
         if rc == B.LORAMUX_ERR_TOO_MANY_ACTIVE:
-            raise MixError(f"sequence {seq_id}: mix {mix} has more than max_active={self.max_active} non-zero weights; "
-                           "drop the smallest weights or register the pool with a larger max_active")
+            raise MixError(
+                f"sequence {seq_id}: mix {mix} has more than max_active={self.max_active} non-zero weights; "
+                "drop the smallest weights or register the pool with a larger max_active"
+            )
         if rc in (B.LORAMUX_ERR_BAD_ADAPTER_ID, B.LORAMUX_ERR_BAD_WEIGHT, B.LORAMUX_ERR_DUPLICATE_ADAPTER):
             raise MixError(f"sequence {seq_id}: mix {mix}: {why}")
         raise LoramuxError(f"sequence {seq_id}: loramux refused mix {mix}: {why} (code {rc})")

@@ -6,6 +6,7 @@ of continuous batching), returning each sequence's logits after the prompt and a
 token. Run with one sequence and stock ``llama_set_adapters_lora`` it is the oracle; run with
 many sequences and per-sequence mixes it is the thing under test: the same tokens go into both.
 """
+
 from __future__ import annotations
 
 import ctypes
@@ -20,7 +21,7 @@ from loramux.errors import LoramuxError
 @dataclass
 class ForcedSequence:
     prompt: Sequence[int]
-    forced: Sequence[int]     # tokens fed after the prompt, one per step
+    forced: Sequence[int]  # tokens fed after the prompt, one per step
 
 
 def new_context(model_ptr, *, n_seq_max: int, n_ctx: int, n_batch: int = 512, n_threads: int = 2):

@@ -21,6 +21,7 @@ adapter_config.json files, a GGUF adapter converted from a fixture, the base GGU
 with its vocabulary arrays shortened). The fuzzing itself runs in a child process, restarted
 after a hard crash or a libFuzzer timeout, until the time of the target is spent.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -48,10 +49,10 @@ DEFAULT_CORPUS = ROOT / "tests" / "fuzz_corpus"
 DEFAULT_WORKDIR = Path(tempfile.gettempdir()) / "loramux-fuzz"
 TARGETS = ("safetensors", "peft_config", "peft_adapter", "gguf_header", "base_gguf", "gguf_adapter")
 SEPARATOR = b"\n--loramux-fuzz: adapter_model.safetensors follows--\n"
-SLOW_S = 2.0          # an input slower than this is a finding
-HARD_TIMEOUT_S = 20   # libFuzzer kills (and saves) an input stuck this long
-RSS_LIMIT_MB = 3072   # libFuzzer saves an input that makes the process this big (oom-*)
-MAX_RESTARTS = 50     # child processes per target (each hard crash or timeout ends one)
+SLOW_S = 2.0  # an input slower than this is a finding
+HARD_TIMEOUT_S = 20  # libFuzzer kills (and saves) an input stuck this long
+RSS_LIMIT_MB = 3072  # libFuzzer saves an input that makes the process this big (oom-*)
+MAX_RESTARTS = 50  # child processes per target (each hard crash or timeout ends one)
 
 
 # ------------------------------------------------------------------ the harness (no atheris here)
@@ -177,8 +178,19 @@ def tiny_safetensors(folder: Path, keep: int = 8) -> bytes:
 def _value_bytes(vtype: int, value: Any, itype: int | None) -> bytes:
     from gguf import GGUFValueType as T
 
-    formats = {T.UINT8: "<B", T.INT8: "<b", T.UINT16: "<H", T.INT16: "<h", T.UINT32: "<I", T.INT32: "<i",
-               T.FLOAT32: "<f", T.BOOL: "<?", T.UINT64: "<Q", T.INT64: "<q", T.FLOAT64: "<d"}
+    formats = {
+        T.UINT8: "<B",
+        T.INT8: "<b",
+        T.UINT16: "<H",
+        T.INT16: "<h",
+        T.UINT32: "<I",
+        T.INT32: "<i",
+        T.FLOAT32: "<f",
+        T.BOOL: "<?",
+        T.UINT64: "<Q",
+        T.INT64: "<q",
+        T.FLOAT64: "<d",
+    }
     if vtype == T.STRING:
         raw = value.encode("utf-8")
         return struct.pack("<Q", len(raw)) + raw
@@ -188,8 +200,9 @@ def _value_bytes(vtype: int, value: Any, itype: int | None) -> bytes:
     return struct.pack(formats[T(vtype)], value)
 
 
-def gguf_bytes(kvs: list[tuple[str, int, Any, int | None]], tensors: list[tuple[str, tuple[int, ...], int, bytes | int]],
-               *, alignment: int = 32) -> bytes:
+def gguf_bytes(
+    kvs: list[tuple[str, int, Any, int | None]], tensors: list[tuple[str, tuple[int, ...], int, bytes | int]], *, alignment: int = 32
+) -> bytes:
     """A GGUF v3 file: (key, value type, value, array item type) metadata, (name, ne, ggml type, data) tensors.
 
     A tensor whose data is an int (its size in bytes) gets its offset but no bytes: a header-only file.
@@ -228,21 +241,20 @@ def compact_base(base_path: Path, keep: Callable[[str], bool]) -> bytes:
     import gguf
 
     reader = gguf.GGUFReader(base_path)
-    tensors = [(t.name, tuple(int(d) for d in t.shape), int(t.tensor_type), int(t.n_bytes))
-               for t in reader.tensors if keep(t.name)]
+    tensors = [(t.name, tuple(int(d) for d in t.shape), int(t.tensor_type), int(t.n_bytes)) for t in reader.tensors if keep(t.name)]
     return gguf_bytes(reader_kvs(reader, 8), tensors)
 
 
 def tiny_gguf_adapter(base_path: Path, fixture: str, outtype: str, keep: Callable[[str], bool]) -> bytes:
     """A GGUF adapter converted from a real fixture by loramux, reduced to the tensors ``keep`` selects."""
     import gguf
+
     from loramux.converters import convert_peft_to_gguf
 
     with tempfile.TemporaryDirectory() as tmp:
         out = convert_peft_to_gguf(FIXTURES / fixture, base_path, Path(tmp) / "a.gguf", outtype=outtype)
         reader = gguf.GGUFReader(out)
-        tensors = [(t.name, tuple(int(d) for d in t.shape), int(t.tensor_type), t.data.tobytes())
-                   for t in reader.tensors if keep(t.name)]
+        tensors = [(t.name, tuple(int(d) for d in t.shape), int(t.tensor_type), t.data.tobytes()) for t in reader.tensors if keep(t.name)]
         return gguf_bytes(reader_kvs(reader, 8), tensors)
 
 
@@ -259,16 +271,16 @@ def build_seeds(target: str, base_path: Path) -> dict[str, bytes]:
         return seeds
     if target == "peft_adapter":
         folders = {n: FIXTURES / n for n in adapters} | {"dora": dora}
-        seeds = {f"{n}-layer0.adapter": (f / "adapter_config.json").read_bytes() + SEPARATOR + tiny_safetensors(f)
-                 for n, f in folders.items()}
+        seeds = {
+            f"{n}-layer0.adapter": (f / "adapter_config.json").read_bytes() + SEPARATOR + tiny_safetensors(f) for n, f in folders.items()
+        }
         # the DoRA checkpoint with use_dora cleared: its magnitude tensors must still be refused
         config = (dora / "adapter_config.json").read_bytes().replace(b'"use_dora": true', b'"use_dora": false')
         seeds["dora-flag-cleared-layer0.adapter"] = config + SEPARATOR + tiny_safetensors(dora)
         return seeds
     layer0 = re.compile(r"^(token_embd|output_norm|blk\.0\.)").match
     if target in ("gguf_header", "base_gguf"):
-        seeds = {"base-header-layer0.gguf": compact_base(base_path, layer0),
-                 "base-head-4k.gguf": base_path.read_bytes()[:4096]}
+        seeds = {"base-header-layer0.gguf": compact_base(base_path, layer0), "base-head-4k.gguf": base_path.read_bytes()[:4096]}
         if target == "base_gguf":
             seeds["base-header-all-tensors.gguf"] = compact_base(base_path, lambda _: True)
         else:
@@ -276,8 +288,7 @@ def build_seeds(target: str, base_path: Path) -> dict[str, bytes]:
         return seeds
     if target == "gguf_adapter":
         attn_k = re.compile(r"blk\.0\.attn_k").match
-        return {f"disambiguation_qa-attn_k-{t}.gguf": tiny_gguf_adapter(base_path, "disambiguation_qa", t, attn_k)
-                for t in ("f16", "q8_0")}
+        return {f"disambiguation_qa-attn_k-{t}.gguf": tiny_gguf_adapter(base_path, "disambiguation_qa", t, attn_k) for t in ("f16", "q8_0")}
     raise SystemExit(f"unknown target {target!r}")
 
 
@@ -291,14 +302,73 @@ def build_seeds(target: str, base_path: Path) -> dict[str, bytes]:
 
 _RAW_TOKENS = ["1" * 5000, "[" * 5000 + "]" * 5000, "1e999", "-0", "NaN", "Infinity", "-Infinity"]
 _JSON_VALUES: list[Any] = [
-    None, True, False, 0, 1, -1, 2, 8, 16, 2**31, 2**32, 2**63, 2**64, -2**63, 10**30, 0.5, -0.5, 1e308,
-    "", "x", "none", "all", "LORA", "BF16", "F16", "F32", "F64", "I8", "U8", "²", "[", "model.layers.0",
+    None,
+    True,
+    False,
+    0,
+    1,
+    -1,
+    2,
+    8,
+    16,
+    2**31,
+    2**32,
+    2**63,
+    2**64,
+    -(2**63),
+    10**30,
+    0.5,
+    -0.5,
+    1e308,
+    "",
+    "x",
+    "none",
+    "all",
+    "LORA",
+    "BF16",
+    "F16",
+    "F32",
+    "F64",
+    "I8",
+    "U8",
+    "²",
+    "[",
+    "model.layers.0",
     *(_REGEXES := ["(a+)+$", "(.*.*)*z", "(.|.)*z", ".*.*.*.*.*.*.*z", "q_proj)("]),  # backtracking for ever, invalid
-    [], [0], [1], [0, 0], [0, 4], [4, 0], [-1, 4], [1, 2, 3], [[1]], ["1", "2"], {}, {"a": 1}, {"model.layers.0.self_attn.q_proj": 0},
+    [],
+    [0],
+    [1],
+    [0, 0],
+    [0, 4],
+    [4, 0],
+    [-1, 4],
+    [1, 2, 3],
+    [[1]],
+    ["1", "2"],
+    {},
+    {"a": 1},
+    {"model.layers.0.self_attn.q_proj": 0},
 ] + [f"\0raw{i}" for i in range(len(_RAW_TOKENS))]
-_JSON_KEYS = ["r", "lora_alpha", "peft_type", "rank_pattern", "alpha_pattern", "use_rslora", "use_dora", "bias",
-              "__metadata__", "dtype", "shape", "data_offsets", "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight",
-              "base_model.model.model.embed_tokens.lora_embedding_A", "model.layers.0.mlp.up_proj.lora_B", "x.².lora_A", "x." + "1" * 4400 + ".lora_A", *_REGEXES]
+_JSON_KEYS = [
+    "r",
+    "lora_alpha",
+    "peft_type",
+    "rank_pattern",
+    "alpha_pattern",
+    "use_rslora",
+    "use_dora",
+    "bias",
+    "__metadata__",
+    "dtype",
+    "shape",
+    "data_offsets",
+    "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight",
+    "base_model.model.model.embed_tokens.lora_embedding_A",
+    "model.layers.0.mlp.up_proj.lora_B",
+    "x.².lora_A",
+    "x." + "1" * 4400 + ".lora_A",
+    *_REGEXES,
+]
 
 
 def _json_paths(obj: Any, path: tuple = ()) -> list[tuple]:
@@ -414,8 +484,36 @@ def mutate_gguf(data: bytes, rnd: Any, raw_mutate: Callable[[bytes, int], bytes]
     offset, size = rnd.choice(fields)
     old = int.from_bytes(data[offset : offset + size], "little")
     top = (1 << (8 * size)) - 1
-    new = rnd.choice([0, 1, 2, 3, 7, 8, 9, 13, 31, 33, 255, 1 << 16, 1 << 30, 1 << 31, 1 << 32, 1 << 40, 1 << 60, 1 << 63,
-                      top, top - 1, len(data), len(data) - offset, old + 1, old - 1, old * 2, old + (1 << 32)])
+    new = rnd.choice(
+        [
+            0,
+            1,
+            2,
+            3,
+            7,
+            8,
+            9,
+            13,
+            31,
+            33,
+            255,
+            1 << 16,
+            1 << 30,
+            1 << 31,
+            1 << 32,
+            1 << 40,
+            1 << 60,
+            1 << 63,
+            top,
+            top - 1,
+            len(data),
+            len(data) - offset,
+            old + 1,
+            old - 1,
+            old * 2,
+            old + (1 << 32),
+        ]
+    )
     return data[:offset] + (new & top).to_bytes(size, "little") + data[offset + size :]
 
 
@@ -521,6 +619,7 @@ def worker(args: argparse.Namespace) -> None:
 
     with atheris.instrument_imports(include=["loramux", "gguf"]):
         import gguf  # noqa: F401
+
         import loramux.adapter_file  # noqa: F401
         import loramux.converters  # noqa: F401
     logging.getLogger("gguf").setLevel(logging.ERROR)
@@ -529,9 +628,17 @@ def worker(args: argparse.Namespace) -> None:
     tdir = args.workdir / args.target
     finder = Finder(args.target, args.corpus / args.target, Path(args.stats), base)
     sizes = [p.stat().st_size for p in (tdir / "seeds").iterdir()]
-    argv = [sys.argv[0], f"-max_total_time={args.seconds}", f"-timeout={HARD_TIMEOUT_S}", f"-rss_limit_mb={RSS_LIMIT_MB}",
-            f"-artifact_prefix={args.corpus / args.target}/", f"-max_len={max(16384, max(sizes) + 4096)}",
-            "-print_final_stats=1", str(tdir / "queue"), str(tdir / "seeds")]
+    argv = [
+        sys.argv[0],
+        f"-max_total_time={args.seconds}",
+        f"-timeout={HARD_TIMEOUT_S}",
+        f"-rss_limit_mb={RSS_LIMIT_MB}",
+        f"-artifact_prefix={args.corpus / args.target}/",
+        f"-max_len={max(16384, max(sizes) + 4096)}",
+        "-print_final_stats=1",
+        str(tdir / "queue"),
+        str(tdir / "seeds"),
+    ]
     # The findings folder is not fed back: a known hang would stall every restart at its first input.
     atheris.Setup(argv, finder, custom_mutator=make_mutator(args.target))
     atheris.Fuzz()
@@ -558,8 +665,21 @@ def _child_run(args: argparse.Namespace, target: str, seconds: int, run: int) ->
     tdir = args.workdir / target
     stats, log = tdir / f"stats-{run}.json", tdir / f"fuzz-{run}.log"
     stats.unlink(missing_ok=True)
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", "--target", target, "--seconds", str(seconds),
-           "--corpus", str(args.corpus), "--workdir", str(args.workdir), "--stats", str(stats)]
+    cmd = [
+        sys.executable,
+        str(Path(__file__).resolve()),
+        "--worker",
+        "--target",
+        target,
+        "--seconds",
+        str(seconds),
+        "--corpus",
+        str(args.corpus),
+        "--workdir",
+        str(args.workdir),
+        "--stats",
+        str(stats),
+    ]
     if args.base:
         cmd += ["--base", str(args.base)]
     with log.open("wb") as out:
@@ -593,9 +713,14 @@ def fuzz_target(args: argparse.Namespace, target: str) -> dict[str, Any]:
     for run in runs:
         found.update(run["findings"])
     return {
-        "target": target, "seconds": round(sum(r["seconds"] for r in runs), 1), "executions": sum(r["execs"] for r in runs),
-        "child_runs": len(runs), "exit_codes": [r["rc"] for r in runs], "working_corpus_files": len(queue),
-        "working_corpus_bytes": sum(p.stat().st_size for p in queue), "findings": found,
+        "target": target,
+        "seconds": round(sum(r["seconds"] for r in runs), 1),
+        "executions": sum(r["execs"] for r in runs),
+        "child_runs": len(runs),
+        "exit_codes": [r["rc"] for r in runs],
+        "working_corpus_files": len(queue),
+        "working_corpus_bytes": sum(p.stat().st_size for p in queue),
+        "findings": found,
         "new_corpus_files": sorted(n for n in after - before if not n.startswith("seed-")),
     }
 
@@ -620,9 +745,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     which.add_argument("--target", choices=TARGETS, help="the reader to fuzz")
     which.add_argument("--all", action="store_true", help="fuzz every target, one after the other, --seconds each")
     p.add_argument("--seconds", type=int, default=120, help="fuzzing time per target (default 120)")
-    p.add_argument("--corpus", type=Path, default=DEFAULT_CORPUS, help=f"where findings go, one folder per target (default {DEFAULT_CORPUS.relative_to(ROOT)})")
-    p.add_argument("--workdir", type=Path, default=DEFAULT_WORKDIR, help=f"seeds, libFuzzer's working corpus and logs (default {DEFAULT_WORKDIR})")
-    p.add_argument("--base", type=Path, default=None, help="base GGUF for seeds and the gguf_adapter target (default: the embedded SmolLM2 base)")
+    p.add_argument(
+        "--corpus",
+        type=Path,
+        default=DEFAULT_CORPUS,
+        help=f"where findings go, one folder per target (default {DEFAULT_CORPUS.relative_to(ROOT)})",
+    )
+    p.add_argument(
+        "--workdir", type=Path, default=DEFAULT_WORKDIR, help=f"seeds, libFuzzer's working corpus and logs (default {DEFAULT_WORKDIR})"
+    )
+    p.add_argument(
+        "--base", type=Path, default=None, help="base GGUF for seeds and the gguf_adapter target (default: the embedded SmolLM2 base)"
+    )
     p.add_argument("--save-seeds", action="store_true", help="also copy the seeds into the corpus as seed-* files")
     p.add_argument("--summary", type=Path, default=None, help="write the summary as JSON here (default WORKDIR/summary.json)")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
@@ -644,8 +778,10 @@ def main(argv: list[str] | None = None) -> int:
     for s in summaries:
         rate = s["executions"] / s["seconds"] if s["seconds"] else 0.0
         names = "; ".join(f"{n}: {f['signature']} ({f['count']}x)" for n, f in s["findings"].items()) or "none"
-        print(f"| {s['target']} | {s['seconds']} | {s['executions']} | {rate:.0f} | {s['working_corpus_files']} files, "
-              f"{s['working_corpus_bytes']} B | {names} |")
+        print(
+            f"| {s['target']} | {s['seconds']} | {s['executions']} | {rate:.0f} | {s['working_corpus_files']} files, "
+            f"{s['working_corpus_bytes']} B | {names} |"
+        )
     print(f"summary: {summary_path}")
     return 1 if any(s["findings"] or s["new_corpus_files"] for s in summaries) else 0
 

@@ -1,4 +1,5 @@
 """Shared test fixtures: the real base model, the real PEFT fixtures, converted once per session."""
+
 from __future__ import annotations
 
 import json
@@ -9,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+
 from floors import GAP_FLOOR  # noqa: F401  (re-exported: the tests that import it from here)
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -19,7 +21,12 @@ BBH = SHARED / "data" / "bbh"
 
 # Fixtures by the PEFT features they exercise (see ../shared/README.md).
 PLAIN = ["boolean_expressions", "causal_judgement", "disambiguation_qa", "sports_understanding", "hyperbaton"]
-RSLORA = ["dyck_languages", "logical_deduction_seven_objects", "salient_translation_error_detection", "tracking_shuffled_objects_seven_objects"]
+RSLORA = [
+    "dyck_languages",
+    "logical_deduction_seven_objects",
+    "salient_translation_error_detection",
+    "tracking_shuffled_objects_seven_objects",
+]
 PATTERNS = ["object_counting"]
 EMBEDDING = ["word_sorting"]
 
@@ -101,9 +108,30 @@ def small_router(tmp_path_factory, small_pool_dir, base_model) -> tuple[Path, su
     data = write_rows(tmp / "train.jsonl", load_rows("train", tasks))
     dev = write_rows(tmp / "dev.jsonl", load_rows("dev", tasks))
     out = tmp / "router.onnx"
-    done = subprocess.run([sys.executable, "-m", "loramux", "router", "train", "--base", str(base_model), "--adapters",
-                           str(small_pool_dir), "--data", str(data), "--check", str(dev), "--epochs", "15", "-o", str(out)],
-                          capture_output=True, text=True, env=dict(os.environ, LORAMUX_PROGRESS="1"))
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "loramux",
+            "router",
+            "train",
+            "--base",
+            str(base_model),
+            "--adapters",
+            str(small_pool_dir),
+            "--data",
+            str(data),
+            "--check",
+            str(dev),
+            "--epochs",
+            "15",
+            "-o",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        env=dict(os.environ, LORAMUX_PROGRESS="1"),
+    )
     assert done.returncode == 0, done.stderr
     return out, done
 
@@ -111,8 +139,14 @@ def small_router(tmp_path_factory, small_pool_dir, base_model) -> tuple[Path, su
 # The pool of the batching tests (test_pool_batch.py, test_engine.py): five adapters, six requests
 # with different mixes (one base, one with a negative weight), one dev prompt per task.
 BATCH_ADAPTERS = ["boolean_expressions", "navigate", "hyperbaton", "snarks", "sports_understanding"]
-BATCH_MIXES = [{"boolean_expressions": 1.0}, {"navigate": 0.6, "hyperbaton": 0.4}, None,
-               {"snarks": 1.0, "navigate": -0.3, "sports_understanding": 0.5}, {"hyperbaton": 1.0}, {"sports_understanding": 1.0}]
+BATCH_MIXES = [
+    {"boolean_expressions": 1.0},
+    {"navigate": 0.6, "hyperbaton": 0.4},
+    None,
+    {"snarks": 1.0, "navigate": -0.3, "sports_understanding": 0.5},
+    {"hyperbaton": 1.0},
+    {"sports_understanding": 1.0},
+]
 BATCH_TASKS = ["boolean_expressions", "navigate", "hyperbaton", "snarks", "sports_understanding", "boolean_expressions"]
 
 

@@ -3,6 +3,7 @@
 A floor is what two correct computations measurably differ by; a tolerance sits above the floor
 and below the smallest error a test must catch (each test keeps a negative control that shows it).
 """
+
 from __future__ import annotations
 
 # --- native per-sequence mixes vs the same request alone (tests/test_native_oracle.py) ---------
@@ -36,13 +37,13 @@ CONVERT_OUTTYPE_EFFECT_TOL = 0.2
 ONNX_LOGIT_ATOL = 1e-2
 
 # --- stock llama.cpp logits through the pool's context path (tests/test_pool_oracle.py) --------
-POOL_STOCK_LOGIT_TOL = 1e-3   # the same computation (same library, same layout): float noise only
+POOL_STOCK_LOGIT_TOL = 1e-3  # the same computation (same library, same layout): float noise only
 # one request alone twice, with its K/V cells at other places in the cache (measured 0.0098)
 POOL_ALONE_LOGPROB_TOL = 0.02
 
 # --- scoring (tests/test_compose.py) -----------------------------------------------------------
-SCORE_SAME_TOL = 1e-4   # one batch of many mixes vs one item alone, both per-sequence mixes
-SCORE_NLL_TOL = 0.05    # per-sequence mixes vs the mix set on the context (measured 0.03 on 2 target tokens)
+SCORE_SAME_TOL = 1e-4  # one batch of many mixes vs one item alone, both per-sequence mixes
+SCORE_NLL_TOL = 0.05  # per-sequence mixes vs the mix set on the context (measured 0.03 on 2 target tokens)
 
 # --- the hook vs stock llama-server called directly (tests/test_hook.py) -----------------------
 HOOK_LOGPROB_TOL = 1e-3

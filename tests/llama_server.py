@@ -28,6 +28,7 @@ Semantics of this llama-server version (tools/server in the pinned llama.cpp) wo
 - ``cache_prompt`` (default true) and ``id_slot`` (default -1: any slot) are request fields of
   /completion and, passed through, of /v1/chat/completions (which accepts ``lora`` too).
 """
+
 from __future__ import annotations
 
 import json
@@ -131,8 +132,9 @@ def _stop(proc: subprocess.Popen) -> None:
 
 
 @contextmanager
-def running_llama_server(model: Path, loras: Sequence[Path], *, n_parallel: int = 1, n_ctx: int = 2048,
-                         threads: int = 2, extra_args: Sequence[str] = ()) -> Iterator[str]:
+def running_llama_server(
+    model: Path, loras: Sequence[Path], *, n_parallel: int = 1, n_ctx: int = 2048, threads: int = 2, extra_args: Sequence[str] = ()
+) -> Iterator[str]:
     """Run the stock llama-server on 127.0.0.1 (a free port) with ``--lora`` per adapter, loaded
     without applying them; yield its base URL once GET /health answers 200; stop it at exit.
 
@@ -150,15 +152,35 @@ def running_llama_server(model: Path, loras: Sequence[Path], *, n_parallel: int 
     for attempt in range(3):  # the free port can be taken between our probe and the server's bind
         port = _free_port()
         url = f"http://127.0.0.1:{port}"
-        cmd = [str(binary), "-m", str(model), "--host", "127.0.0.1", "--port", str(port),
-               "-np", str(n_parallel), "-c", str(n_ctx), "-t", str(threads), "--lora-init-without-apply"]
+        cmd = [
+            str(binary),
+            "-m",
+            str(model),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "-np",
+            str(n_parallel),
+            "-c",
+            str(n_ctx),
+            "-t",
+            str(threads),
+            "--lora-init-without-apply",
+        ]
         for f in loras:
             cmd += ["--lora", str(f)]
         cmd += [str(a) for a in extra_args]
         with tempfile.NamedTemporaryFile(prefix="llama-server-", suffix=".log", delete=False) as log:
             log_path = Path(log.name)
-            proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env=env,
-                                    preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None)
+            proc = subprocess.Popen(
+                cmd,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=env,
+                preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None,
+            )
         try:
             ready = _wait_healthy(proc, url, log_path, cmd, may_retry=attempt < 2)
         except BaseException:
@@ -185,11 +207,13 @@ def _wait_healthy(proc: subprocess.Popen, url: str, log_path: Path, cmd: list[st
             tail = _tail(log_path)
             if may_retry and ("couldn't bind" in tail or "address already in use" in tail.lower()):
                 return False
-            raise LlamaServerError(f"llama-server exited with {proc.returncode} before it was ready "
-                                   f"(log: {log_path}):\n{' '.join(cmd)}\n{tail}")
+            raise LlamaServerError(
+                f"llama-server exited with {proc.returncode} before it was ready (log: {log_path}):\n{' '.join(cmd)}\n{tail}"
+            )
         if time.monotonic() > deadline:
-            raise LlamaServerError(f"llama-server not healthy after {HEALTH_TIMEOUT_S:.0f} s "
-                                   f"(log: {log_path}):\n{' '.join(cmd)}\n{_tail(log_path)}")
+            raise LlamaServerError(
+                f"llama-server not healthy after {HEALTH_TIMEOUT_S:.0f} s (log: {log_path}):\n{' '.join(cmd)}\n{_tail(log_path)}"
+            )
         time.sleep(0.2)
     # a server that lost the port exits at once, but another server on that port would answer
     # /health: make sure it is ours

@@ -11,6 +11,7 @@
 Torch, transformers and PEFT come with the ``train`` extra; without them the oracle
 tests fail (never skip) with a message saying so.
 """
+
 from __future__ import annotations
 
 import os
@@ -102,7 +103,9 @@ def _matmul(x: np.ndarray, y: np.ndarray) -> np.ndarray:
     import torch
 
     with one_thread():
-        return (torch.from_numpy(np.ascontiguousarray(x, dtype=np.float64)) @ torch.from_numpy(np.ascontiguousarray(y, dtype=np.float64))).numpy()
+        return (
+            torch.from_numpy(np.ascontiguousarray(x, dtype=np.float64)) @ torch.from_numpy(np.ascontiguousarray(y, dtype=np.float64))
+        ).numpy()
 
 
 @contextmanager
@@ -198,9 +201,7 @@ def peft_deltas(base: str | os.PathLike, fixture: str | os.PathLike) -> dict[str
     out: dict[str, np.ndarray] = {}
     with peft_model(base, fixture) as wrapped, torch.no_grad(), one_thread():
         for name, module in wrapped.base_model.model.named_modules():
-            if isinstance(module, LoraLayer) and (
-                ADAPTER_NAME in module.lora_A or ADAPTER_NAME in getattr(module, "lora_embedding_A", {})
-            ):
+            if isinstance(module, LoraLayer) and (ADAPTER_NAME in module.lora_A or ADAPTER_NAME in getattr(module, "lora_embedding_A", {})):
                 out[name] = module.get_delta_weight(ADAPTER_NAME).detach().to(torch.float64).numpy()
     if not out:
         raise AssertionError(f"PEFT found no LoRA layers in {fixture}")
@@ -265,7 +266,7 @@ def torch_greedy(base: str | os.PathLike, fixture: str | os.PathLike, prompts: l
                 eos_token_id=stop,
                 pad_token_id=stop,
             )
-            new = out[0, len(ids):].tolist()
+            new = out[0, len(ids) :].tolist()
             answers.append(new[: new.index(stop)] if stop in new else new)
     return answers
 
@@ -282,4 +283,3 @@ def llama_greedy(llm, base: str | os.PathLike, prompts: list[list[int]], max_tok
             new.append(tok)
         answers.append(new)
     return answers
-

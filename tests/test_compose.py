@@ -4,6 +4,7 @@ Oracles: a scored item's loss is recomputed from the logits of that item decoded
 mix (stock llama.cpp, the mix set on the context); the rank-concatenated GGUF loaded as one
 adapter gives the logits of the mix it holds.
 """
+
 from __future__ import annotations
 
 import json
@@ -16,9 +17,10 @@ from loramux.errors import LoramuxError
 from loramux.mix import Mix
 
 from conftest import FIXTURES, GAP_FLOOR, load_rows, write_rows
+from floors import SCORE_NLL_TOL as NLL_TOL
+from floors import SCORE_SAME_TOL as SAME_TOL
 
 ADAPTERS = ["boolean_expressions", "dyck_languages", "navigate", "sports_understanding", "object_counting"]
-from floors import SCORE_NLL_TOL as NLL_TOL, SCORE_SAME_TOL as SAME_TOL
 
 
 @pytest.fixture(scope="module")
@@ -43,11 +45,11 @@ def test_batched_scores_equal_each_item_decoded_alone(pool):
     batch = [ScoreItem(t, n, m) for m in mixes for t, n in items]
     got = pool.score(batch)
     for item, loss in zip(batch, got):
-        alone = pool.logits(item.tokens, item.mix, path="native")           # the same item decoded alone
-        assert loss == pytest.approx(mean_nll(alone[item.n_prompt - 1:-1], item.tokens[item.n_prompt:]), abs=SAME_TOL)
-        stock = pool.logits(item.tokens, item.mix, path="context")          # stock llama.cpp's LoRA
-        assert loss == pytest.approx(mean_nll(stock[item.n_prompt - 1:-1], item.tokens[item.n_prompt:]), abs=NLL_TOL)
-    assert got[3] < got[0] - 5 * NLL_TOL        # the task's adapter explains its targets better than the base
+        alone = pool.logits(item.tokens, item.mix, path="native")  # the same item decoded alone
+        assert loss == pytest.approx(mean_nll(alone[item.n_prompt - 1 : -1], item.tokens[item.n_prompt :]), abs=SAME_TOL)
+        stock = pool.logits(item.tokens, item.mix, path="context")  # stock llama.cpp's LoRA
+        assert loss == pytest.approx(mean_nll(stock[item.n_prompt - 1 : -1], item.tokens[item.n_prompt :]), abs=NLL_TOL)
+    assert got[3] < got[0] - 5 * NLL_TOL  # the task's adapter explains its targets better than the base
     with pytest.raises(LoramuxError, match="n_prompt"):
         ScoreItem((1, 2), 2, Mix())
 
@@ -55,11 +57,11 @@ def test_batched_scores_equal_each_item_decoded_alone(pool):
 def test_compose_lowers_the_loss_of_a_held_out_task_and_is_reproducible(pool):
     from loramux.compose import compose, example_items
 
-    examples = _examples("web_of_lies")                        # no adapter of this task in the pool
+    examples = _examples("web_of_lies")  # no adapter of this task in the pool
     seen = []
     result = compose(pool, examples, budget=16, population=8, seed=1, progress=lambda d, b: seen.append((d, b)))
     assert [d for d, _ in seen] == [8, 16] and seen[1][1] <= seen[0][1]
-    assert result.loss < result.base_nll                      # better than the base model (w = 0)
+    assert result.loss < result.base_nll  # better than the base model (w = 0)
     assert all(abs(w) <= 1.5 for w in result.mix.values())
     nll = np.mean(pool.score([ScoreItem(t, n, result.mix) for t, n in example_items(pool, examples)]))
     assert nll == pytest.approx(result.nll, abs=1e-6)
@@ -123,8 +125,28 @@ def test_compose_command_writes_a_mix_file_usable_as_a_router(tmp_path, base_mod
         (folder / name).symlink_to(FIXTURES / name)
     examples = write_rows(tmp_path / "few.jsonl", _examples("web_of_lies", 3))
     out, gguf = tmp_path / "mix.json", tmp_path / "mix.gguf"
-    assert main(["compose", "--base", str(base_model), "--adapters", str(folder), "--examples", str(examples),
-                 "--budget", "8", "--population", "4", "-o", str(out), "--gguf", str(gguf)]) == 0
+    assert (
+        main(
+            [
+                "compose",
+                "--base",
+                str(base_model),
+                "--adapters",
+                str(folder),
+                "--examples",
+                str(examples),
+                "--budget",
+                "8",
+                "--population",
+                "4",
+                "-o",
+                str(out),
+                "--gguf",
+                str(gguf),
+            ]
+        )
+        == 0
+    )
     data = json.loads(out.read_text())
     assert data["method"] == "lorahub" and data["evaluations"] == 8 and data["loss"] <= data["base_nll"]
     assert gguf.is_file() or not data["mix"]
@@ -150,10 +172,12 @@ def test_lorahub_merge_mode_scores_the_a_b_average(pool, tmp_path):
     assert merged == pytest.approx(output, abs=NLL_TOL)
     w = np.array([0.6, 0.7])
     assert CompositionObjective(pool, same, items, 0.05, True, mode="lorahub").nll([w])[0] > 0
-    assert not any(n.startswith("lorahub-candidate") for n in pool.names)   # candidates unloaded
+    assert not any(n.startswith("lorahub-candidate") for n in pool.names)  # candidates unloaded
     planned, alpha = averaged_modules(dict(zip(same, w)), {n: pool.adapters[n].gguf_path for n in same})
     assert alpha == 16.0 and planned[0].lora_a.shape[0] == 8
     with pytest.raises(LoramuxError, match="one rank, alpha and module set"):
-        averaged_modules({"boolean_expressions": 1.0, "dyck_languages": 1.0},
-                         {n: pool.adapters[n].gguf_path for n in ("boolean_expressions", "dyck_languages")})
+        averaged_modules(
+            {"boolean_expressions": 1.0, "dyck_languages": 1.0},
+            {n: pool.adapters[n].gguf_path for n in ("boolean_expressions", "dyck_languages")},
+        )
     pool.unload("formal_fallacies")

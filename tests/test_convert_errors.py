@@ -4,6 +4,7 @@ Bad inputs are built from the real fixtures (copied and modified in tmp_path), p
 real DoRA checkpoint in ../shared/fixtures/bad-adapters/. Each case runs through the
 library API and through the ``loramux convert`` command.
 """
+
 from __future__ import annotations
 
 import json
@@ -17,7 +18,6 @@ from typing import Callable
 
 import numpy as np
 import pytest
-from conftest import BAD_FIXTURES, FIXTURES
 from safetensors.numpy import save_file
 
 from loramux.cli import main as cli_main
@@ -30,6 +30,8 @@ from loramux.converters import (
 )
 from loramux.converters.atomic import atomic_output
 from loramux.converters.safetensors_file import read_safetensors
+
+from conftest import BAD_FIXTURES, FIXTURES
 
 PLAIN = "boolean_expressions"  # r=8, q/k/v/o, bf16
 PREFIX = "base_model.model."
@@ -172,17 +174,71 @@ def write_config_text(text: str):
 # (case id, builder(folder) -> folder, fixture to start from, error type, fragments the message must hold)
 CASES = [
     ("dora-real-fixture", None, "dora", UnsupportedAdapterError, ["DoRA", "merge_and_unload"]),
-    ("dora-magnitude-tensor", lambda f: edit_tensors(f, add_tensor("model.layers.0.self_attn.q_proj.lora_magnitude_vector", np.ones(576, np.float32))), PLAIN, UnsupportedAdapterError, ["lora_magnitude_vector", "DoRA", "merge"]),
-    ("modules-to-save-config", lambda f: edit_config(f, modules_to_save=["lm_head"]), PLAIN, UnsupportedAdapterError, ["modules_to_save", "merge"]),
-    ("modules-to-save-tensor", lambda f: edit_tensors(f, add_tensor("model.norm.modules_to_save.default.weight", np.ones(576, np.float32))), PLAIN, UnsupportedAdapterError, ["model.norm.modules_to_save", "not a LoRA A/B"]),
+    (
+        "dora-magnitude-tensor",
+        lambda f: edit_tensors(f, add_tensor("model.layers.0.self_attn.q_proj.lora_magnitude_vector", np.ones(576, np.float32))),
+        PLAIN,
+        UnsupportedAdapterError,
+        ["lora_magnitude_vector", "DoRA", "merge"],
+    ),
+    (
+        "modules-to-save-config",
+        lambda f: edit_config(f, modules_to_save=["lm_head"]),
+        PLAIN,
+        UnsupportedAdapterError,
+        ["modules_to_save", "merge"],
+    ),
+    (
+        "modules-to-save-tensor",
+        lambda f: edit_tensors(f, add_tensor("model.norm.modules_to_save.default.weight", np.ones(576, np.float32))),
+        PLAIN,
+        UnsupportedAdapterError,
+        ["model.norm.modules_to_save", "not a LoRA A/B"],
+    ),
     ("bias-all", lambda f: edit_config(f, bias="all"), PLAIN, UnsupportedAdapterError, ["bias='all'", "bias='none'"]),
     ("lora-bias", lambda f: edit_config(f, lora_bias=True), PLAIN, UnsupportedAdapterError, ["lora_bias", "merge"]),
-    ("bias-tensor", lambda f: edit_tensors(f, add_tensor("model.layers.0.self_attn.q_proj.lora_B.bias", np.zeros(576, np.float32))), PLAIN, UnsupportedAdapterError, ["lora_B.bias", "bias"]),
-    ("unknown-target-module", lambda f: edit_tensors(f, rename_modules("self_attn.q_proj", "self_attn.qkv_proj")), PLAIN, BaseModelMismatchError, ["qkv_proj", "no counterpart"]),
-    ("layer-the-base-lacks", lambda f: edit_tensors(f, rename_modules("model.layers.29.", "model.layers.40.")), PLAIN, BaseModelMismatchError, ["model.layers.40", "blk.40", "does not have"]),
-    ("lm-head-on-tied-base", lambda f: edit_tensors(f, rename_modules("model.layers.0.self_attn.o_proj", "lm_head")), PLAIN, BaseModelMismatchError, ["lm_head", "output.weight", "ties its output projection"]),
-    ("shapes-of-another-model", lambda f: edit_tensors(f, other_model_shapes), PLAIN, BaseModelMismatchError, ["640", "576", "another model"]),
-    ("architecture-mismatch-gpt2", lambda f: edit_tensors(f, gpt2_names), PLAIN, BaseModelMismatchError, ["transformer.h.", "another architecture"]),
+    (
+        "bias-tensor",
+        lambda f: edit_tensors(f, add_tensor("model.layers.0.self_attn.q_proj.lora_B.bias", np.zeros(576, np.float32))),
+        PLAIN,
+        UnsupportedAdapterError,
+        ["lora_B.bias", "bias"],
+    ),
+    (
+        "unknown-target-module",
+        lambda f: edit_tensors(f, rename_modules("self_attn.q_proj", "self_attn.qkv_proj")),
+        PLAIN,
+        BaseModelMismatchError,
+        ["qkv_proj", "no counterpart"],
+    ),
+    (
+        "layer-the-base-lacks",
+        lambda f: edit_tensors(f, rename_modules("model.layers.29.", "model.layers.40.")),
+        PLAIN,
+        BaseModelMismatchError,
+        ["model.layers.40", "blk.40", "does not have"],
+    ),
+    (
+        "lm-head-on-tied-base",
+        lambda f: edit_tensors(f, rename_modules("model.layers.0.self_attn.o_proj", "lm_head")),
+        PLAIN,
+        BaseModelMismatchError,
+        ["lm_head", "output.weight", "ties its output projection"],
+    ),
+    (
+        "shapes-of-another-model",
+        lambda f: edit_tensors(f, other_model_shapes),
+        PLAIN,
+        BaseModelMismatchError,
+        ["640", "576", "another model"],
+    ),
+    (
+        "architecture-mismatch-gpt2",
+        lambda f: edit_tensors(f, gpt2_names),
+        PLAIN,
+        BaseModelMismatchError,
+        ["transformer.h.", "another architecture"],
+    ),
     ("nan-weight", lambda f: edit_tensors(f, poison(float("nan"))), PLAIN, AdapterError, ["NaN/Inf", "broken"]),
     ("inf-weight", lambda f: edit_tensors(f, poison(float("inf"))), PLAIN, AdapterError, ["NaN/Inf", "broken"]),
     ("truncated-safetensors", truncate(0.6), PLAIN, AdapterError, ["adapter_model.safetensors", "truncated"]),
@@ -199,7 +255,13 @@ CASES = [
     ("peft-type-ia3", lambda f: edit_config(f, peft_type="IA3"), PLAIN, UnsupportedAdapterError, ["'IA3'", "LoRA adapters"]),
     ("peft-type-loha", lambda f: edit_config(f, peft_type="LOHA"), PLAIN, UnsupportedAdapterError, ["'LOHA'", "LoRA adapters"]),
     ("peft-type-missing", lambda f: edit_config(f, peft_type=None), PLAIN, UnsupportedAdapterError, ["peft_type is None"]),
-    ("pickle-without-allow-pickle", to_pickle, PLAIN, AdapterError, ["adapter_model.bin", "pickle", "--allow-pickle", "safe_serialization"]),
+    (
+        "pickle-without-allow-pickle",
+        to_pickle,
+        PLAIN,
+        AdapterError,
+        ["adapter_model.bin", "pickle", "--allow-pickle", "safe_serialization"],
+    ),
     ("embedding-lora-on-tied-base", None, "word_sorting", UnsupportedAdapterError, ["ties its output", "--skip-embeddings", "Merge"]),
 ]
 
@@ -340,7 +402,9 @@ def test_pickle_converts_with_allow_pickle_and_equals_safetensors(tmp_path, base
     a, b = _tensors(from_pickle), _tensors(reference)
     assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
     # and through the command line
-    status = cli_main(["convert", str(folder), "--base", str(base_model), "--allow-pickle", "--outtype", "f32", "-o", str(tmp_path / "cli.gguf")])
+    status = cli_main(
+        ["convert", str(folder), "--base", str(base_model), "--allow-pickle", "--outtype", "f32", "-o", str(tmp_path / "cli.gguf")]
+    )
     assert status == 0 and _tensors(tmp_path / "cli.gguf").keys() == b.keys()
 
 
@@ -361,5 +425,7 @@ def test_word_sorting_with_skip_embeddings_drops_only_the_embedding(tmp_path, ba
     names = set(_tensors(out))
     assert not any(n.startswith("token_embd") for n in names)
     assert len(names) == 2 * 2 * 30  # q and v of 30 layers, A and B
-    status = cli_main(["convert", str(FIXTURES / "word_sorting"), "--base", str(base_model), "--skip-embeddings", "-o", str(tmp_path / "cli.gguf")])
+    status = cli_main(
+        ["convert", str(FIXTURES / "word_sorting"), "--base", str(base_model), "--skip-embeddings", "-o", str(tmp_path / "cli.gguf")]
+    )
     assert status == 0 and (tmp_path / "cli.gguf").is_file()

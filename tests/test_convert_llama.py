@@ -15,15 +15,17 @@ Measured here with 24 rows per task (the test uses 20): boolean_expressions 0.75
 sports_understanding 0.62 / 0.62, dyck_languages 0.42 / 0.50 (upstream's file: 0.17),
 object_counting 0.50 / 0.46 (torch+PEFT / llama.cpp); 92 of 96 greedy answers identical.
 """
+
 from __future__ import annotations
 
 import numpy as np
 import pytest
+
+from loramux.converters import convert_peft_to_gguf
+
 from conftest import FIXTURES, all_fixture_names, load_rows
 from floors import CONVERT_OUTTYPE_EFFECT_TOL as OUTTYPE_TOLERANCE
 from peft_reference import detokenize, exact_match, llama_greedy, one_thread, prompt_tokens, require_train_extra, torch_greedy
-
-from loramux.converters import convert_peft_to_gguf
 
 TASKS = ["boolean_expressions", "sports_understanding", "dyck_languages", "object_counting"]
 ROWS_PER_TASK = 20

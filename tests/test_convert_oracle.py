@@ -13,20 +13,22 @@ Tolerances (Frobenius relative error per module, worst module of the fixture):
 - bf16: 5e-3 (measured at most 2.5e-3, on the fp16 and fp32 checkpoints).
 - q8_0: 1e-2 (measured at most 4.2e-3; lora_b rows of r < 32 values stay f16).
 """
+
 from __future__ import annotations
 
 from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import EMBEDDING, FIXTURES, all_fixture_names
-from peft_reference import gguf_deltas, gguf_tensors, peft_deltas, relative_error, require_train_extra
 
 from loramux.converters import convert_peft_to_gguf, read_base_model
 from loramux.converters.gguf_header import read_gguf_header
 from loramux.converters.name_map import permute_rows, unpermute_rows
 
+from conftest import EMBEDDING, FIXTURES, all_fixture_names
 from floors import CONVERT_REL_TOL as TOLERANCE
+from peft_reference import gguf_deltas, gguf_tensors, peft_deltas, relative_error, require_train_extra
+
 # One fixture per PEFT configuration and source dtype also goes through bf16 and q8_0.
 ALL_TYPES_FOR = {"boolean_expressions", "sports_understanding", "hyperbaton", "dyck_languages", "object_counting"}
 

@@ -9,6 +9,7 @@ bit for bit. For rsLoRA the script is wrong: it writes ``alpha`` and ``B`` uncha
 llama.cpp scales by ``alpha/r`` where PEFT uses ``alpha/sqrt(r)``; the test records that its
 delta is PEFT's divided by ``sqrt(r)`` (the bug loramux fixes), and that loramux's is PEFT's.
 """
+
 from __future__ import annotations
 
 import json
@@ -16,11 +17,12 @@ import math
 
 import numpy as np
 import pytest
+
+from loramux.converters import convert_peft_to_gguf, read_base_model
+
 from conftest import EMBEDDING, FIXTURES, all_fixture_names
 from peft_reference import gguf_deltas, peft_deltas, relative_error, require_train_extra
 from upstream_converter import converted_by_upstream
-
-from loramux.converters import convert_peft_to_gguf, read_base_model
 
 
 def _config(name: str) -> dict:

@@ -6,6 +6,7 @@ the request alone, teacher-forced on the same path) is at or below the batch flo
 (GAP_FLOOR, tests/test_native_oracle.py's MAX_ABS_TOL), where llama.cpp's batch non-invariance
 can flip an argmax; at least MIN_COMPARED steps must be compared in all.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -95,7 +96,7 @@ def test_concurrent_streams_from_threads_equal_each_request_alone(pool, prompts)
 def test_a_shared_prefix_under_another_mix_is_never_reused(pool, prompts):
     conv = prompts[1]
     mix_a, mix_b = {"navigate": 1.0}, {"hyperbaton": 1.0}
-    greedy = SamplingParams(temperature=0, logit_bias=no_eos(pool))   # no early end: STEPS tokens to compare
+    greedy = SamplingParams(temperature=0, logit_bias=no_eos(pool))  # no early end: STEPS tokens to compare
 
     def req(mix):
         return PoolRequest(messages=conv, mix=mix, max_tokens=STEPS, sampling=greedy)
@@ -115,13 +116,17 @@ def test_a_shared_prefix_under_another_mix_is_never_reused(pool, prompts):
 
 def test_a_request_arriving_during_a_running_one_joins_its_decodes(pool):
     ban = no_eos(pool)
-    long = pool.submit(PoolRequest(prompt="Once upon a time", mix={"navigate": 1.0}, max_tokens=40,
-                                   sampling=SamplingParams(temperature=0, logit_bias=ban)))
+    long = pool.submit(
+        PoolRequest(prompt="Once upon a time", mix={"navigate": 1.0}, max_tokens=40, sampling=SamplingParams(temperature=0, logit_bias=ban))
+    )
     it = iter(long)
     for _ in range(3):
         next(it)
-    late = pool.submit(PoolRequest(prompt="The capital of France is", mix={"snarks": 1.0}, max_tokens=4,
-                                   sampling=SamplingParams(temperature=0, logit_bias=ban)))
+    late = pool.submit(
+        PoolRequest(
+            prompt="The capital of France is", mix={"snarks": 1.0}, max_tokens=4, sampling=SamplingParams(temperature=0, logit_bias=ban)
+        )
+    )
     fin = late.result(120)
     assert not long.done, "the long request should still be running"
     assert late.joined_step > long.joined_step and late.max_step_sequences == 2
@@ -137,7 +142,7 @@ def test_cancelling_a_stream_frees_its_sequence_at_once(pool):
     stream = pool.create_completion("Once upon a time", max_tokens=200, temperature=0, logit_bias=no_eos(pool), stream=True)
     next(stream)
     next(stream)
-    stream.close()   # a client going away
+    stream.close()  # a client going away
     deadline = time.time() + 30
     while pool._engine._running() and time.time() < deadline:
         time.sleep(0.01)
@@ -166,12 +171,14 @@ def test_a_full_queue_is_refused_and_a_cancelled_waiter_never_runs(base_model):
 def test_adapters_loaded_and_unloaded_during_traffic_leave_running_requests_untouched(pool, prompts):
     ban = no_eos(pool)
     mixes = [{"navigate": 1.0}, {"snarks": 0.5, "hyperbaton": 0.5}]
-    reqs = [PoolRequest(messages=prompts[i], mix=m, max_tokens=24, sampling=SamplingParams(temperature=0, logit_bias=ban))
-            for i, m in enumerate(mixes)]
+    reqs = [
+        PoolRequest(messages=prompts[i], mix=m, max_tokens=24, sampling=SamplingParams(temperature=0, logit_bias=ban))
+        for i, m in enumerate(mixes)
+    ]
     alone = [events(pool.submit(r)) for r in reqs]
     handles = [pool.submit(r) for r in reqs]
-    first = next(iter(handles[0]))                                   # the requests are running
-    pool.load(FIXTURES / "dyck_languages")                          # registered between two steps
+    first = next(iter(handles[0]))  # the requests are running
+    pool.load(FIXTURES / "dyck_languages")  # registered between two steps
     unloader = threading.Thread(target=pool.unload, args=("snarks",))  # waits for the request that uses it
     unloader.start()
     got = [events(h) for h in handles]
@@ -196,7 +203,7 @@ def test_sampling_means_what_llama_cpp_python_means(pool):
     args = dict(max_tokens=24, temperature=0.9, top_k=40, top_p=0.9, min_p=0.05, repeat_penalty=1.1, seed=1234)
     prompt = "Write a sentence about the sea:"
     ours = pool.create_completion(prompt, **args)["choices"][0]["text"]
-    assert ours == pool.create_completion(prompt, **args)["choices"][0]["text"]   # seeded: reproducible
+    assert ours == pool.create_completion(prompt, **args)["choices"][0]["text"]  # seeded: reproducible
     assert ours != pool.create_completion(prompt, **(args | {"seed": 99}))["choices"][0]["text"]
     llm = llama_cpp.Llama(model_path=str(pool.base_path), n_ctx=512, n_threads=pool.n_threads, verbose=False)
     try:
@@ -211,8 +218,9 @@ def test_stop_strings_cut_the_text_and_the_stream_never_shows_them(pool):
     stop = whole.strip()[:3] if len(whole.strip()) >= 3 else whole
     assert stop
     cut = pool.create_completion("1, 2, 3, 4,", temperature=0, max_tokens=16, stop=[stop])
-    chunks = [c["choices"][0]["text"] for c in pool.create_completion("1, 2, 3, 4,", temperature=0, max_tokens=16,
-                                                                      stop=[stop], stream=True)]
+    chunks = [
+        c["choices"][0]["text"] for c in pool.create_completion("1, 2, 3, 4,", temperature=0, max_tokens=16, stop=[stop], stream=True)
+    ]
     assert cut["choices"][0]["finish_reason"] == "stop"
     assert whole.startswith(cut["choices"][0]["text"]) and stop not in cut["choices"][0]["text"]
     assert "".join(chunks) == cut["choices"][0]["text"] and not any(stop in c for c in chunks)

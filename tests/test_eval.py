@@ -1,4 +1,5 @@
 """loramux eval: normalisation, rows, the mix-mode registry, and a small real run where oracle beats base."""
+
 from __future__ import annotations
 
 import json
@@ -114,8 +115,25 @@ def test_eval_cli_writes_the_documented_json(tmp_path, base_model, capsys):
     adapters.mkdir()
     for t in ("boolean_expressions", "navigate"):
         (adapters / t).symlink_to(FIXTURES / t, target_is_directory=True)
-    rc = main(["eval", "--base", str(base_model), "--adapters", str(adapters), "--data", str(BBH / "dev.jsonl"),
-               "--tasks", "boolean_expressions,navigate", "--limit-per-task", "2", "--mix", "uniform", "--json", str(out)])
+    rc = main(
+        [
+            "eval",
+            "--base",
+            str(base_model),
+            "--adapters",
+            str(adapters),
+            "--data",
+            str(BBH / "dev.jsonl"),
+            "--tasks",
+            "boolean_expressions,navigate",
+            "--limit-per-task",
+            "2",
+            "--mix",
+            "uniform",
+            "--json",
+            str(out),
+        ]
+    )
     assert rc == 0
     printed = capsys.readouterr().out
     assert "boolean_expressions" in printed and "macro average (2 tasks)" in printed

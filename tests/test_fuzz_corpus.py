@@ -6,6 +6,7 @@ the fixes) and a few seeds made from the real fixtures (seed-*). Every one must 
 or a LoramuxError whose message names the input, within TIME_LIMIT_S. atheris is not needed here:
 the script's harness (how an input becomes a file, which reader reads it) is imported without it.
 """
+
 from __future__ import annotations
 
 import importlib.util

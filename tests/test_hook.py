@@ -4,6 +4,7 @@ llama.cpp sources by scripts/build_llama_server.sh) serving adapters that loramu
 Oracle: the same request sent straight to the llama-server with the ``lora`` field written by
 hand (every adapter with an explicit scale, ``cache_prompt: false``).
 """
+
 from __future__ import annotations
 
 import json
@@ -13,11 +14,11 @@ import httpx
 import pytest
 
 from conftest import FIXTURES, ROUTER_TASKS, load_rows
+from floors import HOOK_LOGPROB_TOL as LOGPROB_TOL
 from llama_server import llama_server_binary, running_llama_server
 from serve_proc import loramux_server
 
 openai = pytest.importorskip("openai")
-from floors import HOOK_LOGPROB_TOL as LOGPROB_TOL
 
 
 @pytest.fixture(scope="module")
@@ -42,8 +43,9 @@ def hook(upstream, small_router, base_model, tmp_path_factory):
     log_dir = tmp_path_factory.mktemp("hook")
     config = log_dir / "hook.toml"
     config.write_text("[mixes]\nlogic = { boolean_expressions = 0.6, navigate = 0.4 }\n")
-    with loramux_server("--upstream", upstream, "--base", str(base_model), "--router", str(small_router[0]),
-                        "--config", str(config), log_dir=log_dir) as url:
+    with loramux_server(
+        "--upstream", upstream, "--base", str(base_model), "--router", str(small_router[0]), "--config", str(config), log_dir=log_dir
+    ) as url:
         yield url
 
 
@@ -61,14 +63,14 @@ def test_a_named_adapter_is_forwarded_with_every_scale_explicit(hook, upstream):
     assert via.json()["mix"] == {"boolean_expressions": 1.0}
     want = direct(upstream, "/v1/completions", body, {"boolean_expressions": 1.0})
     assert via.json()["choices"][0]["text"] == want["choices"][0]["text"]
-    base = httpx.post(f"{hook}/v1/completions", json=body, timeout=300).json()   # base: all scales 0, never "lora": []
+    base = httpx.post(f"{hook}/v1/completions", json=body, timeout=300).json()  # base: all scales 0, never "lora": []
     assert base["choices"][0]["text"] == direct(upstream, "/v1/completions", body, {})["choices"][0]["text"]
     assert base["mix"] == {}
 
 
 def test_a_cached_prefix_is_never_reused_across_mixes(hook, upstream):
     row = load_rows("dev", {"navigate"}, limit_per_task=1)[0]
-    prompt = f"<|im_start|>user\n{row['input']}<|im_end|>\n<|im_start|>assistant\n"   # SmolLM2's chat template
+    prompt = f"<|im_start|>user\n{row['input']}<|im_end|>\n<|im_start|>assistant\n"  # SmolLM2's chat template
     body = {"prompt": prompt, "max_tokens": 1, "temperature": 0, "logprobs": 1}
     mix_b = {"navigate": 1.0}
     fresh = direct(upstream, "/v1/completions", body, mix_b)
@@ -85,8 +87,11 @@ def test_a_cached_prefix_is_never_reused_across_mixes(hook, upstream):
         t.join(300)
 
     def first_lp(out):
-        return out["choices"][0]["logprobs"]["content"][0]["logprob"] if "content" in out["choices"][0]["logprobs"] \
+        return (
+            out["choices"][0]["logprobs"]["content"][0]["logprob"]
+            if "content" in out["choices"][0]["logprobs"]
             else out["choices"][0]["logprobs"]["token_logprobs"][0]
+        )
 
     assert abs(first_lp(outs["b"]) - first_lp(fresh)) < LOGPROB_TOL
     want_a = direct(upstream, "/v1/completions", body, {"boolean_expressions": 1.0})

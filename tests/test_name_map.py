@@ -1,5 +1,6 @@
 """converters/name_map.py's tables agree with gguf-py's own TensorNameMap (the names llama.cpp's
 HF converter writes), for every module, every block and every architecture loramux supports."""
+
 from __future__ import annotations
 
 import gguf

@@ -4,6 +4,7 @@ to the library gives a status and a reason that names the adapter and tensor, ne
 The refusal cases run in a subprocess each (the patched libllama must be loaded before
 llama_cpp): a crash or an abort there fails the test with its output instead of killing pytest.
 """
+
 from __future__ import annotations
 
 import json
@@ -15,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
 from conftest import native_missing
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -77,8 +79,10 @@ def _write_variant(src: Path, out: Path, edit) -> Path:
 def _rank_600(modules) -> None:
     a, b = modules["blk.4.attn_v.weight"]
     rng = np.random.default_rng(0)
-    modules["blk.4.attn_v.weight"] = (rng.normal(0, 1e-3, (600, a.shape[1])).astype(np.float32),
-                                      rng.normal(0, 1e-3, (b.shape[0], 600)).astype(np.float32))
+    modules["blk.4.attn_v.weight"] = (
+        rng.normal(0, 1e-3, (600, a.shape[1])).astype(np.float32),
+        rng.normal(0, 1e-3, (b.shape[0], 600)).astype(np.float32),
+    )
 
 
 def _worker(out: Path, good: Path) -> None:
@@ -116,8 +120,7 @@ def _worker(out: Path, good: Path) -> None:
     report["null_ctx"] = {"rc": rc, "reason": B.last_error()}
     mixer = SeqMixer(ctx, [("good", good_ptr)], max_active=1)
     report["registered_reason_cleared"] = {"reason": B.last_error()}
-    for label, call in {"bad_seq": lambda: mixer.set(7, {"good": 1.0}),
-                        "nan_weight": lambda: mixer.set(0, {"good": float("nan")})}.items():
+    for label, call in {"bad_seq": lambda: mixer.set(7, {"good": 1.0}), "nan_weight": lambda: mixer.set(0, {"good": float("nan")})}.items():
         try:
             call()
             report[label] = {"raised": None}
@@ -142,8 +145,9 @@ def refusals(tmp_path_factory, base_model, shared_dir) -> dict:
     good = convert_peft_to_gguf(FIXTURES / "causal_judgement", base_model, tmp / "causal_judgement.gguf", outtype="f32")
     out = tmp / "report.json"
     env = {k: v for k, v in os.environ.items() if k != "LLAMA_CPP_LIB_PATH"}
-    proc = subprocess.run([sys.executable, __file__, str(out), str(good)], env=env, stdout=subprocess.PIPE,
-                          stderr=subprocess.STDOUT, text=True, timeout=600)
+    proc = subprocess.run(
+        [sys.executable, __file__, str(out), str(good)], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=600
+    )
     assert proc.returncode == 0, f"the worker died (code {proc.returncode}):\n{proc.stdout[-4000:]}"
     report = json.loads(out.read_text())
     if "unavailable" in report:

@@ -6,6 +6,7 @@ Runs in a subprocess like test_native_oracle.py (the patched libllama must be lo
 llama_cpp is first imported). Skipped when the native library is not built, unless
 LORAMUX_REQUIRE_NATIVE=1.
 """
+
 from __future__ import annotations
 
 import json
@@ -15,6 +16,7 @@ import sys
 from pathlib import Path
 
 import pytest
+
 from conftest import native_missing
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -79,8 +81,9 @@ def result(tmp_path_factory, base_model, shared_dir):
         convert_peft_to_gguf(FIXTURES / n, base_model, d / f"{n}.gguf")
     out = tmp_path_factory.mktemp("batch") / "result.json"
     env = {k: v for k, v in os.environ.items() if k != "LLAMA_CPP_LIB_PATH"}
-    proc = subprocess.run([sys.executable, __file__, str(out), str(d)], env=env, stdout=subprocess.PIPE,
-                          stderr=subprocess.STDOUT, text=True, timeout=600)
+    proc = subprocess.run(
+        [sys.executable, __file__, str(out), str(d)], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=600
+    )
     assert proc.returncode == 0, proc.stdout[-4000:]
     data = json.loads(out.read_text())
     if "unavailable" in data:

@@ -32,6 +32,7 @@ sit below this floor; tests/test_native_kernel.py catches them on the op's captu
 Skipped when the native library is not built (``scripts/build_native.sh``), unless
 ``LORAMUX_REQUIRE_NATIVE=1``, which turns the skip into a failure.
 """
+
 from __future__ import annotations
 
 import json
@@ -42,9 +43,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import native_missing
 
-from floors import BATCH_MAX_ABS as MAX_ABS_TOL, BATCH_MEAN_ABS as MEAN_ABS_TOL
+from conftest import native_missing
+from floors import BATCH_MAX_ABS as MAX_ABS_TOL
+from floors import BATCH_MEAN_ABS as MEAN_ABS_TOL
 
 # the two forms of the op (LORAMUX_MUL_MAT_ID at registration): the fused CPU op of host buffers,
 # and ggml_mul_mat_id, the form of device buffers (CUDA), forced on the CPU
@@ -53,8 +55,16 @@ FORMS = {"fused": "0", "mul_mat_id": "1"}
 ROOT = Path(__file__).resolve().parents[1]
 FIXTURES = ROOT.parent / "shared" / "fixtures" / "smollm2-bbh-lora"
 # adapters covering every PEFT shape of the fixtures: q/k/v/o r8, q/v r8, all-seven r4, rsLoRA r16, rank/alpha patterns
-POOL = ["boolean_expressions", "causal_judgement", "disambiguation_qa", "dyck_languages", "object_counting",
-        "hyperbaton", "navigate", "snarks"]
+POOL = [
+    "boolean_expressions",
+    "causal_judgement",
+    "disambiguation_qa",
+    "dyck_languages",
+    "object_counting",
+    "hyperbaton",
+    "navigate",
+    "snarks",
+]
 PROMPTS = [
     "not ( True ) and ( True ) is",
     "Which sentence has the correct adjective order?",
@@ -74,8 +84,7 @@ MIXES = [
 ]
 N_STEPS = 10
 # one adapter per sequence, for the f32-adapter case
-SINGLES = [{"boolean_expressions": 1.0}, {"navigate": 0.5}, None, {"object_counting": 1.0},
-           {"hyperbaton": -1.0}, {"dyck_languages": 1.0}]
+SINGLES = [{"boolean_expressions": 1.0}, {"navigate": 0.5}, None, {"object_counting": 1.0}, {"hyperbaton": -1.0}, {"dyck_languages": 1.0}]
 
 
 # ---------------------------------------------------------------- worker (subprocess) --
@@ -219,8 +228,14 @@ def _convert_pool(base_model, out_dir: Path, outtype: str) -> Path:
 def _run_case(case: str, adapter_dir: Path, tmp_path: Path, form: str = "fused") -> dict:
     out = tmp_path / f"{case}.npz"
     env = {k: v for k, v in os.environ.items() if k != "LLAMA_CPP_LIB_PATH"} | {"LORAMUX_MUL_MAT_ID": FORMS[form]}
-    proc = subprocess.run([sys.executable, __file__, case, str(out), str(adapter_dir)], env=env,
-                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=600)
+    proc = subprocess.run(
+        [sys.executable, __file__, case, str(out), str(adapter_dir)],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stdout[-4000:]
     data = dict(np.load(out))
     if "unavailable" in data:

@@ -3,6 +3,7 @@
 These tests need onnxruntime (the onnx extra) but not the ONNX base model; the end-to-end
 tests on the real base are in test_onnx_base.py.
 """
+
 from __future__ import annotations
 
 import json
@@ -12,9 +13,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
-from conftest import BAD_FIXTURES, EMBEDDING, FIXTURES, all_fixture_names
-from peft_reference import peft_model, require_train_extra
 
 from loramux.cli import main as cli_main
 from loramux.converters.errors import AdapterError, BaseModelMismatchError, UnsupportedAdapterError
@@ -26,6 +24,9 @@ from loramux.converters.onnx_adapter import (
 )
 from loramux.converters.onnx_deps import MissingExtraError
 from loramux.converters.onnx_mix import mix_onnx_parameters, mix_peft_to_onnx_parameters, write_onnx_mix
+
+from conftest import BAD_FIXTURES, EMBEDDING, FIXTURES, all_fixture_names
+from peft_reference import peft_model, require_train_extra
 
 ort = pytest.importorskip("onnxruntime", reason="the onnx extra (pip install 'loramux[onnx]') is needed")
 
@@ -61,9 +62,9 @@ def test_readback_matches_peft(name, base_model, tmp_path):
     with peft_model(base_model, FIXTURES / name) as wrapped:
         for module_name, module in wrapped.base_model.model.named_modules():
             if isinstance(module, LoraLayer) and "default" in module.lora_A:
-                a = module.lora_A["default"].weight.detach().double().numpy()   # (r, in)
-                b = module.lora_B["default"].weight.detach().double().numpy()   # (out, r)
-                s = float(module.scaling["default"])                             # PEFT's own scale
+                a = module.lora_A["default"].weight.detach().double().numpy()  # (r, in)
+                b = module.lora_B["default"].weight.detach().double().numpy()  # (out, r)
+                s = float(module.scaling["default"])  # PEFT's own scale
                 expected[onnx_name(module_name, "lora_A")] = a.T
                 expected[onnx_name(module_name, "lora_B")] = (s * b).T
     assert sorted(params) == sorted(expected)
@@ -88,7 +89,7 @@ def test_names_and_layouts(base_model):
 
 def test_rank_pattern_shapes(base_model):
     params = onnx_adapter_parameters(FIXTURES / "object_counting", base_model)
-    assert params["model.layers.3.attn.q_proj.lora_A.MatMul.weight"].shape == (576, 4)   # rank_pattern, layers 0-9
+    assert params["model.layers.3.attn.q_proj.lora_A.MatMul.weight"].shape == (576, 4)  # rank_pattern, layers 0-9
     assert params["model.layers.12.attn.q_proj.lora_A.MatMul.weight"].shape == (576, 16)
 
 
@@ -226,14 +227,18 @@ def lora_path(x: np.ndarray, params: dict[str, np.ndarray], prefix: str) -> np.n
 
 
 def test_mix_is_the_weighted_sum_of_lora_paths(base_model):
-    plain = onnx_adapter_parameters(FIXTURES / "boolean_expressions", base_model)   # q/k/v/o, r=8
-    allseven = onnx_adapter_parameters(FIXTURES / "hyperbaton", base_model)          # all seven, r=4
-    rslora = onnx_adapter_parameters(FIXTURES / "object_counting", base_model)       # q/v, ranks 4 and 16
+    plain = onnx_adapter_parameters(FIXTURES / "boolean_expressions", base_model)  # q/k/v/o, r=8
+    allseven = onnx_adapter_parameters(FIXTURES / "hyperbaton", base_model)  # all seven, r=4
+    rslora = onnx_adapter_parameters(FIXTURES / "object_counting", base_model)  # q/v, ranks 4 and 16
     weights = {"p": 0.5, "h": 0.3, "o": -0.2}
     mixed = mix_onnx_parameters({"p": plain, "h": allseven, "o": rslora}, weights)
     x = np.random.default_rng(2).normal(size=(3, 576))
-    for prefix, rank in [("model.layers.2.attn.q_proj", 8 + 4 + 4), ("model.layers.20.attn.q_proj", 8 + 4 + 16),
-                         ("model.layers.5.attn.k_proj", 8 + 4), ("model.layers.5.mlp.up_proj", 4)]:
+    for prefix, rank in [
+        ("model.layers.2.attn.q_proj", 8 + 4 + 4),
+        ("model.layers.20.attn.q_proj", 8 + 4 + 16),
+        ("model.layers.5.attn.k_proj", 8 + 4),
+        ("model.layers.5.mlp.up_proj", 4),
+    ]:
         got = lora_path(x, mixed, prefix)
         want = sum(w * lora_path(x, p, prefix) for w, p in ((0.5, plain), (0.3, allseven), (-0.2, rslora)) if lora_path(x, p, prefix).size)
         assert mixed[prefix + ".lora_A.MatMul.weight"].shape[1] == rank
@@ -241,12 +246,15 @@ def test_mix_is_the_weighted_sum_of_lora_paths(base_model):
     assert set(mixed) == set(plain) | set(allseven) | set(rslora)
 
 
-@pytest.mark.parametrize("weights, match", [
-    ({"a": float("nan")}, "finite"),
-    ({"zzz": 1.0}, "not among"),
-    ({"a": 0.0}, "non-zero"),
-    ({"a": True}, "finite numbers"),
-])
+@pytest.mark.parametrize(
+    "weights, match",
+    [
+        ({"a": float("nan")}, "finite"),
+        ({"zzz": 1.0}, "not among"),
+        ({"a": 0.0}, "non-zero"),
+        ({"a": True}, "finite numbers"),
+    ],
+)
 def test_mix_rejects_bad_weights(weights, match, base_model):
     params = {"a": onnx_adapter_parameters(FIXTURES / "boolean_expressions", base_model)}
     with pytest.raises(AdapterError, match=match):

@@ -10,13 +10,19 @@ dropped or mis-scaled adapter cannot pass.
 The ONNX base model is built once per machine (about a minute on 2 cores, about 540 MB) and
 cached under the loramux cache folder.
 """
-from __future__ import annotations
 
+from __future__ import annotations
 
 import numpy as np
 import pytest
 
+from loramux.converters import convert_peft_to_gguf
+from loramux.converters.errors import AdapterError
+from loramux.converters.onnx_adapter import convert_peft_to_onnx_adapter, onnx_adapter_parameters
+from loramux.converters.onnx_mix import mix_peft_to_onnx_parameters, write_onnx_mix
+
 from conftest import FIXTURES, load_rows
+from floors import ONNX_LOGIT_ATOL as LOGIT_ATOL
 from peft_reference import (
     detokenize,
     end_token,
@@ -28,15 +34,9 @@ from peft_reference import (
     require_train_extra,
 )
 
-from loramux.converters import convert_peft_to_gguf
-from loramux.converters.errors import AdapterError
-from loramux.converters.onnx_adapter import convert_peft_to_onnx_adapter, onnx_adapter_parameters
-from loramux.converters.onnx_mix import mix_peft_to_onnx_parameters, write_onnx_mix
-
 ort = pytest.importorskip("onnxruntime", reason="the onnx extra (pip install 'loramux[onnx]') is needed")
 pytest.importorskip("onnx", reason="the onnx extra (pip install 'loramux[onnx]') is needed")
 
-from floors import ONNX_LOGIT_ATOL as LOGIT_ATOL
 MIN_ADAPTER_EFFECT = 0.5  # an adapter must move some logit by more than this for its test to mean anything
 
 # plain q/k/v/o (bf16), rsLoRA, rsLoRA + rank_pattern/alpha_pattern, all seven projections (fp16)
@@ -82,13 +82,17 @@ def test_kv_cache_matches_full_recompute(onnx_model, prompt):
     past = onnx_model._empty_past(1)
     n = len(prompt) - 1
     feed = {
-        "input_ids": np.array([prompt[:n]]), "attention_mask": np.ones((1, n), np.int64),
-        "position_ids": np.arange(n)[None], **past,
+        "input_ids": np.array([prompt[:n]]),
+        "attention_mask": np.ones((1, n), np.int64),
+        "position_ids": np.arange(n)[None],
+        **past,
     }
     first = onnx_model.session.run(onnx_model.output_names, feed)
     feed = {
-        "input_ids": np.array([prompt[n:]]), "attention_mask": np.ones((1, n + 1), np.int64),
-        "position_ids": np.array([[n]]), **dict(zip(onnx_model.past_names, first[1:])),
+        "input_ids": np.array([prompt[n:]]),
+        "attention_mask": np.ones((1, n + 1), np.int64),
+        "position_ids": np.array([[n]]),
+        **dict(zip(onnx_model.past_names, first[1:])),
     }
     step = onnx_model.session.run(onnx_model.output_names, feed)[0][0, -1]
     np.testing.assert_allclose(step, full[-1], atol=1e-3, rtol=0)
@@ -102,7 +106,7 @@ def test_adapter_logits_match_peft(name, onnx_model, base_model, prompt, tmp_pat
         want = torch_logits(wrapped, prompt)
     base = onnx_model.logits(prompt)[0]
     assert np.abs(want - base).max() > MIN_ADAPTER_EFFECT
-    from_file = onnx_model.logits(prompt, adapter=path)[0]               # RunOptions.add_active_adapter
+    from_file = onnx_model.logits(prompt, adapter=path)[0]  # RunOptions.add_active_adapter
     np.testing.assert_allclose(from_file, want, atol=LOGIT_ATOL, rtol=0)
     fed = onnx_model.logits(prompt, adapter=onnx_adapter_parameters(FIXTURES / name, base_model))[0]  # inputs, no file
     np.testing.assert_allclose(fed, from_file, atol=1e-5, rtol=0)
@@ -143,10 +147,19 @@ def test_two_active_adapters_are_not_summed_by_onnxruntime(onnx_model, base_mode
     options.add_active_adapter(la)
     options.add_active_adapter(lb)
     ids = np.array([prompt])
-    feed = {"input_ids": ids, "attention_mask": np.ones_like(ids), "position_ids": np.arange(len(prompt))[None], **onnx_model._empty_past(1)}
+    feed = {
+        "input_ids": ids,
+        "attention_mask": np.ones_like(ids),
+        "position_ids": np.arange(len(prompt))[None],
+        **onnx_model._empty_past(1),
+    }
     both = onnx_model.session.run(["logits"], feed, options)[0][0]
-    summed = onnx_model.logits(prompt, adapter=mix_peft_to_onnx_parameters(
-        {"a": FIXTURES / "boolean_expressions", "b": FIXTURES / "formal_fallacies"}, {"a": 1.0, "b": 1.0}, base_model))[0]
+    summed = onnx_model.logits(
+        prompt,
+        adapter=mix_peft_to_onnx_parameters(
+            {"a": FIXTURES / "boolean_expressions", "b": FIXTURES / "formal_fallacies"}, {"a": 1.0, "b": 1.0}, base_model
+        ),
+    )[0]
     only = [onnx_model.logits(prompt, adapter=p)[0] for p in (a, b)]
     assert np.abs(both - summed).max() > MIN_ADAPTER_EFFECT
     assert min(np.abs(both - o).max() for o in only) < 1e-5

@@ -11,6 +11,7 @@ The native cases skip when the native library is not in use in this process, unl
 LORAMUX_REQUIRE_NATIVE=1; the fallback (library missing: every mix on the whole context, one mix
 per decode, in the same engine) runs in a subprocess.
 """
+
 from __future__ import annotations
 
 import json
@@ -88,9 +89,11 @@ def test_native_batch_matches_each_request_alone_on_stock(native_pool, conversat
 def test_a_mix_wider_than_max_active_runs_on_the_whole_context_in_the_same_engine(native_pool, conversations):
     pool = native_pool
     wide = {n: 0.25 for n in ADAPTERS[:4]}  # 4 adapters > max_active=3
-    reqs = [PoolRequest(messages=conversations[0], mix=MIXES[0], max_tokens=8),
-            PoolRequest(messages=conversations[1], mix=wide, max_tokens=8),
-            PoolRequest(messages=conversations[2], mix=MIXES[1], max_tokens=8)]
+    reqs = [
+        PoolRequest(messages=conversations[0], mix=MIXES[0], max_tokens=8),
+        PoolRequest(messages=conversations[1], mix=wide, max_tokens=8),
+        PoolRequest(messages=conversations[2], mix=MIXES[1], max_tokens=8),
+    ]
     calls = pool.lora_stats.set_calls
     got = pool.generate(reqs)
     assert [r.path for r in got] == ["native", "context", "native"]
@@ -159,8 +162,14 @@ print(json.dumps({"available": native.available(), "paths": [o["path"] for o in 
 def test_without_the_native_library_everything_runs_on_stock_with_one_warning(tmp_path, shared_dir):
     env = dict(os.environ, LORAMUX_NATIVE_LIB_DIR=str(tmp_path / "no-library-here"))
     env.pop("LLAMA_CPP_LIB_PATH", None)
-    proc = subprocess.run([sys.executable, "-c", FALLBACK_SCRIPT, str(FIXTURES / "boolean_expressions")], env=env,
-                          capture_output=True, text=True, timeout=300, cwd=ROOT)
+    proc = subprocess.run(
+        [sys.executable, "-c", FALLBACK_SCRIPT, str(FIXTURES / "boolean_expressions")],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=ROOT,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     got = json.loads(proc.stdout.strip().splitlines()[-1])
     assert got["available"] is False

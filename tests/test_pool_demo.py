@@ -1,4 +1,5 @@
 """loramux demo runs from the shipped examples alone (a copy outside the repository, no ../shared)."""
+
 from __future__ import annotations
 
 import json
@@ -19,7 +20,7 @@ def test_demo_routes_each_prompt_to_its_task_and_answers_in_one_batch(tmp_path, 
     shutil.copytree(DEFAULT_EXAMPLES / "adapters", examples / "adapters")
     shutil.copy(DEFAULT_EXAMPLES / "retrieval_samples.jsonl", examples)
     prompts = [json.loads(x) for x in (DEFAULT_EXAMPLES / "demo_prompts.jsonl").read_text().splitlines() if x.strip()]
-    prompts = [prompts[0], prompts[3], prompts[6]]      # one prompt of each of the three tasks
+    prompts = [prompts[0], prompts[3], prompts[6]]  # one prompt of each of the three tasks
     (examples / "demo_prompts.jsonl").write_text("".join(json.dumps(p) + "\n" for p in prompts))
     assert main(["demo", "--base", str(base_model), "--examples", str(examples), "--max-tokens", "6"]) == 0
     out = capsys.readouterr().out
@@ -28,7 +29,7 @@ def test_demo_routes_each_prompt_to_its_task_and_answers_in_one_batch(tmp_path, 
     assert len(routed) == 3 and out.count("    base    ") == 3
     for p, mix in zip(prompts, routed):
         top = mix.split(",")[0].split("=")[0]
-        assert top == p["task"], (p["task"], mix)      # retrieval over the shipped samples picks the task's adapter
+        assert top == p["task"], (p["task"], mix)  # retrieval over the shipped samples picks the task's adapter
     assert re.search(r"3 prompts in one batch \((native|context)[a-z, ]* path\)", out)
     assert len(list((tmp_path / "home" / "adapters").glob("*.gguf"))) == 3
 

@@ -1,4 +1,5 @@
 """Loading adapters into the pool: PEFT conversion cache, names, refusals, folders with unsupported adapters."""
+
 from __future__ import annotations
 
 import os
@@ -67,20 +68,29 @@ def test_a_name_is_never_reused_for_other_weights(pool, converted_dir):
 
 
 def test_adapter_for_another_architecture_is_refused_by_name(pool, tmp_path):
-    bad = write_adapter(tmp_path / "gpt2_lora.gguf", "gpt2", {
-        "blk.0.attn_q.weight.lora_a": np.zeros((8, 576)), "blk.0.attn_q.weight.lora_b": np.zeros((576, 8))})
+    bad = write_adapter(
+        tmp_path / "gpt2_lora.gguf",
+        "gpt2",
+        {"blk.0.attn_q.weight.lora_a": np.zeros((8, 576)), "blk.0.attn_q.weight.lora_b": np.zeros((576, 8))},
+    )
     with pytest.raises(BaseModelMismatchError, match="'gpt2_lora'.*architecture 'gpt2'"):
         pool.load(bad)
     assert "gpt2_lora" not in pool.names
 
 
 def test_adapter_with_misfit_shapes_is_refused_by_name(pool, tmp_path):
-    bad = write_adapter(tmp_path / "wide.gguf", "llama", {
-        "blk.0.attn_q.weight.lora_a": np.zeros((8, 100)), "blk.0.attn_q.weight.lora_b": np.zeros((576, 8))})
+    bad = write_adapter(
+        tmp_path / "wide.gguf",
+        "llama",
+        {"blk.0.attn_q.weight.lora_a": np.zeros((8, 100)), "blk.0.attn_q.weight.lora_b": np.zeros((576, 8))},
+    )
     with pytest.raises(BaseModelMismatchError, match=r"'wide'.*blk\.0\.attn_q\.weight.*do not fit"):
         pool.load(bad)
-    missing = write_adapter(tmp_path / "ghost.gguf", "llama", {
-        "blk.99.attn_q.weight.lora_a": np.zeros((8, 576)), "blk.99.attn_q.weight.lora_b": np.zeros((576, 8))})
+    missing = write_adapter(
+        tmp_path / "ghost.gguf",
+        "llama",
+        {"blk.99.attn_q.weight.lora_a": np.zeros((8, 576)), "blk.99.attn_q.weight.lora_b": np.zeros((576, 8))},
+    )
     with pytest.raises(BaseModelMismatchError, match="'ghost'.*does not have"):
         pool.load(missing)
 

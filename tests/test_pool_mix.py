@@ -1,4 +1,5 @@
 """Mix: parsing, validation and bounds (pure Python, no model)."""
+
 from __future__ import annotations
 
 import math

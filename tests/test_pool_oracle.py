@@ -6,6 +6,7 @@ measured here, the pool and the direct references agree bitwise (max |diff| = 0.
 ~40), while each adapter moves the logits by 10-20. TOL leaves room for a different SIMD path
 without letting a wrong scale or a missing adapter through.
 """
+
 from __future__ import annotations
 
 import ctypes
@@ -13,13 +14,13 @@ import ctypes
 import numpy as np
 import pytest
 
-from loramux.errors import LoramuxError
 from loramux.llama_runtime import decode_logits
 from loramux.pool import AdapterPool
 
 from conftest import FIXTURES
+from floors import POOL_ALONE_LOGPROB_TOL as LOGPROB_TOL
+from floors import POOL_STOCK_LOGIT_TOL as TOL
 
-from floors import POOL_ALONE_LOGPROB_TOL as LOGPROB_TOL, POOL_STOCK_LOGIT_TOL as TOL
 ADAPTERS = ["boolean_expressions", "dyck_languages", "navigate"]  # q/k/v/o r8; rsLoRA q/v r16; all seven r4
 CTX = dict(n_ctx=512, n_batch=512)
 
@@ -78,8 +79,14 @@ def test_one_hot_mix_equals_the_adapter_loaded_alone(pool, tokens, name, base_mo
 
     got = pool.logits(tokens, {name: 1.0})
     # the stock way to run one adapter: Llama(lora_path=...)
-    llm = llama_cpp.Llama(model_path=str(base_model), lora_path=str(gguf(pool, name)), n_threads=pool.n_threads,
-                          n_threads_batch=pool.n_threads, verbose=False, **CTX)
+    llm = llama_cpp.Llama(
+        model_path=str(base_model),
+        lora_path=str(gguf(pool, name)),
+        n_threads=pool.n_threads,
+        n_threads_batch=pool.n_threads,
+        verbose=False,
+        **CTX,
+    )
     try:
         want = decode_logits(llm.ctx, tokens, llm.n_vocab())
     finally:
@@ -115,8 +122,10 @@ def test_streaming_and_non_streaming_give_the_same_text(pool):
         assert whole["choices"][0]["message"]["content"] == streamed
         assert whole["mix"] == mix and all(c["mix"] == mix for c in chunks)
         text = pool.create_completion("The capital of France is", mix=mix, temperature=0, max_tokens=12)
-        text_stream = "".join(c["choices"][0]["text"] for c in pool.create_completion(
-            "The capital of France is", mix=mix, temperature=0, max_tokens=12, stream=True))
+        text_stream = "".join(
+            c["choices"][0]["text"]
+            for c in pool.create_completion("The capital of France is", mix=mix, temperature=0, max_tokens=12, stream=True)
+        )
         assert text["choices"][0]["text"] == text_stream
 
 
@@ -137,15 +146,15 @@ def test_the_prefix_cache_is_reused_only_under_the_same_mix(pool, tokens):
     prompt = pool.detokenize(tokens[:-1])
     mix = {"boolean_expressions": 1.0}
     pool.clear_prefix_cache()
-    fresh, _ = first_logprob(pool, prompt, mix)             # read whole, nothing cached under this mix
+    fresh, _ = first_logprob(pool, prompt, mix)  # read whole, nothing cached under this mix
     pool.clear_prefix_cache()
-    first_logprob(pool, prompt, None)                        # leaves the prompt's K/V under the base model
+    first_logprob(pool, prompt, None)  # leaves the prompt's K/V under the base model
     hits = pool.stats.prefix_hit_tokens
     after_base, out = first_logprob(pool, prompt, mix)
     assert pool.stats.prefix_hit_tokens == hits, "K/V computed under the base model was reused under another mix"
     assert out["usage"]["prompt_tokens_details"]["cached_tokens"] == 0
     assert abs(after_base - fresh) < LOGPROB_TOL
-    again, out = first_logprob(pool, prompt, mix)            # same mix: the prefix is reused, same answer
+    again, out = first_logprob(pool, prompt, mix)  # same mix: the prefix is reused, same answer
     assert out["usage"]["prompt_tokens_details"]["cached_tokens"] > 0
     assert abs(again - fresh) < LOGPROB_TOL
     logits = pool.logits(tokens[:-1], mix, path=out["path"])[-1].astype(np.float64)
@@ -170,7 +179,7 @@ def test_an_open_stream_does_not_block_a_second_request(pool):
     alone = pool.create_completion("Once upon a time", mix={}, temperature=0, max_tokens=8)["choices"][0]["text"]
     stream = pool.create_completion("Once upon a time", mix={}, temperature=0, max_tokens=8, stream=True)
     first = next(stream)
-    other = pool.create_completion("Hi", temperature=0, max_tokens=1)   # joins the engine beside the stream
+    other = pool.create_completion("Hi", temperature=0, max_tokens=1)  # joins the engine beside the stream
     assert other["mix"] == {}
     rest = [c["choices"][0]["text"] for c in stream]
     # the stream went on beside the other request (its text may part from the alone one only at a

@@ -3,22 +3,24 @@
 The router trained here is small (three adapters, a few epochs) so the module stays fast; the
 22-task router is checked in test_router_trained.py.
 """
+
 from __future__ import annotations
 
 import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
-from conftest import BBH, FIXTURES, ROUTER_NONE_TASK as NONE_TASK, ROUTER_TASKS as TASKS, load_rows, write_rows as _write_rows
+from conftest import BBH, FIXTURES, load_rows
+from conftest import ROUTER_NONE_TASK as NONE_TASK
+from conftest import ROUTER_TASKS as TASKS
+from conftest import write_rows as _write_rows
 
 pytest.importorskip("torch")
 pytest.importorskip("onnx")
 pytest.importorskip("onnxruntime")
-
 
 
 def _loramux(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
@@ -32,7 +34,7 @@ def test_router_train_command(small_router):
     assert "held-out check" in done.stdout and "dev.jsonl: top-1 routing accuracy" in done.stdout
     assert "train:" in done.stderr  # the progress bar (forced on with LORAMUX_PROGRESS=1)
     assert f"5 rows from 1 task(s) without an adapter (at most 5 each): {NONE_TASK}" in done.stderr
-    line = next(l for l in done.stdout.splitlines() if "dev.jsonl: top-1" in l)
+    line = next(s for s in done.stdout.splitlines() if "dev.jsonl: top-1" in s)
     assert float(line.split("accuracy ")[1].split()[0]) >= 0.95
 
 
@@ -95,9 +97,25 @@ def test_eval_router_mode_on_a_real_pool(small_router, small_pool_dir, base_mode
 def test_eval_command_with_router(small_router, small_pool_dir, base_model, tmp_path):
     out, _ = small_router
     result = tmp_path / "eval.json"
-    done = _loramux("eval", "--base", str(base_model), "--adapters", str(small_pool_dir), "--data", str(BBH / "dev.jsonl"),
-                    "--tasks", "boolean_expressions,sports_understanding", "--limit-per-task", "1",
-                    "--mix", f"router:{out}", "--json", str(result), "--threads", "2")
+    done = _loramux(
+        "eval",
+        "--base",
+        str(base_model),
+        "--adapters",
+        str(small_pool_dir),
+        "--data",
+        str(BBH / "dev.jsonl"),
+        "--tasks",
+        "boolean_expressions,sports_understanding",
+        "--limit-per-task",
+        "1",
+        "--mix",
+        f"router:{out}",
+        "--json",
+        str(result),
+        "--threads",
+        "2",
+    )
     assert done.returncode == 0, done.stderr
     data = json.loads(result.read_text())
     assert data["routing_top1_accuracy"] == 1.0
@@ -108,10 +126,23 @@ def test_run_command_with_router(small_router, small_pool_dir, base_model):
     """loramux run --router: the router picks the prompt's adapter, and the answer runs under that mix."""
     out, _ = small_router
     prompt = load_rows("dev", {"sports_understanding"}, limit_per_task=1)[0]["input"]
-    done = _loramux("run", "--base", str(base_model), "--adapters", str(small_pool_dir), "--router", str(out),
-                    "--max-tokens", "4", "--threads", "2", prompt)
+    done = _loramux(
+        "run",
+        "--base",
+        str(base_model),
+        "--adapters",
+        str(small_pool_dir),
+        "--router",
+        str(out),
+        "--max-tokens",
+        "4",
+        "--threads",
+        "2",
+        prompt,
+    )
     assert done.returncode == 0, done.stderr
     assert "[routed mix: sports_understanding=1.0 (top sports_understanding, 1.000)]" in done.stderr
-    both = _loramux("run", "--base", str(base_model), "--adapters", str(small_pool_dir), "--router", str(out),
-                    "--mix", "navigate=1", prompt)
+    both = _loramux(
+        "run", "--base", str(base_model), "--adapters", str(small_pool_dir), "--router", str(out), "--mix", "navigate=1", prompt
+    )
     assert both.returncode == 2 and "either --mix or --router" in both.stderr

@@ -5,6 +5,7 @@ are compared on real prompts with dynamic batch and sequence lengths; the select
 checked on the router's real outputs; every refusal (wrong adapters, wrong base, corrupt file,
 non-ONNX file, ONNX that is not a router) is checked with the real file.
 """
+
 from __future__ import annotations
 
 import json
@@ -224,8 +225,16 @@ def test_selection_threshold_and_fallbacks(router, real_logits):
 
 
 def test_selection_settings_are_validated():
-    for bad in (dict(top_k=0), dict(top_p=0.0), dict(top_p=1.5), dict(temperature=0.0), dict(min_weight=1.0),
-                dict(threshold=-0.1), dict(fallback="random"), dict(temperature=float("nan"))):
+    for bad in (
+        dict(top_k=0),
+        dict(top_p=0.0),
+        dict(top_p=1.5),
+        dict(temperature=0.0),
+        dict(min_weight=1.0),
+        dict(threshold=-0.1),
+        dict(fallback="random"),
+        dict(temperature=float("nan")),
+    ):
         with pytest.raises(RouterSettingsError):
             SelectionSettings(**bad)
     with pytest.raises(RouterSettingsError, match="unknown selection"):
@@ -334,7 +343,9 @@ def test_route_command_prints_the_mix(trained, dev_rows):
     assert out["mix"] == {"sports_understanding": 1.0}
     assert out["top1"] == "sports_understanding" and out["fallback"] is None
     assert out["providers"][0].endswith("ExecutionProvider")
-    done = _loramux("route", "--router", str(trained.path), "--top-k", "2", "--temperature", "30", "--top-p", "1", "--threshold", "0", row["input"])
+    done = _loramux(
+        "route", "--router", str(trained.path), "--top-k", "2", "--temperature", "30", "--top-p", "1", "--threshold", "0", row["input"]
+    )
     assert len(json.loads(done.stdout)["mix"]) == 2
     bad = _loramux("route", "--router", str(FIXTURES / "boolean_expressions" / "adapter_config.json"), "x")
     assert bad.returncode == 2 and "not a readable ONNX router" in bad.stderr

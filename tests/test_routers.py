@@ -5,6 +5,7 @@ logits; LoGo's scores are recomputed in numpy from the GGUF factors; retrieval's
 against the task labels it never saw, and a 23rd adapter converted at run time is picked for its
 prompts with no retraining.
 """
+
 from __future__ import annotations
 
 import json
@@ -20,7 +21,7 @@ from loramux.mix import Mix
 from conftest import FIXTURES, GAP_FLOOR, all_fixture_names, load_rows, write_rows
 
 TASKS = ["boolean_expressions", "dyck_languages", "hyperbaton", "navigate", "snarks", "sports_understanding"]
-NEW_TASK = "date_understanding"       # a held-out task: no fixture is trained on it
+NEW_TASK = "date_understanding"  # a held-out task: no fixture is trained on it
 
 
 @pytest.fixture(scope="module")
@@ -45,7 +46,7 @@ def q8_0_round(x: np.ndarray) -> np.ndarray:
     b = x.reshape(x.shape[0], -1, 32).astype(np.float32)
     d = np.abs(b).max(axis=2, keepdims=True) / np.float32(127)
     v = b * np.where(d > 0, 1 / np.where(d > 0, d, 1), 0).astype(np.float32)
-    q = np.sign(v) * np.floor(np.abs(v) + 0.5)                        # roundf: halves away from zero
+    q = np.sign(v) * np.floor(np.abs(v) + 0.5)  # roundf: halves away from zero
     return (q * d.astype(np.float16).astype(np.float32)).reshape(x.shape)
 
 
@@ -64,7 +65,7 @@ def test_probe_captures_the_tensors_llama_cpp_computes(pool):
         np.testing.assert_allclose(q8_0_round(got["result_norm"]) @ table.T, got["result_output"], rtol=0, atol=1e-3)
         want = pool.logits(tokens, mix, path="context")
         assert np.abs(got["result_output"] - want).max() < GAP_FLOOR
-    assert np.abs(want - base).max() > 4 * GAP_FLOOR          # the adapters were really set on the probe's pass
+    assert np.abs(want - base).max() > 4 * GAP_FLOOR  # the adapters were really set on the probe's pass
     with pytest.raises(LoramuxError, match="no tensor named nothing-here"):
         pool.probe().capture(tokens, ["nothing-here"])
 
@@ -110,9 +111,9 @@ def test_a_23rd_adapter_added_at_run_time_is_routed_to_without_retraining(base_m
     from loramux.pool import AdapterPool
     from loramux.router.retrieval import RetrievalRouter, build_keys, samples_by_adapter
 
-    names = [n for n in all_fixture_names() if n != "word_sorting"]        # 21 (its embedding LoRA needs a flag)
+    names = [n for n in all_fixture_names() if n != "word_sorting"]  # 21 (its embedding LoRA needs a flag)
     new_peft = tmp_path / NEW_TASK
-    shutil.copytree(FIXTURES / "geometric_shapes", new_peft)               # real PEFT weights under a new name
+    shutil.copytree(FIXTURES / "geometric_shapes", new_peft)  # real PEFT weights under a new name
     train = load_rows("train")
     with AdapterPool(base_model, n_ctx=1024, n_seq_max=2) as pool:
         for name in names:
@@ -121,13 +122,13 @@ def test_a_23rd_adapter_added_at_run_time_is_routed_to_without_retraining(base_m
         router = RetrievalRouter(build_keys(pool, samples_by_adapter(train, pool.names, 20)), pool)
         prompts = [r["input"] for r in load_rows("dev", {NEW_TASK}, limit_per_task=10)]
         assert all(router.route(p).top1 != NEW_TASK for p in prompts)
-        pool.load(new_peft)                                                # converted now, 23 adapters
+        pool.load(new_peft)  # converted now, 23 adapters
         assert len(pool.names) == 23
         router.add(NEW_TASK, [r["input"] for r in train if r["task"] == NEW_TASK][:20])
         assert sum(router.route(p).top1 == NEW_TASK for p in prompts) >= 9
         geometric = [r["input"] for r in load_rows("dev", {"geometric_shapes"}, limit_per_task=5)]
-        assert all(router.route(p).top1 == "geometric_shapes" for p in geometric)   # the others keep their prompts
-        pool.unload(NEW_TASK)                                              # removing one needs nothing either
+        assert all(router.route(p).top1 == "geometric_shapes" for p in geometric)  # the others keep their prompts
+        pool.unload(NEW_TASK)  # removing one needs nothing either
         assert all(router.route(p).top1 != NEW_TASK for p in prompts)
 
 
@@ -171,8 +172,14 @@ def test_registry_drives_eval_and_run(pool, keys, tmp_path, capsys):
     with pytest.raises(MixError, match="unknown mix mode 'nope:1'.*retrieval:KEYS"):
         evaluate(pool, rows, "nope:1")
     data = write_rows(tmp_path / "rows.jsonl", rows)
-    argv = ["--base", str(pool.base_path), "--adapters", str(FIXTURES / "boolean_expressions"),
-            "--adapters", str(FIXTURES / "sports_understanding")]
+    argv = [
+        "--base",
+        str(pool.base_path),
+        "--adapters",
+        str(FIXTURES / "boolean_expressions"),
+        "--adapters",
+        str(FIXTURES / "sports_understanding"),
+    ]
     keys2 = tmp_path / "keys2.json"
     assert main(["router", "index", *argv, "--data", str(data), "-o", str(keys2)]) == 0
     assert main(["run", *argv, "--mix", f"retrieval:{keys2}", "--max-tokens", "3", rows[0]["input"]]) == 0
@@ -198,13 +205,25 @@ def test_the_server_routes_model_auto_with_retrieval_keys(keys, base_model, tmp_
     folder.mkdir()
     for name in TASKS:
         (folder / name).symlink_to(FIXTURES / name)
-    with loramux_server("--base", str(base_model), "--adapters", str(folder), "--router", f"retrieval:{path},k=2",
-                        "--n-ctx", "512", "--threads", "2", log_dir=tmp_path) as url:
+    with loramux_server(
+        "--base",
+        str(base_model),
+        "--adapters",
+        str(folder),
+        "--router",
+        f"retrieval:{path},k=2",
+        "--n-ctx",
+        "512",
+        "--threads",
+        "2",
+        log_dir=tmp_path,
+    ) as url:
         client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
         for task in ("hyperbaton", "dyck_languages"):
             row = load_rows("dev", {task}, limit_per_task=1)[0]
-            out = client.chat.completions.create(model="auto", messages=[{"role": "user", "content": row["input"]}],
-                                                 temperature=0, max_tokens=3)
+            out = client.chat.completions.create(
+                model="auto", messages=[{"role": "user", "content": row["input"]}], temperature=0, max_tokens=3
+            )
             routing = out.model_extra["routing"]
             assert routing["top1"] == task and set(routing["scores"]) == set(TASKS)
             assert out.model_extra["mix"] == routing["mix"] and len(routing["mix"]) <= 2

@@ -1,5 +1,6 @@
 """The wheel: every package is there (all tracked Python modules), and nothing that must stay out
 (tests, virtual environments, build trees, compiled caches, the ../shared fixtures and data)."""
+
 from __future__ import annotations
 
 import importlib.util
@@ -48,7 +49,7 @@ def _tracked_modules() -> dict[str, str]:
             continue
         for source, target in PACKAGE_ROOTS.items():
             if path.startswith(source + "/"):
-                out[path] = target + path[len(source):]
+                out[path] = target + path[len(source) :]
     return out
 
 

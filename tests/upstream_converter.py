@@ -14,6 +14,7 @@ Run as a script, ``python tests/upstream_converter.py batch JOBS.json`` converts
 several adapters in one process (torch is imported once): the tests use it to
 keep their run time small. The benchmark runs one process per adapter, as a user does.
 """
+
 from __future__ import annotations
 
 import json
@@ -53,7 +54,7 @@ def upstream_dir() -> Path:
             for member in tar.getmembers():
                 if not member.name.startswith(_VENDOR) or not (member.isfile() or member.isdir()):
                     continue
-                rel = member.name[len(_VENDOR):]
+                rel = member.name[len(_VENDOR) :]
                 if not rel or not any(rel == m or rel.startswith(m) for m in _MEMBERS):
                     continue
                 dest = staging / rel
@@ -85,8 +86,18 @@ def _download_sdist(into: Path) -> Path:
 
     isolation = ["--no-build-isolation"] if importlib.util.find_spec("scikit_build_core") else []
     cmd = [
-        sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check",
-        "--no-binary", SDIST_NAME, *isolation, "-d", str(into), f"{SDIST_NAME}=={SDIST_VERSION}",
+        sys.executable,
+        "-m",
+        "pip",
+        "download",
+        "--no-deps",
+        "--disable-pip-version-check",
+        "--no-binary",
+        SDIST_NAME,
+        *isolation,
+        "-d",
+        str(into),
+        f"{SDIST_NAME}=={SDIST_VERSION}",
     ]
     done = subprocess.run(cmd, capture_output=True, text=True)
     found = into / SDIST_FILE
@@ -141,9 +152,7 @@ def convert_many(jobs: list[tuple[Path, Path]], base_gguf: str | os.PathLike, ou
         config_dir = base_config_dir(base_gguf, Path(tmp) / "base")
         spec = Path(tmp) / "jobs.json"
         spec.write_text(json.dumps([upstream_args(p, config_dir, o, outtype) for p, o in jobs]))
-        done = subprocess.run(
-            [sys.executable, __file__, "batch", str(spec)], env=upstream_env(), capture_output=True, text=True
-        )
+        done = subprocess.run([sys.executable, __file__, "batch", str(spec)], env=upstream_env(), capture_output=True, text=True)
         if done.returncode != 0:
             raise RuntimeError(f"upstream convert_lora_to_gguf.py failed (exit {done.returncode}):\n{done.stderr[-3000:]}")
 

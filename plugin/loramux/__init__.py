@@ -1,4 +1,5 @@
 """loramux: per-request weighted mixes of LoRA adapters for llama.cpp."""
+
 from __future__ import annotations
 
 __version__ = "0.1.0"
@@ -12,3 +13,5 @@ _native.prepare()
 from loramux.mix import MAX_ABS_WEIGHT, MAX_MIX_ADAPTERS, Mix  # noqa: E402
 from loramux.pool import AdapterPool, AdapterSkippedWarning  # noqa: E402
 from loramux.router import Router  # noqa: E402
+
+__all__ = ["MAX_ABS_WEIGHT", "MAX_MIX_ADAPTERS", "AdapterPool", "AdapterSkippedWarning", "Mix", "Router", "__version__"]

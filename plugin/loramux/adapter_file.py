@@ -5,6 +5,7 @@ that later aborts the process (a ``token_embd`` LoRA on a base that ties its out
 to ``token_embd``). Reading the file's header with gguf-py first gives a clear, typed error
 that names the adapter.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -29,7 +30,7 @@ class GgufAdapterFacts:
     n_modules: int
     ranks: tuple[int, ...]
     sha256: str
-    adapts_embeddings: bool = False   # has a token_embd LoRA (read from the adapter at decode time)
+    adapts_embeddings: bool = False  # has a token_embd LoRA (read from the adapter at decode time)
 
 
 def file_sha256(path: Path) -> str:
@@ -78,7 +79,9 @@ def _alpha(value: object, label: str) -> float:
     if value is None:
         return 0.0
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise AdapterError(f"{label}: adapter.lora.alpha is {value!r}, not a finite number; convert the PEFT adapter again (loramux convert)")
+        raise AdapterError(
+            f"{label}: adapter.lora.alpha is {value!r}, not a finite number; convert the PEFT adapter again (loramux convert)"
+        )
     return float(value)
 
 

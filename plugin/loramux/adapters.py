@@ -15,6 +15,7 @@ reads that copy: the pool frees an adapter's llama.cpp tensors once the per-sequ
 holds its own copy and loads them again from the file at the next registration, so a file
 deleted or replaced on disk after the load must not be read again.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -27,8 +28,8 @@ import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from loramux.base_model import cache_dir
 from loramux.adapter_file import file_sha256
+from loramux.base_model import cache_dir
 from loramux.converters import BaseModelInfo, convert_peft_to_gguf
 from loramux.errors import AdapterError
 
@@ -37,7 +38,7 @@ from loramux.errors import AdapterError
 CONVERTER_CACHE_VERSION = "1"
 PEFT_CONFIG = "adapter_config.json"
 _PEFT_WEIGHT_FILES = ("adapter_model.safetensors", "adapter_model.bin")
-PARTIAL_GLOB = ".*.partial"       # the temporary files of loramux.converters.atomic.atomic_output
+PARTIAL_GLOB = ".*.partial"  # the temporary files of loramux.converters.atomic.atomic_output
 LOCK_NAME = ".lock"
 
 
@@ -50,11 +51,11 @@ class PoolAdapter:
     """One adapter loaded in the pool."""
 
     name: str
-    source: Path          # what was given: a GGUF file or a PEFT folder
-    gguf_path: Path       # the file llama.cpp loaded (the cached conversion for a PEFT folder)
-    sha256: str           # of the GGUF bytes: the identity of the weights
+    source: Path  # what was given: a GGUF file or a PEFT folder
+    gguf_path: Path  # the file llama.cpp loaded (the cached conversion for a PEFT folder)
+    sha256: str  # of the GGUF bytes: the identity of the weights
     from_peft: bool
-    skip_embeddings: bool   # converted with skip_embeddings=True (an embedding LoRA, if any, was dropped)
+    skip_embeddings: bool  # converted with skip_embeddings=True (an embedding LoRA, if any, was dropped)
     n_modules: int
     ranks: tuple[int, ...]
 
@@ -160,8 +161,7 @@ def remove_stale_partials(folder: Path) -> list[Path]:
     return removed
 
 
-def cached_conversion(folder: Path, base_path: Path, target: Path, *, outtype: str, skip_embeddings: bool,
-                      allow_pickle: bool) -> Path:
+def cached_conversion(folder: Path, base_path: Path, target: Path, *, outtype: str, skip_embeddings: bool, allow_pickle: bool) -> Path:
     """``target`` (a path of :func:`converted_adapter_path`), converting the PEFT ``folder`` into it if needed.
 
     Under :func:`cache_lock`: leftovers of killed conversions are removed first, and a file at
@@ -169,8 +169,7 @@ def cached_conversion(folder: Path, base_path: Path, target: Path, *, outtype: s
     with cache_lock(target.parent):
         remove_stale_partials(target.parent)
         if not target.is_file():
-            convert_peft_to_gguf(folder, base_path, target, outtype=outtype, skip_embeddings=skip_embeddings,
-                                 allow_pickle=allow_pickle)
+            convert_peft_to_gguf(folder, base_path, target, outtype=outtype, skip_embeddings=skip_embeddings, allow_pickle=allow_pickle)
     return target
 
 

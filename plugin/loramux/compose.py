@@ -18,6 +18,7 @@ all adapters must share rank, alpha and modules), each candidate written as one 
 round's candidates loaded together and scored in one batch; kept so the two can be compared, not
 the default. (w = 0 is then the zero adapter, i.e. the base model, as in the output mode.)
 """
+
 from __future__ import annotations
 
 import json
@@ -46,19 +47,27 @@ class ComposeResult:
     """The composed mix and how it was found."""
 
     mix: Mix
-    loss: float                       # the objective at the returned weights
-    nll: float                        # its cross-entropy part
-    base_nll: float                   # the examples' cross-entropy under the base model (w = 0)
+    loss: float  # the objective at the returned weights
+    nll: float  # its cross-entropy part
+    base_nll: float  # the examples' cross-entropy under the base model (w = 0)
     evaluations: int
     seconds: float
     settings: dict[str, Any]
-    history: list[dict[str, float]] = field(default_factory=list)   # per round: best loss so far, seconds
+    history: list[dict[str, float]] = field(default_factory=list)  # per round: best loss so far, seconds
 
     def to_json(self) -> dict[str, Any]:
         """``{"mix", "method", "loss", ...}``: what ``file:MIX.json`` and ``loramux compose -o`` use."""
-        return {"mix": self.mix.to_dict(), "method": "lorahub", "loss": self.loss, "nll": self.nll,
-                "base_nll": self.base_nll, "evaluations": self.evaluations, "seconds": round(self.seconds, 2),
-                "settings": self.settings, "history": self.history}
+        return {
+            "mix": self.mix.to_dict(),
+            "method": "lorahub",
+            "loss": self.loss,
+            "nll": self.nll,
+            "base_nll": self.base_nll,
+            "evaluations": self.evaluations,
+            "seconds": round(self.seconds, 2),
+            "settings": self.settings,
+            "history": self.history,
+        }
 
 
 def read_examples(path: str | os.PathLike) -> list[dict[str, Any]]:
@@ -139,8 +148,7 @@ class CompositionObjective:
             try:
                 for i, w in enumerate(weights):
                     name = f"lorahub-candidate-{i}"
-                    path = write_averaged_gguf(dict(zip(self.names, map(float, w))), files, self.pool.base_path,
-                                               Path(tmp) / f"{name}.gguf")
+                    path = write_averaged_gguf(dict(zip(self.names, map(float, w))), files, self.pool.base_path, Path(tmp) / f"{name}.gguf")
                     self.pool.load(path, name=name)
                     loaded.append(name)
                 return self._nll_of([Mix({n: 1.0}) for n in loaded])
@@ -152,21 +160,43 @@ class CompositionObjective:
         return nll + self.reg * float(np.abs(w).mean())
 
 
-def compose(pool: Any, examples: Sequence[Mapping[str, Any]], *, adapters: Sequence[str] | None = None,
-            budget: int = BUDGET, population: int = POPULATION, bound: float = BOUND, reg: float = REG, seed: int = 0,
-            batched: bool = True, mode: str = "output", progress: Callable[[int, float], None] | None = None) -> ComposeResult:
+def compose(
+    pool: Any,
+    examples: Sequence[Mapping[str, Any]],
+    *,
+    adapters: Sequence[str] | None = None,
+    budget: int = BUDGET,
+    population: int = POPULATION,
+    bound: float = BOUND,
+    reg: float = REG,
+    seed: int = 0,
+    batched: bool = True,
+    mode: str = "output",
+    progress: Callable[[int, float], None] | None = None,
+) -> ComposeResult:
     """LoraHub weights for ``adapters`` (default: all of the pool's) from ``examples`` (see the module docstring).
 
     ``progress(evaluations_done, best_loss)`` is called after every round. ``batched=False``
     scores one candidate at a time (the same losses, for timing the batch). ``mode="lorahub"``:
     LoraHub's A/B merge instead of the output-space sum (adapters of one rank, alpha and modules)."""
     names = list(adapters) if adapters is not None else list(pool.names)
-    settings = {"budget": budget, "population": population, "bound": bound, "reg": reg, "seed": seed,
-                "adapters": names, "examples": len(examples), "optimizer": "nevergrad NGOpt", "mode": mode}
+    settings = {
+        "budget": budget,
+        "population": population,
+        "bound": bound,
+        "reg": reg,
+        "seed": seed,
+        "adapters": names,
+        "examples": len(examples),
+        "optimizer": "nevergrad NGOpt",
+        "mode": mode,
+    }
     _check(examples, names, settings)
     if mode == "output" and pool.max_active < len(names):
-        raise LoramuxError(f"composition scores mixes of all {len(names)} adapters per sequence, but the pool holds "
-                           f"at most max_active={pool.max_active}: open it with AdapterPool(max_active={len(names)})")
+        raise LoramuxError(
+            f"composition scores mixes of all {len(names)} adapters per sequence, but the pool holds "
+            f"at most max_active={pool.max_active}: open it with AdapterPool(max_active={len(names)})"
+        )
     ng = _nevergrad()
     objective = CompositionObjective(pool, names, example_items(pool, examples), reg, batched, mode)
     param = ng.p.Array(init=np.zeros(len(names))).set_bounds(-bound, bound)
@@ -200,5 +230,15 @@ def _nevergrad():
     return ng
 
 
-__all__ = ["BOUND", "BUDGET", "ComposeResult", "CompositionObjective", "MAX_EXAMPLES", "POPULATION", "REG", "compose", "example_items",
-           "read_examples"]
+__all__ = [
+    "BOUND",
+    "BUDGET",
+    "ComposeResult",
+    "CompositionObjective",
+    "MAX_EXAMPLES",
+    "POPULATION",
+    "REG",
+    "compose",
+    "example_items",
+    "read_examples",
+]

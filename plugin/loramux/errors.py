@@ -1,4 +1,5 @@
 """Errors of the Python side; the converters' errors share the same base class."""
+
 from __future__ import annotations
 
 from loramux.converters.errors import (

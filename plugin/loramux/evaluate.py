@@ -21,6 +21,7 @@ can add modes without touching the loop: :func:`register_mix_mode`. Built in:
   ``file:MIX.json``, ...): the router chooses each row's mix (:class:`RoutedPolicy`), and the
   result gains its routing accuracy.
 """
+
 from __future__ import annotations
 
 import json
@@ -295,7 +296,9 @@ class EvalResult:
         width = max([len("task"), *map(len, tasks)]) + 2
         lines = [f"{'task':<{width}}{'n':>5}  {'accuracy':>8}"]
         lines += [f"{t:<{width}}{v['n']:>5}  {v['accuracy']:>8.3f}" for t, v in tasks.items()]
-        lines.append(f"{'macro average (' + str(len(tasks)) + ' tasks)':<{width}}{sum(v['n'] for v in tasks.values()):>5}  {self.macro_accuracy:>8.3f}")
+        lines.append(
+            f"{'macro average (' + str(len(tasks)) + ' tasks)':<{width}}{sum(v['n'] for v in tasks.values()):>5}  {self.macro_accuracy:>8.3f}"
+        )
         return "\n".join(lines)
 
 
@@ -327,8 +330,14 @@ def evaluate(
     policy = make_policy(mode, ModeContext(pool=pool, rows=rows))
     caps = task_token_caps(pool, rows) if max_tokens is None else {}
     try:
-        reqs = [PoolRequest(messages=[{"role": "user", "content": str(row["input"])}], mix=policy.mix_for(row),
-                            max_tokens=max_tokens or caps[str(row["task"])]) for row in rows]
+        reqs = [
+            PoolRequest(
+                messages=[{"role": "user", "content": str(row["input"])}],
+                mix=policy.mix_for(row),
+                max_tokens=max_tokens or caps[str(row["task"])],
+            )
+            for row in rows
+        ]
     finally:
         getattr(policy, "close", lambda: None)()
     results: list[dict[str, Any] | None] = [None] * len(rows)

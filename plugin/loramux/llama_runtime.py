@@ -14,6 +14,7 @@
   (``llama_free`` logs too), and a callback garbage-collected before the last free makes the
   process crash with SIGSEGV at exit.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -76,6 +77,7 @@ def silence_llama_log(*, errors_to_stderr: bool = False) -> None:
     import llama_cpp
 
     if _SILENT_CALLBACK is None:
+
         @llama_cpp.llama_log_callback
         def _silent(level: int, text: bytes, user_data: ctypes.c_void_p) -> None:
             if errors_to_stderr and level == _LOG_ERROR:
@@ -93,8 +95,7 @@ class LoraAdapterHandle:
     context-level mix or a new registration needs them. :meth:`free` ends the handle.
     """
 
-    def __init__(self, model_ptr, path: str | Path, name: str, *, verbose: bool = False,
-                 adapts_embeddings: bool = False) -> None:
+    def __init__(self, model_ptr, path: str | Path, name: str, *, verbose: bool = False, adapts_embeddings: bool = False) -> None:
         self.name = name
         self.path = Path(path)
         self.adapts_embeddings = adapts_embeddings
@@ -151,9 +152,9 @@ class LoraAdapterHandle:
 class LoraSetStats:
     """How often the adapter set of a context changed, and what the calls cost."""
 
-    set_calls: int = 0          # llama_set_adapters_lora calls made
-    skipped: int = 0            # applies that found the same set and scales (no call)
-    set_seconds: float = 0.0    # time inside llama_set_adapters_lora (the rebuild cost comes at the next decode)
+    set_calls: int = 0  # llama_set_adapters_lora calls made
+    skipped: int = 0  # applies that found the same set and scales (no call)
+    set_seconds: float = 0.0  # time inside llama_set_adapters_lora (the rebuild cost comes at the next decode)
 
 
 class ContextLoraState:

@@ -15,6 +15,7 @@ Bounds (documented, enforced on construction):
 - at most ``MAX_MIX_ADAPTERS`` (64) adapters with a non-zero weight;
 - a zero weight is the same as leaving the adapter out: it is dropped from the canonical form.
 """
+
 from __future__ import annotations
 
 import math

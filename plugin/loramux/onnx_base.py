@@ -12,6 +12,7 @@ fed as inputs (an in-memory mix per request, see :mod:`loramux.converters.onnx_m
 Needs the ``onnx`` extra (onnx, onnxruntime) to build and run, and the GGUF reader that is
 part of the default install; no torch.
 """
+
 from __future__ import annotations
 
 import json
@@ -158,7 +159,9 @@ def _session_options(ort: Any, threads: int | None) -> Any:
 class OnnxLoraModel:
     """An onnxruntime session over an ONNX model with LoRA inputs (loramux's base, or a builder model with LoRA inputs)."""
 
-    def __init__(self, path: str | os.PathLike | None = None, *, threads: int | None = None, providers: Sequence[str] | None = None) -> None:
+    def __init__(
+        self, path: str | os.PathLike | None = None, *, threads: int | None = None, providers: Sequence[str] | None = None
+    ) -> None:
         self.ort = onnx_deps.onnxruntime()
         self.path = Path(path) if path is not None else onnx_base_model()
         self.session = self.ort.InferenceSession(
@@ -189,7 +192,9 @@ class OnnxLoraModel:
         for name, array in params.items():
             shape = self.lora_inputs.get(name)
             if shape is None:
-                raise AdapterError(f"{where}: parameter {name!r} is not a LoRA input of {self.path.name}; was it converted for another base model?")
+                raise AdapterError(
+                    f"{where}: parameter {name!r} is not a LoRA input of {self.path.name}; was it converted for another base model?"
+                )
             fixed = [(d, n) for d, n in zip(shape, array.shape) if isinstance(d, int)]
             if len(array.shape) != len(shape) or any(d != n for d, n in fixed):
                 raise AdapterError(f"{where}: parameter {name!r} has shape {list(array.shape)}, the model's input is {shape}")

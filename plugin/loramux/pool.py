@@ -27,6 +27,7 @@ is skipped with an :class:`AdapterSkippedWarning` naming it and the reason, and 
 load. With ``skip_embeddings=True`` such an adapter is converted without its embedding LoRA.
 An adapter given by its own path is strict: it loads or raises.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -57,7 +58,7 @@ from loramux.adapters import (
     peft_cache_key,
 )
 from loramux.base_model import default_base_model
-from loramux.converters import BaseModelInfo, convert_peft_to_gguf, read_base_model
+from loramux.converters import BaseModelInfo, read_base_model
 from loramux.engine import CONTEXT, GREEDY, Engine, EngineRequest, EngineStats, RequestHandle, SamplingParams
 from loramux.errors import AdapterError, LoramuxError, RequestError, RuntimeLoadError, UnsupportedAdapterError
 from loramux.llama_runtime import LoraAdapterHandle, LoraSetStats, capture_llama_log
@@ -105,14 +106,27 @@ class AdapterPool:
     Use as a context manager or call :meth:`close`.
     """
 
-    def __init__(self, base: str | os.PathLike | None = None, *, n_ctx: int = 2048, n_threads: int | None = None,
-                 n_batch: int = 512, seed: int = 0, verbose: bool = False, n_seq_max: int = 8, max_active: int = 3,
-                 max_queue: int = 256, n_gpu_layers: int = 0, use_mmap: bool = True, flash_attn: bool = False) -> None:
+    def __init__(
+        self,
+        base: str | os.PathLike | None = None,
+        *,
+        n_ctx: int = 2048,
+        n_threads: int | None = None,
+        n_batch: int = 512,
+        seed: int = 0,
+        verbose: bool = False,
+        n_seq_max: int = 8,
+        max_active: int = 3,
+        max_queue: int = 256,
+        n_gpu_layers: int = 0,
+        use_mmap: bool = True,
+        flash_attn: bool = False,
+    ) -> None:
         from loramux import native
 
         self._closed = True
         self._handles: dict[str, LoraAdapterHandle] = {}
-        self._pinned = PinnedFiles()   # what llama.cpp reads (and reads again): copies, safe from changes on disk
+        self._pinned = PinnedFiles()  # what llama.cpp reads (and reads again): copies, safe from changes on disk
         self._adapters: dict[str, PoolAdapter] = {}
         self.base_path = Path(base) if base is not None else default_base_model()
         self.base_info: BaseModelInfo = read_base_model(self.base_path)
@@ -120,9 +134,17 @@ class AdapterPool:
         self._verbose = verbose
         self.model = _load_model(self.base_path, n_gpu_layers=n_gpu_layers, use_mmap=use_mmap, verbose=verbose)
         try:
-            self._engine = Engine(self.model.model, n_seq_max=n_seq_max, n_ctx=n_ctx, n_batch=n_batch,
-                                  n_threads=self.n_threads, max_active=max_active,
-                                  native=native.warn_if_unavailable(), max_queue=max_queue, flash_attn=flash_attn)
+            self._engine = Engine(
+                self.model.model,
+                n_seq_max=n_seq_max,
+                n_ctx=n_ctx,
+                n_batch=n_batch,
+                n_threads=self.n_threads,
+                max_active=max_active,
+                native=native.warn_if_unavailable(),
+                max_queue=max_queue,
+                flash_attn=flash_attn,
+            )
         except Exception:
             self.model.close()
             raise
@@ -143,8 +165,15 @@ class AdapterPool:
     def adapters(self) -> Mapping[str, PoolAdapter]:
         return dict(self._adapters)
 
-    def load(self, source: str | os.PathLike, *, name: str | None = None, skip_embeddings: bool = False,
-             allow_pickle: bool = False, outtype: str = "f16") -> PoolAdapter:
+    def load(
+        self,
+        source: str | os.PathLike,
+        *,
+        name: str | None = None,
+        skip_embeddings: bool = False,
+        allow_pickle: bool = False,
+        outtype: str = "f16",
+    ) -> PoolAdapter:
         """Load one adapter (a GGUF LoRA file or a PEFT folder) under ``name`` (default: from the path).
 
         Safe while requests run. Loading the same weights under the same name again returns the
@@ -153,8 +182,7 @@ class AdapterPool:
         llama.cpp refuses.
         """
         with self._registry_lock:
-            prepared = self._prepare(Path(source), name=name, skip_embeddings=skip_embeddings,
-                                     allow_pickle=allow_pickle, outtype=outtype)
+            prepared = self._prepare(Path(source), name=name, skip_embeddings=skip_embeddings, allow_pickle=allow_pickle, outtype=outtype)
             if isinstance(prepared, PoolAdapter):
                 return prepared
             self._register([prepared])
@@ -173,18 +201,28 @@ class AdapterPool:
         if existing is not None:
             if existing.sha256 == facts.sha256:
                 return existing
-            raise AdapterError(f"adapter name {name!r} is already used for other weights ({existing.source}); "
-                               f"a name is never reused for different weights: load {src} under another name")
+            raise AdapterError(
+                f"adapter name {name!r} is already used for other weights ({existing.source}); "
+                f"a name is never reused for different weights: load {src} under another name"
+            )
         pinned = self._pinned.pin(gguf_path, facts.sha256, name)
         try:
-            handle = self._engine.call(lambda: LoraAdapterHandle(self.model.model, pinned, name, verbose=self._verbose,
-                                                                 adapts_embeddings=facts.adapts_embeddings))
+            handle = self._engine.call(
+                lambda: LoraAdapterHandle(self.model.model, pinned, name, verbose=self._verbose, adapts_embeddings=facts.adapts_embeddings)
+            )
         except BaseException:
             self._pinned.unpin(pinned)
             raise
-        info = PoolAdapter(name=name, source=src, gguf_path=gguf_path, sha256=facts.sha256, from_peft=src.is_dir(),
-                           skip_embeddings=bool(src.is_dir() and skip_embeddings), n_modules=facts.n_modules,
-                           ranks=facts.ranks)
+        info = PoolAdapter(
+            name=name,
+            source=src,
+            gguf_path=gguf_path,
+            sha256=facts.sha256,
+            from_peft=src.is_dir(),
+            skip_embeddings=bool(src.is_dir() and skip_embeddings),
+            n_modules=facts.n_modules,
+            ranks=facts.ranks,
+        )
         return handle, info
 
     def _register(self, new: list[tuple[LoraAdapterHandle, PoolAdapter]]) -> None:
@@ -207,8 +245,7 @@ class AdapterPool:
             raise AdapterError(f"{src} is a folder without {PEFT_CONFIG}: not a PEFT adapter (use load_adapters for folders of adapters)")
         gguf_path = converted_adapter_path(src, self.base_info, outtype=outtype, skip_embeddings=skip_embeddings)
         if not gguf_path.is_file():  # the converter writes atomically: a file here is whole
-            cached_conversion(src, self.base_path, gguf_path, outtype=outtype, skip_embeddings=skip_embeddings,
-                              allow_pickle=allow_pickle)
+            cached_conversion(src, self.base_path, gguf_path, outtype=outtype, skip_embeddings=skip_embeddings, allow_pickle=allow_pickle)
         return gguf_path
 
     def unload(self, name: str) -> None:
@@ -223,8 +260,14 @@ class AdapterPool:
             self._adapters = {n: a for n, a in self._adapters.items() if n != name}
             self._engine.retire_adapter(name, self._handles, lambda: (handle.free(), self._pinned.unpin(handle.path)))
 
-    def load_adapters(self, paths: str | os.PathLike | Iterable[str | os.PathLike], *, skip_embeddings: bool = False,
-                      allow_pickle: bool = False, progress: Callable[[int, int], None] | None = None) -> LoadReport:
+    def load_adapters(
+        self,
+        paths: str | os.PathLike | Iterable[str | os.PathLike],
+        *,
+        skip_embeddings: bool = False,
+        allow_pickle: bool = False,
+        progress: Callable[[int, int], None] | None = None,
+    ) -> LoadReport:
         """Load adapters from files, PEFT folders and folders of those; see the module docstring for skips."""
         if isinstance(paths, (str, os.PathLike)):
             paths = [paths]
@@ -244,7 +287,7 @@ class AdapterPool:
                     self._engine.call(h.free)
                 raise
             if new:
-                self._register(new)   # one registration for the whole folder
+                self._register(new)  # one registration for the whole folder
         return report
 
     def _load_into(self, report: LoadReport, new: list, src: Path, scanned: bool, **kwargs: Any) -> None:
@@ -332,8 +375,9 @@ class AdapterPool:
         if sampling.seed is None and not sampling.greedy:
             with self._seed_lock:
                 sampling = SamplingParams(**{**sampling.__dict__, "seed": self._seeds.randint(0, 2**32 - 1)})
-        return EngineRequest(tokens, mix=mix, sampling=sampling, max_tokens=req.max_tokens, stop=stop,
-                             logprobs=req.logprobs, request_id=req.request_id)
+        return EngineRequest(
+            tokens, mix=mix, sampling=sampling, max_tokens=req.max_tokens, stop=stop, logprobs=req.logprobs, request_id=req.request_id
+        )
 
     def submit(self, req: PoolRequest, *, loop=None) -> RequestHandle:
         """Queue ``req`` on the engine; the handle streams its events (threads, or asyncio with ``loop``)."""
@@ -348,9 +392,17 @@ class AdapterPool:
             return responses.whole(shape, _cancel_on_exit(handle), piece)
         return responses.chunks(shape, _cancel_on_exit(handle), piece=piece)
 
-    def create_completion(self, prompt: str | list[int], *, mix: MixLike = None, max_tokens: int | None = 16,
-                          stop: str | list[str] | None = None, stream: bool = False, logprobs: int | None = None,
-                          **sampling: Any):
+    def create_completion(
+        self,
+        prompt: str | list[int],
+        *,
+        mix: MixLike = None,
+        max_tokens: int | None = 16,
+        stop: str | list[str] | None = None,
+        stream: bool = False,
+        logprobs: int | None = None,
+        **sampling: Any,
+    ):
         """Text completion, as ``llama_cpp.Llama.create_completion``, under ``mix``.
 
         Sampling keywords as llama-cpp-python's (``temperature=0.8, top_k=40, top_p=0.95,
@@ -358,22 +410,35 @@ class AdapterPool:
         seed, logit_bias``); ``temperature=0`` is greedy. Returns an OpenAI-style completion dict
         (or an iterator of chunks with ``stream=True``) with ``"mix"`` and ``"path"``.
         """
-        req = PoolRequest(prompt=prompt, mix=mix, max_tokens=max_tokens, stop=stop or (), logprobs=logprobs,
-                          sampling=sampling_from(sampling, chat=False))
+        req = PoolRequest(
+            prompt=prompt, mix=mix, max_tokens=max_tokens, stop=stop or (), logprobs=logprobs, sampling=sampling_from(sampling, chat=False)
+        )
         return self._respond(req, chat=False, stream=stream)
 
     __call__ = create_completion
 
-    def create_chat_completion(self, messages: Sequence[Mapping[str, Any]], *, mix: MixLike = None,
-                               max_tokens: int | None = None, stop: str | list[str] | None = None, stream: bool = False,
-                               **sampling: Any):
+    def create_chat_completion(
+        self,
+        messages: Sequence[Mapping[str, Any]],
+        *,
+        mix: MixLike = None,
+        max_tokens: int | None = None,
+        stop: str | list[str] | None = None,
+        stream: bool = False,
+        **sampling: Any,
+    ):
         """Chat completion through the base model's chat template, as ``llama_cpp.Llama.create_chat_completion``.
 
         Sampling keywords as :meth:`create_completion` (chat defaults: ``temperature=0.2``).
         ``max_tokens=None``: until an end-of-turn token or the end of the context.
         """
-        req = PoolRequest(messages=[dict(m) for m in messages], mix=mix, max_tokens=max_tokens, stop=stop or (),
-                          sampling=sampling_from(sampling, chat=True))
+        req = PoolRequest(
+            messages=[dict(m) for m in messages],
+            mix=mix,
+            max_tokens=max_tokens,
+            stop=stop or (),
+            sampling=sampling_from(sampling, chat=True),
+        )
         return self._respond(req, chat=True, stream=stream)
 
     def iter_results(self, requests: Sequence[PoolRequest], *, window: int | None = None) -> Iterator[tuple[int, PoolResult]]:
@@ -389,23 +454,41 @@ class AdapterPool:
         results = dict(self.iter_results(list(requests), window=window))
         return [results[i] for i in range(len(results))]
 
-    def create_completions(self, prompts: Sequence[str | list[int]], *, mixes: Sequence[MixLike] | None = None,
-                           mix: MixLike = None, max_tokens: int = 16, stop: str | list[str] | None = None,
-                           **sampling: Any) -> list[dict]:
+    def create_completions(
+        self,
+        prompts: Sequence[str | list[int]],
+        *,
+        mixes: Sequence[MixLike] | None = None,
+        mix: MixLike = None,
+        max_tokens: int = 16,
+        stop: str | list[str] | None = None,
+        **sampling: Any,
+    ) -> list[dict]:
         """Text completions of many prompts (``mixes[i]`` for prompt i, or one ``mix`` for all), batched;
         greedy unless sampling keywords say otherwise. OpenAI-style dicts as :meth:`create_completion`."""
         params = sampling_from(sampling, chat=False, default=GREEDY)
-        reqs = [PoolRequest(prompt=p, mix=m, max_tokens=max_tokens, stop=stop or (), sampling=params)
-                for p, m in zip(prompts, mixes_for(prompts, mixes, mix))]
+        reqs = [
+            PoolRequest(prompt=p, mix=m, max_tokens=max_tokens, stop=stop or (), sampling=params)
+            for p, m in zip(prompts, mixes_for(prompts, mixes, mix))
+        ]
         return [r.as_dict(str(self.base_path), chat=False) for r in self.generate(reqs)]
 
-    def create_chat_completions(self, conversations: Sequence[Sequence[Mapping[str, Any]]], *,
-                                mixes: Sequence[MixLike] | None = None, mix: MixLike = None, max_tokens: int = 256,
-                                stop: str | list[str] | None = None, **sampling: Any) -> list[dict]:
+    def create_chat_completions(
+        self,
+        conversations: Sequence[Sequence[Mapping[str, Any]]],
+        *,
+        mixes: Sequence[MixLike] | None = None,
+        mix: MixLike = None,
+        max_tokens: int = 256,
+        stop: str | list[str] | None = None,
+        **sampling: Any,
+    ) -> list[dict]:
         """Chat completions of many conversations (``mixes[i]`` for conversation i), batched; greedy by default."""
         params = sampling_from(sampling, chat=True, default=GREEDY)
-        reqs = [PoolRequest(messages=[dict(m) for m in c], mix=m, max_tokens=max_tokens, stop=stop or (), sampling=params)
-                for c, m in zip(conversations, mixes_for(conversations, mixes, mix))]
+        reqs = [
+            PoolRequest(messages=[dict(m) for m in c], mix=m, max_tokens=max_tokens, stop=stop or (), sampling=params)
+            for c, m in zip(conversations, mixes_for(conversations, mixes, mix))
+        ]
         return [r.as_dict(str(self.base_path), chat=True) for r in self.generate(reqs)]
 
     def clear_prefix_cache(self) -> None:

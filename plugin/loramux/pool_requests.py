@@ -6,6 +6,7 @@ loramux does not compute. :func:`iter_results` runs many requests through an eng
 (the engine batches them; a window of submitted requests keeps the queue bounded) and yields
 the results as they end.
 """
+
 from __future__ import annotations
 
 import queue
@@ -19,10 +20,20 @@ from loramux.engine import Finished, SamplingParams
 from loramux.errors import LoramuxError, RequestError
 from loramux.mix import MixLike
 
-SAMPLING_KEYS = ("temperature", "top_k", "top_p", "min_p", "typical_p", "repeat_penalty", "frequency_penalty",
-                 "presence_penalty", "seed", "logit_bias")
-COMPLETION_DEFAULTS = SamplingParams()                    # llama_cpp.Llama.create_completion's defaults
-CHAT_DEFAULTS = SamplingParams(temperature=0.2)           # ... and create_chat_completion's
+SAMPLING_KEYS = (
+    "temperature",
+    "top_k",
+    "top_p",
+    "min_p",
+    "typical_p",
+    "repeat_penalty",
+    "frequency_penalty",
+    "presence_penalty",
+    "seed",
+    "logit_bias",
+)
+COMPLETION_DEFAULTS = SamplingParams()  # llama_cpp.Llama.create_completion's defaults
+CHAT_DEFAULTS = SamplingParams(temperature=0.2)  # ... and create_chat_completion's
 
 
 def sampling_from(kwargs: Mapping[str, Any], *, chat: bool, default: SamplingParams | None = None) -> SamplingParams:
@@ -72,7 +83,7 @@ class PoolResult:
     """What one request produced, and how its mix ran (``"native"``: per sequence; ``"context"``)."""
 
     text: str
-    finish_reason: str          # "stop" or "length"
+    finish_reason: str  # "stop" or "length"
     mix: dict[str, float]
     prompt_tokens: int
     completion_tokens: int
@@ -83,9 +94,17 @@ class PoolResult:
 
     @classmethod
     def from_finished(cls, fin: Finished) -> "PoolResult":
-        return cls(text=fin.text, finish_reason=fin.finish_reason, mix=fin.mix.to_dict(), prompt_tokens=fin.prompt_tokens,
-                   completion_tokens=fin.completion_tokens, path=fin.path, tokens=list(fin.tokens),
-                   cached_tokens=fin.cached_tokens, finished=fin)
+        return cls(
+            text=fin.text,
+            finish_reason=fin.finish_reason,
+            mix=fin.mix.to_dict(),
+            prompt_tokens=fin.prompt_tokens,
+            completion_tokens=fin.completion_tokens,
+            path=fin.path,
+            tokens=list(fin.tokens),
+            cached_tokens=fin.cached_tokens,
+            finished=fin,
+        )
 
     def as_dict(self, model: str, *, chat: bool) -> dict[str, Any]:
         """An OpenAI-style (chat) completion dict, shaped as every other response (:mod:`loramux.responses`)."""
@@ -103,8 +122,7 @@ def mixes_for(items: Sequence[Any], mixes: Sequence[MixLike] | None, mix: MixLik
     return list(mixes)
 
 
-def iter_results(engine_requests: Sequence[Any], submit: Callable[[Any], Any], *, window: int
-                 ) -> Iterator[tuple[int, PoolResult]]:
+def iter_results(engine_requests: Sequence[Any], submit: Callable[[Any], Any], *, window: int) -> Iterator[tuple[int, PoolResult]]:
     """Submit ``engine_requests`` (already validated) with ``submit``; yield ``(index, result)`` as each ends.
 
     At most ``window`` are submitted at a time, so the rest wait here, not in the engine's
@@ -135,5 +153,13 @@ def _wait(i: int, handle: Any, done: queue.SimpleQueue) -> None:
     done.put(i)
 
 
-__all__ = ["CHAT_DEFAULTS", "COMPLETION_DEFAULTS", "PoolRequest", "PoolResult", "SAMPLING_KEYS", "iter_results",
-           "mixes_for", "sampling_from"]
+__all__ = [
+    "CHAT_DEFAULTS",
+    "COMPLETION_DEFAULTS",
+    "PoolRequest",
+    "PoolResult",
+    "SAMPLING_KEYS",
+    "iter_results",
+    "mixes_for",
+    "sampling_from",
+]

@@ -17,6 +17,7 @@ ggml tensor names are ``NAME-LAYER`` (llama.cpp's ``cb(cur, NAME, il)``); the ro
 tensor are the batch's tokens in order (for ``result_norm``, only the rows whose logits were
 asked for).
 """
+
 from __future__ import annotations
 
 import ctypes
@@ -129,8 +130,9 @@ class HiddenProbe:
         self._lora.apply([(self._handle(Path(p), n), float(s)) for n, p, s in adapters])
 
     # --- a pass -----------------------------------------------------------------------------
-    def capture(self, tokens: Sequence[int], names: Iterable[str], *, adapters: Iterable[tuple[str, Path, float]] = (),
-                all_logits: bool = False) -> dict[str, np.ndarray]:
+    def capture(
+        self, tokens: Sequence[int], names: Iterable[str], *, adapters: Iterable[tuple[str, Path, float]] = (), all_logits: bool = False
+    ) -> dict[str, np.ndarray]:
         """Decode ``tokens`` (from position 0, alone) and return each named tensor, rows = tokens.
 
         ``adapters``: ``(name, gguf_path, scale)`` set on the probe context for this pass (stock
@@ -160,7 +162,7 @@ class HiddenProbe:
     def _decode(self, tokens: list[int], all_logits: bool) -> None:
         b = self._batch
         for start in range(0, len(tokens), self.n_batch):
-            chunk = tokens[start:start + self.n_batch]
+            chunk = tokens[start : start + self.n_batch]
             for i, tok in enumerate(chunk):
                 pos = start + i
                 b.token[i], b.pos[i], b.n_seq_id[i] = tok, pos, 1

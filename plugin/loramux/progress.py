@@ -1,4 +1,5 @@
 """Progress bars (tqdm) that stay quiet when stderr is not a terminal unless asked."""
+
 from __future__ import annotations
 
 import contextlib

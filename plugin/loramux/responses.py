@@ -6,6 +6,7 @@ One module shapes every answer, whoever asked: :class:`~loramux.AdapterPool`'s
 the validated mix that was used (zero weights dropped), and ``"path"``: ``"native"``
 (per-sequence mix) or ``"context"`` (the mix set on the whole context).
 """
+
 from __future__ import annotations
 
 import time
@@ -15,7 +16,7 @@ from typing import Any, Callable, Iterable, Iterator
 
 from loramux.engine import Finished, TokenEvent
 
-Piece = Callable[[int], str]   # token id -> its text (for logprobs)
+Piece = Callable[[int], str]  # token id -> its text (for logprobs)
 
 
 @dataclass
@@ -24,7 +25,7 @@ class Shape:
 
     chat: bool
     model: str
-    extra: dict[str, Any] = field(default_factory=dict)   # e.g. {"mix": ..., "routing": ...}
+    extra: dict[str, Any] = field(default_factory=dict)  # e.g. {"mix": ..., "routing": ...}
     id: str = ""
     created: int = 0
 
@@ -38,9 +39,12 @@ class Shape:
 
 
 def usage(fin: Finished) -> dict[str, Any]:
-    return {"prompt_tokens": fin.prompt_tokens, "completion_tokens": fin.completion_tokens,
-            "total_tokens": fin.prompt_tokens + fin.completion_tokens,
-            "prompt_tokens_details": {"cached_tokens": fin.cached_tokens}}
+    return {
+        "prompt_tokens": fin.prompt_tokens,
+        "completion_tokens": fin.completion_tokens,
+        "total_tokens": fin.prompt_tokens + fin.completion_tokens,
+        "prompt_tokens_details": {"cached_tokens": fin.cached_tokens},
+    }
 
 
 def completion_logprobs(events: list[TokenEvent], piece: Piece, offset: int = 0) -> dict[str, Any]:
@@ -115,8 +119,9 @@ class StreamShaper:
         return [c]
 
 
-def chunks(shape: Shape, events: Iterable[TokenEvent | Finished], *, include_usage: bool = False,
-           piece: Piece | None = None) -> Iterator[dict[str, Any]]:
+def chunks(
+    shape: Shape, events: Iterable[TokenEvent | Finished], *, include_usage: bool = False, piece: Piece | None = None
+) -> Iterator[dict[str, Any]]:
     """The streamed response of ``events`` (see :class:`StreamShaper`)."""
     shaper = StreamShaper(shape, include_usage=include_usage, piece=piece)
     yield from shaper.first()

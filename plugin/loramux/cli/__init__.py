@@ -4,6 +4,7 @@ Each subcommand lives in its own module with ``register(subparsers)``; a module'
 ``run(args) -> int`` does the work. Library errors (LoramuxError) become one
 clear line on stderr and exit status 2.
 """
+
 from __future__ import annotations
 
 import argparse

@@ -1,4 +1,5 @@
 """loramux chat: an interactive chat whose mix of adapters (or router) can change between turns."""
+
 from __future__ import annotations
 
 import argparse
@@ -78,8 +79,9 @@ class _Session:
             print(routing_note(routing, mix), file=sys.stderr)
         self.messages.append({"role": "user", "content": line})
         a = self.args
-        chunks = self.pool.create_chat_completion(self.messages, mix=mix, stream=True, max_tokens=a.max_tokens,
-                                                  temperature=a.temperature, seed=a.seed)
+        chunks = self.pool.create_chat_completion(
+            self.messages, mix=mix, stream=True, max_tokens=a.max_tokens, temperature=a.temperature, seed=a.seed
+        )
         reply = []
         for c in chunks:
             piece = c["choices"][0]["delta"].get("content") or ""

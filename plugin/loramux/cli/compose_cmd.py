@@ -1,4 +1,5 @@
 """loramux compose: LoraHub weights for the pool's adapters from a few labelled examples."""
+
 from __future__ import annotations
 
 import argparse
@@ -22,8 +23,10 @@ def register(sub: argparse._SubParsersAction) -> None:
             f"--mix file:MIX.json, or in loramux serve's config) and, with --gguf, one GGUF adapter holding exactly "
             f"that mix (rank concatenation; with --mode lorahub, the A/B merge). Needs the compose extra (nevergrad)."
         ),
-        epilog=(f"--examples: JSON lines {{input, target}} (at most {MAX_EXAMPLES}, LoraHub's few-shot setting; extra "
-                "keys ignored). Example: loramux compose --adapters adapters/ --examples few.jsonl -o mix.json --gguf mix.gguf"),
+        epilog=(
+            f"--examples: JSON lines {{input, target}} (at most {MAX_EXAMPLES}, LoraHub's few-shot setting; extra "
+            "keys ignored). Example: loramux compose --adapters adapters/ --examples few.jsonl -o mix.json --gguf mix.gguf"
+        ),
     )
     add_pool_arguments(p)
     p.add_argument("--examples", type=Path, required=True, help=f"JSON lines with input and target (1 to {MAX_EXAMPLES})")
@@ -32,9 +35,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--budget", type=int, default=BUDGET, help=f"optimiser evaluations (default: {BUDGET}, LoraHub's)")
     p.add_argument("--population", type=int, default=POPULATION, help=f"candidates per round, scored in one batch (default: {POPULATION})")
     p.add_argument("--seed", type=int, default=0, help="optimiser seed (default: 0)")
-    p.add_argument("--mode", choices=("output", "lorahub"), default="output",
-                   help="output: the exact output-space sum of the adapters' deltas (default); lorahub: LoraHub's own "
-                        "merge, A and B each summed with the weights (cross terms; adapters of one rank, alpha and modules)")
+    p.add_argument(
+        "--mode",
+        choices=("output", "lorahub"),
+        default="output",
+        help="output: the exact output-space sum of the adapters' deltas (default); lorahub: LoraHub's own "
+        "merge, A and B each summed with the weights (cross terms; adapters of one rank, alpha and modules)",
+    )
     p.add_argument("--sequential", action="store_true", help="score one candidate at a time (same losses; for timing the batch)")
     p.set_defaults(run=run)
 
@@ -48,17 +55,30 @@ def run(args: argparse.Namespace) -> int:
     examples = read_examples(args.examples)
     with _compose_pool(args) as pool:
         with progress_bar(desc="compose", unit="eval", total=args.budget) as bar:
+
             def report(done: int, best: float) -> None:
                 bar.update_to(done, args.budget)
                 bar.set_postfix(loss=f"{best:.4f}")
-            result = compose(pool, examples, budget=args.budget, population=args.population, seed=args.seed,
-                             batched=not args.sequential, mode=args.mode, progress=report)
+
+            result = compose(
+                pool,
+                examples,
+                budget=args.budget,
+                population=args.population,
+                seed=args.seed,
+                batched=not args.sequential,
+                mode=args.mode,
+                progress=report,
+            )
         files = {n: pool.adapters[n].gguf_path for n in result.mix}
         base = pool.base_path
     with atomic_output(args.output) as tmp:
         tmp.write_text(json.dumps(result.to_json(), indent=1) + "\n", encoding="utf-8")
-    print(f"loss {result.base_nll:.4f} (base model) -> {result.loss:.4f} in {result.evaluations} evaluations, "
-          f"{result.seconds:.1f} s; mix {result.mix}", file=sys.stderr)
+    print(
+        f"loss {result.base_nll:.4f} (base model) -> {result.loss:.4f} in {result.evaluations} evaluations, "
+        f"{result.seconds:.1f} s; mix {result.mix}",
+        file=sys.stderr,
+    )
     print(f"wrote {args.output}")
     if args.gguf is not None:
         if args.mode == "lorahub":
@@ -81,8 +101,15 @@ def _compose_pool(args: argparse.Namespace):
     from loramux.adapters import find_adapter_sources
 
     n = max(1, sum(len(find_adapter_sources(p)[0]) for p in args.adapters))
-    pool = AdapterPool(args.base, n_ctx=args.n_ctx, n_seq_max=max(args.n_seq_max, 16), n_threads=args.threads,
-                       n_batch=4096, max_active=n, verbose=args.verbose)
+    pool = AdapterPool(
+        args.base,
+        n_ctx=args.n_ctx,
+        n_seq_max=max(args.n_seq_max, 16),
+        n_threads=args.threads,
+        n_batch=4096,
+        max_active=n,
+        verbose=args.verbose,
+    )
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", AdapterSkippedWarning)

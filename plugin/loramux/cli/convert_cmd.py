@@ -1,4 +1,5 @@
 """loramux convert: PEFT LoRA folder -> GGUF adapter."""
+
 from __future__ import annotations
 
 import argparse
@@ -24,10 +25,30 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("peft_dir", type=Path, help="PEFT LoRA folder, as written by save_pretrained()")
     p.add_argument("--base", type=Path, default=None, help="base model GGUF (default: the embedded SmolLM2-135M-Instruct Q4_1)")
-    p.add_argument("--to", choices=["gguf", "onnx"], default="gguf", help="output format: gguf (llama.cpp, default) or onnx (an onnxruntime .onnx_adapter file, see `loramux onnx-base`; needs the onnx extra)")
-    p.add_argument("-o", "--output", type=Path, default=None, help="output file (default: PEFT_DIR name + .gguf or .onnx_adapter in the current folder)")
-    p.add_argument("--outtype", choices=OUT_TYPES, default=None, help="tensor type in the file (gguf default: f16, q8_0 keeps f16 where rows are not multiples of 32; onnx: f32 (default) or f16)")
-    p.add_argument("--skip-embeddings", action="store_true", help="drop an embedding LoRA the base cannot take (tied output); the result then differs from PEFT")
+    p.add_argument(
+        "--to",
+        choices=["gguf", "onnx"],
+        default="gguf",
+        help="output format: gguf (llama.cpp, default) or onnx (an onnxruntime .onnx_adapter file, see `loramux onnx-base`; needs the onnx extra)",
+    )
+    p.add_argument(
+        "-o",
+        "--output",
+        type=Path,
+        default=None,
+        help="output file (default: PEFT_DIR name + .gguf or .onnx_adapter in the current folder)",
+    )
+    p.add_argument(
+        "--outtype",
+        choices=OUT_TYPES,
+        default=None,
+        help="tensor type in the file (gguf default: f16, q8_0 keeps f16 where rows are not multiples of 32; onnx: f32 (default) or f16)",
+    )
+    p.add_argument(
+        "--skip-embeddings",
+        action="store_true",
+        help="drop an embedding LoRA the base cannot take (tied output); the result then differs from PEFT",
+    )
     p.add_argument("--allow-pickle", action="store_true", help="accept adapter_model.bin, loaded with torch.load(weights_only=True)")
     p.set_defaults(run=run)
 

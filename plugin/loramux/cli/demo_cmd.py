@@ -1,4 +1,5 @@
 """loramux demo: prompts of several tasks, each routed to its mix with no training, all answered in one batch."""
+
 from __future__ import annotations
 
 import argparse
@@ -38,7 +39,9 @@ def register(sub: argparse._SubParsersAction) -> None:
         ),
     )
     p.add_argument("--base", type=Path, default=None, help="base model GGUF (default: the embedded SmolLM2-135M-Instruct Q4_1)")
-    p.add_argument("--examples", type=Path, default=None, help=f"folder with adapters/, {PROMPTS} and {SAMPLES} (default: the repository's examples/)")
+    p.add_argument(
+        "--examples", type=Path, default=None, help=f"folder with adapters/, {PROMPTS} and {SAMPLES} (default: the repository's examples/)"
+    )
     p.add_argument("--max-tokens", type=int, default=32, help="most tokens per answer (default: 32)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads for llama.cpp")
     p.set_defaults(run=run)
@@ -53,8 +56,7 @@ def _read_jsonl(path: Path) -> list[dict]:
 def _answer_all(pool: AdapterPool, prompts: list[dict], mixes: list, max_tokens: int) -> tuple[list, float]:
     from loramux.pool_requests import PoolRequest
 
-    reqs = [PoolRequest(messages=[{"role": "user", "content": p["prompt"]}], mix=m, max_tokens=max_tokens)
-            for p, m in zip(prompts, mixes)]
+    reqs = [PoolRequest(messages=[{"role": "user", "content": p["prompt"]}], mix=m, max_tokens=max_tokens) for p, m in zip(prompts, mixes)]
     start = time.perf_counter()
     results = pool.generate(reqs)
     return results, time.perf_counter() - start
@@ -98,15 +100,19 @@ def run(args: argparse.Namespace) -> int:
         router = RetrievalRouter(keys, pool)
         mixes = [router.route(p["prompt"]).mix for p in prompts]
         route_s = time.perf_counter() - start
-        print(f"loramux demo: base {pool.base_path.name}; adapters {', '.join(pool.names)}; retrieval keys from "
-              f"{sum(keys.samples.values())} sample prompts, {len(prompts)} prompts routed in {route_s:.2f} s\n")
+        print(
+            f"loramux demo: base {pool.base_path.name}; adapters {', '.join(pool.names)}; retrieval keys from "
+            f"{sum(keys.samples.values())} sample prompts, {len(prompts)} prompts routed in {route_s:.2f} s\n"
+        )
         routed, routed_s = _answer_all(pool, prompts, mixes, args.max_tokens)
         base, base_s = _answer_all(pool, prompts, [None] * len(prompts), args.max_tokens)
         _print(prompts, routed, base)
         paths = sorted({r.path for r in routed})
         right = sum(_mark(r.text, p) == "ok" for r, p in zip(routed, prompts))
         right_base = sum(_mark(b.text, p) == "ok" for b, p in zip(base, prompts))
-    print(f"\nrouted mixes: {right}/{len(prompts)} right, {len(prompts)} prompts in one batch ({', '.join(paths)} path) "
-          f"in {routed_s:.1f} s; base model: {right_base}/{len(prompts)} right in {base_s:.1f} s")
+    print(
+        f"\nrouted mixes: {right}/{len(prompts)} right, {len(prompts)} prompts in one batch ({', '.join(paths)} path) "
+        f"in {routed_s:.1f} s; base model: {right_base}/{len(prompts)} right in {base_s:.1f} s"
+    )
     print("(mixes are exact output-space sums of the adapters' deltas; the router needed no training)", file=sys.stderr)
     return 0

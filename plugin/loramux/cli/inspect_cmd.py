@@ -1,4 +1,5 @@
 """loramux inspect: what an adapter (PEFT folder or GGUF file) holds."""
+
 from __future__ import annotations
 
 import argparse

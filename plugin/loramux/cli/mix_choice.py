@@ -1,4 +1,5 @@
 """``--mix`` of run and chat: a fixed mix (``name=w,...``) or any router of the registry (``retrieval:KEYS``, ``logo``, ...)."""
+
 from __future__ import annotations
 
 from typing import Any
@@ -11,8 +12,10 @@ from loramux.router.selection import Routing
 def mix_help() -> str:
     """The ``--mix`` syntax, for --help texts."""
     routers = "; ".join(f"{k.usage} ({k.summary})" for k in router_kinds())
-    return (f"a mix name=w,name=w (adapter names, finite |w| <= {MAX_ABS_WEIGHT:g}, at most {MAX_MIX_ADAPTERS} adapters), "
-            f"'base', or a router that picks the mix of each prompt: {routers}")
+    return (
+        f"a mix name=w,name=w (adapter names, finite |w| <= {MAX_ABS_WEIGHT:g}, at most {MAX_MIX_ADAPTERS} adapters), "
+        f"'base', or a router that picks the mix of each prompt: {routers}"
+    )
 
 
 class MixChoice:

@@ -1,4 +1,5 @@
 """loramux onnx-base / onnx-mix, and the ``--to onnx`` branch of ``loramux convert``."""
+
 from __future__ import annotations
 
 import argparse
@@ -45,11 +46,22 @@ def register(sub: argparse._SubParsersAction) -> None:
             "included). Example: loramux onnx-mix fixtures/a=0.7 fixtures/b=0.3 -o mix.onnx_adapter"
         ),
     )
-    m.add_argument("items", nargs="+", metavar="PEFT_DIR=WEIGHT", help="a PEFT LoRA folder and its weight in the mix (finite; may be negative)")
+    m.add_argument(
+        "items", nargs="+", metavar="PEFT_DIR=WEIGHT", help="a PEFT LoRA folder and its weight in the mix (finite; may be negative)"
+    )
     m.add_argument("-o", "--output", type=Path, required=True, help="output .onnx_adapter file")
     m.add_argument("--base", type=Path, default=None, help="base model GGUF the adapters are checked against (default: the embedded one)")
-    m.add_argument("--outtype", choices=sorted(ONNX_OUTTYPES), default="f32", help="tensor type: f32 (loramux's ONNX base, genai CPU builds) or f16 (genai fp16 builds)")
-    m.add_argument("--skip-embeddings", action="store_true", help="drop embedding LoRA (which ONNX models cannot take); the result then differs from PEFT")
+    m.add_argument(
+        "--outtype",
+        choices=sorted(ONNX_OUTTYPES),
+        default="f32",
+        help="tensor type: f32 (loramux's ONNX base, genai CPU builds) or f16 (genai fp16 builds)",
+    )
+    m.add_argument(
+        "--skip-embeddings",
+        action="store_true",
+        help="drop embedding LoRA (which ONNX models cannot take); the result then differs from PEFT",
+    )
     m.set_defaults(run=run_mix)
 
 
@@ -93,8 +105,12 @@ def run_mix(args: argparse.Namespace) -> int:
 
     dirs, weights = _parse_items(args.items)
     write_onnx_mix(
-        dirs, weights, args.base or default_base_model(), args.output,
-        dtype=ONNX_OUTTYPES[args.outtype], skip_embeddings=args.skip_embeddings,
+        dirs,
+        weights,
+        args.base or default_base_model(),
+        args.output,
+        dtype=ONNX_OUTTYPES[args.outtype],
+        skip_embeddings=args.skip_embeddings,
     )
     print(args.output)
     return 0

@@ -1,4 +1,5 @@
 """Options shared by the commands that open an adapter pool (run, chat, eval, demo)."""
+
 from __future__ import annotations
 
 import argparse
@@ -14,16 +15,26 @@ def add_pool_arguments(p: argparse.ArgumentParser) -> None:
     """--base, --adapters (repeatable), --skip-embeddings, --threads, --n-ctx, --verbose."""
     p.add_argument("--base", type=Path, default=None, help="base model GGUF (default: the embedded SmolLM2-135M-Instruct Q4_1)")
     p.add_argument(
-        "--adapters", type=Path, action="append", default=[], metavar="PATH",
+        "--adapters",
+        type=Path,
+        action="append",
+        default=[],
+        metavar="PATH",
         help="a GGUF LoRA file, a PEFT folder, or a folder of those (repeatable). PEFT folders are converted once "
-             "into loramux's cache. Adapters found in a folder that the runtime cannot express are skipped with a warning",
+        "into loramux's cache. Adapters found in a folder that the runtime cannot express are skipped with a warning",
     )
     p.add_argument(
-        "--skip-embeddings", action="store_true",
+        "--skip-embeddings",
+        action="store_true",
         help="load PEFT adapters with an embedding LoRA the base cannot take (tied output, e.g. word_sorting) without "
-             "that part, instead of skipping them (the rest stays exact; the result then differs from PEFT)",
+        "that part, instead of skipping them (the rest stays exact; the result then differs from PEFT)",
     )
-    p.add_argument("--threads", type=int, default=None, help="CPU threads for llama.cpp (default: $LORAMUX_THREADS, else the number of cores, at most 8)")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="CPU threads for llama.cpp (default: $LORAMUX_THREADS, else the number of cores, at most 8)",
+    )
     p.add_argument("--n-ctx", type=int, default=2048, help="context of one request in tokens, prompt + answer (default: 2048)")
     p.add_argument("--n-seq-max", type=int, default=8, help="requests decoded together in one batch (default: 8)")
     p.add_argument("--verbose", action="store_true", help="show llama.cpp's log")

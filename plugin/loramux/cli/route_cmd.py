@@ -1,4 +1,5 @@
 """loramux route: the mix a trained router picks for a prompt, as JSON."""
+
 from __future__ import annotations
 
 import argparse
@@ -29,10 +30,21 @@ def register(sub: argparse._SubParsersAction) -> None:
         ),
     )
     p.add_argument("--router", type=Path, required=True, help="router .onnx file (loramux router train writes one)")
-    p.add_argument("--base", type=Path, default=None, help="base model GGUF the router was trained for (default: the embedded SmolLM2-135M-Instruct Q4_1)")
-    p.add_argument("--adapters", type=Path, default=None, help="check the router against the adapters of this folder (names must match exactly)")
-    p.add_argument("--providers", default=None, metavar="P1,P2",
-                   help="onnxruntime execution providers: cpu, cuda or full names (default: CUDA when onnxruntime-gpu sees a GPU, else CPU)")
+    p.add_argument(
+        "--base",
+        type=Path,
+        default=None,
+        help="base model GGUF the router was trained for (default: the embedded SmolLM2-135M-Instruct Q4_1)",
+    )
+    p.add_argument(
+        "--adapters", type=Path, default=None, help="check the router against the adapters of this folder (names must match exactly)"
+    )
+    p.add_argument(
+        "--providers",
+        default=None,
+        metavar="P1,P2",
+        help="onnxruntime execution providers: cpu, cuda or full names (default: CUDA when onnxruntime-gpu sees a GPU, else CPU)",
+    )
     add_selection_arguments(p, defaults_from_router=True)
     p.add_argument("prompt", nargs="+", help="prompt(s) to route (one JSON line each)")
     p.set_defaults(run=run)

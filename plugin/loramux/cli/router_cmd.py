@@ -1,4 +1,5 @@
 """loramux router: train a router (``router train``), build retrieval keys (``router index``), show a router file (``router info``)."""
+
 from __future__ import annotations
 
 import argparse
@@ -19,19 +20,48 @@ def add_selection_arguments(p: argparse.ArgumentParser, *, defaults_from_router:
     where = "the router's default" if defaults_from_router else "default"
     g = p.add_argument_group("selection (how scores become a mix)")
     g.add_argument("--top-k", type=int, default=None, help=f"keep at most K adapters ({where}: {_DEFAULTS.top_k})")
-    g.add_argument("--top-p", type=float, default=None, help=f"nucleus: keep the most probable adapters until their renormalised mass reaches P ({where}: {_DEFAULTS.top_p})")
-    g.add_argument("--temperature", type=float, default=None, help=f"softmax temperature on the router's logits ({where}: {_DEFAULTS.temperature})")
-    g.add_argument("--min-weight", type=float, default=None, help=f"drop adapters whose renormalised weight is below W ({where}: {_DEFAULTS.min_weight})")
-    g.add_argument("--threshold", type=float, default=None, help=f"below this top adapter probability, use the fallback ({where}: {_DEFAULTS.threshold})")
-    g.add_argument("--fallback", choices=FALLBACKS, default=None, help=f"fallback mix: base = the base model alone, uniform = every adapter at fallback-weight/n ({where}: {_DEFAULTS.fallback})")
-    g.add_argument("--fallback-weight", type=float, default=None, help=f"total weight of the uniform fallback ({where}: {_DEFAULTS.fallback_weight})")
+    g.add_argument(
+        "--top-p",
+        type=float,
+        default=None,
+        help=f"nucleus: keep the most probable adapters until their renormalised mass reaches P ({where}: {_DEFAULTS.top_p})",
+    )
+    g.add_argument(
+        "--temperature", type=float, default=None, help=f"softmax temperature on the router's logits ({where}: {_DEFAULTS.temperature})"
+    )
+    g.add_argument(
+        "--min-weight",
+        type=float,
+        default=None,
+        help=f"drop adapters whose renormalised weight is below W ({where}: {_DEFAULTS.min_weight})",
+    )
+    g.add_argument(
+        "--threshold",
+        type=float,
+        default=None,
+        help=f"below this top adapter probability, use the fallback ({where}: {_DEFAULTS.threshold})",
+    )
+    g.add_argument(
+        "--fallback",
+        choices=FALLBACKS,
+        default=None,
+        help=f"fallback mix: base = the base model alone, uniform = every adapter at fallback-weight/n ({where}: {_DEFAULTS.fallback})",
+    )
+    g.add_argument(
+        "--fallback-weight", type=float, default=None, help=f"total weight of the uniform fallback ({where}: {_DEFAULTS.fallback_weight})"
+    )
 
 
 def selection_overrides(args: argparse.Namespace) -> dict:
     """The selection settings given on the command line (None where not given)."""
     return {
-        "top_k": args.top_k, "top_p": args.top_p, "temperature": args.temperature, "min_weight": args.min_weight,
-        "threshold": args.threshold, "fallback": args.fallback, "fallback_weight": args.fallback_weight,
+        "top_k": args.top_k,
+        "top_p": args.top_p,
+        "temperature": args.temperature,
+        "min_weight": args.min_weight,
+        "threshold": args.threshold,
+        "fallback": args.fallback,
+        "fallback_weight": args.fallback_weight,
     }
 
 
@@ -57,15 +87,32 @@ def register(sub: argparse._SubParsersAction) -> None:
         epilog="Example: loramux router train --adapters adapters/ --data train.jsonl --check dev.jsonl -o router.onnx",
     )
     t.add_argument("--base", type=Path, default=None, help="base model GGUF (default: the embedded SmolLM2-135M-Instruct Q4_1)")
-    t.add_argument("--adapters", type=Path, required=True, help="folder of adapters (GGUF files and/or PEFT folders): their names are the router's outcomes")
+    t.add_argument(
+        "--adapters",
+        type=Path,
+        required=True,
+        help="folder of adapters (GGUF files and/or PEFT folders): their names are the router's outcomes",
+    )
     t.add_argument("--data", type=Path, required=True, help="training rows, JSON lines with task and input")
     t.add_argument("-o", "--output", type=Path, required=True, help="router file to write (.onnx)")
-    t.add_argument("--check", type=Path, action="append", default=[], metavar="ROWS", help="also report top-1 routing accuracy on these rows (repeatable)")
+    t.add_argument(
+        "--check",
+        type=Path,
+        action="append",
+        default=[],
+        metavar="ROWS",
+        help="also report top-1 routing accuracy on these rows (repeatable)",
+    )
     t.add_argument("--hidden", type=int, default=64, help="hidden width, also the width of the table in the ONNX file (default: 64)")
     t.add_argument("--epochs", type=int, default=40, help="training epochs (default: 40)")
     t.add_argument("--batch-size", type=int, default=64, help="batch size (default: 64)")
     t.add_argument("--lr", type=float, default=3e-3, help="peak learning rate (default: 0.003)")
-    t.add_argument("--none-per-task", type=int, default=5, help="rows per task without an adapter for the 'none' outcome (default: 5, the LoraHub limit; 0: no none outcome)")
+    t.add_argument(
+        "--none-per-task",
+        type=int,
+        default=5,
+        help="rows per task without an adapter for the 'none' outcome (default: 5, the LoraHub limit; 0: no none outcome)",
+    )
     t.add_argument("--val-fraction", type=float, default=0.1, help="share of rows held out for the final check (default: 0.1)")
     t.add_argument("--max-tokens", type=int, default=1024, help="router reads at most this many prompt tokens (default: 1024)")
     t.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
@@ -82,19 +129,27 @@ def register(sub: argparse._SubParsersAction) -> None:
             "Use the keys with --mix retrieval:KEYS in loramux run, chat, eval and serve --router. An adapter added "
             "later needs only its own samples (RetrievalRouter.add), no rebuild."
         ),
-        epilog=("Features: token_meanmax (the mean and the maximum of the prompt's token embeddings: no forward pass), "
-                "token_mean (the mean alone) or hidden:L (the mean "
-                "residual stream after layer L of one forward pass; negative L counts from the end). "
-                "Example: loramux router index --adapters adapters/ --data train.jsonl -o adapters/retrieval_keys.json"),
+        epilog=(
+            "Features: token_meanmax (the mean and the maximum of the prompt's token embeddings: no forward pass), "
+            "token_mean (the mean alone) or hidden:L (the mean "
+            "residual stream after layer L of one forward pass; negative L counts from the end). "
+            "Example: loramux router index --adapters adapters/ --data train.jsonl -o adapters/retrieval_keys.json"
+        ),
     )
     add_pool_arguments(x)
-    x.add_argument("--data", type=Path, required=True, help="rows {task, input, ...} (JSON lines); a row belongs to the adapter named like its task")
+    x.add_argument(
+        "--data", type=Path, required=True, help="rows {task, input, ...} (JSON lines); a row belongs to the adapter named like its task"
+    )
     x.add_argument("--samples-per-adapter", type=int, default=20, help="prompts per adapter key (default: 20, LoraRetriever's)")
     x.add_argument("--feature", default="token_meanmax", help="prompt embedding: token_meanmax (default), token_mean or hidden:L")
     x.add_argument("-o", "--output", type=Path, required=True, help="key file to write (JSON)")
     x.set_defaults(run=run_index)
 
-    i = rsub.add_parser("info", help="print a router file's metadata as JSON", description="Print what a router file says about itself: adapters, base model fingerprint, feature recipe, selection defaults, training summary.")
+    i = rsub.add_parser(
+        "info",
+        help="print a router file's metadata as JSON",
+        description="Print what a router file says about itself: adapters, base model fingerprint, feature recipe, selection defaults, training summary.",
+    )
     i.add_argument("router", type=Path, help="router .onnx file")
     i.set_defaults(run=run_info)
     p.set_defaults(run=lambda args: (p.print_help(), 1)[1])
@@ -126,21 +181,40 @@ def run_train(args: argparse.Namespace) -> int:
     from loramux.router.train import TrainConfig, train_router
 
     selection = SelectionSettings().with_overrides(**selection_overrides(args))
-    config = TrainConfig(hidden=args.hidden, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
-                         none_per_task=args.none_per_task, val_fraction=args.val_fraction, max_tokens=args.max_tokens, seed=args.seed)
+    config = TrainConfig(
+        hidden=args.hidden,
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        none_per_task=args.none_per_task,
+        val_fraction=args.val_fraction,
+        max_tokens=args.max_tokens,
+        seed=args.seed,
+    )
     base = args.base or default_base_model()
     rows = load_rows(args.data)
     checks = {str(path): load_rows(path) for path in args.check}
     bars = _StageBars()
     try:
-        result = train_router(base, args.adapters, rows, args.output, config=config, selection=selection,
-                              check_rows=checks, progress=bars, log=lambda m: print(m, file=sys.stderr))
+        result = train_router(
+            base,
+            args.adapters,
+            rows,
+            args.output,
+            config=config,
+            selection=selection,
+            check_rows=checks,
+            progress=bars,
+            log=lambda m: print(m, file=sys.stderr),
+        )
     finally:
         bars.close()
     meta = result.metadata
-    print(f"trained a router over {len(meta.adapters)} adapters{' + none' if meta.none_outcome else ''} "
-          f"({meta.training['trainable_parameters']} trainable parameters) on {meta.training['rows']} rows "
-          f"in {result.seconds:.1f} s ({', '.join(f'{k} {v:.1f} s' for k, v in result.timings.items())})")
+    print(
+        f"trained a router over {len(meta.adapters)} adapters{' + none' if meta.none_outcome else ''} "
+        f"({meta.training['trainable_parameters']} trainable parameters) on {meta.training['rows']} rows "
+        f"in {result.seconds:.1f} s ({', '.join(f'{k} {v:.1f} s' for k, v in result.timings.items())})"
+    )
     if result.validation:
         print(result.validation.summary())
     for check in result.checks:

@@ -1,4 +1,5 @@
 """loramux run: answer one prompt with the base model and a weighted mix of adapters."""
+
 from __future__ import annotations
 
 import argparse
@@ -22,8 +23,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         ),
         epilog=(
             f"--mix: {mix_help()}. "
-            "Examples: loramux run --adapters adapters/ --mix boolean_expressions=1 \"not ( True ) and False is\"; "
-            "loramux run --adapters adapters/ --mix retrieval:keys.json \"not ( True ) and False is\""
+            'Examples: loramux run --adapters adapters/ --mix boolean_expressions=1 "not ( True ) and False is"; '
+            'loramux run --adapters adapters/ --mix retrieval:keys.json "not ( True ) and False is"'
         ),
     )
     add_pool_arguments(p)
@@ -34,7 +35,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--top-k", type=int, default=40, help="top-k sampling (default: 40)")
     p.add_argument("--seed", type=int, default=None, help="sampling seed")
     p.add_argument("--completion", action="store_true", help="plain text completion of PROMPT, without the chat template")
-    p.add_argument("--json", action="store_true", help="print the whole OpenAI-style response (with its \"mix\") as JSON")
+    p.add_argument("--json", action="store_true", help='print the whole OpenAI-style response (with its "mix") as JSON')
     p.add_argument("--router", default=None, metavar="ROUTER", help="the same as --mix ROUTER (e.g. a trained router .onnx)")
     p.add_argument("prompt", help="the prompt")
     p.set_defaults(run=run)
@@ -52,7 +53,9 @@ def run(args: argparse.Namespace) -> int:
             mix, routing = choice.for_prompt(args.prompt)
         finally:
             choice.close()
-        sampling = dict(mix=mix, max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, seed=args.seed)
+        sampling = dict(
+            mix=mix, max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, seed=args.seed
+        )
         if args.json:
             if args.completion:
                 out = pool.create_completion(args.prompt, **sampling)

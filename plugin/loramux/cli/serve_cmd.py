@@ -1,4 +1,5 @@
 """loramux serve: an OpenAI-compatible HTTP server, every request under its own mix, batched."""
+
 from __future__ import annotations
 
 import argparse
@@ -25,20 +26,35 @@ Examples:
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("serve", help="OpenAI-compatible server: per-request adapter mixes, batched",
-                       description="Serve the base model and its adapters over HTTP (OpenAI and llama-server shapes). "
-                                   "Requests with different mixes decode together in one batch.",
-                       epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = sub.add_parser(
+        "serve",
+        help="OpenAI-compatible server: per-request adapter mixes, batched",
+        description="Serve the base model and its adapters over HTTP (OpenAI and llama-server shapes). "
+        "Requests with different mixes decode together in one batch.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--config", type=Path, default=None, help="a TOML (or .json) file with these settings and named mixes")
     p.add_argument("--base", type=Path, default=None, help="base model GGUF (default: the embedded SmolLM2-135M-Instruct Q4_1)")
-    p.add_argument("--adapters", type=Path, action="append", default=[], metavar="DIR",
-                   help="a folder of adapters (GGUF files, PEFT folders), or one adapter; repeatable. Adapters can be "
-                        "loaded later from these folders only")
-    p.add_argument("--router", default=None, metavar="ROUTER",
-                   help="the router of model \"auto\": a trained router .onnx, retrieval:KEYS, logo, file:MIX.json "
-                        "(see loramux run --help); with --upstream only a trained .onnx router")
-    p.add_argument("--upstream", default=None, metavar="URL",
-                   help="route for a running stock llama-server at URL instead of serving a model here")
+    p.add_argument(
+        "--adapters",
+        type=Path,
+        action="append",
+        default=[],
+        metavar="DIR",
+        help="a folder of adapters (GGUF files, PEFT folders), or one adapter; repeatable. Adapters can be "
+        "loaded later from these folders only",
+    )
+    p.add_argument(
+        "--router",
+        default=None,
+        metavar="ROUTER",
+        help='the router of model "auto": a trained router .onnx, retrieval:KEYS, logo, file:MIX.json '
+        "(see loramux run --help); with --upstream only a trained .onnx router",
+    )
+    p.add_argument(
+        "--upstream", default=None, metavar="URL", help="route for a running stock llama-server at URL instead of serving a model here"
+    )
     p.add_argument("--host", default=None, help="address to listen on (default: 127.0.0.1; others need --api-key)")
     p.add_argument("--port", type=int, default=None, help="port (default: 8080)")
     p.add_argument("--api-key", default=None, help="require Authorization: Bearer KEY on every route but /health")
@@ -46,10 +62,18 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--n-ctx", type=int, default=None, help="context of one request, prompt + answer (default: 2048)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads for llama.cpp (default: the cores, at most 8)")
     p.add_argument("--max-queue", type=int, default=None, help="requests waiting for a sequence before 429 (default: 64)")
-    p.add_argument("--flash-attn", choices=("on", "off"), default=None,
-                   help="flash attention (default: on, as llama-server; the Python API's default is off, as llama-cpp-python)")
-    p.add_argument("--skip-embeddings", action="store_true", default=None,
-                   help="load PEFT adapters with an embedding LoRA the base cannot take without that part")
+    p.add_argument(
+        "--flash-attn",
+        choices=("on", "off"),
+        default=None,
+        help="flash attention (default: on, as llama-server; the Python API's default is off, as llama-cpp-python)",
+    )
+    p.add_argument(
+        "--skip-embeddings",
+        action="store_true",
+        default=None,
+        help="load PEFT adapters with an embedding LoRA the base cannot take without that part",
+    )
     p.set_defaults(run=run)
 
 
@@ -57,8 +81,23 @@ def settings_from(args: argparse.Namespace):
     from loramux.server.settings import merge, read_config
 
     config = read_config(args.config) if args.config else {}
-    flags = {k: getattr(args, k) for k in ("base", "adapters", "router", "upstream", "host", "port", "api_key",
-                                           "n_seq_max", "n_ctx", "threads", "max_queue", "skip_embeddings")}
+    flags = {
+        k: getattr(args, k)
+        for k in (
+            "base",
+            "adapters",
+            "router",
+            "upstream",
+            "host",
+            "port",
+            "api_key",
+            "n_seq_max",
+            "n_ctx",
+            "threads",
+            "max_queue",
+            "skip_embeddings",
+        )
+    }
     flags["flash_attn"] = None if args.flash_attn is None else args.flash_attn == "on"
     return merge(config, flags)
 

@@ -9,6 +9,7 @@
 
 The front end most callers want is :class:`loramux.AdapterPool`; the server is built on it.
 """
+
 from __future__ import annotations
 
 from loramux.engine.core import Engine
@@ -17,5 +18,15 @@ from loramux.engine.sampling import GREEDY, SamplingParams
 from loramux.engine.slots import CONTEXT, NATIVE
 from loramux.engine.stats import EngineStats
 
-__all__ = ["CONTEXT", "GREEDY", "NATIVE", "Engine", "EngineRequest", "EngineStats", "Finished", "RequestHandle",
-           "SamplingParams", "TokenEvent"]
+__all__ = [
+    "CONTEXT",
+    "GREEDY",
+    "NATIVE",
+    "Engine",
+    "EngineRequest",
+    "EngineStats",
+    "Finished",
+    "RequestHandle",
+    "SamplingParams",
+    "TokenEvent",
+]

@@ -5,6 +5,7 @@ cache), its batch, the adapters registered on it for per-sequence mixes (:class:
 native library) and the context-level adapter set (:class:`ContextLoraState`, stock llama.cpp).
 Only the engine's scheduler thread calls it.
 """
+
 from __future__ import annotations
 
 import ctypes
@@ -22,8 +23,18 @@ from loramux.mix import Mix
 class EngineContext:
     """One llama.cpp context of a model, with per-sequence and context-level mixes."""
 
-    def __init__(self, model_ptr, *, n_seq_max: int, n_ctx: int, n_batch: int, n_threads: int, max_active: int,
-                 native: bool, flash_attn: bool = False) -> None:
+    def __init__(
+        self,
+        model_ptr,
+        *,
+        n_seq_max: int,
+        n_ctx: int,
+        n_batch: int,
+        n_threads: int,
+        max_active: int,
+        native: bool,
+        flash_attn: bool = False,
+    ) -> None:
         import llama_cpp as lc
 
         self._lc = lc
@@ -43,8 +54,9 @@ class EngineContext:
         params.n_threads = params.n_threads_batch = n_threads
         self.ctx = lc.llama_init_from_model(model_ptr, params)
         if not self.ctx:
-            raise RuntimeLoadError(f"llama.cpp could not create a context of {n_seq_max} sequences x {n_ctx} tokens; "
-                                   "lower n_seq_max or n_ctx")
+            raise RuntimeLoadError(
+                f"llama.cpp could not create a context of {n_seq_max} sequences x {n_ctx} tokens; lower n_seq_max or n_ctx"
+            )
         self.n_batch = n_batch
         self.native = native
         self.max_active = max_active
@@ -122,8 +134,9 @@ class EngineContext:
         rc = self._lc.llama_decode(self.ctx, self.batch)
         seconds = time.perf_counter() - start
         if rc != 0:
-            raise LoramuxError(f"llama_decode failed with code {rc} on a batch of {n} tokens "
-                               "(1: no room in the K/V cache; lower n_seq_max or n_ctx)")
+            raise LoramuxError(
+                f"llama_decode failed with code {rc} on a batch of {n} tokens (1: no room in the K/V cache; lower n_seq_max or n_ctx)"
+            )
         if self.mixer is not None:
             self.mixer.check_applied()  # an adapted weight the graph could not apply is an error, never skipped
         return seconds

@@ -16,6 +16,7 @@ same per-sequence llama.cpp sampler chain on both paths (:mod:`loramux.engine.sa
 Adapter registration changes (:meth:`Engine.set_adapters`) and teacher-forced logits run as jobs
 on the scheduler thread between two steps, so nothing native changes under a running decode.
 """
+
 from __future__ import annotations
 
 import threading
@@ -35,7 +36,7 @@ from loramux.engine.text import StopText
 from loramux.errors import ContextLengthError, LoramuxError, MixError, QueueFullError, RequestCancelled
 from loramux.mix import Mix
 
-_RETRY = object()   # a job returns this to run again after the next step
+_RETRY = object()  # a job returns this to run again after the next step
 # The scheduler thread hands every token to the caller's thread (a stream, the server's event loop)
 # and takes the GIL back after each llama_decode: with Python's default 5 ms switch interval each
 # hand-off can wait a whole interval (measured: one HTTP stream 67 -> 90 tokens/s at 0.5 ms).
@@ -64,13 +65,32 @@ class Engine:
     mixes (the patched library). ``max_queue`` bounds the requests waiting for a slot.
     """
 
-    def __init__(self, model_ptr, *, n_seq_max: int = 8, n_ctx: int = 2048, n_batch: int = 512, n_threads: int = 2,
-                 max_active: int = 3, native: bool = False, max_queue: int = 256, fair_steps: int = 8,
-                 flash_attn: bool = False) -> None:
+    def __init__(
+        self,
+        model_ptr,
+        *,
+        n_seq_max: int = 8,
+        n_ctx: int = 2048,
+        n_batch: int = 512,
+        n_threads: int = 2,
+        max_active: int = 3,
+        native: bool = False,
+        max_queue: int = 256,
+        fair_steps: int = 8,
+        flash_attn: bool = False,
+    ) -> None:
         if n_seq_max < 1 or n_ctx < 8 or max_queue < 1:
             raise LoramuxError(f"engine needs n_seq_max >= 1, n_ctx >= 8, max_queue >= 1 (got {n_seq_max}, {n_ctx}, {max_queue})")
-        self.cx = EngineContext(model_ptr, n_seq_max=n_seq_max, n_ctx=n_ctx, n_batch=n_batch, n_threads=n_threads,
-                                max_active=max_active, native=native, flash_attn=flash_attn)
+        self.cx = EngineContext(
+            model_ptr,
+            n_seq_max=n_seq_max,
+            n_ctx=n_ctx,
+            n_batch=n_batch,
+            n_threads=n_threads,
+            max_active=max_active,
+            native=native,
+            flash_attn=flash_attn,
+        )
         self.n_ctx, self.n_seq_max, self.max_queue, self.fair_steps = n_ctx, n_seq_max, max_queue, fair_steps
         self.stats = EngineStats()
         self._slots = [Slot(i) for i in range(n_seq_max)]
@@ -114,7 +134,8 @@ class Engine:
             raise ContextLengthError(
                 f"request {request.request_id!r}: the prompt has {n} tokens"
                 + ("" if request.max_tokens is None else f" and asks for {request.max_tokens} more")
-                + f", but a sequence holds at most {self.n_ctx} (n_ctx); shorten the prompt or lower max_tokens")
+                + f", but a sequence holds at most {self.n_ctx} (n_ctx); shorten the prompt or lower max_tokens"
+            )
         handle = RequestHandle(request, loop)
         with self._cv:
             if self._closing:
@@ -146,21 +167,25 @@ class Engine:
 
     def retire_adapter(self, name: str, handles: Mapping[str, Any], then: Callable[[], None]) -> None:
         """Once no running or waiting request uses ``name``: register ``handles`` (without it) and call ``then``."""
+
         def job():
             if any(name in h.request.mix for h in self._users()):
                 return _RETRY
             self._set_adapters(dict(handles))
             then()
             return None
+
         self.call(job)
 
     def clear_prefix_cache(self) -> None:
         """Forget the K/V that ended requests left in their sequences (the next prompts are read whole)."""
+
         def job():
             for slot in self._slots:
                 if not slot.busy and slot.kv_mix is not None:
                     self.cx.keep_prefix(slot.seq_id, 0)
                     slot.forget_kv()
+
         self.call(job)
 
     def logits(self, tokens, mix: Mix, *, path: str = CONTEXT):
@@ -179,8 +204,10 @@ class Engine:
         Every mix must run per sequence (native library, at most ``max_active`` adapters)."""
         for item in items:
             if not self.cx.per_sequence(item.mix):
-                raise LoramuxError(f"scoring needs per-sequence mixes; {item.mix} is not one (native library in use: "
-                                   f"{self.native}; at most max_active={self.max_active} adapters)")
+                raise LoramuxError(
+                    f"scoring needs per-sequence mixes; {item.mix} is not one (native library in use: "
+                    f"{self.native}; at most max_active={self.max_active} adapters)"
+                )
         return self.call(lambda: self._score_job(list(items)))
 
     def close(self) -> None:
@@ -269,7 +296,9 @@ class Engine:
         req = handle.request
         for name in req.mix:
             if name not in self.cx.handles:
-                raise MixError(f"request {req.request_id!r}: adapter {name!r} is not loaded (loaded: {', '.join(sorted(self.cx.handles)) or 'none'})")
+                raise MixError(
+                    f"request {req.request_id!r}: adapter {name!r} is not loaded (loaded: {', '.join(sorted(self.cx.handles)) or 'none'})"
+                )
         path = self.path_for(req.mix)
         slot, reuse = best_slot(free, req.tokens, req.mix, path)
         sampler = SequenceSampler(req.sampling, self.cx.n_vocab)
@@ -367,8 +396,10 @@ class Engine:
         if not free:
             return _RETRY
         if path == NATIVE and not self.cx.per_sequence(mix):
-            raise LoramuxError(f"mix {mix} cannot run as a per-sequence mix (native library in use: {self.native}; "
-                               f"at most max_active={self.max_active} adapters)")
+            raise LoramuxError(
+                f"mix {mix} cannot run as a per-sequence mix (native library in use: {self.native}; "
+                f"at most max_active={self.max_active} adapters)"
+            )
         slot = min(free, key=lambda s: s.last_used)
         self.cx.keep_prefix(slot.seq_id, 0)
         slot.forget_kv()

@@ -5,6 +5,7 @@ thread (iterate it) or from asyncio (``async for``; the events are handed to the
 ``call_soon_threadsafe``). :meth:`RequestHandle.cancel` ends the request at the next step and
 frees its sequence, K/V cells and mix; :meth:`RequestHandle.result` waits for the whole answer.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -30,8 +31,8 @@ class EngineRequest:
     sampling: SamplingParams = field(default_factory=SamplingParams)
     max_tokens: int | None = 16
     stop: Sequence[str] = ()
-    stop_tokens: Collection[int] | None = None   # None: the model's end-of-generation tokens
-    logprobs: int | None = None                  # top alternatives to report per token (0: only the chosen one)
+    stop_tokens: Collection[int] | None = None  # None: the model's end-of-generation tokens
+    logprobs: int | None = None  # top alternatives to report per token (0: only the chosen one)
     request_id: Any = None
 
     def __post_init__(self) -> None:
@@ -63,14 +64,14 @@ class TokenEvent:
 class Finished:
     """The end of a request."""
 
-    finish_reason: str              # "stop" (end-of-generation token or stop string) or "length"
-    text: str                       # the whole answer (cut before a stop string)
-    tail: str                       # text released at the end that no TokenEvent carried (held back for stop strings)
-    tokens: tuple[int, ...]         # generated token ids (the stop token excluded)
+    finish_reason: str  # "stop" (end-of-generation token or stop string) or "length"
+    text: str  # the whole answer (cut before a stop string)
+    tail: str  # text released at the end that no TokenEvent carried (held back for stop strings)
+    tokens: tuple[int, ...]  # generated token ids (the stop token excluded)
     prompt_tokens: int
-    cached_tokens: int              # prompt tokens whose K/V came from the prefix cache (same mix)
+    cached_tokens: int  # prompt tokens whose K/V came from the prefix cache (same mix)
     mix: Mix
-    path: str                       # "native" (per-sequence mix) or "context" (one mix per decode)
+    path: str  # "native" (per-sequence mix) or "context" (one mix per decode)
 
     @property
     def completion_tokens(self) -> int:
@@ -92,9 +93,9 @@ class RequestHandle:
         self._done = threading.Event()
         self._finished: Finished | None = None
         self._error: BaseException | None = None
-        self.joined_step: int | None = None     # the engine's decode step at which the request joined
-        self.steps = 0                          # decode steps of its group while it ran
-        self.max_step_sequences = 0             # most sequences in one of those decodes (others' included)
+        self.joined_step: int | None = None  # the engine's decode step at which the request joined
+        self.steps = 0  # decode steps of its group while it ran
+        self.max_step_sequences = 0  # most sequences in one of those decodes (others' included)
 
     # --- engine side ------------------------------------------------------------------------
     def _put(self, item: Any) -> None:

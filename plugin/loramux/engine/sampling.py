@@ -13,6 +13,7 @@ order and with the parameter meanings of ``llama_cpp.Llama._init_sampler`` (llam
 fresh seed per request (llama.cpp's ``LLAMA_DEFAULT_SEED``); a given seed makes the draw
 reproducible whatever else is in the batch, because each sequence has its own chain and RNG.
 """
+
 from __future__ import annotations
 
 import math

@@ -7,6 +7,7 @@ the logits only where a target token is predicted. An item's loss is the mean ne
 log-likelihood of its target tokens ``tokens[n_prompt:]``. Composition (LoraHub) scores every
 candidate mix of one optimiser round this way: one decode for many candidates.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -73,8 +74,7 @@ def score_batch(cx, slots, items: Sequence[ScoreItem]) -> list[float]:
                 n += 1
             rows.append(first)
         cx.decode(n)
-        return [mean_nll(np.stack([cx.logits_row(r) for r in idx]), item.tokens[item.n_prompt:])
-                for idx, item in zip(rows, items)]
+        return [mean_nll(np.stack([cx.logits_row(r) for r in idx]), item.tokens[item.n_prompt :]) for idx, item in zip(rows, items)]
     finally:
         for slot in slots[: len(items)]:
             cx.set_seq_mix(slot.seq_id, Mix())

@@ -7,6 +7,7 @@ and a common prefix starts from there (:func:`best_slot`). K/V is never reused u
 mix: the key of a slot is the exact :class:`~loramux.mix.Mix`, and a slot whose mix differs
 gives no match.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -26,19 +27,19 @@ class Slot:
 
     seq_id: int
     handle: RequestHandle | None = None
-    kv_mix: Mix | None = None          # the mix the K/V in this sequence was computed under (None: empty)
+    kv_mix: Mix | None = None  # the mix the K/V in this sequence was computed under (None: empty)
     kv_path: str = NATIVE
-    fed: list[int] = field(default_factory=list)   # tokens whose K/V is in the cache, in order
+    fed: list[int] = field(default_factory=list)  # tokens whose K/V is in the cache, in order
     last_used: int = 0
     # --- the running request ---
     prompt: list[int] = field(default_factory=list)
     out: list[int] = field(default_factory=list)
-    pending: int | None = None         # sampled token not yet fed
+    pending: int | None = None  # sampled token not yet fed
     sampler: SequenceSampler | None = None
     text: StopText | None = None
-    group: Mix | None = None           # None: per-sequence mix (native); a Mix: set on the whole context
-    limit: int = 0                     # most tokens to generate
-    cached: int = 0                    # prompt tokens reused from the prefix cache
+    group: Mix | None = None  # None: per-sequence mix (native); a Mix: set on the whole context
+    limit: int = 0  # most tokens to generate
+    cached: int = 0  # prompt tokens reused from the prefix cache
     order: int = 0
 
     @property

@@ -1,4 +1,5 @@
 """Counters of the engine, read by ``AdapterPool.stats``, the benchmarks and the server's /metrics."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -11,14 +12,14 @@ class EngineStats:
     submitted: int = 0
     finished: int = 0
     cancelled: int = 0
-    rejected: int = 0                 # refused because the queue was full
-    steps: int = 0                    # llama_decode calls
-    tokens_decoded: int = 0           # tokens fed (prompt + generated)
+    rejected: int = 0  # refused because the queue was full
+    steps: int = 0  # llama_decode calls
+    tokens_decoded: int = 0  # tokens fed (prompt + generated)
     tokens_generated: int = 0
     prompt_tokens: int = 0
-    prefix_hit_tokens: int = 0        # prompt tokens whose K/V came from the prefix cache (same mix)
+    prefix_hit_tokens: int = 0  # prompt tokens whose K/V came from the prefix cache (same mix)
     decode_seconds: float = 0.0
-    step_sequences: int = 0           # sum over steps of the sequences in that step
+    step_sequences: int = 0  # sum over steps of the sequences in that step
     max_step_sequences: int = 0
     last_step_sequences: int = 0
 

@@ -5,6 +5,7 @@
 has room. :func:`accept_token` samples one row with the request's own sampler chain, streams
 the token and its text to the caller, and says whether the request ended.
 """
+
 from __future__ import annotations
 
 from typing import TYPE_CHECKING, Sequence
@@ -68,9 +69,16 @@ def log_probs(logits: np.ndarray, token: int, top: int) -> tuple[float, dict[int
 
 def finished_result(slot: Slot, reason: str, tail: str) -> Finished:
     req = slot.handle.request
-    return Finished(finish_reason=reason, text=slot.text.text, tail=tail, tokens=tuple(slot.out),
-                    prompt_tokens=len(slot.prompt), cached_tokens=slot.cached, mix=req.mix,
-                    path=NATIVE if slot.group is None else CONTEXT)
+    return Finished(
+        finish_reason=reason,
+        text=slot.text.text,
+        tail=tail,
+        tokens=tuple(slot.out),
+        prompt_tokens=len(slot.prompt),
+        cached_tokens=slot.cached,
+        mix=req.mix,
+        path=NATIVE if slot.group is None else CONTEXT,
+    )
 
 
 def accept_token(cx: "EngineContext", slot: Slot, row: int, stats: "EngineStats") -> Finished | None:

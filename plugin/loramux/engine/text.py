@@ -6,6 +6,7 @@ U+FFFD), searches the stop strings in that decoded text, and cuts at the first s
 the same text it searched. Text that could still be the start of a stop string is held back, so
 a streamed answer never shows text that the final answer cuts off.
 """
+
 from __future__ import annotations
 
 import codecs
@@ -18,9 +19,9 @@ class StopText:
     def __init__(self, stops: Sequence[str] = ()) -> None:
         self.stops = tuple(s for s in stops if s)
         self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-        self.text = ""          # decoded text, up to the stop string once one is found
-        self.released = 0       # characters of self.text given out by feed()/finish()
-        self.stopped = False    # a stop string was found (self.text ends before it)
+        self.text = ""  # decoded text, up to the stop string once one is found
+        self.released = 0  # characters of self.text given out by feed()/finish()
+        self.stopped = False  # a stop string was found (self.text ends before it)
 
     def _held_back(self) -> int:
         """Characters at the end of self.text that begin some stop string."""
@@ -53,7 +54,7 @@ class StopText:
 
     def _release(self, upto: int) -> str:
         upto = max(upto, self.released)
-        out = self.text[self.released:upto]
+        out = self.text[self.released : upto]
         self.released = upto
         return out
 

@@ -10,14 +10,15 @@
 - training-free routers: :mod:`.retrieval` (keys from sample prompts, :mod:`.embedding`),
   :mod:`.logo` (the adapters' own output norms), :mod:`.fixed` (a mix from a file).
 """
+
 from __future__ import annotations
 
 from loramux.router.errors import RouterError, RouterFileError, RouterMismatchError, RouterSettingsError
 from loramux.router.features import BaseTokenizer, FeatureRecipe
 from loramux.router.metadata import METADATA_KEY, RouterMetadata
+from loramux.router.registry import PromptRouter, is_router_spec, open_router, register_router, router_kinds
 from loramux.router.runtime import Router, resolve_providers
 from loramux.router.selection import Routing, SelectionSettings, select
-from loramux.router.registry import PromptRouter, is_router_spec, open_router, register_router, router_kinds
 
 __all__ = [
     "BaseTokenizer",

@@ -14,6 +14,7 @@ Three features (``FEATURES``):
 
 All are float32 vectors (the model's width; twice that for ``token_meanmax``). Prompts are the raw text (no chat template).
 """
+
 from __future__ import annotations
 
 from typing import Any, Sequence

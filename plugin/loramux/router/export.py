@@ -11,6 +11,7 @@ Output:  ``logits`` float32 ``(batch, n_outcomes)``
     pooled  = Squeeze(summed, 1) / max(sum(mask), 1)        (batch, hidden)
     logits  = Gemm(Relu(pooled + b1), W2^T) + b2            (batch, n_outcomes)
 """
+
 from __future__ import annotations
 
 import os

@@ -12,6 +12,7 @@ The recipe (stored in every router file, so the runtime computes exactly what tr
 
 Nothing outside the base model file is needed: no second model, no download.
 """
+
 from __future__ import annotations
 
 import os
@@ -33,14 +34,14 @@ SOURCE_TENSOR = "token_embd.weight"
 class FeatureRecipe:
     """How a prompt becomes the router's input (stored in the router file's metadata)."""
 
-    kind: str = FEATURE_KIND          # masked mean of per-token rows of a table made from token_embd
+    kind: str = FEATURE_KIND  # masked mean of per-token rows of a table made from token_embd
     source_tensor: str = SOURCE_TENSOR
-    text: str = "input"               # the raw user input, no chat template
-    add_special: bool = False         # no BOS/EOS
-    parse_special: bool = False       # special-token text stays text
-    max_tokens: int = 1024            # longer prompts keep their first max_tokens ids
-    embedding_dim: int = 0            # width of token_embd (576 for SmolLM2-135M)
-    projected_dim: int = 0            # width of the table stored in the ONNX file
+    text: str = "input"  # the raw user input, no chat template
+    add_special: bool = False  # no BOS/EOS
+    parse_special: bool = False  # special-token text stays text
+    max_tokens: int = 1024  # longer prompts keep their first max_tokens ids
+    embedding_dim: int = 0  # width of token_embd (576 for SmolLM2-135M)
+    projected_dim: int = 0  # width of the table stored in the ONNX file
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)

@@ -3,6 +3,7 @@
 The file is a JSON object with a ``"mix"`` object ``{adapter: weight}`` (other keys, e.g. how the
 mix was found, are kept in :attr:`FixedMixRouter.info`), or the ``{adapter: weight}`` object alone.
 """
+
 from __future__ import annotations
 
 import json

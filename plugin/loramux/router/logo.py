@@ -21,6 +21,7 @@ not scored (``Routing.scores`` leaves them out).
 the same as retrieval and LoraRetriever's top-3, so a prompt can mix at most three adapters
 (measured against k=1 in BENCHMARKS.md).
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -57,8 +58,8 @@ def lora_factors(gguf_path: Path, tensor: str) -> tuple[np.ndarray, np.ndarray, 
 
 def spectral_norm(a: np.ndarray, b: np.ndarray, k: float) -> float:
     """The largest singular value of ``k B A`` (from the r x r core, without forming B A)."""
-    qa = np.linalg.qr(a.astype(np.float64).T)[1]            # A^T = Q_a R_a
-    qb = np.linalg.qr(b.astype(np.float64))[1]              # B = Q_b R_b
+    qa = np.linalg.qr(a.astype(np.float64).T)[1]  # A^T = Q_a R_a
+    qb = np.linalg.qr(b.astype(np.float64))[1]  # B = Q_b R_b
     return float(abs(k) * np.linalg.norm(qb @ qa.T, 2))
 
 
@@ -104,7 +105,7 @@ class LogoRouter:
         """x: the module's input at the last prompt token, under the active adapter set."""
         names = list(self.pool.names)
         text = self.pool.chat_prompt([{"role": "user", "content": str(prompt)}]) if self.settings["template"] == "chat" else str(prompt)
-        ids = self.pool.tokenize(text, add_bos=self.settings["template"] == "raw", special=True)[-self.pool.n_ctx:]
+        ids = self.pool.tokenize(text, add_bos=self.settings["template"] == "raw", special=True)[-self.pool.n_ctx :]
         rows = self.pool.probe().capture(ids, [self.input_name], adapters=self._active(names))[self.input_name]
         return rows[-1].astype(np.float64)
 
@@ -128,7 +129,7 @@ class LogoRouter:
         if kind == "entropy":
             return inverse_entropy(o)
         norm = float(np.linalg.norm(o))
-        if kind == "relative":    # how much of the adapter's largest possible gain this x draws out
+        if kind == "relative":  # how much of the adapter's largest possible gain this x draws out
             a, b, k = factors
             return norm / max(spectral_norm(a, b, k) * float(np.linalg.norm(x)), 1e-30)
         return norm

@@ -4,6 +4,7 @@ A router is bound to one base model (its tokenizer and ``token_embd`` made the f
 ordered list of adapter names (one output column each). Both are checked whenever a router meets a
 base model or an adapter pool, so a router is never used with the wrong ones.
 """
+
 from __future__ import annotations
 
 import json
@@ -25,13 +26,13 @@ OUTPUT_LOGITS = "logits"
 class RouterMetadata:
     """The router file's self-description."""
 
-    adapters: tuple[str, ...]              # output columns 0..n-1, in this order
-    none_outcome: bool                     # one more column last: "none of these"
-    base_fingerprint: str                  # loramux.converters.read_base_model(base).fingerprint
+    adapters: tuple[str, ...]  # output columns 0..n-1, in this order
+    none_outcome: bool  # one more column last: "none of these"
+    base_fingerprint: str  # loramux.converters.read_base_model(base).fingerprint
     base_name: str
     features: FeatureRecipe
     selection: SelectionSettings
-    training: dict[str, Any] = field(default_factory=dict)   # what it was trained on and how well it did
+    training: dict[str, Any] = field(default_factory=dict)  # what it was trained on and how well it did
     format_version: int = FORMAT_VERSION
 
     @property
@@ -78,7 +79,9 @@ class RouterMetadata:
         except RouterFileError:
             raise
         except (ValueError, KeyError, TypeError, AttributeError) as exc:
-            raise RouterFileError(f"{source} has unreadable {METADATA_KEY} metadata ({type(exc).__name__}: {exc}); retrain the router") from None
+            raise RouterFileError(
+                f"{source} has unreadable {METADATA_KEY} metadata ({type(exc).__name__}: {exc}); retrain the router"
+            ) from None
 
     # --- checks -------------------------------------------------------------------------
     def check_base(self, fingerprint: str, *, base: str = "the base model", source: str = "router") -> None:
@@ -104,8 +107,10 @@ class RouterMetadata:
                 parts.append(f"the pool has adapters the router does not know: {extra}")
             hint = ""
             if missing:
-                hint = (" If an adapter was skipped while loading (e.g. an embedding LoRA on a tied-output base), "
-                        "load it with --skip-embeddings;")
+                hint = (
+                    " If an adapter was skipped while loading (e.g. an embedding LoRA on a tied-output base), "
+                    "load it with --skip-embeddings;"
+                )
             raise RouterMismatchError(
                 f"{source} routes over {len(self.adapters)} adapters that do not match the pool's {len(pool)}: "
                 f"{'; '.join(parts)}.{hint} load the adapters the router was trained for, or retrain it on this pool"
@@ -116,8 +121,7 @@ def read_metadata_map(props: Mapping[str, str], *, source: str) -> RouterMetadat
     """The router metadata from an ONNX model's custom metadata map (raises RouterFileError if absent)."""
     if METADATA_KEY not in props:
         raise RouterFileError(
-            f"{source} is an ONNX model but not a loramux router (no {METADATA_KEY!r} metadata); "
-            "train one with `loramux router train`"
+            f"{source} is an ONNX model but not a loramux router (no {METADATA_KEY!r} metadata); train one with `loramux router train`"
         )
     return RouterMetadata.loads(props[METADATA_KEY], source=source)
 

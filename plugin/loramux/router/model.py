@@ -15,6 +15,7 @@ Because the mean and W1 are linear, the first layer folds into the table for exp
 (``n_vocab x hidden``) and ``b1' = b1 - (W1 / sigma) mu``. The ONNX graph stores ``T`` instead of
 the 576-wide table: ``hidden / n_embd`` of its size, and a narrower gather per token.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -28,10 +29,10 @@ from torch import nn
 class FoldedRouter:
     """The exported form: ``logits = W2 relu(mean_t T[id_t] + b1) + b2`` (float32 arrays)."""
 
-    table: np.ndarray      # (n_vocab, hidden)
-    bias1: np.ndarray      # (hidden,)
-    weight2: np.ndarray    # (n_outcomes, hidden)
-    bias2: np.ndarray      # (n_outcomes,)
+    table: np.ndarray  # (n_vocab, hidden)
+    bias1: np.ndarray  # (hidden,)
+    weight2: np.ndarray  # (n_outcomes, hidden)
+    bias2: np.ndarray  # (n_outcomes,)
 
     @property
     def n_outcomes(self) -> int:
@@ -52,7 +53,7 @@ class RouterNet(nn.Module):
     def __init__(self, embeddings: torch.Tensor, n_outcomes: int, hidden: int = 64, dropout: float = 0.1) -> None:
         super().__init__()
         n_vocab, n_embd = embeddings.shape
-        self.register_buffer("embeddings", embeddings.float(), persistent=False)   # frozen, from the base GGUF
+        self.register_buffer("embeddings", embeddings.float(), persistent=False)  # frozen, from the base GGUF
         self.register_buffer("feature_mean", torch.zeros(n_embd))
         self.register_buffer("feature_std", torch.ones(n_embd))
         self.dropout = nn.Dropout(dropout)
@@ -89,9 +90,9 @@ class RouterNet(nn.Module):
     @torch.no_grad()
     def fold(self) -> FoldedRouter:
         """The export-ready weights (see the module docstring); exact up to float32 rounding."""
-        w1 = self.proj.weight.double() / self.feature_std.double()            # (hidden, n_embd)
+        w1 = self.proj.weight.double() / self.feature_std.double()  # (hidden, n_embd)
         b1 = self.proj.bias.double() - w1 @ self.feature_mean.double()
-        table = self.embeddings.double() @ w1.T                               # (n_vocab, hidden)
+        table = self.embeddings.double() @ w1.T  # (n_vocab, hidden)
         return FoldedRouter(
             table=table.float().numpy().copy(),
             bias1=b1.float().numpy().copy(),

@@ -1,4 +1,5 @@
 """Router options in a spec string: ``k=3,T=0.05`` after the router's prefix (typed like the defaults)."""
+
 from __future__ import annotations
 
 from typing import Any
@@ -12,8 +13,7 @@ def parse_options(text: str | None, defaults: dict[str, Any], *, source: str) ->
     for item in filter(None, (s.strip() for s in (text or "").split(","))):
         key, sep, value = item.partition("=")
         if not sep or key not in defaults:
-            raise MixError(f"{source}: unknown option {item!r}; options: "
-                           + ", ".join(f"{k}={v}" for k, v in defaults.items()))
+            raise MixError(f"{source}: unknown option {item!r}; options: " + ", ".join(f"{k}={v}" for k, v in defaults.items()))
         kind = type(defaults[key])
         try:
             out[key] = kind(value)

@@ -17,6 +17,7 @@ Built in (each imported only when used, so this module imports nothing heavy):
 A router is anything with ``adapters`` (the names it routes among), ``route(prompt) -> Routing``
 and ``close()``. Register more with :func:`register_router`.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -38,7 +39,7 @@ class PromptRouter(Protocol):
     def close(self) -> None: ...
 
 
-RouterFactory = Callable[[str | None, Any], PromptRouter]   # (the text after "KIND:", the AdapterPool)
+RouterFactory = Callable[[str | None, Any], PromptRouter]  # (the text after "KIND:", the AdapterPool)
 
 
 @dataclass(frozen=True)
@@ -47,7 +48,7 @@ class RouterKind:
 
     prefix: str
     factory: RouterFactory
-    usage: str        # e.g. "retrieval:KEYS[,k=3,T=0.05]"
+    usage: str  # e.g. "retrieval:KEYS[,k=3,T=0.05]"
     summary: str
 
 
@@ -90,6 +91,7 @@ def open_router(spec: str, pool: Any) -> PromptRouter:
 
 # --- built-in kinds ---------------------------------------------------------------------
 
+
 def _need_arg(kind: str, arg: str | None, what: str) -> str:
     if not arg:
         raise MixError(f"router {kind!r} needs {what}: {kind}:{what.upper()}")
@@ -107,8 +109,9 @@ def _onnx(arg: str | None, pool: Any) -> PromptRouter:
     missing = sorted(set(router.adapters) - set(pool.names))
     if missing:
         router.close()
-        raise RouterMismatchError(f"router {path} routes to adapters that are not loaded: {', '.join(missing)}; "
-                                  "load them, or retrain the router on this pool")
+        raise RouterMismatchError(
+            f"router {path} routes to adapters that are not loaded: {', '.join(missing)}; load them, or retrain the router on this pool"
+        )
     return router
 
 
@@ -132,12 +135,19 @@ def _file(arg: str | None, pool: Any) -> PromptRouter:
 
 
 register_router("router", _onnx, usage="router:PATH.onnx", summary="a trained ONNX router (loramux router train)")
-register_router("retrieval", _retrieval, usage="retrieval:KEYS[,k=3,T=0.05,weights=softmax|uniform]",
-                summary="nearest adapters to the prompt's embedding (keys: loramux router index)")
-register_router("logo", _logo, usage="logo[:k=3,score=norm|entropy,layer=-1,module=attn_q]",
-                summary="LoGo: the adapters' own output norms at one layer, no training, no samples")
+register_router(
+    "retrieval",
+    _retrieval,
+    usage="retrieval:KEYS[,k=3,T=0.05,weights=softmax|uniform]",
+    summary="nearest adapters to the prompt's embedding (keys: loramux router index)",
+)
+register_router(
+    "logo",
+    _logo,
+    usage="logo[:k=3,score=norm|entropy,layer=-1,module=attn_q]",
+    summary="LoGo: the adapters' own output norms at one layer, no training, no samples",
+)
 register_router("file", _file, usage="file:MIX.json", summary="one fixed mix read from a file (loramux compose)")
 
 
-__all__ = ["PromptRouter", "RouterFactory", "RouterKind", "is_router_spec", "open_router",
-           "register_router", "router_kinds"]
+__all__ = ["PromptRouter", "RouterFactory", "RouterKind", "is_router_spec", "open_router", "register_router", "router_kinds"]

@@ -14,6 +14,7 @@ loaded in the pool now (cosine); the ``k`` most similar are kept and weighted by
 (``weights=uniform``, LoraRetriever's own rule, which ignores the scores); weights below
 ``min_weight`` are dropped (never the top adapter) and the rest renormalised to sum to 1.
 """
+
 from __future__ import annotations
 
 import json
@@ -58,10 +59,14 @@ class RetrievalKeys:
         return _unit(_unit(np.asarray(embeddings, dtype=np.float64) - self.center).mean(axis=0)).astype(np.float32)
 
     def to_json(self) -> dict[str, Any]:
-        return {"format": FORMAT, "version": VERSION, "feature": self.feature, "base_fingerprint": self.base_fingerprint,
-                "center": self.center.astype(float).tolist(),
-                "adapters": {n: {"samples": self.samples.get(n, 0), "key": k.astype(float).tolist()}
-                             for n, k in sorted(self.keys.items())}}
+        return {
+            "format": FORMAT,
+            "version": VERSION,
+            "feature": self.feature,
+            "base_fingerprint": self.base_fingerprint,
+            "center": self.center.astype(float).tolist(),
+            "adapters": {n: {"samples": self.samples.get(n, 0), "key": k.astype(float).tolist()} for n, k in sorted(self.keys.items())},
+        }
 
     def save(self, path: str | os.PathLike) -> Path:
         """Write the keys as JSON, atomically."""
@@ -91,8 +96,7 @@ class RetrievalKeys:
         return cls(check_feature(str(data["feature"])), str(data["base_fingerprint"]), center, keys, samples)
 
 
-def build_keys(pool: Any, samples: Mapping[str, Sequence[str]], *, feature: str = DEFAULT_FEATURE,
-               progress=None) -> RetrievalKeys:
+def build_keys(pool: Any, samples: Mapping[str, Sequence[str]], *, feature: str = DEFAULT_FEATURE, progress=None) -> RetrievalKeys:
     """Keys for the adapters of ``samples`` (adapter -> its prompts), embedded with ``feature`` of ``pool``'s base."""
     from loramux.converters import read_base_model
 
@@ -133,8 +137,7 @@ def check_settings(settings: Mapping[str, Any], source: str) -> dict[str, Any]:
 class RetrievalRouter:
     """Routes a prompt to the adapters whose keys are nearest to its embedding."""
 
-    def __init__(self, keys: RetrievalKeys, pool: Any, *, settings: Mapping[str, Any] | None = None,
-                 source: str = "retrieval") -> None:
+    def __init__(self, keys: RetrievalKeys, pool: Any, *, settings: Mapping[str, Any] | None = None, source: str = "retrieval") -> None:
         from loramux.converters import read_base_model
 
         fingerprint = read_base_model(pool.base_path).fingerprint
@@ -203,5 +206,4 @@ def samples_by_adapter(rows: Sequence[Mapping[str, Any]], adapters: Sequence[str
     return out
 
 
-__all__ = ["DEFAULTS", "RetrievalKeys", "RetrievalRouter", "SAMPLES_PER_ADAPTER", "build_keys", "retrieval_weights",
-           "samples_by_adapter"]
+__all__ = ["DEFAULTS", "RetrievalKeys", "RetrievalRouter", "SAMPLES_PER_ADAPTER", "build_keys", "retrieval_weights", "samples_by_adapter"]

@@ -11,6 +11,7 @@ behind it) when the installed onnxruntime offers it (``onnxruntime-gpu`` on a ma
 else the CPU. Pass ``providers=["cpu"]``, ``["cuda"]`` or full onnxruntime provider names to choose;
 ``router.providers`` reports what the session really uses.
 """
+
 from __future__ import annotations
 
 import os

@@ -26,6 +26,7 @@ The policy, in order (pure numpy, one prompt at a time):
 The weights of a routed mix therefore always sum to 1: a clear one-adapter decision gives that
 adapter at weight 1.0, exactly the adapter as trained.
 """
+
 from __future__ import annotations
 
 import math
@@ -88,11 +89,11 @@ class Routing:
     """What the router decided for one prompt: the mix, and the scores it came from."""
 
     mix: Mix
-    scores: dict[str, float]               # softmax(logits / T) per adapter (not renormalised)
-    none_score: float | None               # probability of "none of these" (None: the router has no such outcome)
-    top1: str                              # the most probable adapter (even when the fallback was taken)
-    confidence: float                      # scores[top1]
-    fallback: str | None = None            # None, or why the fallback mix was used: "none" / "low_confidence"
+    scores: dict[str, float]  # softmax(logits / T) per adapter (not renormalised)
+    none_score: float | None  # probability of "none of these" (None: the router has no such outcome)
+    top1: str  # the most probable adapter (even when the fallback was taken)
+    confidence: float  # scores[top1]
+    fallback: str | None = None  # None, or why the fallback mix was used: "none" / "low_confidence"
     settings: SelectionSettings = field(default_factory=SelectionSettings)
 
     def to_json(self) -> dict[str, Any]:
@@ -126,9 +127,7 @@ def select(
     logits = np.asarray(logits, dtype=np.float64).reshape(-1)
     n = len(adapters)
     if logits.shape[0] != n + int(none_outcome):
-        raise RouterSettingsError(
-            f"router gave {logits.shape[0]} scores for {n} adapters{' and none' if none_outcome else ''}"
-        )
+        raise RouterSettingsError(f"router gave {logits.shape[0]} scores for {n} adapters{' and none' if none_outcome else ''}")
     p = softmax(logits, settings.temperature)
     adapter_p = p[:n]
     none_p = float(p[n]) if none_outcome else None

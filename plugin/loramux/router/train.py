@@ -8,6 +8,7 @@ contribute about five labelled examples; 0 leaves them out and the router has no
 A stratified ``val_fraction`` of the labelled rows is held out of training and scored at the end
 (the "held-out check"); ``check_rows`` (e.g. a dev split) are scored too when given.
 """
+
 from __future__ import annotations
 
 import math
@@ -60,13 +61,13 @@ class RoutingCheck:
 
     name: str
     n: int
-    accuracy: float                          # over every row (rows of tasks without an adapter count as "none")
-    adapter_rows: int                        # rows whose task has an adapter
-    adapter_accuracy: float                  # top-1 accuracy on those rows
-    none_rows: int                           # rows of tasks without an adapter (0 when the router has no none outcome)
-    none_recall: float | None                # share of those routed to "none"
+    accuracy: float  # over every row (rows of tasks without an adapter count as "none")
+    adapter_rows: int  # rows whose task has an adapter
+    adapter_accuracy: float  # top-1 accuracy on those rows
+    none_rows: int  # rows of tasks without an adapter (0 when the router has no none outcome)
+    none_recall: float | None  # share of those routed to "none"
     per_outcome: dict[str, float]
-    confusions: list[tuple[str, str, int]]   # (true, predicted, count), most frequent first
+    confusions: list[tuple[str, str, int]]  # (true, predicted, count), most frequent first
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -92,10 +93,10 @@ class RoutingCheck:
 class TrainResult:
     """The trained torch network, the file written, and the held-out checks."""
 
-    model: Any                       # loramux.router.model.RouterNet
+    model: Any  # loramux.router.model.RouterNet
     metadata: RouterMetadata
     path: Path | None
-    outcomes: list[str]              # adapters, then NONE_LABEL if the router has a none outcome
+    outcomes: list[str]  # adapters, then NONE_LABEL if the router has a none outcome
     validation: RoutingCheck | None
     checks: list[RoutingCheck] = field(default_factory=list)
     seconds: float = 0.0
@@ -131,7 +132,7 @@ class _AdamW:
 
         self.t += 1
         b1, b2 = self.betas
-        c1, c2 = 1.0 - b1 ** self.t, 1.0 - b2 ** self.t
+        c1, c2 = 1.0 - b1**self.t, 1.0 - b2**self.t
         with torch.no_grad():
             for p, m, v in zip(self.params, self.m, self.v):
                 if p.grad is None:
@@ -233,14 +234,17 @@ def train_router(
     none_index = len(names) if none_outcome else None
     y = np.array(labels, dtype=np.int64)
     if none_outcome:
-        say(f"'none of these' outcome: {sum(none_counts.values())} rows from {len(none_counts)} task(s) without an adapter "
-            f"(at most {config.none_per_task} each): {', '.join(sorted(none_counts))}")
+        say(
+            f"'none of these' outcome: {sum(none_counts.values())} rows from {len(none_counts)} task(s) without an adapter "
+            f"(at most {config.none_per_task} each): {', '.join(sorted(none_counts))}"
+        )
 
     # --- features ---
     recipe = FeatureRecipe(max_tokens=config.max_tokens)
     t = time.perf_counter()
     tokenizer = BaseTokenizer(base)
     try:
+
         def ids_of(rs: Sequence[Mapping[str, Any]], stage: str) -> list[np.ndarray]:
             out_ids = []
             for i, r in enumerate(rs):
@@ -316,8 +320,13 @@ def train_router(
         with torch.no_grad():
             validation = None
             if len(val_idx):
-                validation = _check("held-out check (validation rows of the training data)",
-                                    model.classify(x_all[val_idx]).numpy(), y[val_idx], outcomes, none_index)
+                validation = _check(
+                    "held-out check (validation rows of the training data)",
+                    model.classify(x_all[val_idx]).numpy(),
+                    y[val_idx],
+                    outcomes,
+                    none_index,
+                )
             checks = []
             for name, rs in (check_rows or {}).items():
                 labels_c = np.array([index.get(str(r["task"]), len(names) if none_outcome else -1) for r in rs])
