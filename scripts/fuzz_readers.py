@@ -178,19 +178,9 @@ def tiny_safetensors(folder: Path, keep: int = 8) -> bytes:
 def _value_bytes(vtype: int, value: Any, itype: int | None) -> bytes:
     from gguf import GGUFValueType as T
 
-    formats = {
-        T.UINT8: "<B",
-        T.INT8: "<b",
-        T.UINT16: "<H",
-        T.INT16: "<h",
-        T.UINT32: "<I",
-        T.INT32: "<i",
-        T.FLOAT32: "<f",
-        T.BOOL: "<?",
-        T.UINT64: "<Q",
-        T.INT64: "<q",
-        T.FLOAT64: "<d",
-    }
+    from loramux.converters.gguf_header import _scalar_formats
+
+    formats = _scalar_formats()  # the header reader's own table
     if vtype == T.STRING:
         raw = value.encode("utf-8")
         return struct.pack("<Q", len(raw)) + raw

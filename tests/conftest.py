@@ -38,6 +38,21 @@ def native_missing(reason: str) -> None:
     pytest.skip(f"loramux native library not in use: {reason}")
 
 
+def run_worker(script: str | os.PathLike, *args: object, env: dict[str, str] | None = None, timeout: float = 600) -> None:
+    """Run ``python SCRIPT ARGS`` in a fresh process (so that loramux.native loads the patched
+    libllama before llama_cpp) without the parent's LLAMA_CPP_LIB_PATH; fail with its output if it dies."""
+    clean = {k: v for k, v in os.environ.items() if k != "LLAMA_CPP_LIB_PATH"} | (env or {})
+    proc = subprocess.run(
+        [sys.executable, str(script), *map(str, args)],
+        env=clean,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        timeout=timeout,
+    )
+    assert proc.returncode == 0, f"{Path(script).name} {' '.join(map(str, args))} exited with {proc.returncode}:\n{proc.stdout[-4000:]}"
+
+
 def all_fixture_names() -> list[str]:
     return sorted(p.name for p in FIXTURES.iterdir() if p.is_dir()) if FIXTURES.is_dir() else []
 

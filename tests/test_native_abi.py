@@ -8,16 +8,14 @@ llama_cpp): a crash or an abort there fails the test with its output instead of 
 from __future__ import annotations
 
 import json
-import os
 import re
-import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from conftest import native_missing
+from conftest import native_missing, run_worker
 
 ROOT = Path(__file__).resolve().parents[1]
 HEADER = ROOT / "native" / "include" / "loramux.h"
@@ -144,11 +142,7 @@ def refusals(tmp_path_factory, base_model, shared_dir) -> dict:
     tmp = tmp_path_factory.mktemp("abi")
     good = convert_peft_to_gguf(FIXTURES / "causal_judgement", base_model, tmp / "causal_judgement.gguf", outtype="f32")
     out = tmp / "report.json"
-    env = {k: v for k, v in os.environ.items() if k != "LLAMA_CPP_LIB_PATH"}
-    proc = subprocess.run(
-        [sys.executable, __file__, str(out), str(good)], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=600
-    )
-    assert proc.returncode == 0, f"the worker died (code {proc.returncode}):\n{proc.stdout[-4000:]}"
+    run_worker(__file__, out, good)
     report = json.loads(out.read_text())
     if "unavailable" in report:
         native_missing(str(report["unavailable"]))

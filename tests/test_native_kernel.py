@@ -17,15 +17,13 @@ Workers run in subprocesses (loramux.native must load the patched libllama befor
 
 from __future__ import annotations
 
-import os
-import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from conftest import native_missing
+from conftest import native_missing, run_worker
 from floors import KERNEL_REL_TOL
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -206,16 +204,7 @@ def pool_dir(tmp_path_factory, base_model, shared_dir) -> Path:
 
 def _run(case: str, form: str, pool_dir: Path, tmp_path: Path) -> dict:
     out = tmp_path / f"{case}-{form}.npz"
-    env = {k: v for k, v in os.environ.items() if k != "LLAMA_CPP_LIB_PATH"} | {"LORAMUX_MUL_MAT_ID": FORMS[form]}
-    proc = subprocess.run(
-        [sys.executable, __file__, case, str(out), str(pool_dir)],
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        timeout=600,
-    )
-    assert proc.returncode == 0, proc.stdout[-4000:]
+    run_worker(__file__, case, out, pool_dir, env={"LORAMUX_MUL_MAT_ID": FORMS[form]})
     data = dict(np.load(out))
     if "unavailable" in data:
         native_missing(str(data["unavailable"]))

@@ -10,14 +10,12 @@ LORAMUX_REQUIRE_NATIVE=1.
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from conftest import native_missing
+from conftest import native_missing, run_worker
 
 ROOT = Path(__file__).resolve().parents[1]
 FIXTURES = ROOT.parent / "shared" / "fixtures" / "smollm2-bbh-lora"
@@ -80,11 +78,7 @@ def result(tmp_path_factory, base_model, shared_dir):
     for n in POOL:
         convert_peft_to_gguf(FIXTURES / n, base_model, d / f"{n}.gguf")
     out = tmp_path_factory.mktemp("batch") / "result.json"
-    env = {k: v for k, v in os.environ.items() if k != "LLAMA_CPP_LIB_PATH"}
-    proc = subprocess.run(
-        [sys.executable, __file__, str(out), str(d)], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=600
-    )
-    assert proc.returncode == 0, proc.stdout[-4000:]
+    run_worker(__file__, out, d)
     data = json.loads(out.read_text())
     if "unavailable" in data:
         native_missing(str(data["unavailable"]))

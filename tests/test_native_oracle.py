@@ -36,15 +36,13 @@ Skipped when the native library is not built (``scripts/build_native.sh``), unle
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from conftest import native_missing
+from conftest import native_missing, run_worker
 from floors import BATCH_MAX_ABS as MAX_ABS_TOL
 from floors import BATCH_MEAN_ABS as MEAN_ABS_TOL
 
@@ -227,16 +225,7 @@ def _convert_pool(base_model, out_dir: Path, outtype: str) -> Path:
 
 def _run_case(case: str, adapter_dir: Path, tmp_path: Path, form: str = "fused") -> dict:
     out = tmp_path / f"{case}.npz"
-    env = {k: v for k, v in os.environ.items() if k != "LLAMA_CPP_LIB_PATH"} | {"LORAMUX_MUL_MAT_ID": FORMS[form]}
-    proc = subprocess.run(
-        [sys.executable, __file__, case, str(out), str(adapter_dir)],
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        timeout=600,
-    )
-    assert proc.returncode == 0, proc.stdout[-4000:]
+    run_worker(__file__, case, out, adapter_dir, env={"LORAMUX_MUL_MAT_ID": FORMS[form]})
     data = dict(np.load(out))
     if "unavailable" in data:
         native_missing(str(data["unavailable"]))
