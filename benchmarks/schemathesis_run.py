@@ -60,7 +60,7 @@ def main(argv=None) -> int:
 
     with tempfile.TemporaryDirectory(prefix="loramux-schemathesis-") as tmp:
         adapters = prepare_adapters(Path(tmp) / "adapters")
-        flags = ["--adapters", str(adapters), "--n-ctx", str(args.n_ctx), "--n-seq-max", "2", "--threads", "2"]
+        flags = ["--adapters", str(adapters), "--n-ctx", str(args.n_ctx), "--n-seq-max", "2", "--threads", "1"]
         with loramux_server_process(*flags, log_dir=Path(tmp)) as server:
             t0 = time.perf_counter()
             done = run_schemathesis(server.url, max_examples=args.max_examples, max_time=args.max_time, seed=args.seed,

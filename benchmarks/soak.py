@@ -450,7 +450,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--seed", type=int, default=d.seed)
     ap.add_argument("--n-seq-max", type=int, default=8, help="the server's --n-seq-max (default: 8)")
     ap.add_argument("--n-ctx", type=int, default=256, help="the server's --n-ctx (default: 256)")
-    ap.add_argument("--threads", type=int, default=2, help="the server's --threads (default: 2)")
+    ap.add_argument("--threads", type=int, default=1,
+                    help="the server's --threads (default: 1: on a 2-core machine shared with other work, llama.cpp's "
+                         "2-thread barriers stall for whole time slices and a decode step takes seconds)")
     ap.add_argument("--json", type=Path, help="write the report here")
     return ap.parse_args(argv)
 

@@ -69,7 +69,7 @@ def fault_dir(tmp_path_factory, base_model) -> Path:
 @pytest.fixture(scope="module")
 def server(tmp_path_factory, fault_dir, base_model):
     tmp = tmp_path_factory.mktemp("fault-server")
-    flags = soak.server_args(fault_dir, tmp, n_seq_max=8, n_ctx=N_CTX, threads=2, max_queue=64)
+    flags = soak.server_args(fault_dir, tmp, n_seq_max=8, n_ctx=N_CTX, threads=1, max_queue=64)  # see soak --threads
     with loramux_server_process(*flags, "--base", str(base_model), log_dir=tmp) as proc:
         yield proc
     assert "Traceback" not in proc.log.read_text(), proc.log.read_text()[-4000:]
@@ -253,7 +253,7 @@ def test_a_server_killed_during_a_peft_conversion_never_uses_a_partial_file(tmp_
     names = [f"conv{i}" for i in range(12)]
     for name in names:
         shutil.copytree(FIXTURES / CONVERT, folder / "later" / name)
-    flags = ("--base", str(base_model), "--adapters", str(folder), "--n-ctx", "128", "--n-seq-max", "1", "--threads", "2")
+    flags = ("--base", str(base_model), "--adapters", str(folder), "--n-ctx", "128", "--n-seq-max", "1", "--threads", "1")
     env = {"LORAMUX_HOME": str(cache)}
     with loramux_server_process(*flags, log_dir=tmp_path, env=env) as first:
         caught = kill_during_conversion(first, cache, names)
@@ -266,7 +266,7 @@ def test_a_server_killed_during_a_peft_conversion_never_uses_a_partial_file(tmp_
         assert complete(second.url, {"model": caught, "prompt": "Hello"}).status_code == 200
     assert not partials(cache), "the leftover partial files were not removed"
     [cached] = (cache / "adapters").glob(f"{caught}-*.gguf")
-    from loramux.converters import convert_peft_to_gguf   # the same folder name: the same header
+    from loramux.converters import convert_peft_to_gguf  # the same folder name: the same header
 
     reference = convert_peft_to_gguf(folder / "later" / caught, base_model, tmp_path / "reference.gguf")
     assert sha256(cached) == sha256(reference)
@@ -278,7 +278,7 @@ def test_schemathesis_finds_no_server_error(tmp_path, base_model):
     import schemathesis_run
 
     adapters = schemathesis_run.prepare_adapters(tmp_path / "adapters")
-    flags = ("--base", str(base_model), "--adapters", str(adapters), "--n-ctx", "64", "--n-seq-max", "2", "--threads", "2")
+    flags = ("--base", str(base_model), "--adapters", str(adapters), "--n-ctx", "64", "--n-seq-max", "2", "--threads", "1")
     with loramux_server_process(*flags, log_dir=tmp_path) as server:
         done = schemathesis_run.run_schemathesis(server.url, max_examples=10, max_time=30, seed=1, workdir=tmp_path)
         log = server.log.read_text()

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+import traceback
 from typing import Any, AsyncIterator
 
 from fastapi import APIRouter, Request
@@ -116,6 +117,9 @@ async def _sse(handle: RequestHandle, shaper: responses.StreamShaper) -> AsyncIt
         yield sse_event("[DONE]")
     except LoramuxError as exc:  # after the headers went out: the error is the stream's last event
         yield sse_event(json.dumps(from_loramux(exc).body()))
+    except Exception as exc:  # a bug: the same, as a server_error, with the traceback in the server's log
+        traceback.print_exc()
+        yield sse_event(json.dumps(APIError(500, f"internal error: {type(exc).__name__}: {exc}", type="server_error").body()))
     finally:
         if not handle.done:  # the client went away (or the task was cancelled): free its sequence now
             handle.cancel()
