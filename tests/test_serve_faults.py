@@ -18,6 +18,7 @@ import os
 import shutil
 import signal
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -260,7 +261,10 @@ def test_a_server_killed_during_a_peft_conversion_never_uses_a_partial_file(tmp_
     left = partials(cache)
     assert left, "the kill left no partial file (it should have been caught mid-write)"
     assert not list((cache / "adapters").glob(f"{caught}-*.gguf")), "a final file appeared for a killed conversion"
+    killed_pins = lambda: list(Path(tempfile.gettempdir()).glob(f"loramux-adapters-{first.pid}-*"))  # noqa: E731
+    assert killed_pins(), "the killed server's private adapter copies should be left behind"
     with loramux_server_process(*flags, log_dir=tmp_path, env=env) as second:
+        assert not killed_pins(), "the next server did not remove the killed one's private adapter copies"
         r = httpx.post(f"{second.url}/v1/adapters", json={"path": f"later/{caught}"}, timeout=120)
         assert r.status_code == 201, r.text
         assert complete(second.url, {"model": caught, "prompt": "Hello"}).status_code == 200

@@ -177,8 +177,12 @@ class PinnedFiles:
     """Private, read-only copies of the GGUF files an :class:`~loramux.AdapterPool` loaded.
 
     :meth:`pin` copies a file into a private temporary folder and checks that the copy has the
-    bytes the pool validated; :meth:`unpin` deletes one copy, :meth:`close` all of them.
+    bytes the pool validated; :meth:`unpin` deletes one copy, :meth:`close` all of them. The
+    folder's name holds the process id: folders left by killed processes are removed by the next
+    pool that pins a file.
     """
+
+    PREFIX = "loramux-adapters-"
 
     def __init__(self) -> None:
         self._dir: Path | None = None
@@ -188,7 +192,8 @@ class PinnedFiles:
         """A private copy of ``path`` (adapter ``name``); AdapterError if its bytes are no longer ``sha256``."""
         with self._lock:
             if self._dir is None:
-                self._dir = Path(tempfile.mkdtemp(prefix="loramux-adapters-"))
+                remove_orphaned_pins()
+                self._dir = Path(tempfile.mkdtemp(prefix=f"{self.PREFIX}{os.getpid()}-"))
             fd, tmp = tempfile.mkstemp(prefix=f"{name}.", suffix=".gguf", dir=self._dir)
         os.close(fd)
         copy = Path(tmp)
@@ -213,6 +218,27 @@ class PinnedFiles:
             shutil.rmtree(folder, ignore_errors=True)
 
 
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:   # another user's process: alive
+        return True
+    return True
+
+
+def remove_orphaned_pins() -> list[Path]:
+    """Delete the :class:`PinnedFiles` folders whose process is gone (killed before it could close)."""
+    removed = []
+    for folder in Path(tempfile.gettempdir()).glob(f"{PinnedFiles.PREFIX}*-*"):
+        pid = folder.name[len(PinnedFiles.PREFIX):].split("-", 1)[0]
+        if pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(folder, ignore_errors=True)
+            removed.append(folder)
+    return removed
+
+
 __all__ = [
     "AdapterSkippedWarning",
     "CONVERTER_CACHE_VERSION",
@@ -229,5 +255,6 @@ __all__ = [
     "find_adapter_sources",
     "is_peft_folder",
     "peft_cache_key",
+    "remove_orphaned_pins",
     "remove_stale_partials",
 ]
