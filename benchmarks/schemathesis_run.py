@@ -8,6 +8,7 @@ status 0 when it found nothing.
 
     .venv/bin/python benchmarks/schemathesis_run.py --max-time 300 --max-examples 200
 """
+
 from __future__ import annotations
 
 import argparse
@@ -32,12 +33,30 @@ def schemathesis_exe() -> str:
     return found
 
 
-def run_schemathesis(url: str, *, max_examples: int, max_time: int, seed: int, workdir: Path,
-                     timeout: float | None = None) -> subprocess.CompletedProcess:
+def run_schemathesis(
+    url: str, *, max_examples: int, max_time: int, seed: int, workdir: Path, timeout: float | None = None
+) -> subprocess.CompletedProcess:
     """``schemathesis run URL/openapi.json`` checking ``not_a_server_error``; its output is in the result."""
-    cmd = [schemathesis_exe(), "run", f"{url}/openapi.json", "--checks", "not_a_server_error",
-           "--max-examples", str(max_examples), "--max-time", str(max_time), "--seed", str(seed),
-           "--workers", "1", "--request-timeout", "60", "--generation-database", "none", "--no-color"]
+    cmd = [
+        schemathesis_exe(),
+        "run",
+        f"{url}/openapi.json",
+        "--checks",
+        "not_a_server_error",
+        "--max-examples",
+        str(max_examples),
+        "--max-time",
+        str(max_time),
+        "--seed",
+        str(seed),
+        "--workers",
+        "1",
+        "--request-timeout",
+        "60",
+        "--generation-database",
+        "none",
+        "--no-color",
+    ]
     return subprocess.run(cmd, cwd=workdir, capture_output=True, text=True, timeout=timeout or max_time + 120)
 
 
@@ -63,8 +82,7 @@ def main(argv=None) -> int:
         flags = ["--adapters", str(adapters), "--n-ctx", str(args.n_ctx), "--n-seq-max", "2", "--threads", "1"]
         with loramux_server_process(*flags, log_dir=Path(tmp)) as server:
             t0 = time.perf_counter()
-            done = run_schemathesis(server.url, max_examples=args.max_examples, max_time=args.max_time, seed=args.seed,
-                                    workdir=Path(tmp))
+            done = run_schemathesis(server.url, max_examples=args.max_examples, max_time=args.max_time, seed=args.seed, workdir=Path(tmp))
             wall = time.perf_counter() - t0
             log = server.log.read_text()
     print(done.stdout[-6000:], done.stderr[-2000:], sep="\n")

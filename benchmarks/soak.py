@@ -29,6 +29,7 @@ and RSS; ``--json OUT`` writes them all.
 
     .venv/bin/python benchmarks/soak.py --clients 64 --requests 200 --max-seconds 540 --json out/soak.json
 """
+
 from __future__ import annotations
 
 import argparse
@@ -51,8 +52,8 @@ FIXTURES = ROOT.parent / "shared" / "fixtures" / "smollm2-bbh-lora"
 DEV = ROOT.parent / "shared" / "data" / "bbh" / "dev.jsonl"
 ADAPTERS = ("boolean_expressions", "navigate", "hyperbaton", "snarks", "sports_understanding")
 NAMED_MIX = "soakmix"
-GAP_FLOOR = 2.0          # tests/conftest.py's GAP_FLOOR: below it the batch floor can flip an argmax
-BAN_EOG = {"0": -100, "2": -100}   # SmolLM2's <|endoftext|> and <|im_end|>: every answer runs max_tokens
+GAP_FLOOR = 2.0  # tests/conftest.py's GAP_FLOOR: below it the batch floor can flip an argmax
+BAN_EOG = {"0": -100, "2": -100}  # SmolLM2's <|endoftext|> and <|im_end|>: every answer runs max_tokens
 
 
 @dataclass
@@ -64,7 +65,7 @@ class SoakOptions:
     max_seconds: float = 540.0
     max_tokens: int = 8
     stream_frac: float = 0.5
-    cancel_frac: float = 0.2          # of the streamed requests
+    cancel_frac: float = 0.2  # of the streamed requests
     prompts: int = 6
     prompt_chars: int = 160
     seed: int = 0
@@ -105,7 +106,7 @@ class Outcome:
     rid: str
     combo: int
     stream: bool
-    kind: str = "error"                # "complete" | "cancelled" | "error"
+    kind: str = "error"  # "complete" | "cancelled" | "error"
     status: int | None = None
     tokens: list[str] = field(default_factory=list)
     text: str = ""
@@ -114,7 +115,7 @@ class Outcome:
     ttft: float | None = None
     echoed: bool = False
     error: str | None = None
-    verdict: str | None = None        # "exact" | "tolerated" | "mismatch" (complete answers)
+    verdict: str | None = None  # "exact" | "tolerated" | "mismatch" (complete answers)
 
 
 # --- the load ------------------------------------------------------------------------------------
@@ -164,8 +165,16 @@ def make_plan(opts: SoakOptions, n_combos: int) -> list[list[Planned]]:
 
 
 def body_of(combo: Combo, max_tokens: int, *, stream: bool, rid: str, logprobs: int) -> dict[str, Any]:
-    return {"prompt": combo.prompt, "max_tokens": max_tokens, "temperature": 0, "logprobs": logprobs,
-            "logit_bias": BAN_EOG, "user": rid, "stream": stream, **combo.fields}
+    return {
+        "prompt": combo.prompt,
+        "max_tokens": max_tokens,
+        "temperature": 0,
+        "logprobs": logprobs,
+        "logit_bias": BAN_EOG,
+        "user": rid,
+        "stream": stream,
+        **combo.fields,
+    }
 
 
 # --- the oracle -------------------------------------------------------------------------------------
@@ -240,7 +249,7 @@ async def send_stream(client: httpx.AsyncClient, body: dict, out: Outcome, cance
             parts.append(choice.get("text") or "")
             out.finish = choice.get("finish_reason") or out.finish
             if cancel and got:
-                out.kind = "cancelled"   # leaving the block closes the stream: the server cancels
+                out.kind = "cancelled"  # leaving the block closes the stream: the server cancels
                 return
     out.latency, out.text = time.perf_counter() - t0, "".join(parts)
     out.kind = "complete" if done and out.finish else "error"
@@ -259,11 +268,13 @@ async def one_request(client: httpx.AsyncClient, p: Planned, combos: list[Combo]
     return out
 
 
-async def run_clients(url: str, plan: list[list[Planned]], combos: list[Combo], max_tokens: int,
-                      deadline: float) -> tuple[list[Outcome], float]:
+async def run_clients(
+    url: str, plan: list[list[Planned]], combos: list[Combo], max_tokens: int, deadline: float
+) -> tuple[list[Outcome], float]:
     """Every client sends its planned requests in turn until the plan or the deadline ends."""
     limits = httpx.Limits(max_connections=len(plan) + 8, max_keepalive_connections=len(plan) + 8)
     async with httpx.AsyncClient(base_url=url, timeout=300, limits=limits) as client:
+
         async def client_loop(mine: list[Planned]) -> list[Outcome]:
             got = []
             for p in mine:
@@ -354,15 +365,21 @@ def summarise(outcomes: list[Outcome], wall: float, planned: int) -> dict[str, A
     lat = [o.latency for o in done if o.latency is not None]
     ttft = [o.ttft for o in streams]
     return {
-        "planned": planned, "sent": len(outcomes), "complete": len(done),
-        "cancelled": sum(o.kind == "cancelled" for o in outcomes), "errors": sum(o.kind == "error" for o in outcomes),
+        "planned": planned,
+        "sent": len(outcomes),
+        "complete": len(done),
+        "cancelled": sum(o.kind == "cancelled" for o in outcomes),
+        "errors": sum(o.kind == "error" for o in outcomes),
         "streamed": sum(o.stream for o in outcomes),
         "status_5xx": sum(1 for o in outcomes if o.status is not None and o.status >= 500),
         "status_4xx": sum(1 for o in outcomes if o.status is not None and 400 <= o.status < 500),
         "oracle": {v: sum(o.verdict == v for o in done) for v in ("exact", "tolerated", "mismatch")},
-        "latency_p50_ms": ms(percentile(lat, 50)), "latency_p99_ms": ms(percentile(lat, 99)),
-        "ttft_p50_ms": ms(percentile(ttft, 50)), "ttft_p99_ms": ms(percentile(ttft, 99)),
-        "wall_s": round(wall, 1), "requests_per_s": round(len(done) / wall, 2) if wall else None,
+        "latency_p50_ms": ms(percentile(lat, 50)),
+        "latency_p99_ms": ms(percentile(lat, 99)),
+        "ttft_p50_ms": ms(percentile(ttft, 50)),
+        "ttft_p99_ms": ms(percentile(ttft, 99)),
+        "wall_s": round(wall, 1),
+        "requests_per_s": round(len(done) / wall, 2) if wall else None,
         "tokens_per_s": round(sum(len(o.tokens) for o in outcomes) / wall, 1) if wall else None,
     }
 
@@ -375,19 +392,34 @@ def run_checks(outcomes: list[Outcome], m0: dict, m1: dict, rss: tuple[float, fl
     ended = delta["loramux_requests_finished_total"] + delta["loramux_requests_cancelled_total"]
     bad = [o for o in outcomes if o.kind == "error"][:5]
     return {
-        "no_5xx": {"ok": not any((o.status or 0) >= 500 for o in outcomes) and delta.get("http_5xx", 0) == 0,
-                   "server_5xx": delta.get("http_5xx", 0)},
+        "no_5xx": {
+            "ok": not any((o.status or 0) >= 500 for o in outcomes) and delta.get("http_5xx", 0) == 0,
+            "server_5xx": delta.get("http_5xx", 0),
+        },
         "no_errors": {"ok": not bad, "first": [asdict(o) for o in bad]},
         "none_lost_or_duplicated": {
-            "ok": len(ids) == len(set(ids)) and all(o.echoed for o in outcomes if o.status is not None)
-                  and delta["loramux_requests_submitted_total"] == reached and ended == reached,
-            "sent": len(ids), "distinct_ids": len(set(ids)), "reached_engine": reached,
-            "engine_submitted": delta["loramux_requests_submitted_total"], "engine_finished_or_cancelled": ended,
-            "ids_echoed": sum(o.echoed for o in outcomes)},
-        "oracle": {"ok": not any(o.verdict == "mismatch" for o in outcomes),
-                   "mismatches": [o.rid for o in outcomes if o.verdict == "mismatch"][:10]},
-        "rss_flat": {"ok": rss[1] - rss[0] <= opts.rss_bound_mib, "before_mib": round(rss[0], 1),
-                     "after_mib": round(rss[1], 1), "growth_mib": round(rss[1] - rss[0], 1), "bound_mib": opts.rss_bound_mib},
+            "ok": len(ids) == len(set(ids))
+            and all(o.echoed for o in outcomes if o.status is not None)
+            and delta["loramux_requests_submitted_total"] == reached
+            and ended == reached,
+            "sent": len(ids),
+            "distinct_ids": len(set(ids)),
+            "reached_engine": reached,
+            "engine_submitted": delta["loramux_requests_submitted_total"],
+            "engine_finished_or_cancelled": ended,
+            "ids_echoed": sum(o.echoed for o in outcomes),
+        },
+        "oracle": {
+            "ok": not any(o.verdict == "mismatch" for o in outcomes),
+            "mismatches": [o.rid for o in outcomes if o.verdict == "mismatch"][:10],
+        },
+        "rss_flat": {
+            "ok": rss[1] - rss[0] <= opts.rss_bound_mib,
+            "before_mib": round(rss[0], 1),
+            "after_mib": round(rss[1], 1),
+            "growth_mib": round(rss[1] - rss[0], 1),
+            "bound_mib": opts.rss_bound_mib,
+        },
     }
 
 
@@ -395,8 +427,7 @@ def run_checks(outcomes: list[Outcome], m0: dict, m1: dict, rss: tuple[float, fl
 def soak(url: str, pid: int, opts: SoakOptions, log=print) -> dict[str, Any]:
     """Run the soak against a running server (process ``pid``) with the five ADAPTERS loaded."""
     lora_ids = {a["id"]: a["lora_id"] for a in httpx.get(f"{url}/v1/adapters").json()["data"]}
-    combos = make_combos(load_prompts(opts.prompts, opts.prompt_chars, opts.seed),
-                         selectors(list(ADAPTERS), lora_ids, opts.named_mix))
+    combos = make_combos(load_prompts(opts.prompts, opts.prompt_chars, opts.seed), selectors(list(ADAPTERS), lora_ids, opts.named_mix))
     t0 = time.perf_counter()
     alone = run_alone(url, combos, opts.max_tokens)
     log(f"soak: {len(combos)} combos run alone in {time.perf_counter() - t0:.1f} s")
@@ -431,14 +462,29 @@ def server_args(adapter_dir: Path, config_dir: Path, *, n_seq_max: int, n_ctx: i
     """``loramux serve`` flags for a soak server, with NAMED_MIX in a config file."""
     config = config_dir / "soak.toml"
     config.write_text(f"[mixes]\n{NAMED_MIX} = {{ {ADAPTERS[0]} = 0.5, {ADAPTERS[2]} = 0.5 }}\n")
-    return ["--config", str(config), "--adapters", str(adapter_dir), "--n-seq-max", str(n_seq_max), "--n-ctx", str(n_ctx),
-            "--threads", str(threads), "--max-queue", str(max_queue)]
+    return [
+        "--config",
+        str(config),
+        "--adapters",
+        str(adapter_dir),
+        "--n-seq-max",
+        str(n_seq_max),
+        "--n-ctx",
+        str(n_ctx),
+        "--threads",
+        str(threads),
+        "--max-queue",
+        str(max_queue),
+    ]
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     d = SoakOptions()
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter,
-                                 epilog="\n".join(__doc__.splitlines()[2:]))
+    ap = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="\n".join(__doc__.splitlines()[2:]),
+    )
     ap.add_argument("--clients", type=int, default=d.clients, help=f"concurrent clients (default: {d.clients})")
     ap.add_argument("--requests", type=int, default=d.requests, help=f"requests per client (default: {d.requests})")
     ap.add_argument("--max-seconds", type=float, default=d.max_seconds, help="no request starts after this (default: %(default)s)")
@@ -450,9 +496,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--seed", type=int, default=d.seed)
     ap.add_argument("--n-seq-max", type=int, default=8, help="the server's --n-seq-max (default: 8)")
     ap.add_argument("--n-ctx", type=int, default=256, help="the server's --n-ctx (default: 256)")
-    ap.add_argument("--threads", type=int, default=1,
-                    help="the server's --threads (default: 1: on a 2-core machine shared with other work, llama.cpp's "
-                         "2-thread barriers stall for whole time slices and a decode step takes seconds)")
+    ap.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="the server's --threads (default: 1: on a 2-core machine shared with other work, llama.cpp's "
+        "2-thread barriers stall for whole time slices and a decode step takes seconds)",
+    )
     ap.add_argument("--json", type=Path, help="write the report here")
     return ap.parse_args(argv)
 
@@ -462,19 +512,30 @@ def main(argv=None) -> int:
     sys.path.insert(0, str(ROOT / "tests"))
     from serve_proc import loramux_server_process
 
-    opts = SoakOptions(clients=args.clients, requests=args.requests, max_seconds=args.max_seconds, max_tokens=args.max_tokens,
-                       stream_frac=args.stream_frac, cancel_frac=args.cancel_frac, prompts=args.prompts,
-                       rss_bound_mib=args.rss_bound_mib, seed=args.seed)
+    opts = SoakOptions(
+        clients=args.clients,
+        requests=args.requests,
+        max_seconds=args.max_seconds,
+        max_tokens=args.max_tokens,
+        stream_frac=args.stream_frac,
+        cancel_frac=args.cancel_frac,
+        prompts=args.prompts,
+        rss_bound_mib=args.rss_bound_mib,
+        seed=args.seed,
+    )
     with tempfile.TemporaryDirectory(prefix="loramux-soak-") as tmp:
         adapters = prepare_adapters(Path(tmp) / "adapters")
-        flags = server_args(adapters, Path(tmp), n_seq_max=args.n_seq_max, n_ctx=args.n_ctx, threads=args.threads,
-                            max_queue=2 * args.clients + 8)
+        flags = server_args(
+            adapters, Path(tmp), n_seq_max=args.n_seq_max, n_ctx=args.n_ctx, threads=args.threads, max_queue=2 * args.clients + 8
+        )
         with loramux_server_process(*flags, log_dir=Path(tmp)) as server:
             report = soak(server.url, server.pid, opts)
         report["server_flags"] = flags[2:]
     print(json.dumps({k: v for k, v in report.items() if k != "rss_mib"}, indent=1))
-    print(f"RSS MiB after warm-up {report['rss_mib']['after_warmup']}, at the end {report['rss_mib']['end']}; "
-          f"{'PASS' if report['ok'] else 'FAIL'}")
+    print(
+        f"RSS MiB after warm-up {report['rss_mib']['after_warmup']}, at the end {report['rss_mib']['end']}; "
+        f"{'PASS' if report['ok'] else 'FAIL'}"
+    )
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(report, indent=1))

@@ -1,4 +1,5 @@
 """Start a real ``loramux serve`` process on loopback for the tests and benchmarks (not a test module)."""
+
 from __future__ import annotations
 
 import contextlib

@@ -6,6 +6,7 @@ top-two log-probabilities; a concurrent answer must equal the same request sent 
 token, except where the alone answer's top-two gap at that step is at or below the batch floor
 (GAP_FLOOR, as in tests/test_engine.py), where the texts may part.
 """
+
 from __future__ import annotations
 
 import json
@@ -23,8 +24,8 @@ from serve_proc import loramux_server
 openai = pytest.importorskip("openai")
 
 
-EXTRA = ["hyperbaton", "snarks"]          # beside the router's three
-LATE = "dyck_languages"                   # loaded through the API during the tests
+EXTRA = ["hyperbaton", "snarks"]  # beside the router's three
+LATE = "dyck_languages"  # loaded through the API during the tests
 
 
 @pytest.fixture(scope="module")
@@ -34,16 +35,27 @@ def adapter_dir(tmp_path_factory, small_pool_dir):
         shutil.copytree(small_pool_dir / name, folder / name)
     for name in EXTRA:
         shutil.copytree(FIXTURES / name, folder / name)
-    shutil.copytree(FIXTURES / LATE, folder / "later" / LATE)   # not loaded at start (one level deeper)
+    shutil.copytree(FIXTURES / LATE, folder / "later" / LATE)  # not loaded at start (one level deeper)
     return folder
 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory, adapter_dir, small_router, base_model):
     config = tmp_path_factory.mktemp("serve-config") / "serve.toml"
-    config.write_text('n_seq_max = 4\nn_ctx = 512\n[mixes]\nlogic = { boolean_expressions = 0.7, navigate = 0.3 }\n')
-    with loramux_server("--config", str(config), "--base", str(base_model), "--adapters", str(adapter_dir),
-                        "--router", str(small_router[0]), "--threads", "2", log_dir=config.parent) as url:
+    config.write_text("n_seq_max = 4\nn_ctx = 512\n[mixes]\nlogic = { boolean_expressions = 0.7, navigate = 0.3 }\n")
+    with loramux_server(
+        "--config",
+        str(config),
+        "--base",
+        str(base_model),
+        "--adapters",
+        str(adapter_dir),
+        "--router",
+        str(small_router[0]),
+        "--threads",
+        "2",
+        log_dir=config.parent,
+    ) as url:
         yield url
 
 
@@ -61,8 +73,9 @@ def test_openai_client_chat_streamed_and_not_under_a_named_adapter(client):
     whole = client.chat.completions.create(model="boolean_expressions", messages=msgs, temperature=0, max_tokens=16)
     extra = whole.model_extra
     assert extra["mix"] == {"boolean_expressions": 1.0} and extra["mix_source"] == "adapter"
-    stream = client.chat.completions.create(model="boolean_expressions", messages=msgs, temperature=0, max_tokens=16,
-                                            stream=True, stream_options={"include_usage": True})
+    stream = client.chat.completions.create(
+        model="boolean_expressions", messages=msgs, temperature=0, max_tokens=16, stream=True, stream_options={"include_usage": True}
+    )
     parts, usage, roles = [], None, []
     for chunk in stream:
         if chunk.choices:
@@ -75,8 +88,13 @@ def test_openai_client_chat_streamed_and_not_under_a_named_adapter(client):
 
 
 def test_openai_client_completions_with_a_body_mix_and_a_named_mix(client):
-    out = client.completions.create(model="loramux", prompt="The capital of France is", max_tokens=6, temperature=0,
-                                    extra_body={"mix": {"navigate": 0.5, "snarks": 0.5}})
+    out = client.completions.create(
+        model="loramux",
+        prompt="The capital of France is",
+        max_tokens=6,
+        temperature=0,
+        extra_body={"mix": {"navigate": 0.5, "snarks": 0.5}},
+    )
     assert out.model_extra["mix"] == {"navigate": 0.5, "snarks": 0.5} and out.choices[0].text
     named = client.completions.create(model="logic", prompt="True and False is", max_tokens=4, temperature=0)
     assert named.model_extra["mix"] == {"boolean_expressions": 0.7, "navigate": 0.3}
@@ -95,11 +113,18 @@ def test_a_llama_server_client_uses_the_lora_field_unchanged(server):
     listing = httpx.get(f"{server}/lora-adapters").json()
     assert all(set(a) == {"id", "path", "scale"} for a in listing)
     ids = {os.path.basename(a["path"]).split("-")[0]: a["id"] for a in listing}
-    body = {"prompt": "not ( True ) and ( True ) is", "max_tokens": 6, "temperature": 0,
-            "lora": [{"id": ids["boolean_expressions"], "scale": 0.5}, {"id": ids["navigate"], "scale": 0.5}]}
+    body = {
+        "prompt": "not ( True ) and ( True ) is",
+        "max_tokens": 6,
+        "temperature": 0,
+        "lora": [{"id": ids["boolean_expressions"], "scale": 0.5}, {"id": ids["navigate"], "scale": 0.5}],
+    }
     via_lora = httpx.post(f"{server}/v1/completions", json=body, timeout=120).json()
-    via_mix = httpx.post(f"{server}/v1/completions", json={**{k: v for k, v in body.items() if k != "lora"},
-                                                           "mix": {"boolean_expressions": 0.5, "navigate": 0.5}}, timeout=120).json()
+    via_mix = httpx.post(
+        f"{server}/v1/completions",
+        json={**{k: v for k, v in body.items() if k != "lora"}, "mix": {"boolean_expressions": 0.5, "navigate": 0.5}},
+        timeout=120,
+    ).json()
     assert via_lora["mix"] == {"boolean_expressions": 0.5, "navigate": 0.5} and via_lora["mix_source"] == "lora"
     assert via_lora["choices"][0]["text"] == via_mix["choices"][0]["text"]
     bad = httpx.post(f"{server}/v1/completions", json={**body, "lora": [{"id": 99, "scale": 1}]})
@@ -115,18 +140,27 @@ def _alone_and_gaps(server, body):
 
 def test_concurrent_streamed_clients_get_what_they_get_alone(server, client):
     rows = load_rows("dev", set(ROUTER_TASKS) | set(EXTRA), limit_per_task=1)
-    mixes = [{"boolean_expressions": 1.0}, {"navigate": 0.6, "hyperbaton": 0.4}, {},
-             {"snarks": 1.0, "navigate": -0.3}, {"sports_understanding": 1.0}, {"hyperbaton": 1.0}]
-    bodies = [{"prompt": r["input"], "max_tokens": 12, "temperature": 0, "mix": m, "logit_bias": {"2": -100}}
-              for r, m in zip(rows, mixes)]
+    mixes = [
+        {"boolean_expressions": 1.0},
+        {"navigate": 0.6, "hyperbaton": 0.4},
+        {},
+        {"snarks": 1.0, "navigate": -0.3},
+        {"sports_understanding": 1.0},
+        {"hyperbaton": 1.0},
+    ]
+    bodies = [{"prompt": r["input"], "max_tokens": 12, "temperature": 0, "mix": m, "logit_bias": {"2": -100}} for r, m in zip(rows, mixes)]
     alone = [_alone_and_gaps(server, b) for b in bodies]
     metrics0 = _metrics(server)
     got: dict[int, list[str]] = {}
 
     def one(i):
-        stream = client.completions.create(model="loramux", stream=True, logprobs=0, **{k: v for k, v in bodies[i].items()
-                                           if k in ("prompt", "max_tokens", "temperature", "logit_bias")},
-                                           extra_body={"mix": bodies[i]["mix"]})
+        stream = client.completions.create(
+            model="loramux",
+            stream=True,
+            logprobs=0,
+            **{k: v for k, v in bodies[i].items() if k in ("prompt", "max_tokens", "temperature", "logit_bias")},
+            extra_body={"mix": bodies[i]["mix"]},
+        )
         got[i] = [t for c in stream if c.choices and c.choices[0].logprobs for t in c.choices[0].logprobs.tokens]
 
     threads = [threading.Thread(target=one, args=(i,)) for i in range(len(bodies))]
@@ -162,7 +196,7 @@ def test_a_client_that_goes_away_cancels_its_request(server):
     body = {"prompt": "Once upon a time", "max_tokens": 400, "temperature": 0, "stream": True, "logit_bias": {"2": -100}}
     with httpx.stream("POST", f"{server}/v1/completions", json=body, timeout=60) as r:
         lines = r.iter_lines()
-        assert next(l for l in lines if l.startswith("data:"))
+        assert next(ln for ln in lines if ln.startswith("data:"))
     deadline = time.time() + 30
     while time.time() < deadline:
         m = _metrics(server)
@@ -173,15 +207,21 @@ def test_a_client_that_goes_away_cancels_its_request(server):
 
 
 def test_adapters_load_and_unload_during_traffic(server):
-    body = {"prompt": "Once upon a time", "max_tokens": 60, "temperature": 0, "stream": True, "mix": {"navigate": 1.0},
-            "logit_bias": {"2": -100}}
+    body = {
+        "prompt": "Once upon a time",
+        "max_tokens": 60,
+        "temperature": 0,
+        "stream": True,
+        "mix": {"navigate": 1.0},
+        "logit_bias": {"2": -100},
+    }
     with httpx.stream("POST", f"{server}/v1/completions", json=body, timeout=120) as r:
         lines = r.iter_lines()
-        next(l for l in lines if l.startswith("data:"))
+        next(ln for ln in lines if ln.startswith("data:"))
         loaded = httpx.post(f"{server}/v1/adapters", json={"path": f"later/{LATE}"}, timeout=300)
         assert loaded.status_code == 201, loaded.text
         assert loaded.json()["id"] == LATE and loaded.json()["from_peft"]
-        rest = [l for l in lines if l.startswith("data:")]
+        rest = [ln for ln in lines if ln.startswith("data:")]
     assert rest[-1] == "data: [DONE]" and json.loads(rest[-2][5:])["choices"][0]["finish_reason"] == "length"
     out = httpx.post(f"{server}/v1/completions", json={"model": LATE, "prompt": "[ ( [", "max_tokens": 3}, timeout=120)
     assert out.status_code == 200 and out.json()["mix"] == {LATE: 1.0}
@@ -215,12 +255,25 @@ def test_errors_in_openai_shape(server, client):
 
 
 def test_a_full_queue_answers_429_with_retry_after(tmp_path, adapter_dir, base_model):
-    with loramux_server("--base", str(base_model), "--adapters", str(adapter_dir / "navigate"), "--n-seq-max", "1",
-                        "--max-queue", "1", "--n-ctx", "1024", "--threads", "1", log_dir=tmp_path) as url:
+    with loramux_server(
+        "--base",
+        str(base_model),
+        "--adapters",
+        str(adapter_dir / "navigate"),
+        "--n-seq-max",
+        "1",
+        "--max-queue",
+        "1",
+        "--n-ctx",
+        "1024",
+        "--threads",
+        "1",
+        log_dir=tmp_path,
+    ) as url:
         slow = {"prompt": "Once upon a time", "max_tokens": 1000, "temperature": 0, "stream": True, "logit_bias": {"2": -100}}
         with httpx.stream("POST", f"{url}/v1/completions", json=slow, timeout=120) as running:
-            lines = running.iter_lines()   # kept: a dropped line iterator closes the stream (the server cancels)
-            next(l for l in lines if l.startswith("data:"))
+            lines = running.iter_lines()  # kept: a dropped line iterator closes the stream (the server cancels)
+            next(ln for ln in lines if ln.startswith("data:"))
             with httpx.stream("POST", f"{url}/v1/completions", json=slow, timeout=120) as waiting:
                 full = httpx.post(f"{url}/v1/completions", json={"prompt": "Hi", "max_tokens": 2})
                 assert full.status_code == 429 and full.headers["retry-after"] == "1"
@@ -229,8 +282,19 @@ def test_a_full_queue_answers_429_with_retry_after(tmp_path, adapter_dir, base_m
 
 
 def test_api_key_and_loopback(tmp_path, adapter_dir, base_model):
-    with loramux_server("--base", str(base_model), "--adapters", str(adapter_dir / "navigate"), "--api-key", "s3cret",
-                        "--n-ctx", "256", "--n-seq-max", "1", log_dir=tmp_path) as url:
+    with loramux_server(
+        "--base",
+        str(base_model),
+        "--adapters",
+        str(adapter_dir / "navigate"),
+        "--api-key",
+        "s3cret",
+        "--n-ctx",
+        "256",
+        "--n-seq-max",
+        "1",
+        log_dir=tmp_path,
+    ) as url:
         assert httpx.get(f"{url}/health").status_code == 200
         assert httpx.get(f"{url}/v1/models").status_code == 401
         ok = openai.OpenAI(base_url=f"{url}/v1", api_key="s3cret").models.list()
@@ -238,6 +302,10 @@ def test_api_key_and_loopback(tmp_path, adapter_dir, base_model):
     import subprocess
     import sys
 
-    done = subprocess.run([sys.executable, "-m", "loramux", "serve", "--adapters", str(adapter_dir), "--host", "0.0.0.0"],
-                          capture_output=True, text=True, timeout=120)
+    done = subprocess.run(
+        [sys.executable, "-m", "loramux", "serve", "--adapters", str(adapter_dir), "--host", "0.0.0.0"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert done.returncode == 2 and "loopback only" in done.stderr

@@ -10,6 +10,7 @@
 - prompts at the context limit and one token over it; bodies that used to answer 500;
 - schemathesis against /openapi.json for a bounded time: no 5xx.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -32,11 +33,11 @@ from serve_proc import loramux_server_process
 sys.path.insert(0, str(ROOT / "benchmarks"))
 import soak  # noqa: E402  (benchmarks/soak.py: the load, the oracle, the checks)
 
-N_CTX = 640                     # > n_batch (512): a prompt at the limit is read in two batches
+N_CTX = 640  # > n_batch (512): a prompt at the limit is read in two batches
 MAX_TOKENS = 6
-VICTIM, SWAP = "causal_judgement", "geometric_shapes"     # GGUF files that change on disk
+VICTIM, SWAP = "causal_judgement", "geometric_shapes"  # GGUF files that change on disk
 REPLACEMENT = "movie_recommendation"
-CONVERT = "disambiguation_qa"   # r=4 on all seven projections: the slowest fixture to convert
+CONVERT = "disambiguation_qa"  # r=4 on all seven projections: the slowest fixture to convert
 
 
 def convert(name: str, out: Path, base: Path) -> Path:
@@ -88,8 +89,7 @@ def text_of(url: str, model: str) -> str:
 
 # --- load ----------------------------------------------------------------------------------------
 def test_scaled_down_soak_loses_nothing_and_matches_the_alone_answers(server):
-    opts = soak.SoakOptions(clients=16, requests=6, max_seconds=120, max_tokens=MAX_TOKENS, prompts=2, cancel_frac=0.3,
-                            rss_bound_mib=50)
+    opts = soak.SoakOptions(clients=16, requests=6, max_seconds=120, max_tokens=MAX_TOKENS, prompts=2, cancel_frac=0.3, rss_bound_mib=50)
     report = soak.soak(server.url, server.pid, opts)
     failed = {k: v for k, v in report["checks"].items() if not v["ok"]}
     assert not failed, failed
@@ -140,7 +140,7 @@ def test_a_loaded_gguf_deleted_on_disk_keeps_serving_until_unloaded(server, faul
 
 def test_a_loaded_gguf_replaced_on_disk_keeps_its_loaded_weights(server, fault_dir):
     before = text_of(server.url, "swap")
-    os.replace(fault_dir / "later" / "replacement.gguf", fault_dir / "swap.gguf")   # a new file under the old name
+    os.replace(fault_dir / "later" / "replacement.gguf", fault_dir / "swap.gguf")  # a new file under the old name
     assert text_of(server.url, "swap") == before
     same_name = httpx.post(f"{server.url}/v1/adapters", json={"path": "swap.gguf"}, timeout=60)
     err = same_name.json()["error"]

@@ -223,7 +223,7 @@ def _alive(pid: int) -> bool:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
-    except OSError:   # another user's process: alive
+    except OSError:  # another user's process: alive
         return True
     return True
 
@@ -232,7 +232,7 @@ def remove_orphaned_pins() -> list[Path]:
     """Delete the :class:`PinnedFiles` folders whose process is gone (killed before it could close)."""
     removed = []
     for folder in Path(tempfile.gettempdir()).glob(f"{PinnedFiles.PREFIX}*-*"):
-        pid = folder.name[len(PinnedFiles.PREFIX):].split("-", 1)[0]
+        pid = folder.name[len(PinnedFiles.PREFIX) :].split("-", 1)[0]
         if pid.isdigit() and not _alive(int(pid)):
             shutil.rmtree(folder, ignore_errors=True)
             removed.append(folder)

@@ -11,6 +11,7 @@ Loading reads only inside the directories the server was started with: the path 
 one of them, or absolute) is resolved with symlinks followed and refused with 403 when it leaves
 them (``../``, a symlink out, an absolute path elsewhere).
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -42,15 +43,26 @@ def allowed_path(raw: Any, roots: list[Path]) -> Path:
             continue
         if any(real == root or real.is_relative_to(root) for root in roots):
             return real
-        raise APIError(403, f"{raw!r} is outside the adapter directories the server was started with "
-                            f"({', '.join(map(str, roots))})", type="permission_error", param="path")
+        raise APIError(
+            403,
+            f"{raw!r} is outside the adapter directories the server was started with ({', '.join(map(str, roots))})",
+            type="permission_error",
+            param="path",
+        )
     raise APIError(404, f"no adapter at {raw!r} in the adapter directories ({', '.join(map(str, roots))})", param="path")
 
 
 def _describe(state, name: str) -> dict[str, Any]:
     a = state.pool.adapters[name]
-    return {"id": name, "object": "adapter", "lora_id": state.lora.names.index(name), "source": str(a.source),
-            "from_peft": a.from_peft, "ranks": list(a.ranks), "n_modules": a.n_modules}
+    return {
+        "id": name,
+        "object": "adapter",
+        "lora_id": state.lora.names.index(name),
+        "source": str(a.source),
+        "from_peft": a.from_peft,
+        "ranks": list(a.ranks),
+        "n_modules": a.n_modules,
+    }
 
 
 @router.get("/v1/adapters")
@@ -92,8 +104,9 @@ def load_refused(exc: Exception, given: str, path: Path) -> APIError:
 async def unload_adapter(name: str, request: Request) -> dict[str, Any]:
     state = request.app.state.loramux
     if name not in state.pool.names:
-        raise APIError(404, f"adapter {name!r} is not loaded (loaded: {', '.join(state.pool.names) or 'none'})",
-                       param="name", code="adapter_not_found")
+        raise APIError(
+            404, f"adapter {name!r} is not loaded (loaded: {', '.join(state.pool.names) or 'none'})", param="name", code="adapter_not_found"
+        )
     try:
         await run_in_threadpool(state.pool.unload, name)
     except LoramuxError as exc:

@@ -6,6 +6,7 @@ through) and the settings; routes come from :mod:`~loramux.server.openai_routes`
 loaded (the app exists only then) and needs no API key; every other route does when
 ``--api-key`` is set (``Authorization: Bearer KEY``).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -35,11 +36,11 @@ class ServerState:
     """What the routes share."""
 
     settings: ServeSettings
-    pool: Any                          # AdapterPool (None for the hook in front of a llama-server)
+    pool: Any  # AdapterPool (None for the hook in front of a llama-server)
     selector: MixSelector
     lora: LoraTable
     http: metrics.HttpCounter = field(default_factory=metrics.HttpCounter)
-    upstream: Any = None               # the hook's UpstreamClient
+    upstream: Any = None  # the hook's UpstreamClient
 
 
 def pool_state(settings: ServeSettings, pool, router=None) -> ServerState:
@@ -48,22 +49,32 @@ def pool_state(settings: ServeSettings, pool, router=None) -> ServerState:
         lora.add(name)
     for name, mix in settings.mixes.items():
         pool.resolve_mix(mix)  # a named mix must name loaded adapters
-    selector = MixSelector(model_id=settings.model_id, adapters=lambda: pool.names, mixes=settings.mixes, lora=lora,
-                           route=router.route if router is not None else None,
-                           base_names=("base", pool.base_path.name, pool.base_path.stem))
+    selector = MixSelector(
+        model_id=settings.model_id,
+        adapters=lambda: pool.names,
+        mixes=settings.mixes,
+        lora=lora,
+        route=router.route if router is not None else None,
+        base_names=("base", pool.base_path.name, pool.base_path.stem),
+    )
     return ServerState(settings=settings, pool=pool, selector=selector, lora=lora)
 
 
 def create_app(state: ServerState, *, routers=None, on_close=None) -> FastAPI:
     """The application over ``state``; ``on_close`` runs at shutdown (e.g. closing the pool)."""
+
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
         yield
         if on_close is not None:
             on_close()
 
-    app = FastAPI(title="loramux", version=__version__, lifespan=lifespan,
-                  description="OpenAI-compatible server: every request under its own mix of LoRA adapters, batched.")
+    app = FastAPI(
+        title="loramux",
+        version=__version__,
+        lifespan=lifespan,
+        description="OpenAI-compatible server: every request under its own mix of LoRA adapters, batched.",
+    )
     app.state.loramux = state
     _install_handlers(app, state)
     if routers is None:
@@ -87,6 +98,7 @@ def create_app(state: ServerState, *, routers=None, on_close=None) -> FastAPI:
 def _install_handlers(app: FastAPI, state: ServerState) -> None:
     """Errors in OpenAI's shape (the library's, FastAPI's own 404/405/422, and unexpected ones), API
     keys, the HTTP counters, and the client's ``X-Request-Id`` echoed on every answer."""
+
     @app.exception_handler(APIError)
     async def api_error(request: Request, exc: APIError):
         return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
@@ -124,8 +136,9 @@ async def _authorized(request: Request, call_next, state: ServerState):
     if key and request.url.path not in OPEN_PATHS:
         given = request.headers.get("authorization", "")
         if not hmac.compare_digest(given.encode(), f"Bearer {key}".encode()):
-            err = APIError(401, "invalid or missing API key (Authorization: Bearer KEY)", type="authentication_error",
-                           code="invalid_api_key")
+            err = APIError(
+                401, "invalid or missing API key (Authorization: Bearer KEY)", type="authentication_error", code="invalid_api_key"
+            )
             return JSONResponse(err.body(), status_code=401)
     try:
         return await call_next(request)

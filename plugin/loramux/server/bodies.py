@@ -4,6 +4,7 @@ Sampling fields keep llama-cpp-python's / llama-server's meanings and defaults (
 ``min_p``, ``repeat_penalty`` are accepted beside OpenAI's own). Fields that would change what
 is computed and that loramux does not compute are refused with 400, never ignored.
 """
+
 from __future__ import annotations
 
 import math
@@ -14,11 +15,21 @@ from loramux.errors import LoramuxError
 from loramux.pool_requests import PoolRequest, sampling_from
 from loramux.server.errors import APIError
 
-SAMPLING_FIELDS = ("temperature", "top_k", "top_p", "min_p", "typical_p", "repeat_penalty", "frequency_penalty",
-                   "presence_penalty", "seed", "logit_bias")
+SAMPLING_FIELDS = (
+    "temperature",
+    "top_k",
+    "top_p",
+    "min_p",
+    "typical_p",
+    "repeat_penalty",
+    "frequency_penalty",
+    "presence_penalty",
+    "seed",
+    "logit_bias",
+)
 REFUSED = ("tools", "tool_choice", "functions", "function_call", "grammar", "json_schema", "suffix")
-WHOLE_FIELDS = ("top_k", "seed")          # whole numbers (the rest of SAMPLING_FIELDS are real numbers)
-INT32_MAX = 2**31 - 1                     # top_k is a C int in llama.cpp
+WHOLE_FIELDS = ("top_k", "seed")  # whole numbers (the rest of SAMPLING_FIELDS are real numbers)
+INT32_MAX = 2**31 - 1  # top_k is a C int in llama.cpp
 
 
 @dataclass
@@ -47,7 +58,7 @@ def _number(key: str, value: Any) -> float | int:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise APIError(400, f"{key} must be a number, got {value!r}", param=key)
     if key in WHOLE_FIELDS:
-        if isinstance(value, float) and not value.is_integer():   # also NaN and infinities
+        if isinstance(value, float) and not value.is_integer():  # also NaN and infinities
             raise APIError(400, f"{key} must be a whole number, got {value!r}", param=key)
         value = int(value)
         if key == "top_k" and abs(value) > INT32_MAX:
@@ -137,7 +148,7 @@ def completion_body(body: Mapping[str, Any]) -> ParsedBody:
 def chat_body(body: Mapping[str, Any]) -> ParsedBody:
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages or not all(isinstance(m, Mapping) and "role" in m for m in messages):
-        raise APIError(400, "messages must be a non-empty list of {\"role\", \"content\"}", param="messages")
+        raise APIError(400, 'messages must be a non-empty list of {"role", "content"}', param="messages")
     for m in messages:
         text_field(m["role"], "messages[].role")
     if body.get("logprobs"):
@@ -166,12 +177,10 @@ def check_token_ids(req: PoolRequest, n_vocab: int) -> None:
     if isinstance(req.prompt, (list, tuple)):
         bad = [t for t in req.prompt if not 0 <= t < n_vocab]
         if bad:
-            raise APIError(400, f"prompt holds token ids outside the vocabulary (0..{n_vocab - 1}): {bad[:5]}",
-                           param="prompt")
+            raise APIError(400, f"prompt holds token ids outside the vocabulary (0..{n_vocab - 1}): {bad[:5]}", param="prompt")
     bad = [t for t in req.sampling.logit_bias if not 0 <= t < n_vocab]
     if bad:
-        raise APIError(400, f"logit_bias names token ids outside the vocabulary (0..{n_vocab - 1}): {bad[:5]}",
-                       param="logit_bias")
+        raise APIError(400, f"logit_bias names token ids outside the vocabulary (0..{n_vocab - 1}): {bad[:5]}", param="logit_bias")
 
 
 def prompt_text(req: PoolRequest) -> str:

@@ -1,4 +1,5 @@
 """Errors as OpenAI shapes them: ``{"error": {"message", "type", "param", "code"}}`` with the right status."""
+
 from __future__ import annotations
 
 import re
@@ -22,8 +23,16 @@ _REQUEST_ID = re.compile(r"[A-Za-z0-9._:/+=-]{1,128}")
 class APIError(Exception):
     """An error answered to the client as-is."""
 
-    def __init__(self, status: int, message: str, *, type: str = "invalid_request_error", code: str | None = None,
-                 param: str | None = None, headers: dict[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        *,
+        type: str = "invalid_request_error",
+        code: str | None = None,
+        param: str | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
         super().__init__(message)
         self.status, self.message, self.type, self.code, self.param = status, message, type, code, param
         self.headers = headers or {}
@@ -33,8 +42,7 @@ class APIError(Exception):
 
 
 def model_not_found(model: str, known: list[str]) -> APIError:
-    return APIError(404, f"model {model!r} does not exist; known models: {', '.join(known)}", code="model_not_found",
-                    param="model")
+    return APIError(404, f"model {model!r} does not exist; known models: {', '.join(known)}", code="model_not_found", param="model")
 
 
 def request_id_of(request: Any) -> str | None:
@@ -50,8 +58,7 @@ def from_loramux(exc: LoramuxError, *, param: str | None = None) -> APIError:
     """The API error for a library error (the library's message names the input); ``param``: the
     request field a context-length error points at (default ``messages``)."""
     if isinstance(exc, QueueFullError):
-        return APIError(429, str(exc), type="rate_limit_error", code="queue_full",
-                        headers={"Retry-After": str(RETRY_AFTER_S)})
+        return APIError(429, str(exc), type="rate_limit_error", code="queue_full", headers={"Retry-After": str(RETRY_AFTER_S)})
     if isinstance(exc, ContextLengthError):
         return APIError(400, str(exc), code="context_length_exceeded", param=param or "messages")
     if isinstance(exc, MixError):

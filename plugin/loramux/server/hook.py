@@ -9,6 +9,7 @@ adapter (upstream treats ``"lora": []`` as no field, ggml-org/llama.cpp #28674) 
 settings (#26207), which would give one mix the K/V of another. Streams are passed through as
 they come; the mix used is in the ``X-Loramux-Mix`` header (and, when not streamed, in the body).
 """
+
 from __future__ import annotations
 
 import json
@@ -67,8 +68,10 @@ def build_hook_app(settings: ServeSettings) -> FastAPI:
 
         prefix, sep, path = settings.router.partition(":")
         if sep and prefix != "router":
-            raise SettingsError(f"--router {settings.router}: in front of a llama-server only a trained router "
-                                "(router:PATH.onnx) can route (retrieval and logo need the model in this process)")
+            raise SettingsError(
+                f"--router {settings.router}: in front of a llama-server only a trained router "
+                "(router:PATH.onnx) can route (retrieval and logo need the model in this process)"
+            )
         loaded = Router.load(path if sep else settings.router, base=settings.base)
         missing = sorted(set(loaded.adapters) - set(names))
         if missing:
@@ -77,8 +80,13 @@ def build_hook_app(settings: ServeSettings) -> FastAPI:
     for name, mix in settings.mixes.items():
         Mix.coerce(mix).check_known(names)
     selector = MixSelector(model_id=settings.model_id, adapters=lambda: names, mixes=settings.mixes, lora=table, route=route)
-    state = ServerState(settings=settings, pool=None, selector=selector, lora=table,
-                        upstream=httpx.AsyncClient(base_url=settings.upstream.rstrip("/"), timeout=None))
+    state = ServerState(
+        settings=settings,
+        pool=None,
+        selector=selector,
+        lora=table,
+        upstream=httpx.AsyncClient(base_url=settings.upstream.rstrip("/"), timeout=None),
+    )
     return create_app(state, routers=[router])
 
 
@@ -108,12 +116,17 @@ async def chat_completions(request: Request):
 async def _forward(request: Request, path: str, *, chat: bool):
     state = request.app.state.loramux
     body = await json_body(request)
-    parsed = (chat_body if chat else completion_body)(body)   # the same checks as loramux serve
+    parsed = (chat_body if chat else completion_body)(body)  # the same checks as loramux serve
     selection = state.selector.select(body, lambda: prompt_text(parsed.request))
     unknown = sorted(set(selection.mix) - {n for n in state.lora.names if n is not None})
     if unknown:
-        raise APIError(400, f"mix names adapters the upstream does not serve: {', '.join(unknown)} "
-                            f"(it serves: {', '.join(n for n in state.lora.names if n)})", param="mix", code="invalid_mix")
+        raise APIError(
+            400,
+            f"mix names adapters the upstream does not serve: {', '.join(unknown)} "
+            f"(it serves: {', '.join(n for n in state.lora.names if n)})",
+            param="mix",
+            code="invalid_mix",
+        )
     out = {k: v for k, v in body.items() if k not in ("mix",)}
     out["lora"] = lora_field(state.lora, selection.mix)
     out["cache_prompt"] = False
@@ -121,8 +134,12 @@ async def _forward(request: Request, path: str, *, chat: bool):
     client: httpx.AsyncClient = state.upstream
     if parsed.stream:
         upstream = await client.send(client.build_request("POST", path, json=out), stream=True)
-        return StreamingResponse(_relay(upstream), status_code=upstream.status_code, headers=headers,
-                                 media_type=upstream.headers.get("content-type", "text/event-stream"))
+        return StreamingResponse(
+            _relay(upstream),
+            status_code=upstream.status_code,
+            headers=headers,
+            media_type=upstream.headers.get("content-type", "text/event-stream"),
+        )
     r = await client.post(path, json=out)
     try:
         answer = r.json()

@@ -1,4 +1,5 @@
 """Open the pool (and the router) that ``loramux serve`` serves, and build its app."""
+
 from __future__ import annotations
 
 import sys
@@ -31,8 +32,14 @@ def build_pool_app(settings: ServeSettings) -> FastAPI:
     from loramux.adapters import AdapterSkippedWarning
     from loramux.progress import progress_bar
 
-    pool = AdapterPool(settings.base, n_ctx=settings.n_ctx, n_seq_max=settings.n_seq_max, n_threads=settings.threads,
-                       max_queue=settings.max_queue, flash_attn=settings.flash_attn)
+    pool = AdapterPool(
+        settings.base,
+        n_ctx=settings.n_ctx,
+        n_seq_max=settings.n_seq_max,
+        n_threads=settings.threads,
+        max_queue=settings.max_queue,
+        flash_attn=settings.flash_attn,
+    )
     try:
         with warnings.catch_warnings(record=True) as caught, progress_bar(desc="load adapters", unit="adapter") as bar:
             warnings.simplefilter("always", AdapterSkippedWarning)

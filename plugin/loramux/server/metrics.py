@@ -4,6 +4,7 @@
 mixed batching: their ratio is the mean number of sequences (requests, with whatever mixes) per
 ``llama_decode``.
 """
+
 from __future__ import annotations
 
 import threading

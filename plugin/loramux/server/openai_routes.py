@@ -6,6 +6,7 @@ event loop, and answered with the same shapes (:mod:`loramux.responses`): whole,
 server-sent events (``data: {chunk}`` ... ``data: [DONE]``, through starlette's StreamingResponse). A client that goes away cancels
 its request at once (streamed: the stream is closed; whole: a watcher sees the disconnect).
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -41,8 +42,10 @@ async def json_body(request: Request) -> dict[str, Any]:
 async def models(request: Request) -> dict[str, Any]:
     state = request.app.state.loramux
     now = int(time.time())
-    return {"object": "list", "data": [{"id": m, "object": "model", "created": now, "owned_by": "loramux"}
-                                       for m in state.selector.models()]}
+    return {
+        "object": "list",
+        "data": [{"id": m, "object": "model", "created": now, "owned_by": "loramux"} for m in state.selector.models()],
+    }
 
 
 @router.post("/v1/completions", **schema.GENERATION)
@@ -75,8 +78,9 @@ async def _answer(request: Request, *, chat: bool):
     if parsed.stream:
         shaper = responses.StreamShaper(shape, include_usage=parsed.include_usage, piece=piece)
         # starlette's StreamingResponse watches for the client's disconnect and then closes _sse
-        return StreamingResponse(_sse(handle, shaper), media_type="text/event-stream",
-                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        return StreamingResponse(
+            _sse(handle, shaper), media_type="text/event-stream", headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+        )
     events = await _collect(handle, request)
     return responses.whole(shape, events, piece)
 

@@ -6,6 +6,7 @@ published in ``/openapi.json`` through ``openapi_extra`` and ``responses`` inste
 describe what the server accepts: a body outside them is answered 400 (never 5xx), and
 fields they do not list are ignored unless :mod:`loramux.server.bodies` refuses them by name.
 """
+
 from __future__ import annotations
 
 from typing import Any
@@ -16,27 +17,32 @@ STRINGS = {"type": "array", "items": {"type": "string"}}
 ERROR = {
     "type": "object",
     "required": ["error"],
-    "properties": {"error": {
-        "type": "object",
-        "required": ["message", "type"],
-        "properties": {"message": {"type": "string"}, "type": {"type": "string"},
-                       "param": {"type": ["string", "null"]}, "code": {"type": ["string", "null"]}},
-    }},
+    "properties": {
+        "error": {
+            "type": "object",
+            "required": ["message", "type"],
+            "properties": {
+                "message": {"type": "string"},
+                "type": {"type": "string"},
+                "param": {"type": ["string", "null"]},
+                "code": {"type": ["string", "null"]},
+            },
+        }
+    },
 }
 
 LORA_ENTRIES = {
     "type": "array",
-    "items": {"type": "object", "required": ["id"],
-              "properties": {"id": {"type": "integer", "minimum": 0}, "scale": NUMBER}},
+    "items": {"type": "object", "required": ["id"], "properties": {"id": {"type": "integer", "minimum": 0}, "scale": NUMBER}},
 }
 
 MIX = {
-    "description": "{adapter name: weight}, or \"name=w,name=w\"",
+    "description": '{adapter name: weight}, or "name=w,name=w"',
     "oneOf": [{"type": "object", "additionalProperties": NUMBER}, {"type": "string"}],
 }
 
 SAMPLING: dict[str, Any] = {
-    "model": {"type": "string", "description": "base model id, an adapter, a named mix, or \"auto\""},
+    "model": {"type": "string", "description": 'base model id, an adapter, a named mix, or "auto"'},
     "mix": MIX,
     "lora": LORA_ENTRIES,
     "max_tokens": {"type": "integer", "minimum": 1},
@@ -73,11 +79,20 @@ MESSAGE = {
     "required": ["role"],
     "properties": {
         "role": {"type": "string", "enum": ["system", "developer", "user", "assistant"]},
-        "content": {"oneOf": [
-            {"type": "string"}, {"type": "null"},
-            {"type": "array", "items": {"type": "object", "required": ["type", "text"],
-                                        "properties": {"type": {"enum": ["text"]}, "text": {"type": "string"}}}},
-        ]},
+        "content": {
+            "oneOf": [
+                {"type": "string"},
+                {"type": "null"},
+                {
+                    "type": "array",
+                    "items": {
+                        "type": "object",
+                        "required": ["type", "text"],
+                        "properties": {"type": {"enum": ["text"]}, "text": {"type": "string"}},
+                    },
+                },
+            ]
+        },
     },
 }
 
@@ -90,8 +105,7 @@ CHAT = {
 ADAPTER_LOAD = {
     "type": "object",
     "required": ["path"],
-    "properties": {"path": {"type": "string", "description": "a GGUF file or PEFT folder inside --adapters"},
-                   "name": {"type": "string"}},
+    "properties": {"path": {"type": "string", "description": "a GGUF file or PEFT folder inside --adapters"}, "name": {"type": "string"}},
 }
 
 
@@ -102,8 +116,7 @@ def json_body(schema: dict[str, Any]) -> dict[str, Any]:
 
 def errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
     """``responses`` entries for these error statuses, all in OpenAI's error shape."""
-    return {s: {"description": "an error in OpenAI's shape", "content": {"application/json": {"schema": ERROR}}}
-            for s in statuses}
+    return {s: {"description": "an error in OpenAI's shape", "content": {"application/json": {"schema": ERROR}}} for s in statuses}
 
 
 # Every route may answer these: a bad body or field (400), a missing --api-key (401).
@@ -113,5 +126,16 @@ CHAT_GENERATION = {"openapi_extra": json_body(CHAT), "responses": errors(*COMMON
 LOAD = {"openapi_extra": json_body(ADAPTER_LOAD), "responses": errors(*COMMON_ERRORS, 403, 404)}
 SCALES = {"openapi_extra": json_body(LORA_ENTRIES), "responses": errors(*COMMON_ERRORS)}
 
-__all__ = ["ADAPTER_LOAD", "CHAT", "CHAT_GENERATION", "COMPLETION", "ERROR", "GENERATION", "LOAD", "LORA_ENTRIES",
-           "SCALES", "errors", "json_body"]
+__all__ = [
+    "ADAPTER_LOAD",
+    "CHAT",
+    "CHAT_GENERATION",
+    "COMPLETION",
+    "ERROR",
+    "GENERATION",
+    "LOAD",
+    "LORA_ENTRIES",
+    "SCALES",
+    "errors",
+    "json_body",
+]

@@ -8,6 +8,7 @@
 
 Without any of them, the default scales set with ``POST /lora-adapters`` (none: the base model).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -40,11 +41,11 @@ class LoraTable:
 
     def mix_of(self, entries: Any, *, field_name: str = "lora") -> Mix:
         if not isinstance(entries, list):
-            raise APIError(400, f"{field_name} must be a list of {{\"id\": int, \"scale\": float}}", param=field_name)
+            raise APIError(400, f'{field_name} must be a list of {{"id": int, "scale": float}}', param=field_name)
         weights: dict[str, float] = {}
         for e in entries:
             if not isinstance(e, Mapping) or not isinstance(e.get("id"), int) or isinstance(e.get("id"), bool):
-                raise APIError(400, f"{field_name} entries are {{\"id\": int, \"scale\": float}}, got {e!r}", param=field_name)
+                raise APIError(400, f'{field_name} entries are {{"id": int, "scale": float}}, got {e!r}', param=field_name)
             i = e["id"]
             if not 0 <= i < len(self.names) or self.names[i] is None:
                 known = ", ".join(f"{j}={n}" for j, n in enumerate(self.names) if n is not None)
@@ -56,8 +57,9 @@ class LoraTable:
             raise APIError(400, str(exc), param=field_name, code="invalid_mix") from None
 
     def listing(self, paths: Mapping[str, str]) -> list[dict[str, Any]]:
-        return [{"id": i, "path": paths.get(n, n), "scale": self.default_scales.get(n, 0.0)}
-                for i, n in enumerate(self.names) if n is not None]
+        return [
+            {"id": i, "path": paths.get(n, n), "scale": self.default_scales.get(n, 0.0)} for i, n in enumerate(self.names) if n is not None
+        ]
 
 
 @dataclass
@@ -65,7 +67,7 @@ class Selection:
     """The mix a request runs under, where it came from, and the router's decision for ``auto``."""
 
     mix: Mix
-    source: str                      # "mix" | "lora" | "auto" | "adapter" | "named" | "base" | "default"
+    source: str  # "mix" | "lora" | "auto" | "adapter" | "named" | "base" | "default"
     routing: dict[str, Any] | None = None
 
 
@@ -77,7 +79,7 @@ class MixSelector:
     adapters: Callable[[], Sequence[str]]
     mixes: Mapping[str, Mix]
     lora: LoraTable
-    route: Callable[[str], Any] | None = None       # prompt -> Routing (``.mix``, ``.to_json()``)
+    route: Callable[[str], Any] | None = None  # prompt -> Routing (``.mix``, ``.to_json()``)
     base_names: tuple[str, ...] = ()
 
     def models(self) -> list[str]:
@@ -99,8 +101,9 @@ class MixSelector:
             raise APIError(400, "model must be a string", param="model")
         if model == AUTO:
             if self.route is None:
-                raise APIError(400, "model \"auto\" needs a router: start the server with --router FILE", param="model",
-                               code="model_not_found")
+                raise APIError(
+                    400, 'model "auto" needs a router: start the server with --router FILE', param="model", code="model_not_found"
+                )
             routing = self.route(prompt_text())
             return Selection(routing.mix, "auto", routing.to_json())
         if model in self.mixes:

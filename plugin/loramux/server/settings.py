@@ -14,6 +14,7 @@ A config file holds the same keys as the flags, with underscores, plus named mix
 
 Relative paths in a config file are relative to the file's folder.
 """
+
 from __future__ import annotations
 
 import ipaddress
@@ -40,7 +41,7 @@ class ServeSettings:
     base: Path | None = None
     adapters: list[Path] = field(default_factory=list)
     mixes: dict[str, Mix] = field(default_factory=dict)
-    router: str | None = None         # a router spec of loramux.router.registry (a bare .onnx path too)
+    router: str | None = None  # a router spec of loramux.router.registry (a bare .onnx path too)
     upstream: str | None = None
     host: str = "127.0.0.1"
     port: int = 8080
@@ -50,13 +51,15 @@ class ServeSettings:
     threads: int | None = None
     max_queue: int = 64
     skip_embeddings: bool = False
-    flash_attn: bool = True           # llama-server's default (auto: on where supported); the library's is off
+    flash_attn: bool = True  # llama-server's default (auto: on where supported); the library's is off
     model_id: str = "loramux"
 
     def check(self) -> "ServeSettings":
         if not self.api_key and not is_loopback(self.host):
-            raise SettingsError(f"--host {self.host} is not a loopback address: without --api-key the server listens on "
-                                "loopback only (give --api-key KEY to serve other machines)")
+            raise SettingsError(
+                f"--host {self.host} is not a loopback address: without --api-key the server listens on "
+                "loopback only (give --api-key KEY to serve other machines)"
+            )
         if not 0 <= self.port < 65536:
             raise SettingsError(f"--port {self.port} is not a port number")
         if self.upstream is None and not self.adapters:
