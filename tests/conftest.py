@@ -8,6 +8,7 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any, Callable
 
 import pytest
 
@@ -51,6 +52,25 @@ def run_worker(script: str | os.PathLike, *args: object, env: dict[str, str] | N
         timeout=timeout,
     )
     assert proc.returncode == 0, f"{Path(script).name} {' '.join(map(str, args))} exited with {proc.returncode}:\n{proc.stdout[-4000:]}"
+
+
+def write_adapter_variant(src: Path, out: Path, edit: Callable[[dict[str, tuple[Any, Any]]], None]) -> Path:
+    """A copy of the GGUF adapter ``src`` (f32) whose ``{module: (lora_a, lora_b)}`` arrays ``edit`` changed in place."""
+    import gguf
+    import numpy as np
+
+    from loramux.base_model import default_base_model
+    from loramux.converters.base_gguf import read_base_model
+    from loramux.converters.gguf_adapter import AdapterHeader, GgufLoraTensors, write_gguf_lora
+
+    reader = gguf.GGUFReader(src)
+    alpha = float(reader.get_field(gguf.Keys.Adapter.LORA_ALPHA).contents())
+    arrays = {t.name: np.array(t.data, dtype=np.float32) for t in reader.tensors}
+    modules = {n[: -len(".lora_a")]: (arrays[n], arrays[n[:-1] + "b"]) for n in arrays if n.endswith(".lora_a")}
+    edit(modules)
+    planned = [GgufLoraTensors(n, a, b) for n, (a, b) in sorted(modules.items())]
+    header = AdapterHeader(name=out.stem, alpha=alpha, source="test", peft_type="LORA")
+    return write_gguf_lora(out, planned, read_base_model(default_base_model()), header, outtype="f32")
 
 
 def all_fixture_names() -> list[str]:

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import native_missing, run_worker
+from conftest import native_missing, run_worker, write_adapter_variant
 
 ROOT = Path(__file__).resolve().parents[1]
 HEADER = ROOT / "native" / "include" / "loramux.h"
@@ -52,28 +52,6 @@ def test_every_header_function_is_bound_and_nothing_else():
 
 
 # ---------------------------------------------------------------- worker (subprocess) --
-def _gguf_arrays(path: Path) -> tuple[dict[str, np.ndarray], float]:
-    import gguf
-
-    reader = gguf.GGUFReader(path)
-    alpha = float(reader.get_field(gguf.Keys.Adapter.LORA_ALPHA).contents())
-    return {t.name: np.array(t.data, dtype=np.float32) for t in reader.tensors}, alpha
-
-
-def _write_variant(src: Path, out: Path, edit) -> Path:
-    """A copy of the GGUF adapter ``src`` with its module arrays changed by ``edit(dict)``."""
-    from loramux.base_model import default_base_model
-    from loramux.converters.base_gguf import read_base_model
-    from loramux.converters.gguf_adapter import AdapterHeader, GgufLoraTensors, write_gguf_lora
-
-    arrays, alpha = _gguf_arrays(src)
-    modules = {n[: -len(".lora_a")]: (arrays[n], arrays[n[:-1] + "b"]) for n in arrays if n.endswith(".lora_a")}
-    edit(modules)
-    planned = [GgufLoraTensors(n, a, b) for n, (a, b) in sorted(modules.items())]
-    header = AdapterHeader(name=out.stem, alpha=alpha, source="test", peft_type="LORA")
-    return write_gguf_lora(out, planned, read_base_model(default_base_model()), header, outtype="f32")
-
-
 def _rank_600(modules) -> None:
     a, b = modules["blk.4.attn_v.weight"]
     rng = np.random.default_rng(0)
@@ -101,7 +79,7 @@ def _worker(out: Path, good: Path) -> None:
     model = lc.llama_model_load_from_file(str(default_base_model()).encode(), lc.llama_model_default_params())
     ctx = teacher.new_context(model, n_seq_max=2, n_ctx=256, n_threads=1)
     good_ptr = lc.llama_adapter_lora_init(model, str(good).encode())
-    big = lc.llama_adapter_lora_init(model, str(_write_variant(good, out.with_name("rank600.gguf"), _rank_600)).encode())
+    big = lc.llama_adapter_lora_init(model, str(write_adapter_variant(good, out.with_name("rank600.gguf"), _rank_600)).encode())
     assert good_ptr and big, "llama.cpp itself refused an adapter the test meant it to load"
     report: dict[str, dict] = {}
 

@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import native_missing, run_worker
+from conftest import native_missing, run_worker, write_adapter_variant
 from floors import KERNEL_REL_TOL
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -139,21 +139,12 @@ def _worker_capture(out: Path, adapter_dir: Path) -> None:
 
 def _inf_adapter(adapter_dir: Path, out: Path) -> Path:
     """navigate with one lora_a of the last layer's FFN at 1e38 (finite in f32, Inf once stacked in f16)."""
-    import gguf
 
-    from loramux.base_model import default_base_model
-    from loramux.converters.base_gguf import read_base_model
-    from loramux.converters.gguf_adapter import AdapterHeader, GgufLoraTensors, write_gguf_lora
+    def set_inf(modules) -> None:
+        a, b = modules[INF_TENSOR]
+        modules[INF_TENSOR] = (np.full_like(a, 1e38), b)
 
-    reader = gguf.GGUFReader(adapter_dir / "navigate.gguf")
-    arrays = {t.name: np.array(t.data, dtype=np.float32) for t in reader.tensors}
-    planned = []
-    for name in sorted(n[: -len(".lora_a")] for n in arrays if n.endswith(".lora_a")):
-        a = arrays[name + ".lora_a"]
-        planned.append(GgufLoraTensors(name, np.full_like(a, 1e38) if name == INF_TENSOR else a, arrays[name + ".lora_b"]))
-    alpha = float(reader.get_field(gguf.Keys.Adapter.LORA_ALPHA).contents())
-    header = AdapterHeader(name="inf", alpha=alpha, source="test", peft_type="LORA")
-    return write_gguf_lora(out, planned, read_base_model(default_base_model()), header, outtype="f32")
+    return write_adapter_variant(adapter_dir / "navigate.gguf", out, set_inf)
 
 
 def _worker_inf(out: Path, adapter_dir: Path) -> None:

@@ -12,21 +12,10 @@ from dataclasses import dataclass
 from typing import Any, Mapping
 
 from loramux.errors import LoramuxError
-from loramux.pool_requests import PoolRequest, sampling_from
+from loramux.pool_requests import SAMPLING_KEYS, PoolRequest, sampling_from
 from loramux.server.errors import APIError
 
-SAMPLING_FIELDS = (
-    "temperature",
-    "top_k",
-    "top_p",
-    "min_p",
-    "typical_p",
-    "repeat_penalty",
-    "frequency_penalty",
-    "presence_penalty",
-    "seed",
-    "logit_bias",
-)
+SAMPLING_FIELDS = SAMPLING_KEYS  # the pool's own list: a request means the same through either door
 REFUSED = ("tools", "tool_choice", "functions", "function_call", "grammar", "json_schema", "suffix")
 WHOLE_FIELDS = ("top_k", "seed")  # whole numbers (the rest of SAMPLING_FIELDS are real numbers)
 INT32_MAX = 2**31 - 1  # top_k is a C int in llama.cpp
