@@ -30,6 +30,11 @@ LORAMUX_ERR_ALLOC = -10
 LORAMUX_ERR_INTERNAL = -11
 LORAMUX_ERR_UNAPPLIED = -12
 
+# Routing modes (enum loramux_route_mode).
+LORAMUX_ROUTE_FIXED = 0
+LORAMUX_ROUTE_ARROW = 1
+LORAMUX_ROUTE_SPECTR = 2
+
 # name -> (argtypes, restype), in the order of loramux.h
 _PROTOTYPES: dict[str, tuple[list[Any], Any]] = {
     # int32_t loramux_api_version(void);
@@ -60,6 +65,24 @@ _PROTOTYPES: dict[str, tuple[list[Any], Any]] = {
     # int32_t loramux_get_seq_mix(const struct llama_context * ctx, llama_seq_id seq_id, int32_t capacity,
     #                             int32_t * ids, float * weights);
     "loramux_get_seq_mix": ([llama_context_p, ctypes.c_int32, ctypes.c_int32, c_int32_p, c_float_p], ctypes.c_int32),
+    # int32_t loramux_set_seq_routing(struct llama_context * ctx, llama_seq_id seq_id, int32_t mode, int32_t k,
+    #                                 float temperature);
+    "loramux_set_seq_routing": ([llama_context_p, ctypes.c_int32, ctypes.c_int32, ctypes.c_int32, ctypes.c_float], ctypes.c_int32),
+    # int32_t loramux_get_seq_routing(const struct llama_context * ctx, llama_seq_id seq_id, int32_t * mode,
+    #                                 int32_t * k, float * temperature);
+    "loramux_get_seq_routing": ([llama_context_p, ctypes.c_int32, c_int32_p, c_int32_p, c_float_p], ctypes.c_int32),
+    # int32_t loramux_n_modules(const struct llama_context * ctx);
+    "loramux_n_modules": ([llama_context_p], ctypes.c_int32),
+    # const char * loramux_module_name(const struct llama_context * ctx, int32_t i);
+    "loramux_module_name": ([llama_context_p, ctypes.c_int32], ctypes.c_char_p),
+    # int32_t loramux_get_prototypes(const struct llama_context * ctx, const char * name, int32_t capacity,
+    #                                int32_t * ids, float * protos, int32_t * n_in);
+    "loramux_get_prototypes": ([llama_context_p, ctypes.c_char_p, ctypes.c_int32, c_int32_p, c_float_p, c_int32_p], ctypes.c_int32),
+    # int32_t loramux_set_record(struct llama_context * ctx, int32_t on);
+    "loramux_set_record": ([llama_context_p, ctypes.c_int32], ctypes.c_int32),
+    # int32_t loramux_take_record(struct llama_context * ctx, int32_t capacity, int32_t * module, int32_t * seq_id,
+    #                             int32_t * pos, int32_t * ids, float * weights);
+    "loramux_take_record": ([llama_context_p, ctypes.c_int32, c_int32_p, c_int32_p, c_int32_p, c_int32_p, c_float_p], ctypes.c_int32),
 }
 
 _lib: ctypes.CDLL | None = None
@@ -133,3 +156,31 @@ def loramux_clear_seq_mix(ctx, seq_id: int) -> int:
 
 def loramux_get_seq_mix(ctx, seq_id: int, capacity: int, ids, weights) -> int:
     return lib().loramux_get_seq_mix(ctx, seq_id, capacity, ids, weights)
+
+
+def loramux_set_seq_routing(ctx, seq_id: int, mode: int, k: int, temperature: float) -> int:
+    return lib().loramux_set_seq_routing(ctx, seq_id, mode, k, temperature)
+
+
+def loramux_get_seq_routing(ctx, seq_id: int, mode, k, temperature) -> int:
+    return lib().loramux_get_seq_routing(ctx, seq_id, mode, k, temperature)
+
+
+def loramux_n_modules(ctx) -> int:
+    return lib().loramux_n_modules(ctx)
+
+
+def loramux_module_name(ctx, i: int) -> bytes | None:
+    return lib().loramux_module_name(ctx, i)
+
+
+def loramux_get_prototypes(ctx, name: bytes, capacity: int, ids, protos, n_in) -> int:
+    return lib().loramux_get_prototypes(ctx, name, capacity, ids, protos, n_in)
+
+
+def loramux_set_record(ctx, on: int) -> int:
+    return lib().loramux_set_record(ctx, on)
+
+
+def loramux_take_record(ctx, capacity: int, module, seq_id, pos, ids, weights) -> int:
+    return lib().loramux_take_record(ctx, capacity, module, seq_id, pos, ids, weights)

@@ -14,13 +14,31 @@ and raises a loramux error that names the offending input.
 from __future__ import annotations
 
 import ctypes
+import math
 import re
+from dataclasses import dataclass
 from typing import Iterable, Mapping, Sequence
+
+import numpy as np
 
 from loramux.errors import LoramuxError, MixError, RuntimeLoadError
 from loramux.native import _bindings as B
 
 MixInput = Mapping[str, float] | Iterable[tuple[str, float]] | None
+
+# routing mode names -> enum loramux_route_mode
+ROUTE_MODES = {"arrow": B.LORAMUX_ROUTE_ARROW, "spectr": B.LORAMUX_ROUTE_SPECTR}
+
+
+@dataclass(frozen=True)
+class TokenChoice:
+    """Which adapters one routed token chose at one adapted base weight, and their weights."""
+
+    module: str  # GGUF base weight name, e.g. "blk.3.attn_q.weight"
+    seq_id: int
+    pos: int
+    adapters: tuple[str, ...]
+    weights: tuple[float, ...]
 
 
 def _address(ptr) -> int:
@@ -145,6 +163,82 @@ class SeqMixer:
             self._raise(n, seq_id, [], [], None)
         return {self.names[c_ids[j]]: float(c_w[j]) for j in range(n)}
 
+    # --- per-token routing -------------------------------------------------------------------
+    def set_routing(self, seq_id: int, mode: str, k: int, temperature: float = 1.0) -> None:
+        """Route every token of ``seq_id`` per adapted weight inside the graph: ``mode`` "arrow"
+        (top-``k`` of ``|x . v_e|``, weights ``softmax(s / temperature)``) or "spectr" (top-``k`` of
+        ``||Q_e^T x||``, weights ``1/k``; ``temperature`` ignored), over every registered adapter
+        that adapts the weight. :meth:`set` or :meth:`clear` end it."""
+        self._check_open()
+        if mode not in ROUTE_MODES:
+            raise MixError(f"sequence {seq_id}: routing mode {mode!r} is not one of {', '.join(ROUTE_MODES)}")
+        if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= self.max_active:
+            raise MixError(
+                f"sequence {seq_id}: {mode} top-k {k!r} must be an integer in [1, max_active={self.max_active}]; "
+                "register the pool with a larger max_active for more"
+            )
+        if mode == "arrow" and not (math.isfinite(temperature) and temperature > 0):
+            raise MixError(f"sequence {seq_id}: Arrow temperature {temperature!r} must be a finite number > 0")
+        rc = B.loramux_set_seq_routing(self._ctx, int(seq_id), ROUTE_MODES[mode], int(k), float(temperature))
+        if rc != B.LORAMUX_OK:
+            self._raise(rc, seq_id, [], [], None)
+
+    def get_routing(self, seq_id: int) -> tuple[str, int, float] | None:
+        """``(mode, k, temperature)`` of a routed sequence, or None (fixed mix or base model)."""
+        self._check_open()
+        mode, k, t = ctypes.c_int32(), ctypes.c_int32(), ctypes.c_float()
+        rc = B.loramux_get_seq_routing(self._ctx, int(seq_id), ctypes.byref(mode), ctypes.byref(k), ctypes.byref(t))
+        if rc != B.LORAMUX_OK:
+            self._raise(rc, seq_id, [], [], None)
+        names = {v: n for n, v in ROUTE_MODES.items()}
+        return (names[mode.value], k.value, t.value) if mode.value in names else None
+
+    @property
+    def module_names(self) -> tuple[str, ...]:
+        """The adapted base weights, in the record's module order."""
+        n = B.loramux_n_modules(self._ctx)
+        return tuple((B.loramux_module_name(self._ctx, i) or b"").decode() for i in range(n))
+
+    def prototypes(self, weight: str) -> tuple[tuple[str, ...], np.ndarray]:
+        """The Arrow prototypes of base weight ``weight``: adapter names and a (n, n_in) array of unit vectors."""
+        self._check_open()
+        n_in = ctypes.c_int32()
+        name = weight.encode()
+        n = B.loramux_get_prototypes(self._ctx, name, 0, None, None, ctypes.byref(n_in))
+        if n < 0:
+            raise MixError(f"no prototypes for weight {weight!r}: {self._named(B.reason(n))}")
+        ids, protos = (ctypes.c_int32 * max(n, 1))(), np.zeros((n, n_in.value), dtype=np.float32)
+        got = B.loramux_get_prototypes(self._ctx, name, protos.size, ids, protos.ctypes.data_as(B.c_float_p), ctypes.byref(n_in))
+        if got != n:
+            raise LoramuxError(f"loramux returned {got} prototypes for weight {weight!r}, expected {n}: {B.reason(got)}")
+        return tuple(self.names[ids[i]] for i in range(n)), protos
+
+    def record(self, on: bool) -> None:
+        """Start (True) or stop recording the per-token choices of routed sequences; clears the record."""
+        self._check_open()
+        rc = B.loramux_set_record(self._ctx, 1 if on else 0)
+        if rc != B.LORAMUX_OK:
+            raise LoramuxError(f"loramux cannot record routing choices: {self._named(B.reason(rc))} (code {rc})")
+
+    def take_choices(self) -> list[TokenChoice]:
+        """The choices recorded since :meth:`record` or the last take (then cleared)."""
+        self._check_open()
+        n = B.loramux_take_record(self._ctx, 0, None, None, None, None, None)
+        if n < 0:
+            raise LoramuxError(f"loramux could not read the routing record: {self._named(B.reason(n))} (code {n})")
+        k, cap = self.max_active, max(n, 1)
+        cols = [(ctypes.c_int32 * cap)() for _ in range(3)]
+        ids, w = (ctypes.c_int32 * (cap * k))(), (ctypes.c_float * (cap * k))()
+        got = B.loramux_take_record(self._ctx, n, *cols, ids, w)
+        if got != n:
+            raise LoramuxError(f"loramux returned {got} record rows, expected {n}: {B.reason(got)}")
+        modules = self.module_names
+        return [self._choice(modules, cols, ids, w, i, k) for i in range(n)]
+
+    def _choice(self, modules, cols, ids, w, i: int, k: int) -> TokenChoice:
+        picked = [(self.names[ids[i * k + j]], float(w[i * k + j])) for j in range(k) if ids[i * k + j] >= 0]
+        return TokenChoice(modules[cols[0][i]], int(cols[1][i]), int(cols[2][i]), tuple(n for n, _ in picked), tuple(x for _, x in picked))
+
     def close(self) -> None:
         """Unregister the pool from the context (idempotent)."""
         if not self._closed:
@@ -164,7 +258,7 @@ class SeqMixer:
                 f"sequence {seq_id}: mix {mix} has more than max_active={self.max_active} non-zero weights; "
                 "drop the smallest weights or register the pool with a larger max_active"
             )
-        if rc in (B.LORAMUX_ERR_BAD_ADAPTER_ID, B.LORAMUX_ERR_BAD_WEIGHT, B.LORAMUX_ERR_DUPLICATE_ADAPTER):
+        if rc in (B.LORAMUX_ERR_BAD_ADAPTER_ID, B.LORAMUX_ERR_BAD_WEIGHT, B.LORAMUX_ERR_DUPLICATE_ADAPTER, B.LORAMUX_ERR_BAD_ARG):
             raise MixError(f"sequence {seq_id}: mix {mix}: {why}")
         raise LoramuxError(f"sequence {seq_id}: loramux refused mix {mix}: {why} (code {rc})")
 

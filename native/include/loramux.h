@@ -24,7 +24,7 @@
 extern "C" {
 #endif
 
-#define LORAMUX_API_VERSION 2
+#define LORAMUX_API_VERSION 3
 
 enum loramux_status {
     LORAMUX_OK                       =   0,
@@ -40,6 +40,13 @@ enum loramux_status {
     LORAMUX_ERR_ALLOC                = -10, // a backend buffer (or host memory) could not be allocated
     LORAMUX_ERR_INTERNAL             = -11, // llama.cpp or the standard library threw; nothing was changed
     LORAMUX_ERR_UNAPPLIED            = -12, // a graph met an adapted weight in a shape the hook cannot take
+};
+
+// Routing modes of a sequence (loramux_set_seq_routing).
+enum loramux_route_mode {
+    LORAMUX_ROUTE_FIXED  = 0, // the sequence's fixed mix, or none (the base model)
+    LORAMUX_ROUTE_ARROW  = 1, // per token and adapted weight: top-k of |x . v_e|, weights softmax(s / T)
+    LORAMUX_ROUTE_SPECTR = 2, // per token and adapted weight: top-k of ||Q_e^T x||, weights 1/k
 };
 
 // LORAMUX_API_VERSION of the library.
@@ -105,6 +112,62 @@ LLAMA_API int32_t loramux_get_seq_mix(
         int32_t                      capacity,
         int32_t                    * ids,
         float                      * weights);
+
+// Route every token of sequence seq_id per adapted weight, inside the graph: at each adapted base
+// weight the pool adapters that adapt it are scored against the weight's input x, the top k are
+// kept (k in [1, max_active]; fewer where fewer adapters adapt that weight) and mixed with
+//   LORAMUX_ROUTE_ARROW:  scores |x . v_e|, v_e the top right singular vector of the adapter's delta
+//                         (alpha/r B A); weights softmax(s / temperature) over the top k (temperature > 0);
+//   LORAMUX_ROUTE_SPECTR: scores ||Q_e^T x||, Q_e an orthonormal basis of the delta's row space;
+//                         weights 1/k (temperature is ignored).
+// The prototypes are computed exactly at registration. Replaces the sequence's fixed mix;
+// loramux_set_seq_mix or loramux_clear_seq_mix (or mode LORAMUX_ROUTE_FIXED) end the routing.
+LLAMA_API int32_t loramux_set_seq_routing(
+        struct llama_context * ctx,
+        llama_seq_id           seq_id,
+        int32_t                mode,
+        int32_t                k,
+        float                  temperature);
+
+// The sequence's routing: mode (LORAMUX_ROUTE_FIXED when it has a fixed mix or none), k, temperature.
+LLAMA_API int32_t loramux_get_seq_routing(
+        const struct llama_context * ctx,
+        llama_seq_id                 seq_id,
+        int32_t                    * mode,
+        int32_t                    * k,
+        float                      * temperature);
+
+// Number of adapted base weights of the pool (0 when none), and the name of weight i (NULL when i
+// is out of range); the record's module ids index this list.
+LLAMA_API int32_t      loramux_n_modules(const struct llama_context * ctx);
+LLAMA_API const char * loramux_module_name(const struct llama_context * ctx, int32_t i);
+
+// The Arrow prototypes of base weight `name`: writes n_sub pool ids to ids and n_sub x n_in floats
+// (unit vectors) to protos when capacity >= n_sub * n_in; returns n_sub (>= 0) or a status.
+LLAMA_API int32_t loramux_get_prototypes(
+        const struct llama_context * ctx,
+        const char                 * name,
+        int32_t                      capacity,
+        int32_t                    * ids,
+        float                      * protos,
+        int32_t                    * n_in);
+
+// Record (on != 0) or stop recording which adapters each routed token chose at each adapted weight
+// (the fused CPU op only: LORAMUX_ERR_BAD_ARG when the pool uses the device form). Clears the record.
+LLAMA_API int32_t loramux_set_record(struct llama_context * ctx, int32_t on);
+
+// Rows recorded since the last loramux_set_record/loramux_take_record: with capacity < the number
+// of rows (e.g. 0) returns that number and writes nothing; else writes per row the module id, the
+// sequence id, the position, max_active pool ids (-1 past the token's k) and weights, clears the
+// record and returns the number of rows.
+LLAMA_API int32_t loramux_take_record(
+        struct llama_context * ctx,
+        int32_t                capacity,
+        int32_t              * module,
+        int32_t              * seq_id,
+        int32_t              * pos,
+        int32_t              * ids,
+        float                * weights);
 
 #ifdef __cplusplus
 }

@@ -35,8 +35,18 @@
 //
 
 uint32_t llama_mux::n_nodes() const {
-    // per module: cont, reshape, 2 x mul_mat_id, mul, k x (view + add); per embedding LoRA: 4
-    return (uint32_t) (modules.size() * (6 + 2 * (size_t) k) + embd.size() * 6 + 16);
+    // per module: cont, reshape, 2 x mul_mat_id, mul, k x (view + add); the device form's routed
+    // pass adds about 30 plus k x (view + add); per embedding LoRA: 4
+    return (uint32_t) (modules.size() * (40 + 4 * (size_t) k) + embd.size() * 6 + 16);
+}
+
+bool llama_mux::any_routed() const {
+    for (int32_t m : seq_mode) {
+        if (m != LLAMA_MUX_FIXED) {
+            return true;
+        }
+    }
+    return false;
 }
 
 //
@@ -50,6 +60,85 @@ llm_graph_input_mux::llm_graph_input_mux(const llama_mux * mux, int64_t n_tokens
         t_w[o].assign(mux->groups.size(), nullptr);
     }
     t_embd.assign(mux->embd.size(), nullptr);
+    routed_at_build = mux->any_routed();
+}
+
+ggml_tensor * llm_graph_input_mux::route(ggml_context * ctx, bool outputs) {
+    ggml_tensor *& t = t_route[outputs];
+    if (!t) {
+        t = ggml_new_tensor_2d(ctx, GGML_TYPE_F32, 4, outputs ? n_outputs : n_tokens);
+        ggml_format_name(t, "mux_route%s", outputs ? "_out" : "");
+        ggml_set_input(t);
+    }
+    return t;
+}
+
+ggml_tensor * llm_graph_input_mux::route_dev(ggml_context * ctx, bool outputs, int which) {
+    ggml_tensor *& t = t_dev[outputs][which];
+    if (!t) {
+        t = ggml_new_tensor_2d(ctx, GGML_TYPE_F32, which == 4 ? mux->k : 1, outputs ? n_outputs : n_tokens);
+        ggml_format_name(t, "mux_route_dev%d%s", which, outputs ? "_out" : "");
+        ggml_set_input(t);
+    }
+    return t;
+}
+
+// the routing inputs of rows o (0: tokens, 1: output rows): the fused op's [4, n_rows] and the
+// device form's flags, temperature and slot mask
+void llm_graph_input_mux::set_route_rows(const llama_ubatch * ubatch, int o, const std::vector<int32_t> & rows_out) {
+    const int64_t n_rows = o ? n_outputs : n_tokens;
+    const int32_t k = mux->k;
+    std::vector<float> rt((size_t) 4 * n_rows, 0.0f);
+    std::vector<float> dev[5];
+    for (int w = 0; w < 4; ++w) {
+        dev[w].assign(n_rows, 0.0f);
+    }
+    dev[4].assign((size_t) k * n_rows, 0.0f);
+    for (int64_t r = 0; r < n_rows; ++r) {
+        const int32_t i = o ? rows_out[r] : (int32_t) r;
+        const llama_seq_id s = ubatch->seq_id[i][0];
+        const int32_t mode = (s >= 0 && (uint32_t) s < mux->n_seq_max) ? mux->seq_mode[s] : LLAMA_MUX_FIXED;
+        rt[(size_t) r * 4 + 3] = (float) i;
+        if (mode == LLAMA_MUX_FIXED) {
+            continue;
+        }
+        rt[(size_t) r * 4 + 0] = (float) mode;
+        rt[(size_t) r * 4 + 1] = (float) mux->seq_rk[s];
+        rt[(size_t) r * 4 + 2] = mux->seq_inv_t[s];
+        dev[0][r] = 1.0f;
+        dev[mode == LLAMA_MUX_ARROW ? 1 : 2][r] = 1.0f;
+        dev[3][r] = mux->seq_inv_t[s];
+        for (int32_t j = mux->seq_rk[s]; j < k; ++j) {
+            dev[4][(size_t) r * k + j] = -INFINITY; // slots beyond the sequence's k
+        }
+    }
+    if (t_route[o]) {
+        ggml_backend_tensor_set(t_route[o], rt.data(), 0, ggml_nbytes(t_route[o]));
+    }
+    for (int w = 0; w < 5; ++w) {
+        if (t_dev[o][w]) {
+            ggml_backend_tensor_set(t_dev[o][w], dev[w].data(), 0, ggml_nbytes(t_dev[o][w]));
+        }
+    }
+}
+
+// a record segment for this ubatch, when recording is on and some token routes
+void llm_graph_input_mux::start_record(const llama_ubatch * ubatch) {
+    llama_mux_record & rec = mux->record;
+    if (!rec.on || !mux->any_routed()) {
+        return;
+    }
+    llama_mux_record_segment seg;
+    seg.seq.resize(n_tokens);
+    seg.pos.resize(n_tokens);
+    for (int64_t i = 0; i < n_tokens; ++i) {
+        seg.seq[i] = ubatch->seq_id[i][0];
+        seg.pos[i] = ubatch->pos ? ubatch->pos[i] : (int32_t) i;
+    }
+    const size_t n = mux->module_names.size() * (size_t) n_tokens * mux->k;
+    seg.ids.assign(n, -1);
+    seg.w.assign(n, 0.0f);
+    rec.segs.push_back(std::move(seg));
 }
 
 ggml_tensor * llm_graph_input_mux::ids(ggml_context * ctx, int32_t group, bool outputs) {
@@ -137,7 +226,9 @@ void llm_graph_input_mux::set_input(const llama_ubatch * ubatch) {
                 ggml_backend_tensor_set(tw, buf_w.data(), 0, ggml_nbytes(tw));
             }
         }
+        set_route_rows(ubatch, o, rows_out);
     }
+    start_record(ubatch);
 
     for (size_t e = 0; e < t_embd.size(); ++e) {
         ggml_tensor * t = t_embd[e];
@@ -161,6 +252,7 @@ void llm_graph_input_mux::set_input(const llama_ubatch * ubatch) {
 
 bool llm_graph_input_mux::can_reuse(const llm_graph_params & params) {
     return params.mux == mux &&
+           routed_at_build == mux->any_routed() &&
            params.ubatch.n_tokens == n_tokens &&
            (int64_t) params.n_outputs == n_outputs;
 }
@@ -169,7 +261,7 @@ bool llm_graph_input_mux::can_reuse(const llm_graph_params & params) {
 // graph hooks
 //
 
-static llm_graph_input_mux * mux_input(const llm_graph_context & g) {
+llm_graph_input_mux * llama_mux_input(const llm_graph_context & g) {
     if (!g.inp_mux) {
         auto inp = std::make_unique<llm_graph_input_mux>(g.mux, g.n_tokens, g.n_outputs);
         g.inp_mux = static_cast<llm_graph_input_mux *>(g.res->add_input(std::move(inp)));
@@ -187,7 +279,7 @@ static llm_graph_input_mux * mux_input(const llm_graph_context & g) {
 // splitting the tokens (or, for fewer tokens than threads, each token's output rows).
 //
 // srcs: 0 res [n_out, nt] f32, 1 x [n_in, nt] f32 (rows may be strided), 2 A [n_in, r_max, n_sub]
-// f16/f32, 3 B [r_max, n_out, n_sub] f32, 4 ids [k, nt] i32, 5 w [1, k, nt] f32.
+// f16/f32, 3 B [r_max, n_out, n_sub] f32, 4 ids [k, nt] i32, 5 w [1, k, nt] f32; 6 route (below).
 
 #if (defined(__x86_64__) || defined(_M_X64)) && (defined(__GNUC__) || defined(__clang__))
 #define MUX_X86_DISPATCH 1
@@ -261,7 +353,7 @@ static float mux_dot_f16(const ggml_fp16_t * a, const float * x, int64_t n, floa
     return sum;
 }
 
-static float mux_dot_f32(const float * a, const float * x, int64_t n) {
+float llama_mux_dot_f32(const float * a, const float * x, int64_t n) {
 #ifdef MUX_X86_DISPATCH
     if (mux_has_avx2()) {
         return mux_dot_f32_avx2(a, x, n);
@@ -286,29 +378,48 @@ static void mux_axpy(float * y, const float * b, float t, int64_t n) {
     }
 }
 
-static void mux_lora_cpu(ggml_tensor * dst, int ith, int nth, void * /*userdata*/) {
-    const ggml_tensor * res = dst->src[0];
-    const ggml_tensor * x   = dst->src[1];
-    const ggml_tensor * A   = dst->src[2];
-    const ggml_tensor * BT  = dst->src[3];
-    const ggml_tensor * ids = dst->src[4];
-    const ggml_tensor * wts = dst->src[5];
+void llama_mux_a_times_x(const llama_mux_cpu_args & args, int64_t sub, const float * xin, float * t) {
+    const bool    a_f16 = args.A->type == GGML_TYPE_F16;
+    const char *  a_sub = (const char *) args.A->data + sub * args.A->nb[2];
+    for (int64_t r = 0; r < args.r_max; ++r) {
+        const char * row = a_sub + r * args.A->nb[1];
+        t[r] = a_f16 ? mux_dot_f16((const ggml_fp16_t *) row, xin, args.n_in, args.scratch)
+                     : llama_mux_dot_f32((const float *) row, xin, args.n_in);
+    }
+}
 
-    const int64_t n_in  = A->ne[0];
-    const int64_t r_max = A->ne[1];
-    const int64_t n_out = BT->ne[0];
+void llama_mux_add_b(const llama_mux_cpu_args & args, int64_t sub, const float * t, float * out, int64_t o0, int64_t o1) {
+    const char * b_sub = (const char *) args.BT->data + sub * args.BT->nb[2];
+    for (int64_t r = 0; r < args.r_max; ++r) {
+        if (t[r] != 0.0f) {
+            mux_axpy(out + o0, (const float *) (b_sub + r * args.BT->nb[1]) + o0, t[r], o1 - o0);
+        }
+    }
+}
+
+// srcs 0..5 as above, 6 route [4, nt] f32 (mode, k, 1/T, token index); userdata: the module
+static void mux_lora_cpu(ggml_tensor * dst, int ith, int nth, void * userdata) {
+    const llama_mux_module & m = *(const llama_mux_module *) userdata;
+    const ggml_tensor * res   = dst->src[0];
+    const ggml_tensor * x     = dst->src[1];
+    const ggml_tensor * ids   = dst->src[4];
+    const ggml_tensor * wts   = dst->src[5];
+    const ggml_tensor * route = dst->src[6];
+
+    thread_local std::vector<float> scratch; // the portable f16 path converts one row at a time
+    const int64_t n_in = dst->src[2]->ne[0];
+    if ((int64_t) scratch.size() < n_in) {
+        scratch.resize(n_in);
+    }
+    const llama_mux_cpu_args args = { dst->src[2], dst->src[3], n_in, dst->src[2]->ne[1], scratch.data() };
+    const int64_t n_out = args.BT->ne[0];
     const int64_t nt    = dst->ne[1];
     const int64_t k     = ids->ne[0];
-    const bool    a_f16 = A->type == GGML_TYPE_F16;
 
     // work items: (token, chunk of output rows); several chunks per token when tokens < threads
     const int64_t n_chunks = nt >= nth ? 1 : (nth + nt - 1) / nt;
     const int64_t rows_per = (n_out + n_chunks - 1) / n_chunks;
     float t[LLAMA_MUX_MAX_RANK];
-    thread_local std::vector<float> scratch; // the portable f16 path converts one row at a time
-    if (a_f16 && (int64_t) scratch.size() < n_in) {
-        scratch.resize(n_in);
-    }
 
     for (int64_t item = ith; item < nt * n_chunks; item += nth) {
         const int64_t tok = item / n_chunks;
@@ -323,6 +434,11 @@ static void mux_lora_cpu(ggml_tensor * dst, int ith, int nth, void * /*userdata*
         if (out != rin) {
             memcpy(out + o0, rin + o0, (size_t) (o1 - o0) * sizeof(float));
         }
+        const float * rt = (const float *) ((const char *) route->data + tok * route->nb[1]);
+        if (rt[0] != 0.0f) {
+            llama_mux_route_token(m, args, rt, xin, out, o0, o1);
+            continue;
+        }
         const int32_t * tid = (const int32_t *) ((const char *) ids->data + tok * ids->nb[1]);
         const char    * tw  = (const char *) wts->data + tok * wts->nb[2];
         for (int64_t j = 0; j < k; ++j) {
@@ -330,19 +446,11 @@ static void mux_lora_cpu(ggml_tensor * dst, int ith, int nth, void * /*userdata*
             if (w == 0.0f) {
                 continue; // an empty slot, or a sequence without a mix
             }
-            const int64_t sub   = tid[j];
-            const char *  a_sub = (const char *) A->data + sub * A->nb[2];
-            for (int64_t r = 0; r < r_max; ++r) {
-                const char * row = a_sub + r * A->nb[1];
-                t[r] = w * (a_f16 ? mux_dot_f16((const ggml_fp16_t *) row, xin, n_in, scratch.data())
-                                  : mux_dot_f32((const float *) row, xin, n_in));
+            llama_mux_a_times_x(args, tid[j], xin, t);
+            for (int64_t r = 0; r < args.r_max; ++r) {
+                t[r] *= w;
             }
-            const char * b_sub = (const char *) BT->data + sub * BT->nb[2];
-            for (int64_t r = 0; r < r_max; ++r) {
-                if (t[r] != 0.0f) {
-                    mux_axpy(out + o0, (const float *) (b_sub + r * BT->nb[1]) + o0, t[r], o1 - o0);
-                }
-            }
+            llama_mux_add_b(args, tid[j], t, out, o0, o1);
         }
     }
 }
@@ -378,7 +486,7 @@ ggml_tensor * llama_mux_build_mm(const llm_graph_context & g, ggml_tensor * w, g
 
     ggml_context * ctx0 = g.ctx0;
     const bool outputs = nt != g.n_tokens; // last layer after inp_out_ids: only the output rows
-    llm_graph_input_mux * inp = mux_input(g);
+    llm_graph_input_mux * inp = llama_mux_input(g);
     ggml_tensor * ids = inp->ids(ctx0, m.group, outputs);
     ggml_tensor * wts = inp->weights(ctx0, m.group, outputs);
 
@@ -387,8 +495,9 @@ ggml_tensor * llama_mux_build_mm(const llm_graph_context & g, ggml_tensor * w, g
         ggml_tensor * x = cur->type == GGML_TYPE_F32 ? cur : ggml_cast(ctx0, cur, GGML_TYPE_F32);
         x = x->nb[0] == sizeof(float) ? x : ggml_cont(ctx0, x);
         ggml_tensor * r = res->type == GGML_TYPE_F32 ? res : ggml_cast(ctx0, res, GGML_TYPE_F32);
-        ggml_tensor * args[6] = { r, x, m.a, m.b, ids, wts };
-        ggml_tensor * out = ggml_custom_4d(ctx0, GGML_TYPE_F32, res->ne[0], nt, 1, 1, args, 6, mux_lora_cpu, GGML_N_TASKS_MAX, nullptr);
+        ggml_tensor * args[7] = { r, x, m.a, m.b, ids, wts, inp->route(ctx0, outputs) };
+        ggml_tensor * out = ggml_custom_4d(ctx0, GGML_TYPE_F32, res->ne[0], nt, 1, 1, args, 7, mux_lora_cpu, GGML_N_TASKS_MAX,
+                                           const_cast<llama_mux_module *>(&m));
         ggml_format_name(out, "mux_lora-%s", w->name);
         return out;
     }
@@ -404,6 +513,11 @@ ggml_tensor * llama_mux_build_mm(const llm_graph_context & g, ggml_tensor * w, g
     for (int32_t j = 0; j < mux->k; ++j) {
         res = ggml_add(ctx0, res, ggml_view_2d(ctx0, u, u->ne[0], nt, u->nb[2], (size_t) j * u->nb[1]));
     }
+    if (inp->routed_at_build) {
+        ggml_tensor * xr = ggml_reshape_2d(ctx0, x, x->ne[0], nt);
+        xr = xr->type == GGML_TYPE_F32 ? xr : ggml_cast(ctx0, xr, GGML_TYPE_F32);
+        res = llama_mux_build_routed(g, m, w->name, xr, res, outputs);
+    }
     return res;
 }
 
@@ -413,7 +527,7 @@ ggml_tensor * llama_mux_build_embd(const llm_graph_context & g, ggml_tensor * to
         return cur;
     }
     ggml_context * ctx0 = g.ctx0;
-    llm_graph_input_mux * inp = mux_input(g);
+    llm_graph_input_mux * inp = llama_mux_input(g);
     for (size_t e = 0; e < mux->embd.size(); ++e) {
         const auto & em = mux->embd[e];
         if (em.b->ne[1] != tok_embd->ne[0]) {
@@ -437,6 +551,10 @@ static int32_t mux_fail(int32_t status, const std::string & reason) {
     mux_last_error = reason;
     LLAMA_LOG_ERROR("loramux: %s\n", reason.c_str());
     return status;
+}
+
+int32_t llama_mux_fail(int32_t status, const std::string & reason) {
+    return mux_fail(status, reason);
 }
 
 static std::string mux_adapter_label(int32_t id) {
@@ -593,6 +711,7 @@ static int32_t mux_group_of(llama_mux & mux, std::map<std::vector<int32_t>, int3
     for (size_t s = 0; s < members.size(); ++s) {
         gr.sub_of[members[s]] = (int32_t) s;
     }
+    gr.members = members;
     gr.n_sub = (int32_t) members.size();
     mux.groups.push_back(std::move(gr));
     return group;
@@ -632,7 +751,7 @@ static int32_t mux_alloc_stacks(llama_mux & mux, const std::vector<mux_plan> & p
     std::map<ggml_backend_buffer_type_t, ggml_context *> ctx_of;
     for (const auto & p : plans) {
         if (ctx_of.find(p.buft) == ctx_of.end()) {
-            ggml_init_params params = { /*.mem_size =*/ 2 * plans.size() * ggml_tensor_overhead(), /*.mem_buffer =*/ nullptr, /*.no_alloc =*/ true };
+            ggml_init_params params = { /*.mem_size =*/ 4 * plans.size() * ggml_tensor_overhead(), /*.mem_buffer =*/ nullptr, /*.no_alloc =*/ true };
             ggml_context * c = ggml_init(params);
             if (!c) {
                 return mux_fail(LORAMUX_ERR_ALLOC, "could not create a ggml context for the stacked tensors");
@@ -644,13 +763,25 @@ static int32_t mux_alloc_stacks(llama_mux & mux, const std::vector<mux_plan> & p
         const int64_t n_slices = mux.groups[p.group].n_sub + 1; // the last slice is all zeros
         llama_mux_module m;
         m.group = p.group;
+        m.index = (int32_t) mux.module_names.size();
         m.cpu   = ggml_backend_buft_is_host(p.buft) && !force_id;
+        m.n_in  = p.n_in;
+        m.r_max = p.r_max;
+        m.mux   = &mux;
         m.a = ggml_new_tensor_3d(c, p.type_a, p.n_in, p.r_max, n_slices);
         m.b = m.cpu ? ggml_new_tensor_3d(c, GGML_TYPE_F32, p.n_out, p.r_max, n_slices)
                     : ggml_new_tensor_3d(c, GGML_TYPE_F32, p.r_max, p.n_out, n_slices);
         ggml_format_name(m.a, "mux.%s.a", p.name.c_str());
         ggml_format_name(m.b, "mux.%s.b", p.name.c_str());
-        mux.modules[p.name] = m;
+        if (!m.cpu) { // the device form's gating inputs (the fused op reads the host copies)
+            const int64_t n_sub = mux.groups[p.group].n_sub;
+            m.proto_t = ggml_new_tensor_2d(c, GGML_TYPE_F32, p.n_in, n_sub);
+            m.basis_t = ggml_new_tensor_2d(c, GGML_TYPE_F32, p.n_in, p.r_max * n_sub);
+            ggml_format_name(m.proto_t, "mux.%s.proto", p.name.c_str());
+            ggml_format_name(m.basis_t, "mux.%s.basis", p.name.c_str());
+        }
+        mux.module_names.push_back(p.name);
+        mux.modules[p.name] = std::move(m);
     }
     for (auto & [buft, c] : ctx_of) {
         ggml_backend_buffer_t buf = ggml_backend_alloc_ctx_tensors_from_buft(c, buft);
@@ -664,8 +795,12 @@ static int32_t mux_alloc_stacks(llama_mux & mux, const std::vector<mux_plan> & p
 }
 
 // zero padding beyond each adapter's rank and in the last slice, alpha/r folded into B
-static int32_t mux_fill_stack(const llama_mux & mux, const mux_plan & p, const mux_by_name & by_name) {
-    const llama_mux_module & m = mux.modules.at(p.name);
+static int32_t mux_fill_stack(llama_mux & mux, const mux_plan & p, const mux_by_name & by_name) {
+    llama_mux_module & m = mux.modules.at(p.name);
+    const int64_t n_sub = mux.groups[p.group].n_sub;
+    m.proto.assign((size_t) n_sub * p.n_in, 0.0f);
+    m.gate_m.assign((size_t) n_sub * p.r_max * p.r_max, 0.0f);
+    std::vector<float> b_scaled;
     const int64_t n_slices = mux.groups[p.group].n_sub + 1;
     std::vector<float> a_host((size_t) p.n_in * p.r_max * n_slices, 0.0f);
     std::vector<float> b_host((size_t) p.r_max * p.n_out * n_slices, 0.0f);
@@ -679,11 +814,16 @@ static int32_t mux_fill_stack(const llama_mux & mux, const mux_plan & p, const m
         }
         std::copy(a.begin(), a.end(), a_host.data() + (size_t) sub * p.n_in * p.r_max);
         float * b_dst = b_host.data() + (size_t) sub * p.r_max * p.n_out;
+        b_scaled.resize(b.size());
         for (int64_t o = 0; o < p.n_out; ++o) {
             for (int64_t j = 0; j < r; ++j) {
                 // mul_mat_id layout [r_max, n_out]; the CPU kernel's transposed [n_out, r_max]
-                b_dst[m.cpu ? j * p.n_out + o : o * p.r_max + j] = b[o * r + j] * scale;
+                b_scaled[o * r + j] = b[o * r + j] * scale;
+                b_dst[m.cpu ? j * p.n_out + o : o * p.r_max + j] = b_scaled[o * r + j];
             }
+        }
+        if (!llama_mux_route_prepare(m, n_sub, sub, a, b_scaled, r, p.n_out)) {
+            return mux_fail(LORAMUX_ERR_INTERNAL, mux_tensor_label(id, p.name) + ": the eigen-decomposition for its routing prototypes did not converge");
         }
     }
     if (m.a->type == GGML_TYPE_F32) {
@@ -694,6 +834,11 @@ static int32_t mux_fill_stack(const llama_mux & mux, const mux_plan & p, const m
         ggml_backend_tensor_set(m.a, a16.data(), 0, ggml_nbytes(m.a));
     }
     ggml_backend_tensor_set(m.b, b_host.data(), 0, ggml_nbytes(m.b));
+    if (m.proto_t) {
+        ggml_backend_tensor_set(m.proto_t, m.proto.data(), 0, ggml_nbytes(m.proto_t));
+        ggml_backend_tensor_set(m.basis_t, m.basis.data(), 0, ggml_nbytes(m.basis_t));
+        std::vector<float>().swap(m.basis); // only the device copy is used
+    }
     return LORAMUX_OK;
 }
 
@@ -717,6 +862,9 @@ static int32_t mux_register(llama_context * ctx, llama_adapter_lora ** adapters,
     mux->seq_n.assign(mux->n_seq_max, 0);
     mux->seq_ids.assign((size_t) mux->n_seq_max * mux->k, 0);
     mux->seq_w.assign((size_t) mux->n_seq_max * mux->k, 0.0f);
+    mux->seq_mode.assign(mux->n_seq_max, LLAMA_MUX_FIXED);
+    mux->seq_rk.assign(mux->n_seq_max, 0);
+    mux->seq_inv_t.assign(mux->n_seq_max, 0.0f);
 
     mux_by_name by_name;
     std::vector<mux_plan> plans;
@@ -881,6 +1029,7 @@ static int32_t mux_set_mix(llama_context * ctx, llama_seq_id seq_id, int32_t n, 
         mux->seq_w  [base + j] = 0.0f;
     }
     mux->seq_n[seq_id] = slot;
+    mux->seq_mode[seq_id] = LLAMA_MUX_FIXED; // a fixed mix (or none) replaces per-token routing
     return LORAMUX_OK;
 }
 
@@ -932,5 +1081,161 @@ int32_t loramux_get_seq_mix(const llama_context * ctx, llama_seq_id seq_id, int3
             weights[j] = mux->seq_w  [(size_t) seq_id * mux->k + j];
         }
         return n;
+    });
+}
+
+//
+// per-token routing and its record (the gating itself: llama-mux-route.cpp)
+//
+
+static int32_t mux_set_routing(llama_context * ctx, llama_seq_id seq_id, int32_t mode, int32_t k, float temperature) {
+    llama_mux * mux = nullptr;
+    const int32_t rc = mux_check_seq(ctx, seq_id, &mux);
+    if (rc != LORAMUX_OK) {
+        return rc;
+    }
+    if (mode == LORAMUX_ROUTE_FIXED) {
+        return mux_set_mix(ctx, seq_id, 0, nullptr, nullptr);
+    }
+    if (mode != LORAMUX_ROUTE_ARROW && mode != LORAMUX_ROUTE_SPECTR) {
+        return mux_fail(LORAMUX_ERR_BAD_ARG, "routing mode " + std::to_string(mode) + " is not LORAMUX_ROUTE_FIXED, _ARROW or _SPECTR");
+    }
+    if (k < 1 || k > mux->k) {
+        return mux_fail(LORAMUX_ERR_BAD_ARG, "routing top-k " + std::to_string(k) + " is outside [1, max_active = " + std::to_string(mux->k) + "]");
+    }
+    if (mode == LORAMUX_ROUTE_ARROW && !(std::isfinite(temperature) && temperature > 0.0f)) {
+        return mux_fail(LORAMUX_ERR_BAD_WEIGHT, "Arrow temperature " + std::to_string(temperature) + " is not a finite number > 0");
+    }
+    mux->seq_n[seq_id]     = 0; // no fixed mix: the fixed slots add 0 for this sequence
+    mux->seq_mode[seq_id]  = mode;
+    mux->seq_rk[seq_id]    = k;
+    mux->seq_inv_t[seq_id] = mode == LORAMUX_ROUTE_ARROW ? 1.0f / temperature : 0.0f;
+    return LORAMUX_OK;
+}
+
+int32_t loramux_set_seq_routing(llama_context * ctx, llama_seq_id seq_id, int32_t mode, int32_t k, float temperature) {
+    return mux_guard(__func__, [&] { return mux_set_routing(ctx, seq_id, mode, k, temperature); });
+}
+
+int32_t loramux_get_seq_routing(const llama_context * ctx, llama_seq_id seq_id, int32_t * mode, int32_t * k, float * temperature) {
+    return mux_guard(__func__, [&] {
+        llama_mux * mux = nullptr;
+        const int32_t rc = mux_check_seq(ctx, seq_id, &mux);
+        if (rc != LORAMUX_OK) {
+            return rc;
+        }
+        if (!mode || !k || !temperature) {
+            return mux_fail(LORAMUX_ERR_NULL_ARG, "mode, k or temperature is NULL");
+        }
+        *mode = mux->seq_mode[seq_id];
+        *k    = *mode == LORAMUX_ROUTE_FIXED ? 0 : mux->seq_rk[seq_id];
+        *temperature = mux->seq_inv_t[seq_id] > 0.0f ? 1.0f / mux->seq_inv_t[seq_id] : 0.0f;
+        return (int32_t) LORAMUX_OK;
+    });
+}
+
+int32_t loramux_n_modules(const llama_context * ctx) {
+    const llama_mux * mux = mux_of_ctx(ctx);
+    return mux ? (int32_t) mux->module_names.size() : 0;
+}
+
+const char * loramux_module_name(const llama_context * ctx, int32_t i) {
+    const llama_mux * mux = mux_of_ctx(ctx);
+    if (!mux || i < 0 || (size_t) i >= mux->module_names.size()) {
+        return nullptr;
+    }
+    return mux->module_names[i].c_str();
+}
+
+int32_t loramux_get_prototypes(const llama_context * ctx, const char * name, int32_t capacity, int32_t * ids, float * protos, int32_t * n_in) {
+    return mux_guard(__func__, [&] {
+        const llama_mux * mux = mux_of_ctx(ctx);
+        if (!ctx || !name) {
+            return mux_fail(LORAMUX_ERR_NULL_ARG, "loramux_get_prototypes: ctx or name is NULL");
+        }
+        if (!mux) {
+            return mux_fail(LORAMUX_ERR_NOT_REGISTERED, "no pool is registered on this context");
+        }
+        const auto it = mux->modules.find(name);
+        if (it == mux->modules.end()) {
+            return mux_fail(LORAMUX_ERR_BAD_ARG, std::string("no adapter of the pool adapts weight '") + name + "'");
+        }
+        const llama_mux_module & m = it->second;
+        const llama_mux_group & grp = mux->groups[m.group];
+        if (n_in) {
+            *n_in = (int32_t) m.n_in;
+        }
+        if ((int64_t) capacity < grp.n_sub * m.n_in) {
+            return (int32_t) grp.n_sub;
+        }
+        if (!ids || !protos) {
+            return mux_fail(LORAMUX_ERR_NULL_ARG, "ids or protos is NULL");
+        }
+        std::copy(grp.members.begin(), grp.members.end(), ids);
+        std::copy(m.proto.begin(), m.proto.end(), protos);
+        return (int32_t) grp.n_sub;
+    });
+}
+
+int32_t loramux_set_record(llama_context * ctx, int32_t on) {
+    return mux_guard(__func__, [&] {
+        llama_mux * mux = mux_of_ctx(ctx);
+        if (!ctx) {
+            return mux_fail(LORAMUX_ERR_NULL_ARG, "loramux_set_record: ctx is NULL");
+        }
+        if (!mux) {
+            return mux_fail(LORAMUX_ERR_NOT_REGISTERED, "no pool is registered on this context");
+        }
+        for (const auto & [name, m] : mux->modules) {
+            if (on && !m.cpu) {
+                return mux_fail(LORAMUX_ERR_BAD_ARG, "weight '" + name + "' uses the device form (ggml_mul_mat_id), which does not record its choices");
+            }
+        }
+        mux->record.segs.clear();
+        mux->record.on = on != 0;
+        return (int32_t) LORAMUX_OK;
+    });
+}
+
+int32_t loramux_take_record(llama_context * ctx, int32_t capacity, int32_t * module, int32_t * seq_id, int32_t * pos, int32_t * ids, float * weights) {
+    return mux_guard(__func__, [&] {
+        llama_mux * mux = mux_of_ctx(ctx);
+        if (!mux) {
+            return ctx ? mux_fail(LORAMUX_ERR_NOT_REGISTERED, "no pool is registered on this context")
+                       : mux_fail(LORAMUX_ERR_NULL_ARG, "loramux_take_record: ctx is NULL");
+        }
+        const size_t k = mux->k, n_mod = mux->module_names.size();
+        int64_t n_rows = 0;
+        for (const auto & seg : mux->record.segs) {
+            for (size_t i = 0; i < seg.ids.size(); i += k) {
+                n_rows += seg.ids[i] >= 0;
+            }
+        }
+        if (n_rows > INT32_MAX || capacity < n_rows) {
+            return (int32_t) std::min<int64_t>(n_rows, INT32_MAX);
+        }
+        if (n_rows > 0 && (!module || !seq_id || !pos || !ids || !weights)) {
+            return mux_fail(LORAMUX_ERR_NULL_ARG, "an output array is NULL");
+        }
+        int64_t row = 0;
+        for (const auto & seg : mux->record.segs) {
+            const size_t n_tok = seg.seq.size();
+            for (size_t md = 0; md < n_mod; ++md) {
+                for (size_t t = 0; t < n_tok; ++t) {
+                    const size_t base = (md * n_tok + t) * k;
+                    if (seg.ids[base] < 0) {
+                        continue;
+                    }
+                    module[row] = (int32_t) md;
+                    seq_id[row] = seg.seq[t];
+                    pos[row]    = seg.pos[t];
+                    std::copy(seg.ids.begin() + base, seg.ids.begin() + base + k, ids + row * k);
+                    std::copy(seg.w.begin() + base, seg.w.begin() + base + k, weights + row * k);
+                    ++row;
+                }
+            }
+        }
+        mux->record.segs.clear();
+        return (int32_t) row;
     });
 }
