@@ -13,7 +13,10 @@ after its prompt:
                   "top-3 over a 22-adapter pool vs a single adapter" ratio);
   (v)   pool size: all N requests under the first drawn top-3 mix on the native path, with the
                   whole pool registered vs only those 3 adapters (cost per token must not grow
-                  with the pool).
+                  with the pool);
+  (vi)  per-token routing: all N requests routed per token and adapted weight inside the graph,
+                  Arrow top-3 (T=1) and SpectR top-3 over the whole pool, against (i), the
+                  fixed top-3 mixes (goal: Arrow >= 0.85x).
 
 Also: the time to change one sequence's mix (the C call, and through the Python SeqMixer) and,
 for comparison, what a stock mix change costs in the next decode.
@@ -219,6 +222,8 @@ class Bench:
                 "base",
                 "native_same_mix_full_pool",
                 "native_same_mix_pool_of_3",
+                "arrow_top3",
+                "spectr_top3",
             )
         }
         # llama-server groups by identical mix; the drawn mixes are all different
@@ -241,6 +246,10 @@ class Bench:
                 for s in seqs:
                     mixer_.set(s, mixes[0])
                 res[key].append(self.run_groups(ctx_, [(None, seqs)], prompts, native_mixer=mixer_))
+            for mode in ("arrow", "spectr"):
+                for s in seqs:
+                    mixer.set_routing(s, mode, 3, 1.0)
+                res[f"{mode}_top3"].append(self.run_groups(ctx_native, [(None, seqs)], prompts, native_mixer=mixer))
         out = {f"{k}_tokens_per_s": round(statistics.median(v), 2) for k, v in res.items()}
         out.update({f"{k}_tokens_per_s_runs": [round(x, 2) for x in v] for k, v in res.items()})
         out["native_over_same_mix"] = round(out["native_tokens_per_s"] / out["same_mix_tokens_per_s"], 3)
@@ -250,6 +259,8 @@ class Bench:
         out["native_full_pool_over_pool_of_3"] = round(
             out["native_same_mix_full_pool_tokens_per_s"] / out["native_same_mix_pool_of_3_tokens_per_s"], 3
         )
+        for mode in ("arrow", "spectr"):
+            out[f"{mode}_top3_over_fixed_top3"] = round(out[f"{mode}_top3_tokens_per_s"] / out["native_tokens_per_s"], 3)
         out["pool_size"] = len(self.names)
         out["mixes"] = mixes
         out.update(self.mix_change_cost(ctx_native, mixer, ctx_stock))
@@ -336,6 +347,11 @@ def main(argv=None) -> int:
         print(
             f"       one top-3 mix, native: pool of {r['pool_size']} {r['native_same_mix_full_pool_tokens_per_s']:.1f} vs pool of 3 "
             f"{r['native_same_mix_pool_of_3_tokens_per_s']:.1f} tokens/s (ratio {r['native_full_pool_over_pool_of_3']:.3f})"
+        )
+        print(
+            f"       per-token routing over {r['pool_size']}: Arrow top-3 {r['arrow_top3_tokens_per_s']:.1f}, SpectR top-3 "
+            f"{r['spectr_top3_tokens_per_s']:.1f} tokens/s | vs fixed top-3: Arrow {r['arrow_top3_over_fixed_top3']:.3f}, "
+            f"SpectR {r['spectr_top3_over_fixed_top3']:.3f}"
         )
     first = by_n[str(args.requests[0])]
     result = {
