@@ -109,10 +109,10 @@ def native_run(tmp_path_factory, base_model, prompts) -> dict:
 
 @pytest.fixture(scope="module")
 def torch_runs(base_model, prompts) -> dict:
-    from arrow_reference import arrow_choices, arrow_fixture_paths, arrow_logits, arrow_model
-    from peft_reference import hf_base_model, one_thread, peft_model
-
     import torch
+    from arrow_reference import arrow_choices, arrow_fixture_paths, arrow_logits, arrow_model
+
+    from peft_reference import hf_base_model, one_thread, peft_model
 
     runs: dict = {}
     with one_thread(), torch.no_grad():
