@@ -13,5 +13,6 @@ _native.prepare()
 from loramux.mix import MAX_ABS_WEIGHT, MAX_MIX_ADAPTERS, Mix  # noqa: E402
 from loramux.pool import AdapterPool, AdapterSkippedWarning  # noqa: E402
 from loramux.router import Router  # noqa: E402
+from loramux.token_routing import TokenRouting  # noqa: E402
 
-__all__ = ["MAX_ABS_WEIGHT", "MAX_MIX_ADAPTERS", "AdapterPool", "AdapterSkippedWarning", "Mix", "Router", "__version__"]
+__all__ = ["MAX_ABS_WEIGHT", "MAX_MIX_ADAPTERS", "AdapterPool", "AdapterSkippedWarning", "Mix", "Router", "TokenRouting", "__version__"]

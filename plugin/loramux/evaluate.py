@@ -17,6 +17,8 @@ can add modes without touching the loop: :func:`register_mix_mode`. Built in:
   listed under ``"tasks_without_adapter"`` in the JSON);
 - ``uniform``: every loaded adapter, equal weights summing to 1;
 - ``fixed:name=w,...``: one fixed mix for every row;
+- ``arrow[:k=3,T=1]``, ``spectr[:k=4]``: per-token routing among every loaded adapter, inside the
+  graph (:mod:`loramux.token_routing`; native library); each row's ``"mix"`` in the JSON is the mode;
 - any router of :mod:`loramux.router.registry` (``router:PATH``, ``retrieval:KEYS``, ``logo``,
   ``file:MIX.json``, ...): the router chooses each row's mix (:class:`RoutedPolicy`), and the
   result gains its routing accuracy.
@@ -38,6 +40,7 @@ from loramux.errors import LoramuxError, MixError
 from loramux.mix import Mix
 from loramux.progress import progress_bar
 from loramux.router.registry import is_router_spec, open_router, router_kinds
+from loramux.token_routing import ROUTING_MODES
 
 TOKEN_MARGIN = 16
 REQUIRED_KEYS = ("task", "input", "target")
@@ -190,12 +193,29 @@ def _fixed_mode(arg: str | None, ctx: ModeContext) -> MixPolicy:
     return _Constant(ctx.pool.resolve_mix(Mix.parse(arg)))
 
 
+def _routed_mode(mode: str) -> ModeFactory:
+    """``arrow`` / ``arrow:k=2,T=0.5`` (or spectr): one routed mix for every row."""
+
+    def factory(arg: str | None, ctx: ModeContext) -> MixPolicy:
+        if not ctx.pool.names:
+            raise MixError(f"mix mode {mode!r} routes among the loaded adapters: pass --adapters")
+        mix = ctx.pool.resolve_mix(Mix.parse(mode if arg is None else f"{mode}:{arg}"))
+        ctx.pool.path_for(mix)  # refused before any row runs when this pool cannot route (native library, max_active)
+        return _Constant(mix)
+
+    return factory
+
+
 BASE = "(base)"
 TIE = "(tie)"
+ROUTED = "(routed)"
 
 
 def top_adapter(mix: Mix) -> str:
-    """The adapter with the highest weight in ``mix``: BASE for the empty mix, TIE when several share it."""
+    """The adapter with the highest weight in ``mix``: BASE for the empty mix, TIE when several share it,
+    ROUTED for a per-token routed mix (no fixed weights: each token picks its own)."""
+    if mix.token_routing is not None:
+        return ROUTED
     if mix.is_base:
         return BASE
     best = max(mix.values())
@@ -252,6 +272,8 @@ register_mix_mode("base", _base_mode)
 register_mix_mode("oracle", _oracle_mode)
 register_mix_mode("uniform", _uniform_mode)
 register_mix_mode("fixed", _fixed_mode)
+for _mode in ROUTING_MODES:
+    register_mix_mode(_mode, _routed_mode(_mode))
 
 
 # --- the loop ---------------------------------------------------------------------------
@@ -363,6 +385,7 @@ def evaluate(
 
 __all__ = [
     "BASE",
+    "ROUTED",
     "EvalResult",
     "RoutedPolicy",
     "TIE",

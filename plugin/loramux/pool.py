@@ -15,6 +15,10 @@ its own mix (per sequence with the native library, else one mix per decode), sam
 llama.cpp's own sampler chain with llama-cpp-python's parameter meanings. Requests sent while
 others run join them at the next decode step.
 
+A mix may also route per token (``mix="arrow"``, ``"arrow:k=2,T=0.5"``, ``"spectr"``): every
+token picks its own adapters among all loaded ones at every adapted weight, inside the graph
+(native library only); :meth:`AdapterPool.token_choices` reports what each token chose.
+
 Adapters are addressed by name (a GGUF file's stem, a PEFT folder's name); a name is never
 reused for different weights. PEFT folders are converted once into a cache
 (:mod:`loramux.adapters`). Loading and unloading adapters while requests run is safe: the
@@ -31,6 +35,7 @@ An adapter given by its own path is strict: it loads or raises.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import functools
 import os
 import random
@@ -64,6 +69,7 @@ from loramux.errors import AdapterError, LoramuxError, RequestError, RuntimeLoad
 from loramux.llama_runtime import LoraAdapterHandle, LoraSetStats, capture_llama_log
 from loramux.mix import Mix, MixLike
 from loramux.pool_requests import PoolRequest, PoolResult, iter_results, mixes_for, sampling_from
+from loramux.routing_report import TokenChoiceReport
 
 
 def _default_threads() -> int:
@@ -311,7 +317,8 @@ class AdapterPool:
 
     # --- mixes and engine facts -----------------------------------------------------------------
     def resolve_mix(self, mix: MixLike) -> Mix:
-        """Validate ``mix`` (a Mix, mapping, ``"name=w,..."`` string or None) against the loaded adapters."""
+        """Validate ``mix`` (a Mix, mapping, ``"name=w,..."`` or routing-mode string, or None) against the
+        loaded adapters (a routed mix, ``"arrow"`` / ``"spectr"``, routes among all of them)."""
         return Mix.coerce(mix).check_known(self._adapters)
 
     @property
@@ -354,7 +361,8 @@ class AdapterPool:
         return self._engine.cx.lora.stats
 
     def path_for(self, mix: MixLike) -> str:
-        """``"native"`` (per-sequence) or ``"context"`` (one mix per decode): how ``mix`` would run."""
+        """``"native"`` (per-sequence) or ``"context"`` (one mix per decode): how ``mix`` would run.
+        A routed mix this pool cannot run (no native library, no adapter, k above max_active) raises MixError."""
         return self._engine.path_for(self.resolve_mix(mix))
 
     # --- requests ----------------------------------------------------------------------------
@@ -386,7 +394,7 @@ class AdapterPool:
 
     def _respond(self, req: PoolRequest, *, chat: bool, stream: bool, extra: Mapping[str, Any] | None = None):
         handle = self.submit(req)
-        shape = responses.Shape(chat=chat, model=str(self.base_path), extra={"mix": handle.request.mix.to_dict(), **(extra or {})})
+        shape = responses.Shape(chat=chat, model=str(self.base_path), extra={"mix": handle.request.mix.to_json(), **(extra or {})})
         piece = None if chat or req.logprobs is None else self.piece
         if not stream:
             return responses.whole(shape, _cancel_on_exit(handle), piece)
@@ -506,8 +514,18 @@ class AdapterPool:
         return self.model.detokenize(list(tokens), special=True).decode("utf-8", errors="replace")
 
     def piece(self, token: int) -> str:
-        """The text of one token."""
-        return self.model.token_to_piece(int(token), special=True).decode("utf-8", errors="replace")
+        """The text of one token (llama-cpp-python's ``token_to_piece`` returns its whole buffer, NUL padding included)."""
+        import llama_cpp
+
+        buf = ctypes.create_string_buffer(64)
+        vocab = llama_cpp.llama_model_get_vocab(self.model.model)
+        n = llama_cpp.llama_token_to_piece(vocab, int(token), buf, len(buf), 0, True)
+        if n < 0:  # the buffer is too small: -n bytes are needed
+            buf = ctypes.create_string_buffer(-n)
+            n = llama_cpp.llama_token_to_piece(vocab, int(token), buf, len(buf), 0, True)
+        if n < 0:
+            raise LoramuxError(f"llama.cpp could not turn token {token} into text")
+        return buf.raw[:n].decode("utf-8", errors="replace")
 
     def token_eos(self) -> int:
         return self.model.token_eos()
@@ -562,6 +580,20 @@ class AdapterPool:
         """
         self._check_open()
         return self._engine.logits(tokens, self.resolve_mix(mix), path=path)
+
+    def token_choices(self, prompt: str | Sequence[int], mix: MixLike) -> TokenChoiceReport:
+        """What per-token routing chose for every token of ``prompt`` at every adapted weight.
+
+        ``prompt`` (text, tokenized with BOS as :meth:`create_completion` does, or token ids, at
+        most ``n_batch``) is teacher-forced alone in one batch under the routed ``mix`` (``"arrow"``,
+        ``"spectr:k=3"``, ``Mix.arrow(k=2)``, ...) on the engine's thread, between two steps of the
+        running requests, with the native record on. Needs the native library's fused CPU op (the
+        device form does not record) and loaded adapters; a fixed mix is a MixError."""
+        self._check_open()
+        resolved = self.resolve_mix(mix)
+        tokens = self.tokenize(prompt, add_bos=True) if isinstance(prompt, str) else [int(t) for t in prompt]
+        choices = self._engine.token_choices(tokens, resolved)
+        return TokenChoiceReport(resolved, tuple(tokens), tuple(self.piece(t) for t in tokens), tuple(choices))
 
     def score(self, items: Sequence[Any]) -> list[float]:
         """Mean target cross-entropy of each :class:`loramux.engine.scoring.ScoreItem` (tokens, n_prompt, mix).
@@ -625,6 +657,7 @@ __all__ = [
     "PoolRequest",
     "PoolResult",
     "SkippedAdapter",
+    "TokenChoiceReport",
     "adapter_name",
     "converted_adapter_path",
     "find_adapter_sources",

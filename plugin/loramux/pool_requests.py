@@ -84,7 +84,7 @@ class PoolResult:
 
     text: str
     finish_reason: str  # "stop" or "length"
-    mix: dict[str, float]
+    mix: dict[str, Any]  # Mix.to_json(): {name: weight}, or {"mode", "k", "temperature"} for a routed mix
     prompt_tokens: int
     completion_tokens: int
     path: str
@@ -97,7 +97,7 @@ class PoolResult:
         return cls(
             text=fin.text,
             finish_reason=fin.finish_reason,
-            mix=fin.mix.to_dict(),
+            mix=fin.mix.to_json(),
             prompt_tokens=fin.prompt_tokens,
             completion_tokens=fin.completion_tokens,
             path=fin.path,

@@ -28,7 +28,7 @@ def register(sub: argparse._SubParsersAction) -> None:
             "keys ignored). Example: loramux compose --adapters adapters/ --examples few.jsonl -o mix.json --gguf mix.gguf"
         ),
     )
-    add_pool_arguments(p)
+    add_pool_arguments(p, max_active=False)
     p.add_argument("--examples", type=Path, required=True, help=f"JSON lines with input and target (1 to {MAX_EXAMPLES})")
     p.add_argument("-o", "--output", type=Path, required=True, help="mix file to write (JSON)")
     p.add_argument("--gguf", type=Path, default=None, help="also write the mix as one GGUF adapter (rank concatenation, f32)")

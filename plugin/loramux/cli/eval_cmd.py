@@ -22,7 +22,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         ),
         epilog=(
             "MODE: base (no adapter); oracle (the adapter named like the row's task); uniform (all loaded adapters, equal "
-            "weights summing to 1); fixed:name=w,... (one mix for all rows); router:PATH (a trained router). "
+            "weights summing to 1); fixed:name=w,... (one mix for all rows); arrow[:k=3,T=1] or spectr[:k=4] (every token "
+            "routed among all loaded adapters inside the graph: Arrow or SpectR, native library); router:PATH (a trained router). "
             f"Registered modes: {', '.join(mix_modes())}."
         ),
     )

@@ -1,4 +1,5 @@
-"""``--mix`` of run and chat: a fixed mix (``name=w,...``) or any router of the registry (``retrieval:KEYS``, ``logo``, ...)."""
+"""``--mix`` of run and chat: a fixed mix (``name=w,...``), a per-token routing mode (``arrow``, ``spectr``)
+or any router of the registry (``retrieval:KEYS``, ``logo``, ...)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ from typing import Any
 from loramux.mix import MAX_ABS_WEIGHT, MAX_MIX_ADAPTERS, Mix
 from loramux.router.registry import is_router_spec, open_router, router_kinds
 from loramux.router.selection import Routing
+from loramux.token_routing import DEFAULT_K
 
 
 def mix_help() -> str:
@@ -14,18 +16,22 @@ def mix_help() -> str:
     routers = "; ".join(f"{k.usage} ({k.summary})" for k in router_kinds())
     return (
         f"a mix name=w,name=w (adapter names, finite |w| <= {MAX_ABS_WEIGHT:g}, at most {MAX_MIX_ADAPTERS} adapters), "
-        f"'base', or a router that picks the mix of each prompt: {routers}"
+        f"'base', a per-token routing mode that lets every token pick its own top-k of all loaded adapters at every "
+        f"adapted weight (native library; k <= --max-active): arrow[:k={DEFAULT_K['arrow']},T=1] (Arrow: each adapter's top "
+        f"singular direction, softmax weights at temperature T) or spectr[:k={DEFAULT_K['spectr']}] (SpectR: the adapter's "
+        f"row space, uniform weights), or a router that picks the mix of each prompt: {routers}"
     )
 
 
 class MixChoice:
-    """A fixed mix, or a router that chooses one per prompt. Close it when done."""
+    """A fixed or routed mix (``arrow``, ``spectr``), or a router that chooses one per prompt. Close it when done."""
 
     def __init__(self, pool: Any, text: str | None) -> None:
         text = (text or "").strip()
         self.spec = text or "base"
         self.router = open_router(text, pool) if text and is_router_spec(text) else None
         self.mix = Mix() if self.router is not None or text in ("", "base") else pool.resolve_mix(Mix.parse(text))
+        pool.path_for(self.mix)  # a routed mix this pool cannot run (no native library, k > max_active) is refused now
         self._pool = pool
 
     def for_prompt(self, prompt: str) -> tuple[Mix, Routing | None]:

@@ -14,6 +14,11 @@ The mix of a request comes from, in order: the body field "mix" ({"adapter": wei
 "auto" (the --router picks the mix from the prompt), an adapter name, a named mix of the config
 file, or the base model. Every response says which mix was used ("mix"; for auto also "routing").
 
+Per-token routing: "mix" or "model" "arrow" / "arrow:k=3,T=1" (Arrow) or "spectr" / "spectr:k=4"
+(SpectR): every token picks its own top-k of all loaded adapters at every adapted weight, inside
+the graph (native library; k <= --max-active). The response's "mix" is then {"mode", "k",
+"temperature"}. The hook (--upstream) cannot route per token and answers 400.
+
 Endpoints: /v1/chat/completions, /v1/completions, /v1/models, /health, /metrics,
 /v1/adapters (GET list, POST {"path"} load, DELETE /v1/adapters/NAME unload), /lora-adapters.
 
@@ -63,6 +68,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--threads", type=int, default=None, help="CPU threads for llama.cpp (default: the cores, at most 8)")
     p.add_argument("--max-queue", type=int, default=None, help="requests waiting for a sequence before 429 (default: 64)")
     p.add_argument(
+        "--max-active",
+        type=int,
+        default=None,
+        help="most adapters of one mix run per sequence, and the largest top-k of arrow/spectr (default: 4, spectr's top-k)",
+    )
+    p.add_argument(
         "--flash-attn",
         choices=("on", "off"),
         default=None,
@@ -95,6 +106,7 @@ def settings_from(args: argparse.Namespace):
             "n_ctx",
             "threads",
             "max_queue",
+            "max_active",
             "skip_embeddings",
         )
     }

@@ -3,7 +3,11 @@
 :class:`EngineContext` owns one ``llama_context`` (``n_seq_max`` sequences in one unified K/V
 cache), its batch, the adapters registered on it for per-sequence mixes (:class:`SeqMixer`,
 native library) and the context-level adapter set (:class:`ContextLoraState`, stock llama.cpp).
-Only the engine's scheduler thread calls it.
+Only the engine's scheduler thread calls it (:meth:`EngineContext.check_routable` only reads).
+
+A routed mix (``Mix.arrow()``, ``Mix.spectr()``: per-token routing among every registered adapter)
+runs only per sequence: without the native library or a registered pool it is refused with a
+MixError, never run as the base model.
 """
 
 from __future__ import annotations
@@ -11,13 +15,16 @@ from __future__ import annotations
 import ctypes
 import os
 import time
-from typing import Any, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 import numpy as np
 
-from loramux.errors import LoramuxError, RuntimeLoadError
+from loramux.errors import LoramuxError, MixError, RuntimeLoadError
 from loramux.llama_runtime import ContextLoraState
 from loramux.mix import Mix
+
+if TYPE_CHECKING:  # pragma: no cover
+    from loramux.native.mixer import TokenChoice
 
 
 class EngineContext:
@@ -70,8 +77,34 @@ class EngineContext:
 
     # --- adapters and mixes -----------------------------------------------------------------
     def per_sequence(self, mix: Mix) -> bool:
-        """Whether ``mix`` runs as a per-sequence mix (else: set on the whole context)."""
+        """Whether ``mix`` runs as a per-sequence mix (else: set on the whole context).
+
+        A routed mix always runs per sequence: raises MixError when it cannot run here."""
+        if mix.token_routing is not None:
+            self.check_routable(mix)
+            return True
         return self.native and (not mix or (self.mixer is not None and len(mix) <= self.max_active))
+
+    def check_routable(self, mix: Mix) -> None:
+        """Raise MixError (saying what to do) unless routed ``mix`` can run: the native library, a
+        registered pool, and top-k within the pool's max_active."""
+        routing = mix.token_routing
+        if routing is None:
+            return
+        if not self.native:
+            from loramux import native
+
+            raise MixError(
+                f"mix {mix} routes every token inside the graph, which needs loramux's native library; it is not in use "
+                f"({native.status().reason or 'turned off'}): use a fixed mix name=w,..., or build the library (native/README.md)"
+            )
+        if self.mixer is None:
+            raise MixError(f"mix {mix} routes among the pool's adapters, but no adapter is loaded: load adapters first")
+        if routing.k is not None and routing.k > self.mixer.max_active:
+            raise MixError(
+                f"mix {mix}: top-k {routing.k} is above this pool's max_active={self.mixer.max_active}; use k <= "
+                f"{self.mixer.max_active}, or open the pool with max_active >= {routing.k} (loramux CLI: --max-active {routing.k})"
+            )
 
     def register(self, handles: Mapping[str, Any]) -> None:
         """Register exactly ``handles`` (name -> LoraAdapterHandle) for per-sequence mixes.
@@ -101,14 +134,21 @@ class EngineContext:
                 h.release()
 
     def set_seq_mix(self, seq_id: int, mix: Mix) -> None:
-        if self.mixer is not None:
+        """Give sequence ``seq_id`` its mix: fixed weights, per-token routing, or the base model (empty)."""
+        if mix.token_routing is not None:
+            self.check_routable(mix)
+            self.mixer.set_routing(seq_id, *mix.token_routing.native_args())
+        elif self.mixer is not None:
             if mix:
                 self.mixer.set(seq_id, mix.to_dict())
             else:
                 self.mixer.clear(seq_id)
 
     def set_context_mix(self, mix: Mix) -> None:
-        """Set ``mix`` on the whole context (only when it changes: a change rebuilds the scheduler)."""
+        """Set ``mix`` on the whole context (only when it changes: a change rebuilds the scheduler).
+        A routed mix cannot be set on the whole context (MixError)."""
+        if mix.token_routing is not None:
+            raise MixError(f"mix {mix} routes per token and runs only as a per-sequence mix (path 'native'), never on the whole context")
         if mix != self.context_mix:
             for n in mix:
                 self.handles[n].ensure()
@@ -153,6 +193,20 @@ class EngineContext:
             self.put(i, tok, i, seq_id, True)
         self.decode(len(tokens))
         return np.stack([self.logits_row(i).copy() for i in range(len(tokens))])
+
+    def decode_recorded(self, seq_id: int, tokens: Sequence[int]) -> list["TokenChoice"]:
+        """Decode ``tokens`` as routed sequence ``seq_id`` from position 0 in one batch, recording the
+        adapters every token chose at every adapted weight; the rows of ``seq_id``, in record order."""
+        if self.mixer is None:
+            raise MixError("recording routing choices needs a registered pool: load adapters first")
+        self.mixer.record(True)
+        try:
+            for i, tok in enumerate(tokens):  # logits on every row: the last layer then computes every token
+                self.put(i, tok, i, seq_id, True)
+            self.decode(len(tokens))
+            return [c for c in self.mixer.take_choices() if c.seq_id == seq_id]
+        finally:
+            self.mixer.record(False)
 
     def token_piece(self, token: int) -> bytes:
         n = self._lc.llama_token_to_piece(self.vocab, token, self._piece, len(self._piece), 0, False)

@@ -13,8 +13,16 @@ only the sequences of that one mix; the scheduler moves between such groups ever
 ``fair_steps`` steps while others wait. The caller sees no other difference: sampling is the
 same per-sequence llama.cpp sampler chain on both paths (:mod:`loramux.engine.sampling`).
 
-Adapter registration changes (:meth:`Engine.set_adapters`) and teacher-forced logits run as jobs
-on the scheduler thread between two steps, so nothing native changes under a running decode.
+Routed mixes (``Mix.arrow()``, ``Mix.spectr()``) run per sequence only, with every registered
+adapter taking part in each token's gating: a request that cannot route (no native library, no
+adapter, k above max_active) is refused at :meth:`Engine.submit`. Their cached K/V is dropped
+when the registered adapters change, and an adapter is unloaded only once no routed request runs
+or waits (they all use it). A routed request running while adapters are loaded routes among the
+new set from the next step on.
+
+Adapter registration changes (:meth:`Engine.set_adapters`), teacher-forced logits and routing
+records (:meth:`Engine.token_choices`) run as jobs on the scheduler thread between two steps, so
+nothing native changes under a running decode.
 """
 
 from __future__ import annotations
@@ -35,6 +43,7 @@ from loramux.engine.step import StepBuilder, accept_token
 from loramux.engine.text import StopText
 from loramux.errors import ContextLengthError, LoramuxError, MixError, QueueFullError, RequestCancelled
 from loramux.mix import Mix
+from loramux.token_routing import ROUTING_MODES
 
 _RETRY = object()  # a job returns this to run again after the next step
 # The scheduler thread hands every token to the caller's thread (a stream, the server's event loop)
@@ -136,6 +145,7 @@ class Engine:
                 + ("" if request.max_tokens is None else f" and asks for {request.max_tokens} more")
                 + f", but a sequence holds at most {self.n_ctx} (n_ctx); shorten the prompt or lower max_tokens"
             )
+        self.cx.check_routable(request.mix)  # a routed mix that cannot run is refused here, never run as the base model
         handle = RequestHandle(request, loop)
         with self._cv:
             if self._closing:
@@ -169,7 +179,7 @@ class Engine:
         """Once no running or waiting request uses ``name``: register ``handles`` (without it) and call ``then``."""
 
         def job():
-            if any(name in h.request.mix for h in self._users()):
+            if any(name in h.request.mix or h.request.mix.token_routing is not None for h in self._users()):
                 return _RETRY
             self._set_adapters(dict(handles))
             then()
@@ -193,10 +203,23 @@ class Engine:
 
         ``path="context"``: the mix set on the whole context, llama.cpp's stock numerics;
         ``"native"``: as a per-sequence mix (needs the native library and a narrow mix)."""
+        tokens = self._one_batch("logits()", tokens)
+        return self.call(lambda: self._logits_job(tokens, mix, path))
+
+    def token_choices(self, tokens, mix: Mix) -> list:
+        """Teacher-force ``tokens`` alone in one batch under routed ``mix`` and return the
+        :class:`~loramux.native.mixer.TokenChoice` of every token at every adapted weight."""
+        tokens = self._one_batch("token_choices()", tokens)
+        if mix.token_routing is None:
+            raise MixError(f"token choices are recorded for routed mixes ({', '.join(ROUTING_MODES)}); {mix} is not one")
+        self.cx.check_routable(mix)
+        return self.call(lambda: self._choices_job(tokens, mix))
+
+    def _one_batch(self, what: str, tokens) -> list[int]:
         tokens = [int(t) for t in tokens]
         if not 0 < len(tokens) <= min(self.cx.n_batch, self.n_ctx):
-            raise LoramuxError(f"logits() takes 1 to {min(self.cx.n_batch, self.n_ctx)} tokens in one batch, got {len(tokens)}")
-        return self.call(lambda: self._logits_job(tokens, mix, path))
+            raise LoramuxError(f"{what} takes 1 to {min(self.cx.n_batch, self.n_ctx)} tokens in one batch, got {len(tokens)}")
+        return tokens
 
     def score(self, items) -> list[float]:
         """Mean target NLL of each :class:`~loramux.engine.scoring.ScoreItem`, many mixes per decode.
@@ -372,14 +395,19 @@ class Engine:
 
     # --- jobs -------------------------------------------------------------------------------
     def _set_adapters(self, handles: dict[str, Any]) -> None:
-        for slot in self._slots:
-            if slot.kv_mix is not None and not slot.busy and any(n not in handles for n in slot.kv_mix):
+        for slot in self._slots:  # K/V of removed adapters, and routed K/V (computed over the old set), is stale
+            kv = slot.kv_mix
+            if kv is not None and not slot.busy and (kv.token_routing is not None or any(n not in handles for n in kv)):
                 self.cx.keep_prefix(slot.seq_id, 0)
                 slot.forget_kv()
         self.cx.register(handles)
         for slot in self._running():
             if slot.group is None:
-                self.cx.set_seq_mix(slot.seq_id, slot.handle.request.mix)
+                try:
+                    self.cx.set_seq_mix(slot.seq_id, slot.handle.request.mix)
+                except MixError as exc:  # a routed request whose pool is gone: it fails, the others run on
+                    slot.handle._fail(exc)
+                    self._release(slot, keep_kv=False)
 
     def _score_job(self, items: list):
         free = [s for s in self._slots if not s.busy]
@@ -390,6 +418,21 @@ class Engine:
         for batch in plan_batches(items, self.cx.n_batch, len(free)):
             losses += score_batch(self.cx, free, [items[i] for i in batch])
         return losses
+
+    def _choices_job(self, tokens: list[int], mix: Mix):
+        free = [s for s in self._slots if not s.busy]
+        if not free:
+            return _RETRY
+        slot = min(free, key=lambda s: s.last_used)
+        self.cx.keep_prefix(slot.seq_id, 0)
+        slot.forget_kv()
+        self.cx.set_context_mix(Mix())
+        self.cx.set_seq_mix(slot.seq_id, mix)
+        try:
+            return self.cx.decode_recorded(slot.seq_id, tokens)
+        finally:
+            self.cx.set_seq_mix(slot.seq_id, Mix())
+            self.cx.keep_prefix(slot.seq_id, 0)
 
     def _logits_job(self, tokens: list[int], mix: Mix, path: str):
         free = [s for s in self._slots if not s.busy]

@@ -15,7 +15,9 @@ Built in (each imported only when used, so this module imports nothing heavy):
 - ``file:MIX.json``: one fixed mix read from a file (``loramux compose`` writes one).
 
 A router is anything with ``adapters`` (the names it routes among), ``route(prompt) -> Routing``
-and ``close()``. Register more with :func:`register_router`.
+and ``close()``. Register more with :func:`register_router`. ``arrow`` and ``spectr`` are not
+routers but per-token routing modes of a mix (:mod:`loramux.token_routing`): no router takes
+those prefixes, and :func:`is_router_spec` is False for them.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from typing import Any, Callable, Protocol
 
 from loramux.errors import MixError
 from loramux.router.selection import Routing
+from loramux.token_routing import ROUTING_MODES, is_routing_spec
 
 
 class PromptRouter(Protocol):
@@ -59,6 +62,8 @@ def register_router(prefix: str, factory: RouterFactory, *, usage: str, summary:
     """Register (or replace) the router kind ``prefix``."""
     if not prefix or ":" in prefix or "=" in prefix:
         raise ValueError(f"a router prefix must be non-empty without ':' or '=', got {prefix!r}")
+    if prefix in ROUTING_MODES:
+        raise ValueError(f"{prefix!r} is a per-token routing mode of a mix (loramux.token_routing), not a router prefix")
     _KINDS[prefix] = RouterKind(prefix, factory, usage, summary)
 
 
@@ -75,8 +80,8 @@ def _split(spec: str) -> tuple[str, str | None]:
 
 
 def is_router_spec(spec: str) -> bool:
-    """Whether ``spec`` names a router (and not a mix like ``name=w,...``)."""
-    return _split(str(spec))[0] in _KINDS
+    """Whether ``spec`` names a router (and not a mix like ``name=w,...`` or a routing mode like ``arrow``)."""
+    return not is_routing_spec(str(spec)) and _split(str(spec))[0] in _KINDS
 
 
 def open_router(spec: str, pool: Any) -> PromptRouter:

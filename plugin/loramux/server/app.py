@@ -27,6 +27,7 @@ from loramux.server import metrics
 from loramux.server.errors import REQUEST_ID_HEADER, APIError, from_loramux, request_id_of
 from loramux.server.selection import LoraTable, MixSelector
 from loramux.server.settings import ServeSettings
+from loramux.token_routing import ROUTING_MODES
 
 OPEN_PATHS = ("/health",)
 
@@ -56,6 +57,7 @@ def pool_state(settings: ServeSettings, pool, router=None) -> ServerState:
         lora=lora,
         route=router.route if router is not None else None,
         base_names=("base", pool.base_path.name, pool.base_path.stem),
+        routing_modes=ROUTING_MODES if pool.native else (),
     )
     return ServerState(settings=settings, pool=pool, selector=selector, lora=lora)
 

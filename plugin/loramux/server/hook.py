@@ -8,6 +8,10 @@ adapter (upstream treats ``"lora": []`` as no field, ggml-org/llama.cpp #28674) 
 ``cache_prompt: false``: stock llama-server reuses a slot's cached prefix across different LoRA
 settings (#26207), which would give one mix the K/V of another. Streams are passed through as
 they come; the mix used is in the ``X-Loramux-Mix`` header (and, when not streamed, in the body).
+
+Per-token routing (``arrow``, ``spectr``) happens inside loramux's own graph: a stock llama-server
+applies one set of LoRA scales to a whole request, so a routed mix is refused with a 400 (never
+forwarded as some fixed mix or as the base model), and ``/v1/models`` does not list the modes.
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ from loramux.server.app import ServerState, create_app
 from loramux.server.bodies import chat_body, completion_body, prompt_text
 from loramux.server.errors import APIError
 from loramux.server.openai_routes import json_body
-from loramux.server.selection import LoraTable, MixSelector
+from loramux.server.selection import LoraTable, MixSelector, Selection
 from loramux.server.settings import ServeSettings, SettingsError
 
 router = APIRouter()
@@ -51,6 +55,19 @@ def upstream_table(listing: list[dict[str, Any]]) -> LoraTable:
     for i in range(max(by_id, default=-1) + 1):
         table.names.append(by_id.get(i))
     return table
+
+
+def refuse_routed(selection: Selection) -> None:
+    """A 400 for a per-token routed mix: a stock llama-server cannot run one."""
+    if selection.mix.token_routing is not None:
+        raise APIError(
+            400,
+            f"mix {selection.mix} routes every token inside loramux's own graph; a stock llama-server behind "
+            "loramux serve --upstream applies one set of LoRA scales per request and cannot route per token: use a fixed "
+            "mix, an adapter, a named mix or auto here, or serve the adapters with loramux serve --adapters",
+            param="model" if selection.source == "routed" else "mix",
+            code="invalid_mix",
+        )
 
 
 def lora_field(table: LoraTable, mix: Mix) -> list[dict[str, Any]]:
@@ -118,6 +135,7 @@ async def _forward(request: Request, path: str, *, chat: bool):
     body = await json_body(request)
     parsed = (chat_body if chat else completion_body)(body)  # the same checks as loramux serve
     selection = state.selector.select(body, lambda: prompt_text(parsed.request))
+    refuse_routed(selection)
     unknown = sorted(set(selection.mix) - {n for n in state.lora.names if n is not None})
     if unknown:
         raise APIError(
@@ -161,4 +179,4 @@ async def _relay(upstream: httpx.Response):
         await upstream.aclose()  # a client gone away closes the upstream stream too
 
 
-__all__ = ["MIX_HEADER", "build_hook_app", "lora_field", "upstream_table"]
+__all__ = ["MIX_HEADER", "build_hook_app", "lora_field", "refuse_routed", "upstream_table"]

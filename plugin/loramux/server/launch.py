@@ -38,6 +38,7 @@ def build_pool_app(settings: ServeSettings) -> FastAPI:
         n_seq_max=settings.n_seq_max,
         n_threads=settings.threads,
         max_queue=settings.max_queue,
+        max_active=settings.max_active,
         flash_attn=settings.flash_attn,
     )
     try:

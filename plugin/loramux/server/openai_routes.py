@@ -70,7 +70,7 @@ async def _answer(request: Request, *, chat: bool):
         handle = state.pool.submit(parsed.request, loop=asyncio.get_running_loop())
     except LoramuxError as exc:
         raise from_loramux(exc, param=None if chat else "prompt") from None
-    extra: dict[str, Any] = {"mix": handle.request.mix.to_dict(), "mix_source": selection.source}
+    extra: dict[str, Any] = {"mix": handle.request.mix.to_json(), "mix_source": selection.source}
     if selection.routing is not None:
         extra["routing"] = selection.routing
     shape = responses.Shape(chat=chat, model=str(body.get("model") or state.settings.model_id), extra=extra)

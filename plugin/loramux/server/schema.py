@@ -11,6 +11,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from loramux.token_routing import MAX_K, ROUTING_MODES
+
 NUMBER = {"type": "number"}
 STRINGS = {"type": "array", "items": {"type": "string"}}
 
@@ -36,13 +38,29 @@ LORA_ENTRIES = {
     "items": {"type": "object", "required": ["id"], "properties": {"id": {"type": "integer", "minimum": 0}, "scale": NUMBER}},
 }
 
+ROUTED_MIX = {
+    "description": "per-token routing among every loaded adapter (temperature: Arrow only; null for spectr)",
+    "type": "object",
+    "required": ["mode"],
+    "additionalProperties": False,
+    "properties": {
+        "mode": {"type": "string", "enum": list(ROUTING_MODES)},
+        "k": {"type": "integer", "minimum": 1, "maximum": MAX_K},
+        "temperature": {"type": ["number", "null"], "exclusiveMinimum": 0},
+    },
+}
+
 MIX = {
-    "description": '{adapter name: weight}, or "name=w,name=w"',
-    "oneOf": [{"type": "object", "additionalProperties": NUMBER}, {"type": "string"}],
+    "description": '{adapter name: weight}, "name=w,name=w", a routing mode "arrow[:k=3,T=1]" or "spectr[:k=4]", '
+    'or {"mode": "arrow", "k": 3, "temperature": 1.0}',
+    "oneOf": [{"type": "object", "additionalProperties": NUMBER}, ROUTED_MIX, {"type": "string"}],
 }
 
 SAMPLING: dict[str, Any] = {
-    "model": {"type": "string", "description": 'base model id, an adapter, a named mix, or "auto"'},
+    "model": {
+        "type": "string",
+        "description": 'base model id, an adapter, a named mix, "auto", or a routing mode ("arrow", "arrow:k=3,T=1", "spectr")',
+    },
     "mix": MIX,
     "lora": LORA_ENTRIES,
     "max_tokens": {"type": "integer", "minimum": 1},
@@ -135,6 +153,8 @@ __all__ = [
     "GENERATION",
     "LOAD",
     "LORA_ENTRIES",
+    "MIX",
+    "ROUTED_MIX",
     "SCALES",
     "errors",
     "json_body",

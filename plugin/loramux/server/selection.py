@@ -1,10 +1,12 @@
 """Which mix a request runs under, from its body, in order:
 
-1. ``mix``: ``{adapter name: weight}`` (loramux's own field);
+1. ``mix``: ``{adapter name: weight}``, ``"name=w,..."``, or a per-token routing mode (``"arrow"``,
+   ``"arrow:k=3,T=1"``, ``"spectr"``, or ``{"mode": "arrow", "k": 3, "temperature": 1.0}``);
 2. ``lora``: ``[{"id": i, "scale": s}, ...]``, llama-server's field, with the ids that
    ``GET /lora-adapters`` lists (adapters not named get scale 0), so llama-server clients work unchanged;
-3. ``model``: ``"auto"`` (the router picks the mix from the prompt), an adapter name (that
-   adapter at weight 1), a named mix of the config, or the base model (its id, or omitted).
+3. ``model``: ``"auto"`` (the router picks the mix from the prompt), a routing mode (``"arrow"``,
+   ``"arrow:k=2,T=0.5"``, ``"spectr"``, ...: every token routed among all adapters), an adapter
+   name (that adapter at weight 1), a named mix of the config, or the base model (its id, or omitted).
 
 Without any of them, the default scales set with ``POST /lora-adapters`` (none: the base model).
 """
@@ -17,6 +19,7 @@ from typing import Any, Callable, Mapping, Sequence
 from loramux.errors import MixError
 from loramux.mix import Mix
 from loramux.server.errors import APIError, model_not_found
+from loramux.token_routing import is_routing_spec
 
 AUTO = "auto"
 
@@ -67,13 +70,14 @@ class Selection:
     """The mix a request runs under, where it came from, and the router's decision for ``auto``."""
 
     mix: Mix
-    source: str  # "mix" | "lora" | "auto" | "adapter" | "named" | "base" | "default"
+    source: str  # "mix" | "lora" | "auto" | "routed" | "adapter" | "named" | "base" | "default"
     routing: dict[str, Any] | None = None
 
 
 @dataclass
 class MixSelector:
-    """Resolves the mix of a request body (see the module docstring)."""
+    """Resolves the mix of a request body (see the module docstring). ``routing_modes``: the routing
+    modes ``/v1/models`` lists (those this server can run; a routed ``model`` is parsed either way)."""
 
     model_id: str
     adapters: Callable[[], Sequence[str]]
@@ -81,12 +85,15 @@ class MixSelector:
     lora: LoraTable
     route: Callable[[str], Any] | None = None  # prompt -> Routing (``.mix``, ``.to_json()``)
     base_names: tuple[str, ...] = ()
+    routing_modes: tuple[str, ...] = ()
 
     def models(self) -> list[str]:
-        names = [self.model_id] + ([AUTO] if self.route else []) + sorted(self.mixes) + sorted(self.adapters())
+        """The ids ``/v1/models`` lists: the base model, auto, named mixes, adapters, then the routing modes."""
+        names = [self.model_id] + ([AUTO] if self.route else []) + sorted(self.mixes) + sorted(self.adapters()) + list(self.routing_modes)
         return list(dict.fromkeys(names))
 
     def select(self, body: Mapping[str, Any], prompt_text: Callable[[], str]) -> Selection:
+        """The mix of ``body`` and where it came from; a 400/404 APIError naming the field when it has none."""
         if body.get("mix") is not None:
             try:
                 return Selection(Mix.coerce(body["mix"]), "mix")
@@ -106,6 +113,11 @@ class MixSelector:
                 )
             routing = self.route(prompt_text())
             return Selection(routing.mix, "auto", routing.to_json())
+        if is_routing_spec(model):
+            try:
+                return Selection(Mix.parse(model), "routed")
+            except MixError as exc:
+                raise APIError(400, f"model: {exc}", param="model", code="invalid_mix") from None
         if model in self.mixes:
             return Selection(self.mixes[model], "named")
         if model in self.adapters():

@@ -9,6 +9,7 @@ A config file holds the same keys as the flags, with underscores, plus named mix
     n_seq_max = 8
     n_ctx = 2048
     max_queue = 64
+    max_active = 4                    # adapters of one mix per sequence; the top-k limit of arrow/spectr
     [mixes]                           # named mixes, usable as the "model" of a request
     logic = { boolean_expressions = 0.7, formal_fallacies = 0.3 }
 
@@ -26,6 +27,7 @@ from typing import Any, Mapping
 
 from loramux.errors import LoramuxError
 from loramux.mix import Mix
+from loramux.token_routing import DEFAULT_K, ROUTING_MODES
 
 PATH_KEYS = ("base",)
 
@@ -50,6 +52,7 @@ class ServeSettings:
     n_ctx: int = 2048
     threads: int | None = None
     max_queue: int = 64
+    max_active: int = max(3, *DEFAULT_K.values())  # 4: model "spectr" (top-4) runs as listed; AdapterPool's default is 3
     skip_embeddings: bool = False
     flash_attn: bool = True  # llama-server's default (auto: on where supported); the library's is off
     model_id: str = "loramux"
@@ -65,8 +68,10 @@ class ServeSettings:
         if self.upstream is None and not self.adapters:
             raise SettingsError("give --adapters DIR (the adapters to serve), or --upstream URL to route for a llama-server")
         for name in self.mixes:
-            if name in ("auto", self.model_id):
+            if name in ("auto", self.model_id, *ROUTING_MODES):
                 raise SettingsError(f"a named mix cannot be called {name!r} (reserved model name)")
+        if self.max_active < 1:
+            raise SettingsError(f"--max-active {self.max_active} must be at least 1")
         return self
 
     def adapter_dirs(self) -> list[Path]:
