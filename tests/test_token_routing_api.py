@@ -327,7 +327,8 @@ def test_token_choices_cover_every_adapted_weight_and_every_prompt_token(pool, r
     tokens = pool.tokenize(rows["sports_understanding"]["input"], add_bos=True)
     for mix, k in [("arrow", 3), ("spectr", 4), (Mix.arrow(k=1), 1)]:
         report = pool.token_choices(tokens, mix)
-        assert report.tokens == tuple(tokens) and len(report.pieces) == len(tokens) and report.mix == Mix.coerce(mix)
+        assert report.tokens == tuple(tokens) and report.mix == Mix.coerce(mix)
+        assert "".join(report.pieces) == pool.detokenize(tokens) and "\x00" not in "".join(report.pieces)
         assert set(report.modules) == set(groups)
         assert sorted((c.module, c.pos) for c in report.choices) == sorted((m, p) for m in groups for p in range(len(tokens)))
         for c in report.choices:
