@@ -9,7 +9,7 @@
 // and the scaled B (no power iteration); the fused CPU op gates inside its token loop, the device
 // form with ggml ops (mul_mat, argsort_top_k, get_rows, soft_max, then the two mul_mat_id).
 
-#include "llama-mux.h"
+#include "llama-mux-route.h"
 
 #include "loramux.h"
 
@@ -299,10 +299,8 @@ void llama_mux_route_token(const llama_mux_module & m, const llama_mux_cpu_args 
 // the device form: the same gating with ggml ops, a second mul_mat_id pass for routed tokens
 //
 
-ggml_tensor * llama_mux_build_routed(const llm_graph_context & g, const llama_mux_module & m, const char * name,
-                                     ggml_tensor * x, ggml_tensor * res, bool outputs) {
-    ggml_context * ctx0 = g.ctx0;
-    llm_graph_input_mux * inp = llama_mux_input(g);
+ggml_tensor * llama_mux_build_routed(ggml_context * ctx0, const llama_mux_route_rows & rows, const llama_mux_module & m,
+                                     const char * name, ggml_tensor * x, ggml_tensor * res) {
     const int64_t nt    = x->ne[1];
     const int64_t n_sub = m.mux->groups[m.group].n_sub;
     const int32_t k     = (int32_t) std::min<int64_t>(m.mux->k, n_sub);
@@ -312,13 +310,12 @@ ggml_tensor * llama_mux_build_routed(const llm_graph_context & g, const llama_mu
     ggml_tensor * q        = ggml_sqr(ctx0, ggml_mul_mat(ctx0, m.basis_t, x)); // [r_max * n_sub, nt]
     q = ggml_sum_rows(ctx0, ggml_reshape_3d(ctx0, q, m.r_max, n_sub, nt));     // [1, n_sub, nt]
     ggml_tensor * s_spectr = ggml_sqrt(ctx0, ggml_reshape_2d(ctx0, q, n_sub, nt));
-    ggml_tensor * s = ggml_add(ctx0, ggml_mul(ctx0, s_arrow, inp->route_dev(ctx0, outputs, 1)),
-                                     ggml_mul(ctx0, s_spectr, inp->route_dev(ctx0, outputs, 2)));
+    ggml_tensor * s = ggml_add(ctx0, ggml_mul(ctx0, s_arrow, rows.arrow), ggml_mul(ctx0, s_spectr, rows.spectr));
 
     ggml_tensor * ids = ggml_argsort_top_k(ctx0, s, k);                              // [k, nt]
     ggml_tensor * w   = ggml_get_rows(ctx0, ggml_reshape_3d(ctx0, s, 1, n_sub, nt), ids); // [1, k, nt]
-    w = ggml_mul(ctx0, ggml_reshape_2d(ctx0, w, k, nt), inp->route_dev(ctx0, outputs, 3)); // s / T (0 for SpectR)
-    ggml_tensor * mask = inp->route_dev(ctx0, outputs, 4);                           // [max_active, nt]
+    w = ggml_mul(ctx0, ggml_reshape_2d(ctx0, w, k, nt), rows.inv_t);           // s / T (0 for SpectR)
+    ggml_tensor * mask = rows.mask;                                                   // [max_active, nt]
     if (k < m.mux->k) {
         mask = ggml_cont(ctx0, ggml_view_2d(ctx0, mask, k, nt, mask->nb[1], 0));
     }
@@ -326,7 +323,7 @@ ggml_tensor * llama_mux_build_routed(const llm_graph_context & g, const llama_mu
     w = ggml_reshape_3d(ctx0, w, 1, k, nt);
 
     // tokens of other sequences enter with x = 0, so they add exactly 0 here
-    ggml_tensor * xr = ggml_mul(ctx0, x, inp->route_dev(ctx0, outputs, 0));
+    ggml_tensor * xr = ggml_mul(ctx0, x, rows.on);
     ggml_format_name(xr, "mux_route_x-%s", name);
     xr = ggml_reshape_3d(ctx0, xr, xr->ne[0], 1, nt);
     ggml_tensor * t = ggml_mul(ctx0, ggml_mul_mat_id(ctx0, m.a, xr, ids), w); // [r_max, k, nt]

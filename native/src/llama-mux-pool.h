@@ -1,0 +1,122 @@
+// llama-mux-pool.h - loramux's data model (the registered pool, its stacks, groups, per-sequence
+// mixes and routing, the record), shared by llama-mux.cpp and llama-mux-route.cpp.
+#pragma once
+
+#include "llama-mux-kernel.h"
+
+#include "ggml-cpp.h"
+
+#include <cstdint>
+#include <mutex>
+#include <string>
+#include <unordered_map>
+#include <vector>
+
+struct llama_adapter_lora;
+
+// One adapted base weight: the pool's A and B matrices for it, stacked.
+//   a: [n_in, r_max, n_sub + 1] (f16, or f32 when every source is f32)
+//   b: [r_max, n_out, n_sub + 1] f32 for ggml_mul_mat_id (device buffers), or, when cpu,
+//      transposed [n_out, r_max, n_sub + 1] for the fused CPU kernel (host buffers)
+// Each adapter's alpha/r is folded into its B; ranks below r_max are zero-padded; the last slice
+// (index n_sub) is all zeros: empty slots select it.
+//
+// Per-token routing (Arrow, SpectR) gates each token among the group's adapters from data computed
+// once at registration, exactly from the stacked A and scaled B of each adapter e (delta
+// D_e = scale_e B_e A_e; A_e = U_e S_e V_e^T from the eigen-decomposition of A_e A_e^T):
+//   Arrow prototype  v_e = the top right singular vector of D_e (unit, sign-free), score |x . v_e|;
+//   SpectR basis     Q_e = V_e (orthonormal row space of A_e = of D_e), score ||Q_e^T x|| = ||M_e A_e x||
+//                    with M_e = S_e^+ U_e^T (r x r), so the fused op reuses A_e x for the chosen adapters.
+struct llama_mux_module {
+    ggml_tensor * a = nullptr;
+    ggml_tensor * b = nullptr;
+    int32_t group = -1; // which pool adapters the stack holds (index into llama_mux::groups)
+    int32_t index = -1; // position in llama_mux::module_names (the record's module id)
+    bool    cpu   = false; // host buffers: applied with the fused CPU kernel (unless LORAMUX_MUL_MAT_ID=1)
+    int64_t n_in  = 0;
+    int64_t r_max = 0;
+    const struct llama_mux * mux = nullptr; // the pool (the fused op records its choices there)
+
+    // routing data, host copies (always): proto [n_sub][n_in] f32, gate_m [n_sub][r_max][r_max] f32
+    std::vector<float> proto;
+    std::vector<float> gate_m;
+    // device form only: proto_t F32 [n_in, n_sub], basis_t F32 [n_in, r_max * n_sub] (Q_e zero-padded)
+    ggml_tensor * proto_t = nullptr;
+    ggml_tensor * basis_t = nullptr;
+    std::vector<float> basis; // host staging of basis_t during registration ([n_sub * r_max][n_in])
+};
+
+// A set of pool adapters that share the same stacked layout (all modules adapted by exactly
+// those adapters): maps pool ids to their index in the stacks.
+struct llama_mux_group {
+    std::vector<int32_t> sub_of;  // [n_adapters] -> index in the stack, or -1
+    std::vector<int32_t> members; // [n_sub] -> pool id
+    int32_t n_sub = 0;
+};
+
+// Routing modes of a sequence (enum loramux_route_mode): fixed mix, Arrow, SpectR.
+enum llama_mux_route : int32_t { LLAMA_MUX_FIXED = 0, LLAMA_MUX_ARROW = 1, LLAMA_MUX_SPECTR = 2 };
+
+// Per-token choices of routed tokens, kept while recording is on: one segment per ubatch, with
+// ids/w [n_modules][n_tokens][k] (pool ids, -1 where nothing was written). set_input() starts a
+// segment; the fused op writes its own token rows (threads never share a row).
+struct llama_mux_record_segment {
+    std::vector<int32_t> seq;
+    std::vector<int32_t> pos;
+    std::vector<int32_t> ids;
+    std::vector<float>   w;
+};
+
+struct llama_mux_record {
+    bool on = false;
+    std::vector<llama_mux_record_segment> segs;
+};
+
+// Token-embedding LoRA of one pool adapter (applied densely, per token).
+struct llama_mux_embd {
+    int32_t       pool_id = -1;
+    ggml_tensor * a       = nullptr; // the adapter's own tensors: [r, n_vocab]
+    ggml_tensor * b       = nullptr; // [r, n_embd]
+    float         scale   = 1.0f;    // alpha / r
+};
+
+struct llama_mux {
+    int32_t  n_adapters = 0;
+    int32_t  k          = 1; // max active adapters per sequence
+    uint32_t n_seq_max  = 0;
+
+    std::vector<llama_adapter_lora *> adapters;
+
+    std::unordered_map<std::string, llama_mux_module> modules; // by base weight name
+    std::vector<llama_mux_group> groups;
+    std::vector<llama_mux_embd>  embd;
+
+    std::vector<ggml_context_ptr>        ctxs;
+    std::vector<ggml_backend_buffer_ptr> bufs;
+
+    // per-sequence mixes: seq_n[s] active entries in seq_ids/seq_w[s*k .. s*k+k)
+    std::vector<int32_t> seq_n;
+    std::vector<int32_t> seq_ids;
+    std::vector<float>   seq_w;
+
+    // per-sequence routing: mode (llama_mux_route), top-k and 1/temperature (0 for SpectR)
+    std::vector<int32_t> seq_mode;
+    std::vector<int32_t> seq_rk;
+    std::vector<float>   seq_inv_t;
+
+    std::vector<std::string> module_names; // the record's module ids, in registration order
+
+    // choices of routed tokens (written by the fused op during compute, hence mutable)
+    mutable llama_mux_record record;
+
+    // the first adapted weight a graph could not apply (shape the hook cannot take), or empty;
+    // graphs are built from a const pool, so this is the one mutable, locked field
+    mutable std::mutex  unapplied_mutex;
+    mutable std::string unapplied;
+
+    // upper bound of the graph nodes the mux adds to one graph
+    uint32_t n_nodes() const;
+
+    // whether any sequence routes per token (the device form then adds its gating ops)
+    bool any_routed() const;
+};
