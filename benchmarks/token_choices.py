@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from html import escape
 from pathlib import Path
 
 import numpy as np
@@ -60,61 +59,19 @@ def first_question(task: str) -> str:
     raise SystemExit(f"no dev row of task {task!r} in {DEV}")
 
 
-def shares(choices, adapters: list[str], n_tokens: int) -> np.ndarray:
-    """(n_adapters, n_tokens): each adapter's routing weight per token, averaged over the adapted weights."""
-    out = np.zeros((len(adapters), n_tokens))
-    count = np.zeros(n_tokens)
-    row_of = {a: i for i, a in enumerate(adapters)}
-    for c in choices:
-        if 0 <= c.pos < n_tokens:
-            count[c.pos] += 1
-            for a, w in zip(c.adapters, c.weights):
-                out[row_of[a], c.pos] += w
-    return out / np.maximum(count, 1)
-
-
-def svg(share: np.ndarray, adapters: list[str], pieces: list[str], spans: list[tuple[str, int, int]], title: str) -> str:
-    cell, left, top = 9, 250, 60
-    w, h = left + cell * share.shape[1] + 20, top + cell * share.shape[0] + 120
-    parts = [
-        f'<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" font-family="monospace" font-size="10">',
-        f'<text x="10" y="18" font-size="13">{escape(title)}</text>',
-    ]
-    for i, a in enumerate(adapters):
-        parts.append(f'<text x="{left - 6}" y="{top + cell * i + 8}" text-anchor="end">{escape(a)}</text>')
-    for i in range(share.shape[0]):
-        for j in range(share.shape[1]):
-            v = float(share[i, j])
-            if v > 0.005:
-                shade = int(255 * (1 - min(1.0, v / 0.5)))
-                parts.append(
-                    f'<rect x="{left + cell * j}" y="{top + cell * i}" width="{cell}" height="{cell}" fill="rgb({shade},{shade},255)"/>'
-                )
-    for label, a, b in spans:
-        x0, x1 = left + cell * a, left + cell * b
-        y = top + cell * share.shape[0] + 8
-        parts.append(f'<line x1="{x0}" y1="{y}" x2="{x1}" y2="{y}" stroke="black" stroke-width="2"/>')
-        parts.append(f'<text x="{x0}" y="{y + 14}">{escape(label)}</text>')
-    y = top + cell * share.shape[0] + 40
-    parts.append(f'<text x="10" y="{y}">columns: prompt tokens; shade: share of the routing weight (darkest = 0.5 or more)</text>')
-    parts.append(f'<text x="10" y="{y + 14}">first tokens: {escape(" ".join(pieces[:40]))[:200]}</text>')
-    parts.append("</svg>")
-    return "\n".join(parts)
-
-
 def main(argv=None) -> int:
     args = parse_args(argv)
     from loramux import AdapterPool
     from loramux.mix import Mix
+    from loramux.routing_picture import Heatmap
 
     questions = [first_question(t) for t in args.tasks]
     with AdapterPool(max_active=4) as pool:
         pool.load_adapters(FIXTURES, skip_embeddings=True)
         report = pool.token_choices("\n\n".join(questions), Mix.parse(args.mix))
-    kinds = tuple(f".{k}.weight" for k in args.weights.split(","))
-    choices = [c for c in report.choices if c.module.endswith(kinds)]
-    adapters = sorted({a for c in choices for a in c.adapters} | set(args.tasks))
-    share = shares(choices, adapters, len(report.pieces))
+    kinds = args.weights.split(",")
+    adapters = sorted({a for c in report.select(kinds) for a in c.adapters} | set(args.tasks))
+    share = report.shares(adapters, kinds)
     text = "".join(report.pieces)
     starts = [text.find(q) for q in questions]
     spans, result = [], {"mix": args.mix, "tasks": args.tasks, "parts": []}
@@ -130,15 +87,17 @@ def main(argv=None) -> int:
         result["parts"].append({"task": task, "tokens": [a, b], "top": top, "own_task_rank": rank})
         print(f"{task} tokens {a}-{b}: top {top}; its own adapter ranks {rank} of {len(adapters)}")
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(
-        svg(
-            share,
-            adapters,
-            report.pieces,
-            spans,
-            f"{args.mix}: routing weight per prompt token (mean over the {args.weights} weights of all layers)",
-        )
+    picture = Heatmap(
+        values=share,
+        row_labels=adapters,
+        title=f"{args.mix}: routing weight per prompt token (mean over the {args.weights} weights of all layers)",
+        notes=(
+            "columns: prompt tokens; shade: share of the routing weight (darkest = 0.5 or more)",
+            f"first tokens: {' '.join(report.pieces[:40])[:200]}",
+        ),
+        spans=spans,
     )
+    args.out.write_text(picture.svg())
     print(f"wrote {args.out}")
     if args.json:
         result["share"] = share.round(4).tolist()

@@ -27,11 +27,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from loramux.errors import MixError
+from loramux.errors import LoramuxError, MixError
 from loramux.mix import Mix
 from loramux.token_routing import TokenRouting
 
-from conftest import FIXTURES, GAP_FLOOR, ROOT, load_rows, native_missing
+from conftest import FIXTURES, GAP_FLOOR, ROOT, load_rows, native_missing, write_rows
 
 ADAPTERS = ["boolean_expressions", "navigate", "sports_understanding", "hyperbaton"]
 STEPS = 10
@@ -359,7 +359,7 @@ def test_a_routed_mix_that_cannot_run_is_refused_never_run_as_the_base_model(poo
 NO_NATIVE = """
 import json, sys
 from loramux import AdapterPool
-from loramux.errors import MixError
+from loramux.errors import LoramuxError, MixError
 with AdapterPool(sys.argv[1], n_ctx=64, n_seq_max=1, n_threads=1) as pool:
     pool.load(sys.argv[2])
     try:
@@ -398,6 +398,67 @@ def test_eval_runs_a_routing_mode_and_reports_it(pool, rows):
         evaluate(pool, picked, "spectr:k=6", max_tokens=4)
 
 
+def test_eval_records_what_each_tasks_question_and_answer_tokens_chose(pool, rows):
+    """``evaluate(choice_rows=1)``: each task's map row is the mean routing weight per adapter over its
+    question and answer tokens at q/v (where all four compete), as read off the raw record here; the
+    answer's teacher-forced choices are generation's own (teacher forcing reproduces the answer)."""
+    from loramux.eval_choices import template_head
+    from loramux.evaluate import evaluate
+    from loramux.pool import PoolRequest
+
+    picked = [rows[t] for t in ADAPTERS]
+    result = evaluate(pool, picked, "arrow", max_tokens=6, batched=False, choice_rows=1)
+    m = result.choice_map
+    assert m.tasks == tuple(ADAPTERS) and m.adapters == tuple(pool.names) and m.mix == Mix.arrow() and m.truncated == 0
+    head = template_head(pool)
+    for i, row in enumerate(picked):
+        req = PoolRequest(messages=chat(row["input"]), mix="arrow", max_tokens=6)
+        prompt = pool.engine_request(req).tokens
+        answer = pool.generate([req])[0].tokens
+        assert pool.detokenize(answer).strip() == result.rows[i]["answer"].strip()
+        assert prompt[: len(head)] == head and len(head) >= 3  # the template's fixed head is left out
+        logits = pool.logits(prompt + answer, "arrow", path="native")
+        for t, tok in enumerate(answer):  # teacher-forced under Arrow, the answer is its own greedy choice
+            row_logits = logits[len(prompt) - 1 + t]
+            gap = float(np.sort(row_logits)[-1] - np.sort(row_logits)[-2])
+            assert int(np.argmax(row_logits)) == tok or gap <= GAP_FLOOR, (row["task"], t)
+        want = np.zeros(len(pool.names))
+        n = 0
+        for c in pool.token_choices(prompt + answer, "arrow").choices:
+            if c.pos >= len(head) and c.module.endswith((".attn_q.weight", ".attn_v.weight")):
+                n += 1
+                for name, w in zip(c.adapters, c.weights):
+                    want[pool.names.index(name)] += w
+        assert n == 2 * pool.n_layer * (len(prompt) + len(answer) - len(head))
+        np.testing.assert_allclose(m.share[i], want / n, atol=1e-5)
+        assert abs(m.share[i].sum() - 1.0) < 1e-5 and m.tokens[row["task"]] == len(prompt) + len(answer) - len(head)
+    ranks = [m.own_rank(t) for t in ADAPTERS]
+    assert all(1 <= r <= len(ADAPTERS) for r in ranks)
+    got = json.loads(json.dumps(result.to_json()))["token_choices"]
+    assert got["weights"] == ["attn_q", "attn_v"] and [got["tasks"][t]["own_rank"] for t in ADAPTERS] == ranks
+    assert f"{ADAPTERS[0]}: own adapter #{ranks[0]} of 4" in m.summary()
+    with pytest.raises(MixError, match="per-token routing"):
+        evaluate(pool, picked[:1], "oracle", max_tokens=2, choice_rows=1)
+    with pytest.raises(LoramuxError, match="no routed base weight of kind attn_x; the routed kinds are attn_k, attn_output, attn_q"):
+        evaluate(pool, picked[:1], "arrow", max_tokens=2, choice_rows=1, choice_weights=["attn_x"])
+
+
+def test_the_choice_map_draws_tasks_by_adapters_with_each_own_adapter_outlined():
+    import xml.etree.ElementTree as ET
+
+    from loramux.eval_choices import TaskChoiceMap
+
+    share = np.array([[0.5, 0.3, 0.2], [0.1, 0.1, 0.8]])
+    m = TaskChoiceMap(Mix.arrow(), ("attn_q",), ("a", "zz"), ("a", "b", "c"), share, {"a": 10, "zz": 12})
+    assert m.own_rank("a") == 1 and m.own_rank("zz") is None
+    assert m.summary().splitlines()[-1] == "own adapter in the top 3 for 1 of 1 tasks; median rank 1"
+    svg = ET.fromstring(m.heatmap().svg())
+    rects = [r for r in svg.iter("{http://www.w3.org/2000/svg}rect")]
+    assert len([r for r in rects if r.get("fill") != "none"]) == 6 and len([r for r in rects if r.get("stroke") == "red"]) == 1
+    texts = [t.text for t in svg.iter("{http://www.w3.org/2000/svg}text")]
+    assert {"a", "zz", "b", "c"} <= set(texts) and any("arrow:k=3,T=1" in t for t in texts)
+
+
 def loramux_cli(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if k != "LLAMA_CPP_LIB_PATH"} | {"LORAMUX_THREADS": THREADS}
     return subprocess.run(
@@ -426,6 +487,23 @@ def test_cli_run_and_chat_take_the_modes(pool, adapter_dir, base_model, rows):
     assert talk.returncode == 0, talk.stderr[-3000:]
     assert "(mix: arrow:k=3,T=1)" in talk.stdout and "(mix: spectr:k=2)" in talk.stdout
     assert "error: mix arrow:k=9,T=1: top-k 9 is above this pool's max_active=3" in talk.stdout  # refused at /mix
+
+
+def test_cli_eval_choices_prints_the_ranks_and_writes_the_map_and_json(pool, adapter_dir, base_model, rows, tmp_path):
+    import xml.etree.ElementTree as ET
+
+    data = write_rows(tmp_path / "rows.jsonl", [rows["navigate"], rows["hyperbaton"]])
+    common = ("--base", str(base_model), "--adapters", str(adapter_dir), "--n-ctx", "512", "--data", str(data), "--max-tokens", "3")
+    out = loramux_cli("eval", *common, "--mix", "arrow:k=2", "--choices", str(tmp_path / "map.svg"), "--json", str(tmp_path / "r.json"))
+    assert out.returncode == 0, out.stderr[-3000:]
+    got = json.loads((tmp_path / "r.json").read_text())["token_choices"]
+    assert list(got["tasks"]) == ["navigate", "hyperbaton"] and got["mix"] == {"mode": "arrow", "k": 2, "temperature": 1.0}
+    for task, entry in got["tasks"].items():
+        assert f"{task}: own adapter #{entry['own_rank']} of 4" in out.stdout
+        assert abs(sum(entry["share"].values()) - 1.0) < 1e-3 and entry["tokens"] > 10
+    assert ET.parse(tmp_path / "map.svg").getroot().tag == "{http://www.w3.org/2000/svg}svg"
+    refused = loramux_cli("eval", *common, "--mix", "oracle", "--choices", str(tmp_path / "no.svg"))
+    assert refused.returncode != 0 and "per-token routing" in refused.stderr and not (tmp_path / "no.svg").exists()
 
 
 # --- the server (openai client) and the hook in front of a stock llama-server --------------------

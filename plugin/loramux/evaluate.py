@@ -37,6 +37,7 @@ from typing import Any, Callable, Iterable, Mapping, Protocol, Sequence
 
 from loramux.converters.atomic import atomic_output
 from loramux.errors import LoramuxError, MixError
+from loramux.eval_choices import DEFAULT_WEIGHTS, TaskChoiceMap, task_choice_map
 from loramux.mix import Mix
 from loramux.progress import progress_bar
 from loramux.router.registry import is_router_spec, open_router, router_kinds
@@ -286,6 +287,7 @@ class EvalResult:
     mode: str
     rows: list[dict[str, Any]]
     extra: dict[str, Any] = field(default_factory=dict)
+    choice_map: "TaskChoiceMap | None" = None  # what routed tokens chose per task (evaluate(choice_rows=N))
 
     @property
     def tasks(self) -> dict[str, dict[str, Any]]:
@@ -304,6 +306,8 @@ class EvalResult:
         out: dict[str, Any] = {"mix": self.mode, "macro_accuracy": self.macro_accuracy, "tasks": self.tasks, "rows": self.rows}
         for k, v in self.extra.items():
             out.setdefault(k, v)
+        if self.choice_map is not None:
+            out["token_choices"] = self.choice_map.to_json()
         return out
 
     def write_json(self, path: str | os.PathLike) -> Path:
@@ -340,12 +344,17 @@ def evaluate(
     *,
     max_tokens: int | None = None,
     batched: bool = True,
+    choice_rows: int = 0,
+    choice_weights: Sequence[str] | None = DEFAULT_WEIGHTS,
 ) -> EvalResult:
     """Answer every row greedily under the mix ``mode`` chooses; return per-row and per-task results.
 
     ``batched``: rows go through the pool's engine together (``2 * n_seq_max`` submitted at a
     time, continuous batching), so many rows with different mixes decode in one batch (``extra["paths"]`` counts the rows of each path). ``batched=False``:
     one row at a time through the same engine (the same numerics as a request sent alone).
+    ``choice_rows=N`` (routed modes only): then teacher-force the first N rows of each task with
+    their answers and keep what their tokens chose at the ``choice_weights`` kinds of base weight
+    (:func:`loramux.eval_choices.task_choice_map`) as ``result.choice_map``.
     """
     from loramux.pool_requests import PoolRequest
 
@@ -362,25 +371,39 @@ def evaluate(
         ]
     finally:
         getattr(policy, "close", lambda: None)()
-    results: list[dict[str, Any] | None] = [None] * len(rows)
-    paths: dict[str, int] = {}
-    correct = answered = 0
+    routed = reqs[0].mix if reqs and isinstance(reqs[0].mix, Mix) and reqs[0].mix.token_routing is not None else None
+    if choice_rows and routed is None:
+        raise MixError(f"token choices are recorded under per-token routing ({', '.join(ROUTING_MODES)}); mode {mode!r} is not one")
     start = time.perf_counter()
-    with progress_bar(desc=f"eval {mode}", unit="row", total=len(rows)) as bar:
-        for i, out in pool.iter_results(reqs, window=None if batched else 1):
-            row = rows[i]
-            ok = normalize_answer(out.text) == normalize_answer(row["target"])
-            correct, answered = correct + ok, answered + 1
-            paths[out.path] = paths.get(out.path, 0) + 1
-            results[i] = {"task": str(row["task"]), "id": row["id"], "answer": out.text, "correct": ok, "mix": out.mix}
-            bar.update(1)
-            bar.set_postfix(acc=f"{correct / answered:.3f}", refresh=False)
+    results, answers, paths = _answer_all(pool, rows, reqs, mode, window=None if batched else 1)
     extra = dict(policy.report())
     extra["seconds"] = round(time.perf_counter() - start, 1)
     extra["paths"] = paths
     extra["base"] = Path(pool.base_path).name
     extra["adapters"] = list(pool.names)
-    return EvalResult(mode=mode, rows=[r for r in results if r is not None], extra=extra)
+    choice_map = None
+    if choice_rows:
+        choice_map = task_choice_map(pool, rows, answers, routed, rows_per_task=choice_rows, weights=choice_weights)
+    return EvalResult(mode=mode, rows=results, extra=extra, choice_map=choice_map)
+
+
+def _answer_all(pool: Any, rows, reqs, mode: str, *, window: int | None):
+    """Run the requests; per row its result dict and its answer's token ids, and the rows per path."""
+    results: list[dict[str, Any]] = [{}] * len(rows)
+    answers: list[list[int]] = [[] for _ in rows]
+    paths: dict[str, int] = {}
+    correct = answered = 0
+    with progress_bar(desc=f"eval {mode}", unit="row", total=len(rows)) as bar:
+        for i, out in pool.iter_results(reqs, window=window):
+            row = rows[i]
+            ok = normalize_answer(out.text) == normalize_answer(row["target"])
+            correct, answered = correct + ok, answered + 1
+            paths[out.path] = paths.get(out.path, 0) + 1
+            results[i] = {"task": str(row["task"]), "id": row["id"], "answer": out.text, "correct": ok, "mix": out.mix}
+            answers[i] = list(out.tokens)
+            bar.update(1)
+            bar.set_postfix(acc=f"{correct / answered:.3f}", refresh=False)
+    return [r for r in results if r], answers, paths
 
 
 __all__ = [

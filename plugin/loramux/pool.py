@@ -332,6 +332,11 @@ class AdapterPool:
         return self._engine.n_ctx
 
     @property
+    def n_batch(self) -> int:
+        """The most tokens one ``llama_decode`` takes (the limit of :meth:`logits` and :meth:`token_choices`)."""
+        return min(self._engine.cx.n_batch, self._engine.n_ctx)
+
+    @property
     def native(self) -> bool:
         """True when narrow mixes run per sequence (``loramux.native.available()``)."""
         return self._engine.native

@@ -10,8 +10,11 @@ from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Sequence
 
+import numpy as np
+
+from loramux.errors import LoramuxError
 from loramux.mix import Mix
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -44,6 +47,36 @@ class TokenChoiceReport:
                 total[name] += w
         n = len(self.choices) or 1
         return {name: total[name] / n for name in sorted(total)}
+
+    def select(self, weights: Sequence[str] | None) -> list["TokenChoice"]:
+        """The choices at the base weights of these kinds (``"attn_q"`` matches ``blk.*.attn_q.weight``);
+        all of them for ``None``. A kind that no choice has is a LoramuxError naming the kinds there are."""
+        if weights is None:
+            return list(self.choices)
+        suffixes = tuple(f".{w}.weight" for w in weights)
+        chosen = [c for c in self.choices if c.module.endswith(suffixes)]
+        have = sorted({m.split(".")[-2] for m in self.modules})
+        missing = [w for w in weights if not any(c.module.endswith(f".{w}.weight") for c in chosen)]
+        if missing:
+            raise LoramuxError(f"no routed base weight of kind {', '.join(missing)}; the routed kinds are {', '.join(have)}")
+        return chosen
+
+    def shares(self, adapters: Sequence[str], weights: Sequence[str] | None = None) -> np.ndarray:
+        """(len(adapters), n_tokens): each adapter's routing weight at each token, averaged over the
+        routed base weights of the kinds ``weights`` (all for ``None``); a token's column sums to 1."""
+        row_of = {a: i for i, a in enumerate(adapters)}
+        chosen = self.select(weights)
+        unlisted = sorted({name for c in chosen for name in c.adapters} - set(row_of))
+        if unlisted:
+            raise LoramuxError(f"adapters {', '.join(unlisted)} were chosen but are not among the {len(adapters)} listed")
+        out = np.zeros((len(adapters), len(self.tokens)))
+        count = np.zeros(len(self.tokens))
+        for c in chosen:
+            if 0 <= c.pos < len(self.tokens):
+                count[c.pos] += 1
+                for name, w in zip(c.adapters, c.weights):
+                    out[row_of[name], c.pos] += w
+        return out / np.maximum(count, 1)
 
     def to_json(self) -> dict[str, Any]:
         """``{"mix", "tokens", "pieces", "choices": [{"module", "pos", "adapters", "weights"}]}`` (JSON-ready)."""

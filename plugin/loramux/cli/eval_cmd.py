@@ -7,6 +7,9 @@ import sys
 from pathlib import Path
 
 from loramux.cli.pool_args import add_pool_arguments, open_pool
+from loramux.converters.atomic import atomic_output
+from loramux.errors import LoramuxError
+from loramux.eval_choices import DEFAULT_ROWS_PER_TASK, DEFAULT_WEIGHTS
 from loramux.evaluate import evaluate, load_rows, mix_modes
 
 
@@ -40,17 +43,54 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="answer one row at a time (each row decoded alone) instead of batching rows with different mixes "
         "(faster; a batch agrees with each row alone up to llama.cpp's batch floor, so a near-tie can flip)",
     )
+    choices = p.add_argument_group(
+        "token choices (per-token routing modes)",
+        "After the eval, teacher-force the first rows of each task again, question and answer, with the native record on, "
+        "and report which adapters their tokens chose: a line per task (its own adapter's rank, the top three), an SVG "
+        "map of tasks x adapters, and token_choices in --json.",
+    )
+    choices.add_argument("--choices", type=Path, default=None, metavar="OUT.svg", help="draw the map of the routing choices to OUT.svg")
+    choices.add_argument(
+        "--choice-rows",
+        type=int,
+        default=DEFAULT_ROWS_PER_TASK,
+        metavar="N",
+        help=f"rows per task to record (default: {DEFAULT_ROWS_PER_TASK})",
+    )
+    choices.add_argument(
+        "--choice-weights",
+        default=",".join(DEFAULT_WEIGHTS),
+        metavar="KINDS",
+        help=f"kinds of base weight to average over, or 'all' (default: {','.join(DEFAULT_WEIGHTS)}, which every fixture adapts, "
+        "so every adapter competes there)",
+    )
     p.set_defaults(run=run)
 
 
 def run(args: argparse.Namespace) -> int:
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()] if args.tasks else None
+    if args.choices is not None and args.choice_rows < 1:
+        raise LoramuxError(f"--choice-rows {args.choice_rows}: record at least 1 row per task")
+    weights = None if args.choice_weights.strip() == "all" else [w.strip() for w in args.choice_weights.split(",") if w.strip()]
     rows = load_rows(args.data, tasks=tasks, limit_per_task=args.limit_per_task)
     with open_pool(args) as pool:
-        result = evaluate(pool, rows, args.mode, max_tokens=args.max_tokens, batched=not args.sequential)
+        result = evaluate(
+            pool,
+            rows,
+            args.mode,
+            max_tokens=args.max_tokens,
+            batched=not args.sequential,
+            choice_rows=args.choice_rows if args.choices is not None else 0,
+            choice_weights=weights,
+        )
     paths = ", ".join(f"{n} {k}" for k, n in sorted(result.extra.get("paths", {}).items()))
     print(f"mix mode: {args.mode}  ({len(rows)} rows, {result.extra.get('seconds')} s; paths: {paths})")
     print(result.table())
+    if result.choice_map is not None:
+        print(result.choice_map.summary())
+        with atomic_output(args.choices) as tmp:
+            tmp.write_text(result.choice_map.heatmap().svg(), encoding="utf-8")
+        print(f"wrote {args.choices}", file=sys.stderr)
     if args.json:
         result.write_json(args.json)
         print(f"wrote {args.json}", file=sys.stderr)
