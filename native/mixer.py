@@ -167,7 +167,7 @@ class SeqMixer:
     def set_routing(self, seq_id: int, mode: str, k: int, temperature: float = 1.0) -> None:
         """Route every token of ``seq_id`` per adapted weight inside the graph: ``mode`` "arrow"
         (top-``k`` of ``|x . v_e|``, weights ``softmax(s / temperature)``) or "spectr" (top-``k`` of
-        ``||Q_e^T x||``, weights ``1/k``; ``temperature`` ignored), over every registered adapter
+        ``||Q_e^T x|| / sqrt(r_e)``, weights ``1/k``; ``temperature`` ignored), over every registered adapter
         that adapts the weight. :meth:`set` or :meth:`clear` end it."""
         self._check_open()
         if mode not in ROUTE_MODES:

@@ -219,7 +219,11 @@ def route_rows(x: np.ndarray, factors, mode: str, k: int, temperature: float):
     """numpy's routing of each row of x: (term, chosen indices (n, k'), weights (n, k'), sorted scores)."""
     protos, bases = exact_gates(factors)
     xs = x.astype(np.float64)
-    scores = np.abs(xs @ protos.T) if mode == "arrow" else np.stack([np.linalg.norm(xs @ q, axis=1) for q in bases], axis=1)
+    if mode == "arrow":
+        scores = np.abs(xs @ protos.T)
+    else:  # SpectR per rank: ||Q_e^T x|| / sqrt(r_e) ("spectr-plain": the reference's ||Q_e^T x||, a control)
+        ranks = [a.shape[0] if mode == "spectr" else 1 for a, _, _ in factors.values()]
+        scores = np.stack([np.linalg.norm(xs @ q, axis=1) / np.sqrt(r) for q, r in zip(bases, ranks)], axis=1)
     k = min(k, scores.shape[1])
     order = np.argsort(-scores, axis=1, kind="stable")[:, :k]
     top = np.take_along_axis(scores, order, axis=1)
@@ -301,13 +305,24 @@ def test_routed_tokens_equal_numpy_routing_on_their_own_inputs(captured, pool_di
     assert n_checked >= 30
 
 
-@pytest.mark.parametrize("wrong", ["k=2", "T=0.5", "arrow as spectr"])
-def test_a_wrong_k_or_temperature_is_caught(captured, pool_dir, wrong):
+WRONG = {  # what numpy routes instead: (sequence, mode, k, temperature)
+    "k=2": (0, "arrow", 2, 1.0),
+    "T=0.5": (0, "arrow", 3, 0.5),
+    "arrow as spectr": (0, "spectr", 3, 1.0),
+    "spectr not per rank": (1, "spectr-plain", 4, 1.0),
+}
+
+
+@pytest.mark.parametrize("wrong", list(WRONG))
+def test_a_wrong_k_temperature_or_score_is_caught(captured, pool_dir, wrong):
     form, data = captured
-    mode, k, temperature = {"k=2": ("arrow", 2, 1.0), "T=0.5": ("arrow", 3, 0.5), "arrow as spectr": ("spectr", 3, 1.0)}[wrong]
+    seq, mode, k, temperature = WRONG[wrong]
     caught = []
-    for module in MODULES[:3]:  # routed among 7 or 8 adapters
-        got, want, _, _, _, _ = _routed(data, pool_dir, module, 0, k, temperature, mode)
+    # q and v are routed among 9 adapters of ranks 4, 8 and 16, o among 7 (six of rank 8, where the
+    # per-rank score only rescales the one r=4 adapter and the top 4 need not change)
+    modules = MODULES[:2] if mode == "spectr-plain" else MODULES[:3]
+    for module in modules:
+        got, want, _, _, _, _ = _routed(data, pool_dir, module, seq, k, temperature, mode)
         caught.append(np.median(rel_errors(got, want)))
     print(f"{form} {wrong}: median relative errors {['%.2e' % c for c in caught]}")
     assert min(caught) > 10 * KERNEL_REL_TOL[form], f"{form}: routing with {wrong} is not told apart ({caught})"

@@ -46,7 +46,7 @@ enum loramux_status {
 enum loramux_route_mode {
     LORAMUX_ROUTE_FIXED  = 0, // the sequence's fixed mix, or none (the base model)
     LORAMUX_ROUTE_ARROW  = 1, // per token and adapted weight: top-k of |x . v_e|, weights softmax(s / T)
-    LORAMUX_ROUTE_SPECTR = 2, // per token and adapted weight: top-k of ||Q_e^T x||, weights 1/k
+    LORAMUX_ROUTE_SPECTR = 2, // per token and adapted weight: top-k of ||Q_e^T x|| / sqrt(r_e), weights 1/k
 };
 
 // LORAMUX_API_VERSION of the library.
@@ -118,7 +118,7 @@ LLAMA_API int32_t loramux_get_seq_mix(
 // kept (k in [1, max_active]; fewer where fewer adapters adapt that weight) and mixed with
 //   LORAMUX_ROUTE_ARROW:  scores |x . v_e|, v_e the top right singular vector of the adapter's delta
 //                         (alpha/r B A); weights softmax(s / temperature) over the top k (temperature > 0);
-//   LORAMUX_ROUTE_SPECTR: scores ||Q_e^T x||, Q_e an orthonormal basis of the delta's row space;
+//   LORAMUX_ROUTE_SPECTR: scores ||Q_e^T x|| / sqrt(r_e), Q_e an orthonormal basis of the delta's row space, r_e its rank;
 //                         weights 1/k (temperature is ignored).
 // The prototypes are computed exactly at registration. Replaces the sequence's fixed mix;
 // loramux_set_seq_mix or loramux_clear_seq_mix (or mode LORAMUX_ROUTE_FIXED) end the routing.

@@ -25,7 +25,7 @@ struct llama_adapter_lora;
 // once at registration, exactly from the stacked A and scaled B of each adapter e (delta
 // D_e = scale_e B_e A_e; A_e = U_e S_e V_e^T from the eigen-decomposition of A_e A_e^T):
 //   Arrow prototype  v_e = the top right singular vector of D_e (unit, sign-free), score |x . v_e|;
-//   SpectR basis     Q_e = V_e (orthonormal row space of A_e = of D_e), score ||Q_e^T x|| = ||M_e A_e x||
+//   SpectR basis     Q_e = V_e (orthonormal row space of A_e = of D_e), score ||Q_e^T x|| / sqrt(r_e) = ||M_e A_e x||
 //                    with M_e = S_e^+ U_e^T (r x r), so the fused op reuses A_e x for the chosen adapters.
 struct llama_mux_module {
     ggml_tensor * a = nullptr;

@@ -4,7 +4,7 @@
 // adapters that adapt that weight (its group) against the weight's real input x, keeps the top k
 // and mixes them, the way a mixture-of-experts layer gates its experts:
 //   Arrow   score |x . v_e| (v_e: top right singular vector of the delta), weights softmax(s / T);
-//   SpectR  score ||Q_e^T x|| (Q_e: orthonormal row space of the delta), weights 1/k.
+//   SpectR  score ||Q_e^T x|| / sqrt(r_e) (Q_e: orthonormal row space of the delta, r_e its rank), weights 1/k.
 // The routing data is computed here once per adapter and weight at registration, exactly from A
 // and the scaled B (no power iteration); the fused CPU op gates inside its token loop, the device
 // form with ggml ops (mul_mat, argsort_top_k, get_rows, soft_max, then the two mul_mat_id).
@@ -201,6 +201,13 @@ bool llama_mux_route_prepare(llama_mux_module & m, int64_t n_sub, int64_t sub, c
     for (int64_t n = 0; n < n_in; ++n) {
         m.proto[(size_t) sub * n_in + n] = (float) v[n];
     }
+    // SpectR's score divided by sqrt(r): ||Q_e^T x|| / sqrt(r_e), the RMS of x's projections on the
+    // adapter's basis, so that adapters of different ranks compete on equal terms (the plain norm
+    // grows with the rank); with one rank in the pool the choices are SpectR's own
+    const double per_rank = 1.0 / std::sqrt((double) r);
+    for (double & x : mm) {
+        x *= per_rank;
+    }
     for (int64_t i = 0; i < r; ++i) {
         for (int64_t j = 0; j < r; ++j) {
             m.gate_m[((size_t) sub * r_max + i) * r_max + j] = (float) mm[i * r + j];
@@ -245,7 +252,7 @@ void llama_mux_route_token(const llama_mux_module & m, const llama_mux_cpu_args 
     for (int64_t e = 0; e < n_sub; ++e) {
         if (mode == LLAMA_MUX_ARROW) {
             score[e] = std::fabs(llama_mux_dot_f32(m.proto.data() + (size_t) e * n_in, xin, n_in));
-        } else { // ||Q_e^T x|| = ||M_e (A_e x)||, and A_e x is kept for the chosen adapters
+        } else { // ||Q_e^T x|| / sqrt(r_e) = ||M_e (A_e x)|| (M_e per rank), and A_e x is kept for the chosen adapters
             float * t = t_all.data() + (size_t) e * r_max;
             llama_mux_a_times_x(args, e, xin, t);
             double sq = 0.0;
@@ -305,7 +312,7 @@ ggml_tensor * llama_mux_build_routed(ggml_context * ctx0, const llama_mux_route_
     const int64_t n_sub = m.mux->groups[m.group].n_sub;
     const int32_t k     = (int32_t) std::min<int64_t>(m.mux->k, n_sub);
 
-    // scores [n_sub, nt]: arrow |P^T x| on arrow tokens, SpectR ||Q_e^T x|| on spectr tokens
+    // scores [n_sub, nt]: arrow |P^T x| on arrow tokens, SpectR ||Q_e^T x|| / sqrt(r_e) on spectr tokens
     ggml_tensor * s_arrow  = ggml_abs(ctx0, ggml_mul_mat(ctx0, m.proto_t, x));
     ggml_tensor * q        = ggml_sqr(ctx0, ggml_mul_mat(ctx0, m.basis_t, x)); // [r_max * n_sub, nt]
     q = ggml_sum_rows(ctx0, ggml_reshape_3d(ctx0, q, m.r_max, n_sub, nt));     // [1, n_sub, nt]

@@ -144,7 +144,7 @@ class Mix(Mapping[str, float]):
 
     @classmethod
     def spectr(cls, k: int = 4) -> "Mix":
-        """SpectR per-token routing: each token's top-``k`` adapters by ``||Q_e^T x||``, weights ``1/k``."""
+        """SpectR per-token routing: each token's top-``k`` adapters by ``||Q_e^T x|| / sqrt(r_e)``, weights ``1/k``."""
         return cls(token_routing=TokenRouting("spectr", k))
 
     @classmethod

@@ -6,7 +6,8 @@ that weight), the way a mixture-of-experts layer gates its experts (``native/REA
 
 - ``arrow``: scores ``|x . v_e|`` (``v_e``: the top right singular vector of adapter e's delta at
   that weight), weights ``softmax(s / T)`` over the top k (defaults k=3, T=1);
-- ``spectr``: scores ``||Q_e^T x||`` (``Q_e``: the delta's row space), uniform weights ``1/k``
+- ``spectr``: scores ``||Q_e^T x|| / sqrt(r_e)`` (``Q_e``: the delta's row space, ``r_e`` its rank; per rank, so that
+  adapters of different ranks compete on equal terms: with one rank, SpectR's own choices), uniform weights ``1/k``
   (default k=4; it takes no temperature).
 
 Spec strings (``--mix``, the server's ``mix`` and ``model``): ``arrow``, ``arrow:k=2,T=0.5``,
