@@ -170,8 +170,6 @@ ggml_tensor * llm_graph_input_mux::embd_scale(ggml_context * ctx, size_t i) {
 }
 
 void llm_graph_input_mux::set_input(const llama_ubatch * ubatch) {
-    const int32_t k = mux->k;
-
     // rows of the token tensors are the ubatch's tokens; rows of the output tensors are the
     // tokens flagged as outputs, in ubatch order (the order inp_out_ids selects them in)
     std::vector<int32_t> rows_out;
@@ -182,7 +180,6 @@ void llm_graph_input_mux::set_input(const llama_ubatch * ubatch) {
     }
 
     for (int o = 0; o < 2; ++o) {
-        const int64_t n_rows = o ? n_outputs : n_tokens;
         if (o && (int64_t) rows_out.size() != n_outputs) {
             bool any = false;
             for (auto * t : t_ids[1]) { any = any || t; }
@@ -190,44 +187,53 @@ void llm_graph_input_mux::set_input(const llama_ubatch * ubatch) {
             continue;
         }
         for (size_t g = 0; g < mux->groups.size(); ++g) {
-            ggml_tensor * ti = t_ids[o][g];
-            ggml_tensor * tw = t_w[o][g];
-            if (!ti && !tw) {
-                continue;
-            }
-            const auto & sub_of = mux->groups[g].sub_of;
-            // empty slots select the group's all-zero slice (index n_sub) at weight 0, so the
-            // device form (which computes every slot) adds exactly 0, even where an adapter's
-            // output is Inf for this token (0 * Inf would be NaN)
-            buf_ids.assign((size_t) k * n_rows, mux->groups[g].n_sub);
-            buf_w.assign((size_t) k * n_rows, 0.0f);
-            for (int64_t r = 0; r < n_rows; ++r) {
-                const int32_t i   = o ? rows_out[r] : (int32_t) r;
-                // a token shared by several sequences takes the mix of its first sequence id
-                const llama_seq_id s = ubatch->seq_id[i][0];
-                const int32_t n   = (s >= 0 && (uint32_t) s < mux->n_seq_max) ? mux->seq_n[s] : 0;
-                int32_t slot = 0;
-                for (int32_t j = 0; j < n; ++j) {
-                    const int32_t sub = sub_of[mux->seq_ids[(size_t) s * k + j]];
-                    if (sub < 0) {
-                        continue; // this adapter does not adapt the modules of this group
-                    }
-                    buf_ids[(size_t) r * k + slot] = sub;
-                    buf_w  [(size_t) r * k + slot] = mux->seq_w[(size_t) s * k + j];
-                    ++slot;
-                }
-            }
-            if (ti) {
-                ggml_backend_tensor_set(ti, buf_ids.data(), 0, ggml_nbytes(ti));
-            }
-            if (tw) {
-                ggml_backend_tensor_set(tw, buf_w.data(), 0, ggml_nbytes(tw));
+            if (t_ids[o][g] || t_w[o][g]) {
+                set_group_rows(ubatch, o, rows_out, g);
             }
         }
         set_route_rows(ubatch, o, rows_out);
     }
     start_record(ubatch);
+    set_embd_scales(ubatch);
+}
 
+// ids/weights of group g per row: each row's sequence's mix, restricted to the group's adapters
+void llm_graph_input_mux::set_group_rows(const llama_ubatch * ubatch, int o, const std::vector<int32_t> & rows_out, size_t g) {
+    const int32_t k      = mux->k;
+    const int64_t n_rows = o ? n_outputs : n_tokens;
+    const auto & sub_of  = mux->groups[g].sub_of;
+    // empty slots select the group's all-zero slice (index n_sub) at weight 0, so the device form
+    // (which computes every slot) adds exactly 0, even where an adapter's output is Inf for this
+    // token (0 * Inf would be NaN)
+    buf_ids.assign((size_t) k * n_rows, mux->groups[g].n_sub);
+    buf_w.assign((size_t) k * n_rows, 0.0f);
+    for (int64_t r = 0; r < n_rows; ++r) {
+        const int32_t i = o ? rows_out[r] : (int32_t) r;
+        // a token shared by several sequences takes the mix of its first sequence id
+        const llama_seq_id s = ubatch->seq_id[i][0];
+        const int32_t n      = (s >= 0 && (uint32_t) s < mux->n_seq_max) ? mux->seq_n[s] : 0;
+        int32_t slot = 0;
+        for (int32_t j = 0; j < n; ++j) {
+            const int32_t sub = sub_of[mux->seq_ids[(size_t) s * k + j]];
+            if (sub < 0) {
+                continue; // this adapter does not adapt the modules of this group
+            }
+            buf_ids[(size_t) r * k + slot] = sub;
+            buf_w  [(size_t) r * k + slot] = mux->seq_w[(size_t) s * k + j];
+            ++slot;
+        }
+    }
+    if (t_ids[o][g]) {
+        ggml_backend_tensor_set(t_ids[o][g], buf_ids.data(), 0, ggml_nbytes(t_ids[o][g]));
+    }
+    if (t_w[o][g]) {
+        ggml_backend_tensor_set(t_w[o][g], buf_w.data(), 0, ggml_nbytes(t_w[o][g]));
+    }
+}
+
+// per token: the weight of each embedding LoRA's adapter in the token's sequence's mix, times its scale
+void llm_graph_input_mux::set_embd_scales(const llama_ubatch * ubatch) {
+    const int32_t k = mux->k;
     for (size_t e = 0; e < t_embd.size(); ++e) {
         ggml_tensor * t = t_embd[e];
         if (!t) {
@@ -337,54 +343,33 @@ static void mux_lora_cpu(ggml_tensor * dst, int ith, int nth, void * userdata) {
     }
 }
 
-ggml_tensor * llama_mux_build_mm(const llm_graph_context & g, ggml_tensor * w, ggml_tensor * cur, ggml_tensor * res) {
-    const llama_mux * mux = g.mux;
-    const auto it = mux->modules.find(w->name);
-    if (it == mux->modules.end()) {
-        return res;
-    }
-    const llama_mux_module & m = it->second;
-
+// whether the hook can apply module m at w (input cur, output res); when not, the pool's one
+// unapplied weight is set (never silent: loramux_check_applied() reports it after every decode)
+static bool mux_shape_ok(const llm_graph_context & g, const llama_mux_module & m, const ggml_tensor * w, const ggml_tensor * cur,
+                         const ggml_tensor * res) {
     const int64_t nt    = cur->ne[1];
     const int64_t n_out = m.cpu ? m.b->ne[0] : m.b->ne[1];
-    const bool shape_ok =
+    const bool ok =
         cur->ne[0] == m.a->ne[0] && cur->ne[2] == 1 && cur->ne[3] == 1 &&
         res->ne[0] == n_out && res->ne[1] == nt && res->ne[2] == 1 && res->ne[3] == 1 &&
         (nt == g.n_tokens || nt == g.n_outputs);
-    if (!shape_ok) {
-        // never silent: loramux_check_applied() (checked by the Python engine after every
-        // decode) reports it, and the error log names it once
-        std::lock_guard<std::mutex> lock(mux->unapplied_mutex);
-        if (mux->unapplied.empty()) {
-            mux->unapplied = w->name;
+    if (!ok) {
+        std::lock_guard<std::mutex> lock(g.mux->unapplied_mutex);
+        if (g.mux->unapplied.empty()) {
+            g.mux->unapplied = w->name;
             LLAMA_LOG_ERROR("%s: loramux cannot apply per-sequence LoRA to '%s' with input shape [%lld, %lld, %lld]\n",
                     __func__, w->name, (long long) cur->ne[0], (long long) cur->ne[1], (long long) cur->ne[2]);
         }
-        return res;
     }
-    if (nt == 0) {
-        return res;
-    }
+    return ok;
+}
 
-    ggml_context * ctx0 = g.ctx0;
-    const bool outputs = nt != g.n_tokens; // last layer after inp_out_ids: only the output rows
-    llm_graph_input_mux * inp = llama_mux_input(g);
+// other backends (CUDA, ...): the MoE kernels, plus the routed pass while some sequence routes
+static ggml_tensor * mux_build_device(ggml_context * ctx0, llm_graph_input_mux * inp, const llama_mux_module & m, const char * name,
+                                      ggml_tensor * cur, ggml_tensor * res, bool outputs) {
+    const int64_t nt = cur->ne[1];
     ggml_tensor * ids = inp->ids(ctx0, m.group, outputs);
     ggml_tensor * wts = inp->weights(ctx0, m.group, outputs);
-
-    if (m.cpu) {
-        // host buffers: the fused kernel above (B stored transposed, [n_out, r_max, n_sub])
-        ggml_tensor * x = cur->type == GGML_TYPE_F32 ? cur : ggml_cast(ctx0, cur, GGML_TYPE_F32);
-        x = x->nb[0] == sizeof(float) ? x : ggml_cont(ctx0, x);
-        ggml_tensor * r = res->type == GGML_TYPE_F32 ? res : ggml_cast(ctx0, res, GGML_TYPE_F32);
-        ggml_tensor * args[7] = { r, x, m.a, m.b, ids, wts, inp->route(ctx0, outputs) };
-        ggml_tensor * out = ggml_custom_4d(ctx0, GGML_TYPE_F32, res->ne[0], nt, 1, 1, args, 7, mux_lora_cpu, GGML_N_TASKS_MAX,
-                                           const_cast<llama_mux_module *>(&m));
-        ggml_format_name(out, "mux_lora-%s", w->name);
-        return out;
-    }
-
-    // other backends (CUDA, ...): the MoE kernels
     ggml_tensor * x = ggml_is_contiguous(cur) ? cur : ggml_cont(ctx0, cur);
     x = ggml_reshape_3d(ctx0, x, x->ne[0], 1, nt);
 
@@ -392,7 +377,7 @@ ggml_tensor * llama_mux_build_mm(const llm_graph_context & g, ggml_tensor * w, g
     t = ggml_mul(ctx0, t, wts);                           // per-token, per-slot weight
     ggml_tensor * u = ggml_mul_mat_id(ctx0, m.b, t, ids); // [n_out, k, nt]
 
-    for (int32_t j = 0; j < mux->k; ++j) {
+    for (int32_t j = 0; j < inp->mux->k; ++j) {
         res = ggml_add(ctx0, res, ggml_view_2d(ctx0, u, u->ne[0], nt, u->nb[2], (size_t) j * u->nb[1]));
     }
     if (inp->routed_at_build) {
@@ -401,9 +386,39 @@ ggml_tensor * llama_mux_build_mm(const llm_graph_context & g, ggml_tensor * w, g
         const llama_mux_route_rows rows = { inp->route_dev(ctx0, outputs, 0), inp->route_dev(ctx0, outputs, 1),
                                             inp->route_dev(ctx0, outputs, 2), inp->route_dev(ctx0, outputs, 3),
                                             inp->route_dev(ctx0, outputs, 4) };
-        res = llama_mux_build_routed(ctx0, rows, m, w->name, xr, res);
+        res = llama_mux_build_routed(ctx0, rows, m, name, xr, res);
     }
     return res;
+}
+
+ggml_tensor * llama_mux_build_mm(const llm_graph_context & g, ggml_tensor * w, ggml_tensor * cur, ggml_tensor * res) {
+    const llama_mux * mux = g.mux;
+    const auto it = mux->modules.find(w->name);
+    if (it == mux->modules.end()) {
+        return res;
+    }
+    const llama_mux_module & m = it->second;
+    const int64_t nt = cur->ne[1];
+    if (!mux_shape_ok(g, m, w, cur, res) || nt == 0) {
+        return res;
+    }
+
+    ggml_context * ctx0 = g.ctx0;
+    const bool outputs = nt != g.n_tokens; // last layer after inp_out_ids: only the output rows
+    llm_graph_input_mux * inp = llama_mux_input(g);
+    if (!m.cpu) {
+        return mux_build_device(ctx0, inp, m, w->name, cur, res, outputs);
+    }
+    // host buffers: the fused kernel above (B stored transposed, [n_out, r_max, n_sub])
+    ggml_tensor * x = cur->type == GGML_TYPE_F32 ? cur : ggml_cast(ctx0, cur, GGML_TYPE_F32);
+    x = x->nb[0] == sizeof(float) ? x : ggml_cont(ctx0, x);
+    ggml_tensor * r = res->type == GGML_TYPE_F32 ? res : ggml_cast(ctx0, res, GGML_TYPE_F32);
+    ggml_tensor * args[7] = { r, x, m.a, m.b, inp->ids(ctx0, m.group, outputs), inp->weights(ctx0, m.group, outputs),
+                              inp->route(ctx0, outputs) };
+    ggml_tensor * out = ggml_custom_4d(ctx0, GGML_TYPE_F32, res->ne[0], nt, 1, 1, args, 7, mux_lora_cpu, GGML_N_TASKS_MAX,
+                                       const_cast<llama_mux_module *>(&m));
+    ggml_format_name(out, "mux_lora-%s", w->name);
+    return out;
 }
 
 ggml_tensor * llama_mux_build_embd(const llm_graph_context & g, ggml_tensor * tok_embd, ggml_tensor * tokens, ggml_tensor * cur) {

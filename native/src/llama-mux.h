@@ -41,6 +41,8 @@ private:
     std::vector<int32_t> buf_ids;
     std::vector<float>   buf_w;
 
+    void set_group_rows(const llama_ubatch * ubatch, int o, const std::vector<int32_t> & rows_out, size_t g);
+    void set_embd_scales(const llama_ubatch * ubatch);
     void set_route_rows(const llama_ubatch * ubatch, int o, const std::vector<int32_t> & rows_out);
     void start_record(const llama_ubatch * ubatch);
 };
