@@ -106,42 +106,41 @@ class _GraphBuilder:
         return self.onnx.helper.make_tensor_value_info(name, elem, dims)
 
 
-def build_llama_graph(
-    state: Mapping[str, np.ndarray],
-    config: Mapping[str, Any],
-    *,
-    name: str = "loramux-base",
-    progress: Callable[[int, int], None] | None = None,
-):
-    """The ``onnx.ModelProto`` of a Llama model with LoRA inputs on every linear layer.
+class _LlamaGraph:
+    """The pieces of the Llama graph, added to one :class:`_GraphBuilder` in topological order."""
 
-    ``state`` is a Hugging Face state dict of float arrays (``model.layers.0.self_attn.q_proj.weight``
-    in ``(out, in)`` layout ...), ``config`` the LlamaConfig fields (:func:`hf_llama_config`).
-    """
-    onnx = onnx_deps.onnx()
-    TP = onnx.TensorProto
-    s = LlamaShape.from_config(config)
-    g = _GraphBuilder()
-    hd, nh, nkv = s.head_dim, s.num_attention_heads, s.num_key_value_heads
-    n_rep = nh // nkv
+    def __init__(self, state: Mapping[str, np.ndarray], config: Mapping[str, Any]) -> None:
+        self.onnx = onnx_deps.onnx()
+        self.TP = self.onnx.TensorProto
+        self.state = state
+        self.s = LlamaShape.from_config(config)
+        self.g = _GraphBuilder()
+        self.hd, self.nh, self.nkv = self.s.head_dim, self.s.num_attention_heads, self.s.num_key_value_heads
+        self.n_rep = self.nh // self.nkv
+        self.prefixes = dict(onnx_prefixes_for_layers(self.s.num_hidden_layers, include_lm_head=False))
+        self.cos = self.sin = self.mask = self.scale = ""  # graph names, set by add_rotary, add_mask and build_llama_graph
 
-    def weight(key: str) -> np.ndarray:
-        if key not in state:
+    def weight(self, key: str) -> np.ndarray:
+        if key not in self.state:
             raise KeyError(f"state dict has no {key!r}")
-        return np.asarray(state[key], dtype=np.float32)
+        return np.asarray(self.state[key], dtype=np.float32)
 
-    # --- inputs -------------------------------------------------------------------
-    g.inputs += [
-        g.value("input_ids", TP.INT64, ["batch_size", "sequence_length"]),
-        g.value("attention_mask", TP.INT64, ["batch_size", "total_sequence_length"]),
-        g.value("position_ids", TP.INT64, ["batch_size", "sequence_length"]),
-    ]
-    for i in range(s.num_hidden_layers):
-        for kv in ("key", "value"):
-            g.inputs.append(g.value(f"past_key_values.{i}.{kv}", TP.FLOAT, ["batch_size", nkv, "past_sequence_length", hd]))
+    def add_inputs(self) -> None:
+        """input_ids, attention_mask, position_ids and the past key/value of every layer."""
+        g, TP = self.g, self.TP
+        g.inputs += [
+            g.value("input_ids", TP.INT64, ["batch_size", "sequence_length"]),
+            g.value("attention_mask", TP.INT64, ["batch_size", "total_sequence_length"]),
+            g.value("position_ids", TP.INT64, ["batch_size", "sequence_length"]),
+        ]
+        for i in range(self.s.num_hidden_layers):
+            for kv in ("key", "value"):
+                g.inputs.append(g.value(f"past_key_values.{i}.{kv}", TP.FLOAT, ["batch_size", self.nkv, "past_sequence_length", self.hd]))
 
-    def lora_linear(x: str, module: str, prefix: str, basename: str) -> str:
-        w = weight(module + ".weight")  # (out, in)
+    def lora_linear(self, x: str, module: str, prefix: str, basename: str) -> str:
+        """``x W^T + (x A) B`` with A and B graph inputs of their own rank dimension, empty by default."""
+        g, TP = self.g, self.TP
+        w = self.weight(module + ".weight")  # (out, in)
         n_out, n_in = w.shape
         base_w = g.init(prefix + BASE_WEIGHT_SUFFIX, np.ascontiguousarray(w.T))
         a_name, b_name = lora_parameter_names(prefix)
@@ -154,144 +153,178 @@ def build_llama_graph(
         xab = g.op("MatMul", [xa, b_name], f"{basename}/lora_B/MatMul")
         return g.op("Add", [y, xab], f"{basename}/lora/Add")
 
-    def rms_norm(x: str, key: str, basename: str) -> str:
+    def layer_linear(self, x: str, layer: int, module: str, basename: str) -> str:
+        key = f"model.layers.{layer}.{module}"
+        return self.lora_linear(x, key, self.prefixes[key], basename)
+
+    def rms_norm(self, x: str, key: str, basename: str) -> str:
+        g = self.g
         sq = g.op("Mul", [x, x], f"{basename}/Pow")
         mean = g.op("ReduceMean", [sq], f"{basename}/ReduceMean", axes=[-1], keepdims=1)
-        eps = g.op("Add", [mean, g.const(s.rms_norm_eps, np.float32)], f"{basename}/AddEps")
+        eps = g.op("Add", [mean, g.const(self.s.rms_norm_eps, np.float32)], f"{basename}/AddEps")
         inv = g.op("Reciprocal", [g.op("Sqrt", [eps], f"{basename}/Sqrt")], f"{basename}/Reciprocal")
         normed = g.op("Mul", [x, inv], f"{basename}/Mul")
-        return g.op("Mul", [normed, g.init(key, weight(key))], f"{basename}/MulWeight")
+        return g.op("Mul", [normed, g.init(key, self.weight(key))], f"{basename}/MulWeight")
 
-    # --- shared subgraphs: embeddings, rotary tables, mask ------------------------
-    emb_key = "model.embed_tokens.weight"
-    g.init(emb_key, weight(emb_key))
-    h = g.op("Gather", [emb_key, "input_ids"], "/model/embed_tokens/Gather")
+    def add_rotary(self) -> None:
+        """cos and sin rows of each position, ``[B, 1, S, head_dim]``."""
+        g = self.g
+        cos_t, sin_t = rotary_tables(self.s)
+        g.init("cos_cache", cos_t)
+        g.init("sin_cache", sin_t)
+        self.cos, self.sin = (
+            g.op(
+                "Unsqueeze",
+                [g.op("Gather", [f"{t}_cache", "position_ids"], f"/model/rotemb/{t}/Gather"), g.const([1])],
+                f"/model/rotemb/{t}/Unsqueeze",
+            )
+            for t in ("cos", "sin")
+        )
 
-    cos_t, sin_t = rotary_tables(s)
-    g.init("cos_cache", cos_t)
-    g.init("sin_cache", sin_t)
-    cos = g.op(
-        "Unsqueeze",
-        [g.op("Gather", ["cos_cache", "position_ids"], "/model/rotemb/cos/Gather"), g.const([1])],
-        "/model/rotemb/cos/Unsqueeze",
-    )
-    sin = g.op(
-        "Unsqueeze",
-        [g.op("Gather", ["sin_cache", "position_ids"], "/model/rotemb/sin/Gather"), g.const([1])],
-        "/model/rotemb/sin/Unsqueeze",
-    )
+    def add_mask(self) -> None:
+        """The additive causal + padding mask ``[B, 1, S, T]``: 0 where attended, MASK_VALUE elsewhere."""
+        g = self.g
+        total = g.op("Gather", [g.op("Shape", ["attention_mask"], "/model/mask/Shape_T"), g.const(1)], "/model/mask/T")
+        seq = g.op("Gather", [g.op("Shape", ["input_ids"], "/model/mask/Shape_S"), g.const(1)], "/model/mask/S")
+        past = g.op("Sub", [total, seq], "/model/mask/P")
+        keys = g.op("Range", [g.const(0), total, g.const(1)], "/model/mask/key_pos")
+        queries = g.op("Range", [past, total, g.const(1)], "/model/mask/query_pos")
+        causal = g.op(
+            "LessOrEqual",
+            [
+                g.op("Unsqueeze", [keys, g.const([0])], "/model/mask/key_row"),
+                g.op("Unsqueeze", [queries, g.const([1])], "/model/mask/query_col"),
+            ],
+            "/model/mask/causal",
+        )  # [S, T]
+        cast = g.op("Cast", ["attention_mask"], "/model/mask/Cast", to=self.TP.BOOL)
+        padding = g.op("Unsqueeze", [cast, g.const([1, 2])], "/model/mask/pad")  # [B,1,1,T]
+        allowed = g.op("And", [causal, padding], "/model/mask/And")  # [B,1,S,T]
+        self.mask = g.op("Where", [allowed, g.const(0.0, np.float32), g.const(MASK_VALUE, np.float32)], "/model/mask/Where")
 
-    total = g.op("Gather", [g.op("Shape", ["attention_mask"], "/model/mask/Shape_T"), g.const(1)], "/model/mask/T")
-    seq = g.op("Gather", [g.op("Shape", ["input_ids"], "/model/mask/Shape_S"), g.const(1)], "/model/mask/S")
-    past = g.op("Sub", [total, seq], "/model/mask/P")
-    keys = g.op("Range", [g.const(0), total, g.const(1)], "/model/mask/key_pos")
-    queries = g.op("Range", [past, total, g.const(1)], "/model/mask/query_pos")
-    causal = g.op(
-        "LessOrEqual",
-        [
-            g.op("Unsqueeze", [keys, g.const([0])], "/model/mask/key_row"),
-            g.op("Unsqueeze", [queries, g.const([1])], "/model/mask/query_col"),
-        ],
-        "/model/mask/causal",
-    )  # [S, T]
-    padding = g.op(
-        "Unsqueeze", [g.op("Cast", ["attention_mask"], "/model/mask/Cast", to=TP.BOOL), g.const([1, 2])], "/model/mask/pad"
-    )  # [B,1,1,T]
-    allowed = g.op("And", [causal, padding], "/model/mask/And")  # [B,1,S,T]
-    mask = g.op("Where", [allowed, g.const(0.0, np.float32), g.const(MASK_VALUE, np.float32)], "/model/mask/Where")
-
-    def rope(x: str, basename: str) -> str:
+    def rope(self, x: str, basename: str) -> str:
+        g, hd = self.g, self.hd
         half = hd // 2
         x1 = g.op("Slice", [x, g.const([0]), g.const([half]), g.const([-1])], f"{basename}/Slice_1")
         x2 = g.op("Slice", [x, g.const([half]), g.const([hd]), g.const([-1])], f"{basename}/Slice_2")
         rotated = g.op("Concat", [g.op("Neg", [x2], f"{basename}/Neg"), x1], f"{basename}/Concat", axis=-1)
-        return g.op(
-            "Add", [g.op("Mul", [x, cos], f"{basename}/MulCos"), g.op("Mul", [rotated, sin], f"{basename}/MulSin")], f"{basename}/Add"
-        )
+        with_cos = g.op("Mul", [x, self.cos], f"{basename}/MulCos")
+        return g.op("Add", [with_cos, g.op("Mul", [rotated, self.sin], f"{basename}/MulSin")], f"{basename}/Add")
 
-    def repeat_kv(x: str, basename: str) -> str:
-        if n_rep == 1:
+    def repeat_kv(self, x: str, basename: str) -> str:
+        g = self.g
+        if self.n_rep == 1:
             return x
         shape = g.op("Shape", [x], f"{basename}/Shape")  # [B, nkv, T, hd]
         target = g.op(
             "Concat",
             [
                 g.op("Slice", [shape, g.const([0]), g.const([2])], f"{basename}/Slice_BK"),
-                g.const([n_rep]),
+                g.const([self.n_rep]),
                 g.op("Slice", [shape, g.const([2]), g.const([4])], f"{basename}/Slice_TD"),
             ],
             f"{basename}/TargetShape",
             axis=0,
         )
         expanded = g.op("Expand", [g.op("Unsqueeze", [x, g.const([2])], f"{basename}/Unsqueeze"), target], f"{basename}/Expand")
-        return g.op("Reshape", [expanded, g.const([0, nh, -1, hd])], f"{basename}/Reshape")
+        return g.op("Reshape", [expanded, g.const([0, self.nh, -1, self.hd])], f"{basename}/Reshape")
 
-    scale = g.const(1.0 / math.sqrt(hd), np.float32)
-    n_layers = s.num_hidden_layers
-    prefixes = dict(onnx_prefixes_for_layers(n_layers, include_lm_head=False))
-    for i in range(n_layers):
-        L = f"model.layers.{i}"
-        B = f"/model/layers.{i}"
-        x = rms_norm(h, f"{L}.input_layernorm.weight", f"{B}/input_layernorm")
-        q = lora_linear(x, f"{L}.self_attn.q_proj", prefixes[f"{L}.self_attn.q_proj"], f"{B}/attn/q_proj")
-        k = lora_linear(x, f"{L}.self_attn.k_proj", prefixes[f"{L}.self_attn.k_proj"], f"{B}/attn/k_proj")
-        v = lora_linear(x, f"{L}.self_attn.v_proj", prefixes[f"{L}.self_attn.v_proj"], f"{B}/attn/v_proj")
-        q = g.op(
-            "Transpose", [g.op("Reshape", [q, g.const([0, 0, nh, hd])], f"{B}/attn/q/Reshape")], f"{B}/attn/q/Transpose", perm=[0, 2, 1, 3]
-        )
-        k = g.op(
-            "Transpose", [g.op("Reshape", [k, g.const([0, 0, nkv, hd])], f"{B}/attn/k/Reshape")], f"{B}/attn/k/Transpose", perm=[0, 2, 1, 3]
-        )
-        v = g.op(
-            "Transpose", [g.op("Reshape", [v, g.const([0, 0, nkv, hd])], f"{B}/attn/v/Reshape")], f"{B}/attn/v/Transpose", perm=[0, 2, 1, 3]
-        )
-        q = rope(q, f"{B}/attn/q_rotary")
-        k = rope(k, f"{B}/attn/k_rotary")
-        present_k, present_v = f"present.{i}.key", f"present.{i}.value"
-        g.nodes.append(onnx.helper.make_node("Concat", [f"past_key_values.{i}.key", k], [present_k], name=f"{B}/attn/k/ConcatPast", axis=2))
-        g.nodes.append(
-            onnx.helper.make_node("Concat", [f"past_key_values.{i}.value", v], [present_v], name=f"{B}/attn/v/ConcatPast", axis=2)
-        )
+    def heads(self, x: str, n_heads: int, basename: str) -> str:
+        """``[B, S, n_heads * hd]`` -> ``[B, n_heads, S, hd]``."""
+        g = self.g
+        reshaped = g.op("Reshape", [x, g.const([0, 0, n_heads, self.hd])], f"{basename}/Reshape")
+        return g.op("Transpose", [reshaped], f"{basename}/Transpose", perm=[0, 2, 1, 3])
+
+    def present(self, i: int, kv: str, new: str, basename: str) -> str:
+        """``present.i.kv`` = the past concatenated with this step's keys or values, a graph output."""
+        out = f"present.{i}.{kv}"
+        self.g.nodes.append(self.onnx.helper.make_node("Concat", [f"past_key_values.{i}.{kv}", new], [out], name=basename, axis=2))
+        return out
+
+    def attention(self, h: str, i: int) -> str:
+        """Layer i's attention block with its residual."""
+        g, B = self.g, f"/model/layers.{i}"
+        x = self.rms_norm(h, f"model.layers.{i}.input_layernorm.weight", f"{B}/input_layernorm")
+        q = self.layer_linear(x, i, "self_attn.q_proj", f"{B}/attn/q_proj")
+        k = self.layer_linear(x, i, "self_attn.k_proj", f"{B}/attn/k_proj")
+        v = self.layer_linear(x, i, "self_attn.v_proj", f"{B}/attn/v_proj")
+        q = self.heads(q, self.nh, f"{B}/attn/q")
+        k = self.heads(k, self.nkv, f"{B}/attn/k")
+        v = self.heads(v, self.nkv, f"{B}/attn/v")
+        q = self.rope(q, f"{B}/attn/q_rotary")
+        k = self.rope(k, f"{B}/attn/k_rotary")
+        present_k = self.present(i, "key", k, f"{B}/attn/k/ConcatPast")
+        present_v = self.present(i, "value", v, f"{B}/attn/v/ConcatPast")
         for kv in (present_k, present_v):
-            g.outputs.append(g.value(kv, TP.FLOAT, ["batch_size", nkv, "total_sequence_length", hd]))
-        k_all = repeat_kv(present_k, f"{B}/attn/k/repeat_kv")
-        v_all = repeat_kv(present_v, f"{B}/attn/v/repeat_kv")
+            g.outputs.append(g.value(kv, self.TP.FLOAT, ["batch_size", self.nkv, "total_sequence_length", self.hd]))
+        k_all = self.repeat_kv(present_k, f"{B}/attn/k/repeat_kv")
+        v_all = self.repeat_kv(present_v, f"{B}/attn/v/repeat_kv")
         scores = g.op("MatMul", [q, g.op("Transpose", [k_all], f"{B}/attn/kT", perm=[0, 1, 3, 2])], f"{B}/attn/QK")
-        scores = g.op("Add", [g.op("Mul", [scores, scale], f"{B}/attn/Scale"), mask], f"{B}/attn/Mask")
+        scores = g.op("Add", [g.op("Mul", [scores, self.scale], f"{B}/attn/Scale"), self.mask], f"{B}/attn/Mask")
         probs = g.op("Softmax", [scores], f"{B}/attn/Softmax", axis=-1)
         ctx = g.op("MatMul", [probs, v_all], f"{B}/attn/PV")
         ctx = g.op(
             "Reshape",
-            [g.op("Transpose", [ctx], f"{B}/attn/ctx/Transpose", perm=[0, 2, 1, 3]), g.const([0, 0, nh * hd])],
+            [g.op("Transpose", [ctx], f"{B}/attn/ctx/Transpose", perm=[0, 2, 1, 3]), g.const([0, 0, self.nh * self.hd])],
             f"{B}/attn/ctx/Reshape",
         )
-        o = lora_linear(ctx, f"{L}.self_attn.o_proj", prefixes[f"{L}.self_attn.o_proj"], f"{B}/attn/o_proj")
-        h = g.op("Add", [h, o], f"{B}/attn/Residual")
+        o = self.layer_linear(ctx, i, "self_attn.o_proj", f"{B}/attn/o_proj")
+        return g.op("Add", [h, o], f"{B}/attn/Residual")
 
-        x = rms_norm(h, f"{L}.post_attention_layernorm.weight", f"{B}/post_attention_layernorm")
-        gate = lora_linear(x, f"{L}.mlp.gate_proj", prefixes[f"{L}.mlp.gate_proj"], f"{B}/mlp/gate_proj")
-        up = lora_linear(x, f"{L}.mlp.up_proj", prefixes[f"{L}.mlp.up_proj"], f"{B}/mlp/up_proj")
+    def mlp(self, h: str, i: int) -> str:
+        """Layer i's SwiGLU block with its residual."""
+        g, B = self.g, f"/model/layers.{i}"
+        x = self.rms_norm(h, f"model.layers.{i}.post_attention_layernorm.weight", f"{B}/post_attention_layernorm")
+        gate = self.layer_linear(x, i, "mlp.gate_proj", f"{B}/mlp/gate_proj")
+        up = self.layer_linear(x, i, "mlp.up_proj", f"{B}/mlp/up_proj")
         act = g.op("Mul", [gate, g.op("Sigmoid", [gate], f"{B}/mlp/act_fn/Sigmoid")], f"{B}/mlp/act_fn/Mul")
-        down = lora_linear(
-            g.op("Mul", [act, up], f"{B}/mlp/Mul"), f"{L}.mlp.down_proj", prefixes[f"{L}.mlp.down_proj"], f"{B}/mlp/down_proj"
-        )
-        h = g.op("Add", [h, down], f"{B}/mlp/Residual")
+        down = self.layer_linear(g.op("Mul", [act, up], f"{B}/mlp/Mul"), i, "mlp.down_proj", f"{B}/mlp/down_proj")
+        return g.op("Add", [h, down], f"{B}/mlp/Residual")
+
+    def add_logits(self, h: str, emb_key: str) -> None:
+        """The final norm and the LM head (tied: the embedding matrix itself, by Gemm transB)."""
+        g, s, helper = self.g, self.s, self.onnx.helper
+        x = self.rms_norm(h, "model.norm.weight", "/model/norm")
+        if s.tie_word_embeddings:
+            flat = g.op("Reshape", [x, g.const([-1, s.hidden_size])], "/lm_head/Flatten")
+            logits2d = g.op("Gemm", [flat, emb_key], "/lm_head/Gemm", transB=1)
+            shape = g.op("Shape", ["input_ids"], "/lm_head/Shape")
+            out_shape = g.op("Concat", [shape, g.const([s.vocab_size])], "/lm_head/OutShape", axis=0)
+            g.nodes.append(helper.make_node("Reshape", [logits2d, out_shape], ["logits"], name="/lm_head/Reshape"))
+        else:
+            y = self.lora_linear(x, "lm_head", "lm_head", "/lm_head")
+            g.nodes.append(helper.make_node("Identity", [y], ["logits"], name="/lm_head/Identity"))
+        g.outputs.insert(0, g.value("logits", self.TP.FLOAT, ["batch_size", "sequence_length", s.vocab_size]))
+
+
+def build_llama_graph(
+    state: Mapping[str, np.ndarray],
+    config: Mapping[str, Any],
+    *,
+    name: str = "loramux-base",
+    progress: Callable[[int, int], None] | None = None,
+):
+    """The ``onnx.ModelProto`` of a Llama model with LoRA inputs on every linear layer.
+
+    ``state`` is a Hugging Face state dict of float arrays (``model.layers.0.self_attn.q_proj.weight``
+    in ``(out, in)`` layout ...), ``config`` the LlamaConfig fields (:func:`hf_llama_config`).
+    """
+    parts = _LlamaGraph(state, config)
+    g, helper = parts.g, parts.onnx.helper
+    parts.add_inputs()
+    emb_key = "model.embed_tokens.weight"
+    g.init(emb_key, parts.weight(emb_key))
+    h = g.op("Gather", [emb_key, "input_ids"], "/model/embed_tokens/Gather")
+    parts.add_rotary()
+    parts.add_mask()
+    parts.scale = g.const(1.0 / math.sqrt(parts.hd), np.float32)  # the attention's 1/sqrt(head_dim)
+    n_layers = parts.s.num_hidden_layers
+    for i in range(n_layers):
+        h = parts.mlp(parts.attention(h, i), i)
         if progress:
             progress(i + 1, n_layers)
-
-    x = rms_norm(h, "model.norm.weight", "/model/norm")
-    if s.tie_word_embeddings:
-        # logits = x @ E.T with the embedding matrix itself (Gemm transB), no second copy of E.
-        flat = g.op("Reshape", [x, g.const([-1, s.hidden_size])], "/lm_head/Flatten")
-        logits2d = g.op("Gemm", [flat, emb_key], "/lm_head/Gemm", transB=1)
-        out_shape = g.op("Concat", [g.op("Shape", ["input_ids"], "/lm_head/Shape"), g.const([s.vocab_size])], "/lm_head/OutShape", axis=0)
-        g.nodes.append(onnx.helper.make_node("Reshape", [logits2d, out_shape], ["logits"], name="/lm_head/Reshape"))
-    else:
-        y = lora_linear(x, "lm_head", "lm_head", "/lm_head")
-        g.nodes.append(onnx.helper.make_node("Identity", [y], ["logits"], name="/lm_head/Identity"))
-    g.outputs.insert(0, g.value("logits", TP.FLOAT, ["batch_size", "sequence_length", s.vocab_size]))
-
-    graph = onnx.helper.make_graph(g.nodes, name, g.inputs, g.outputs, g.initializers)
-    model = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", OPSET)], producer_name="loramux")
+    parts.add_logits(h, emb_key)
+    graph = helper.make_graph(g.nodes, name, g.inputs, g.outputs, g.initializers)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], producer_name="loramux")
     model.ir_version = 8
     return model

@@ -72,7 +72,13 @@ def register(sub: argparse._SubParsersAction) -> None:
         description="Learned routers: a small MLP over the base model's own token embeddings, exported to ONNX and run by onnxruntime.",
     )
     rsub = p.add_subparsers(dest="router_command", metavar="ACTION")
+    _add_train_parser(rsub)
+    _add_index_parser(rsub)
+    _add_info_parser(rsub)
+    p.set_defaults(run=lambda args: (p.print_help(), 1)[1])
 
+
+def _add_train_parser(rsub: argparse._SubParsersAction) -> None:
     t = rsub.add_parser(
         "train",
         help="train a router on task-labelled rows and write it as ONNX",
@@ -119,6 +125,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_selection_arguments(t, defaults_from_router=False)
     t.set_defaults(run=run_train)
 
+
+def _add_index_parser(rsub: argparse._SubParsersAction) -> None:
     x = rsub.add_parser(
         "index",
         help="build retrieval keys (no training): one key per adapter from a few of its prompts",
@@ -145,6 +153,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     x.add_argument("-o", "--output", type=Path, required=True, help="key file to write (JSON)")
     x.set_defaults(run=run_index)
 
+
+def _add_info_parser(rsub: argparse._SubParsersAction) -> None:
     i = rsub.add_parser(
         "info",
         help="print a router file's metadata as JSON",
@@ -152,7 +162,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     i.add_argument("router", type=Path, help="router .onnx file")
     i.set_defaults(run=run_info)
-    p.set_defaults(run=lambda args: (p.print_help(), 1)[1])
 
 
 class _StageBars:

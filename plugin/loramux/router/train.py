@@ -181,6 +181,209 @@ def _check(name: str, logits: np.ndarray, labels: np.ndarray, outcomes: Sequence
     )
 
 
+@dataclass
+class _Labels:
+    """The rows kept for training and their outcome indices (adapters, then "none" when present)."""
+
+    names: list[str]
+    rows: list[Mapping[str, Any]]
+    y: np.ndarray
+    none_counts: Counter[str]
+
+    @property
+    def none_outcome(self) -> bool:
+        return bool(self.none_counts)
+
+    @property
+    def outcomes(self) -> list[str]:
+        return self.names + ([NONE_LABEL] if self.none_outcome else [])
+
+    @property
+    def none_index(self) -> int | None:
+        return len(self.names) if self.none_outcome else None
+
+    def label_of(self, task: str) -> int:
+        """The outcome of a check row's task: its adapter, "none", or -1 (not scored) when the router has no none outcome."""
+        if task in self.names:
+            return self.names.index(task)
+        return len(self.names) if self.none_outcome else -1
+
+
+def _label_rows(names: list[str], rows: Sequence[Mapping[str, Any]], none_per_task: int) -> _Labels:
+    """Adapter rows, and at most ``none_per_task`` rows of each task without an adapter."""
+    index = {n: i for i, n in enumerate(names)}
+    kept: list[Mapping[str, Any]] = []
+    labels: list[int] = []
+    none_counts: Counter[str] = Counter()
+    for row in rows:
+        task = str(row["task"])
+        if task in index:
+            kept.append(row)
+            labels.append(index[task])
+        elif none_per_task and none_counts[task] < none_per_task:
+            none_counts[task] += 1
+            kept.append(row)
+            labels.append(len(names))
+    missing = sorted(set(names) - {str(r["task"]) for r in kept})
+    if missing:
+        raise RouterError(f"no training rows for adapter(s) {missing}: every adapter needs rows whose task is its name")
+    return _Labels(names, kept, np.array(labels, dtype=np.int64), none_counts)
+
+
+def _tokenize(
+    base: str | os.PathLike,
+    recipe: FeatureRecipe,
+    rows: Sequence[Mapping[str, Any]],
+    check_rows: Mapping[str, Sequence[Mapping[str, Any]]],
+    progress: Callable[[str, int, int], None] | None,
+) -> tuple[list[np.ndarray], dict[str, list[np.ndarray]]]:
+    """Token ids of the training rows and of each named check set, with the base model's tokenizer."""
+    tokenizer = BaseTokenizer(base)
+    try:
+
+        def ids_of(rs: Sequence[Mapping[str, Any]], stage: str) -> list[np.ndarray]:
+            out_ids = []
+            for i, r in enumerate(rs):
+                out_ids.append(prompt_ids(tokenizer, str(r["input"]), recipe))
+                if progress and (i % 256 == 0 or i + 1 == len(rs)):
+                    progress(stage, i + 1, len(rs))
+            return out_ids
+
+        return ids_of(rows, "tokenize"), {name: ids_of(rs, f"tokenize {name}") for name, rs in check_rows.items()}
+    finally:
+        tokenizer.close()
+
+
+def _pooled(model: Any, sequences: Sequence[np.ndarray]) -> Any:
+    """The network's pooled features of token-id sequences (zeros for an empty one, as the ONNX graph's masked mean)."""
+    import torch
+
+    lengths = [max(1, len(s)) for s in sequences]
+    flat = np.concatenate([s if len(s) else np.zeros(1, np.int64) for s in sequences]) if sequences else np.zeros(0, np.int64)
+    offsets = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64)
+    with torch.no_grad():
+        pooled = model.pool_flat(torch.from_numpy(flat), torch.from_numpy(offsets))
+    empty = torch.tensor([len(s) == 0 for s in sequences])
+    pooled[empty] = 0.0
+    return pooled
+
+
+def _fit(
+    model: Any, x_train: Any, y_train: Any, n_outcomes: int, config: TrainConfig, progress: Callable[[str, int, int], None] | None
+) -> float:
+    """AdamW, cross-entropy with classes weighted by inverse frequency, warm-up and cosine decay; returns the last epoch's mean loss."""
+    import torch
+
+    counts = np.bincount(y_train.numpy(), minlength=n_outcomes).astype(np.float64)
+    weights = torch.tensor(counts.sum() / (n_outcomes * np.maximum(counts, 1.0)), dtype=torch.float32)
+    optimizer = _AdamW(list(model.parameters()), weight_decay=config.weight_decay)
+    total_steps = config.epochs * max(1, -(-len(y_train) // config.batch_size))
+    generator = torch.Generator().manual_seed(config.seed)
+    loss_value = float("nan")
+    step = 0
+    for epoch in range(config.epochs):
+        model.train()
+        order = torch.randperm(len(y_train), generator=generator)
+        total = 0.0
+        for s in range(0, len(order), config.batch_size):
+            b = order[s : s + config.batch_size]
+            loss = torch.nn.functional.cross_entropy(model.classify(x_train[b]), y_train[b], weight=weights)
+            model.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step(config.lr * _schedule(step, total_steps))
+            step += 1
+            total += float(loss.detach()) * len(b)
+        loss_value = total / len(order)
+        if progress:
+            progress("train", epoch + 1, config.epochs)
+    model.eval()
+    return loss_value
+
+
+def _run_checks(
+    model: Any,
+    x_val: Any,
+    y_val: np.ndarray,
+    labels: _Labels,
+    check_rows: Mapping[str, Sequence[Mapping[str, Any]]],
+    check_seqs: Mapping[str, list[np.ndarray]],
+) -> tuple[RoutingCheck | None, list[RoutingCheck]]:
+    """The held-out check on the validation rows (None when there are none) and one check per named row set."""
+    import torch
+
+    outcomes, none_index = labels.outcomes, labels.none_index
+    with torch.no_grad():
+        validation = None
+        if len(y_val):
+            logits = model.classify(x_val).numpy()
+            validation = _check("held-out check (validation rows of the training data)", logits, y_val, outcomes, none_index)
+        checks = []
+        for name, rs in check_rows.items():
+            labels_c = np.array([labels.label_of(str(r["task"])) for r in rs])
+            keep = labels_c >= 0
+            logits_c = model.classify(_pooled(model, [s for s, k in zip(check_seqs[name], keep) if k])).numpy()
+            checks.append(_check(name, logits_c, labels_c[keep], outcomes, none_index))
+    return validation, checks
+
+
+def _train_network(
+    table: np.ndarray,
+    labels: _Labels,
+    seqs: list[np.ndarray],
+    check_seqs: Mapping[str, list[np.ndarray]],
+    check_rows: Mapping[str, Sequence[Mapping[str, Any]]],
+    config: TrainConfig,
+    progress: Callable[[str, int, int], None] | None,
+    timings: dict[str, float],
+) -> tuple[Any, float, tuple[int, int], tuple[RoutingCheck | None, list[RoutingCheck]]]:
+    """The trained RouterNet, its last loss, (training rows, validation rows) and the checks; torch on ``config.threads``."""
+    import torch
+
+    from loramux.router.model import RouterNet
+
+    previous_threads = torch.get_num_threads()
+    torch.set_num_threads(config.threads or 1)  # tiny matmuls: one thread is fastest, and immune to oversubscribed cores
+    try:
+        torch.manual_seed(config.seed)
+        rng = np.random.default_rng(config.seed)
+        model = RouterNet(torch.from_numpy(table), len(labels.outcomes), hidden=config.hidden, dropout=config.dropout)
+        t = time.perf_counter()
+        x_all = _pooled(model, seqs)
+        train_idx, val_idx = _stratified_split(labels.y, config.val_fraction, rng)
+        model.set_standardisation(x_all[train_idx])
+        timings["pool"] = time.perf_counter() - t
+        t = time.perf_counter()
+        loss = _fit(model, x_all[train_idx], torch.from_numpy(labels.y[train_idx]), len(labels.outcomes), config, progress)
+        timings["train"] = time.perf_counter() - t
+        checks = _run_checks(model, x_all[val_idx], labels.y[val_idx], labels, check_rows, check_seqs)
+    finally:
+        torch.set_num_threads(previous_threads)
+    return model, loss, (len(train_idx), len(val_idx)), checks
+
+
+def _training_record(
+    config: TrainConfig,
+    labels: _Labels,
+    n_train: int,
+    n_val: int,
+    model: Any,
+    loss: float,
+    validation: RoutingCheck | None,
+    checks: list[RoutingCheck],
+) -> dict[str, Any]:
+    """What the router file's metadata says about its training."""
+    return {
+        "rows": int(n_train),
+        "validation_rows": int(n_val),
+        "none_rows": {k: int(v) for k, v in sorted(labels.none_counts.items())},
+        "trainable_parameters": int(model.n_trainable),
+        "config": {k: getattr(config, k) for k in config.__dataclass_fields__ if k != "threads"},
+        "final_loss": round(loss, 5),
+        "validation_top1_accuracy": round(validation.accuracy, 4) if validation else None,
+        "checks": {c.name: c.to_json() for c in checks},
+    }
+
+
 def train_router(
     base: str | os.PathLike,
     adapters: str | os.PathLike | Iterable[str],
@@ -197,163 +400,43 @@ def train_router(
 
     ``progress(stage, done, total)`` is called while tokenizing and per epoch; ``log`` gets one-line notes.
     """
-    import torch
-
     from loramux.converters import read_base_model
     from loramux.router.export import export_router
-    from loramux.router.model import RouterNet
 
     start = time.perf_counter()
     timings: dict[str, float] = {}
-    say = log or (lambda _msg: None)
     names = adapter_names_in(adapters) if isinstance(adapters, (str, os.PathLike)) else sorted(set(adapters))
     if not names:
         raise RouterError("a router needs at least one adapter to route to")
     Mix({n: 1.0 for n in names})  # every name must be usable in a mix (raises MixError naming the bad one)
     info = read_base_model(base)
-    index = {n: i for i, n in enumerate(names)}
-
-    # --- labels: adapter rows, and at most none_per_task rows of each task without an adapter ---
-    kept: list[Mapping[str, Any]] = []
-    labels: list[int] = []
-    none_counts: Counter[str] = Counter()
-    for row in rows:
-        task = str(row["task"])
-        if task in index:
-            kept.append(row)
-            labels.append(index[task])
-        elif config.none_per_task and none_counts[task] < config.none_per_task:
-            none_counts[task] += 1
-            kept.append(row)
-            labels.append(len(names))
-    missing = sorted(set(names) - {str(r["task"]) for r in kept})
-    if missing:
-        raise RouterError(f"no training rows for adapter(s) {missing}: every adapter needs rows whose task is its name")
-    none_outcome = bool(none_counts)
-    outcomes = names + ([NONE_LABEL] if none_outcome else [])
-    none_index = len(names) if none_outcome else None
-    y = np.array(labels, dtype=np.int64)
-    if none_outcome:
-        say(
-            f"'none of these' outcome: {sum(none_counts.values())} rows from {len(none_counts)} task(s) without an adapter "
-            f"(at most {config.none_per_task} each): {', '.join(sorted(none_counts))}"
+    labels = _label_rows(names, rows, config.none_per_task)
+    if labels.none_outcome and log:
+        counts = labels.none_counts
+        log(
+            f"'none of these' outcome: {sum(counts.values())} rows from {len(counts)} task(s) without an adapter "
+            f"(at most {config.none_per_task} each): {', '.join(sorted(counts))}"
         )
 
-    # --- features ---
-    recipe = FeatureRecipe(max_tokens=config.max_tokens)
     t = time.perf_counter()
-    tokenizer = BaseTokenizer(base)
-    try:
-
-        def ids_of(rs: Sequence[Mapping[str, Any]], stage: str) -> list[np.ndarray]:
-            out_ids = []
-            for i, r in enumerate(rs):
-                out_ids.append(prompt_ids(tokenizer, str(r["input"]), recipe))
-                if progress and (i % 256 == 0 or i + 1 == len(rs)):
-                    progress(stage, i + 1, len(rs))
-            return out_ids
-
-        seqs = ids_of(kept, "tokenize")
-        check_seqs = {name: ids_of(rs, f"tokenize {name}") for name, rs in (check_rows or {}).items()}
-    finally:
-        tokenizer.close()
+    seqs, check_seqs = _tokenize(base, FeatureRecipe(max_tokens=config.max_tokens), labels.rows, check_rows or {}, progress)
     timings["tokenize"] = time.perf_counter() - t
-
     t = time.perf_counter()
     table = token_embedding_table(base)
     timings["embeddings"] = time.perf_counter() - t
     recipe = FeatureRecipe(max_tokens=config.max_tokens, embedding_dim=int(table.shape[1]), projected_dim=config.hidden)
 
-    threads = config.threads or 1  # tiny matmuls: one thread is fastest, and immune to oversubscribed cores
-    previous_threads = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        torch.manual_seed(config.seed)
-        rng = np.random.default_rng(config.seed)
-        model = RouterNet(torch.from_numpy(table), len(outcomes), hidden=config.hidden, dropout=config.dropout)
-
-        def pooled_of(sequences: Sequence[np.ndarray]) -> torch.Tensor:
-            lengths = [max(1, len(s)) for s in sequences]
-            flat = np.concatenate([s if len(s) else np.zeros(1, np.int64) for s in sequences]) if sequences else np.zeros(0, np.int64)
-            offsets = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64)
-            with torch.no_grad():
-                pooled = model.pool_flat(torch.from_numpy(flat), torch.from_numpy(offsets))
-            empty = torch.tensor([len(s) == 0 for s in sequences])
-            pooled[empty] = 0.0  # the graph's masked mean of nothing is 0
-            return pooled
-
-        t = time.perf_counter()
-        x_all = pooled_of(seqs)
-        train_idx, val_idx = _stratified_split(y, config.val_fraction, rng)
-        model.set_standardisation(x_all[train_idx])
-        x_train, y_train = x_all[train_idx], torch.from_numpy(y[train_idx])
-        timings["pool"] = time.perf_counter() - t
-
-        # --- training: AdamW, cross-entropy with classes weighted by inverse frequency, cosine decay ---
-        t = time.perf_counter()
-        counts = np.bincount(y[train_idx], minlength=len(outcomes)).astype(np.float64)
-        weights = torch.tensor(counts.sum() / (len(outcomes) * np.maximum(counts, 1.0)), dtype=torch.float32)
-        optimizer = _AdamW(list(model.parameters()), weight_decay=config.weight_decay)
-        steps_per_epoch = max(1, -(-len(train_idx) // config.batch_size))
-        total_steps = config.epochs * steps_per_epoch
-        generator = torch.Generator().manual_seed(config.seed)
-        loss_value = float("nan")
-        step = 0
-        for epoch in range(config.epochs):
-            model.train()
-            order = torch.randperm(len(train_idx), generator=generator)
-            total = 0.0
-            for s in range(0, len(order), config.batch_size):
-                b = order[s : s + config.batch_size]
-                loss = torch.nn.functional.cross_entropy(model.classify(x_train[b]), y_train[b], weight=weights)
-                model.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step(config.lr * _schedule(step, total_steps))
-                step += 1
-                total += float(loss.detach()) * len(b)
-            loss_value = total / len(order)
-            if progress:
-                progress("train", epoch + 1, config.epochs)
-        model.eval()
-        timings["train"] = time.perf_counter() - t
-
-        with torch.no_grad():
-            validation = None
-            if len(val_idx):
-                validation = _check(
-                    "held-out check (validation rows of the training data)",
-                    model.classify(x_all[val_idx]).numpy(),
-                    y[val_idx],
-                    outcomes,
-                    none_index,
-                )
-            checks = []
-            for name, rs in (check_rows or {}).items():
-                labels_c = np.array([index.get(str(r["task"]), len(names) if none_outcome else -1) for r in rs])
-                keep = labels_c >= 0
-                logits_c = model.classify(pooled_of([s for s, k in zip(check_seqs[name], keep) if k])).numpy()
-                checks.append(_check(name, logits_c, labels_c[keep], outcomes, none_index))
-    finally:
-        torch.set_num_threads(previous_threads)
-
-    training = {
-        "rows": int(len(train_idx)),
-        "validation_rows": int(len(val_idx)),
-        "none_rows": {k: int(v) for k, v in sorted(none_counts.items())},
-        "trainable_parameters": int(model.n_trainable),
-        "config": {k: getattr(config, k) for k in config.__dataclass_fields__ if k != "threads"},
-        "final_loss": round(loss_value, 5),
-        "validation_top1_accuracy": round(validation.accuracy, 4) if validation else None,
-        "checks": {c.name: c.to_json() for c in checks},
-    }
+    model, loss, (n_train, n_val), (validation, checks) = _train_network(
+        table, labels, seqs, check_seqs, check_rows or {}, config, progress, timings
+    )
     metadata = RouterMetadata(
         adapters=tuple(names),
-        none_outcome=none_outcome,
+        none_outcome=labels.none_outcome,
         base_fingerprint=info.fingerprint,
         base_name=info.name,
         features=recipe,
         selection=selection,
-        training=training,
+        training=_training_record(config, labels, n_train, n_val, model, loss, validation, checks),
     )
     path = None
     if out is not None:
@@ -364,7 +447,7 @@ def train_router(
         model=model,
         metadata=metadata,
         path=path,
-        outcomes=outcomes,
+        outcomes=labels.outcomes,
         validation=validation,
         checks=checks,
         seconds=time.perf_counter() - start,
