@@ -47,6 +47,35 @@ FIXTURES = ROOT.parent / "shared" / "fixtures" / "smollm2-bbh-lora"
 DEV = ROOT.parent / "shared" / "data" / "bbh" / "dev.jsonl"
 
 
+CONFIGS = (
+    "native",
+    "grouped",
+    "same_mix",
+    "single_adapter",
+    "native_no_mix",
+    "base",
+    "native_same_mix_full_pool",
+    "native_same_mix_pool_of_3",
+    "arrow_top3",
+    "spectr_top3",
+)
+
+
+def ratios(out: dict) -> dict:
+    """The side-by-side ratios of the median tokens/s."""
+    tps = {k: out[f"{k}_tokens_per_s"] for k in CONFIGS}
+    r = {
+        "native_over_same_mix": tps["native"] / tps["same_mix"],
+        "native_over_grouped": tps["native"] / tps["grouped"],
+        "same_mix_over_grouped": tps["same_mix"] / tps["grouped"],
+        "native_top3_over_single_adapter": tps["native"] / tps["single_adapter"],
+        "native_full_pool_over_pool_of_3": tps["native_same_mix_full_pool"] / tps["native_same_mix_pool_of_3"],
+        "arrow_top3_over_fixed_top3": tps["arrow_top3"] / tps["native"],
+        "spectr_top3_over_fixed_top3": tps["spectr_top3"] / tps["native"],
+    }
+    return {k: round(v, 3) for k, v in r.items()}
+
+
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(
         description=__doc__.splitlines()[0],
@@ -205,71 +234,51 @@ class Bench:
 
         mixes = self.mixes(n)
         prompts = {s: self.prompts[s % len(self.prompts)] for s in range(n)}
-        seqs = list(range(n))
-        ctx_native = self.context(n)
+        ctx_native, ctx_stock, ctx_small = self.context(n), self.context(n), self.context(n)
         mixer = SeqMixer(ctx_native, self.adapters, max_active=3)
-        ctx_stock = self.context(n)
-        ctx_small = self.context(n)
         small = SeqMixer(ctx_small, {a: self.adapters[a] for a in mixes[0]}, max_active=3)
-        res = {
-            k: []
-            for k in (
-                "native",
-                "grouped",
-                "same_mix",
-                "single_adapter",
-                "native_no_mix",
-                "base",
-                "native_same_mix_full_pool",
-                "native_same_mix_pool_of_3",
-                "arrow_top3",
-                "spectr_top3",
-            )
-        }
-        # llama-server groups by identical mix; the drawn mixes are all different
-        groups: dict[tuple, list[int]] = {}
-        for s, m in enumerate(mixes):
-            groups.setdefault(tuple(sorted(m.items())), []).append(s)
-        grouped = [(dict(k), v) for k, v in groups.items()]
+        res: dict[str, list[float]] = {k: [] for k in CONFIGS}
         for _ in range(self.args.runs):
-            for s, m in enumerate(mixes):
-                mixer.set(s, m)
-            res["native"].append(self.run_groups(ctx_native, [(None, seqs)], prompts, native_mixer=mixer))
-            for s in seqs:
-                mixer.clear(s)
-            res["native_no_mix"].append(self.run_groups(ctx_native, [(None, seqs)], prompts, native_mixer=mixer))
-            res["grouped"].append(self.run_groups(ctx_stock, grouped, prompts))
-            res["same_mix"].append(self.run_groups(ctx_stock, [(mixes[0], seqs)], prompts))
-            res["single_adapter"].append(self.run_groups(ctx_stock, [({self.names[0]: 1.0}, seqs)], prompts))
-            res["base"].append(self.run_groups(ctx_stock, [(None, seqs)], prompts))
-            for mixer_, ctx_, key in ((mixer, ctx_native, "native_same_mix_full_pool"), (small, ctx_small, "native_same_mix_pool_of_3")):
-                for s in seqs:
-                    mixer_.set(s, mixes[0])
-                res[key].append(self.run_groups(ctx_, [(None, seqs)], prompts, native_mixer=mixer_))
-            for mode in ("arrow", "spectr"):
-                for s in seqs:
-                    mixer.set_routing(s, mode, 3, 1.0)
-                res[f"{mode}_top3"].append(self.run_groups(ctx_native, [(None, seqs)], prompts, native_mixer=mixer))
+            self.one_round(res, mixes, prompts, (ctx_native, mixer), ctx_stock, (ctx_small, small))
         out = {f"{k}_tokens_per_s": round(statistics.median(v), 2) for k, v in res.items()}
         out.update({f"{k}_tokens_per_s_runs": [round(x, 2) for x in v] for k, v in res.items()})
-        out["native_over_same_mix"] = round(out["native_tokens_per_s"] / out["same_mix_tokens_per_s"], 3)
-        out["native_over_grouped"] = round(out["native_tokens_per_s"] / out["grouped_tokens_per_s"], 3)
-        out["same_mix_over_grouped"] = round(out["same_mix_tokens_per_s"] / out["grouped_tokens_per_s"], 3)
-        out["native_top3_over_single_adapter"] = round(out["native_tokens_per_s"] / out["single_adapter_tokens_per_s"], 3)
-        out["native_full_pool_over_pool_of_3"] = round(
-            out["native_same_mix_full_pool_tokens_per_s"] / out["native_same_mix_pool_of_3_tokens_per_s"], 3
-        )
-        for mode in ("arrow", "spectr"):
-            out[f"{mode}_top3_over_fixed_top3"] = round(out[f"{mode}_top3_tokens_per_s"] / out["native_tokens_per_s"], 3)
+        out.update(ratios(out))
         out["pool_size"] = len(self.names)
         out["mixes"] = mixes
         out.update(self.mix_change_cost(ctx_native, mixer, ctx_stock))
         mixer.close()
         small.close()
-        self.lc.llama_free(ctx_native)
-        self.lc.llama_free(ctx_stock)
-        self.lc.llama_free(ctx_small)
+        for ctx in (ctx_native, ctx_stock, ctx_small):
+            self.lc.llama_free(ctx)
         return out
+
+    def one_round(self, res, mixes, prompts, native, ctx_stock, small) -> None:
+        """Every configuration once, back to back, so machine noise hits them alike."""
+        (ctx_native, mixer), (ctx_small, small_mixer) = native, small
+        seqs = list(prompts)
+        # llama-server groups by identical mix; the drawn mixes are all different
+        groups: dict[tuple, list[int]] = {}
+        for s, m in enumerate(mixes):
+            groups.setdefault(tuple(sorted(m.items())), []).append(s)
+        grouped = [(dict(k), v) for k, v in groups.items()]
+        for s, m in enumerate(mixes):
+            mixer.set(s, m)
+        res["native"].append(self.run_groups(ctx_native, [(None, seqs)], prompts, native_mixer=mixer))
+        for s in seqs:
+            mixer.clear(s)
+        res["native_no_mix"].append(self.run_groups(ctx_native, [(None, seqs)], prompts, native_mixer=mixer))
+        res["grouped"].append(self.run_groups(ctx_stock, grouped, prompts))
+        res["same_mix"].append(self.run_groups(ctx_stock, [(mixes[0], seqs)], prompts))
+        res["single_adapter"].append(self.run_groups(ctx_stock, [({self.names[0]: 1.0}, seqs)], prompts))
+        res["base"].append(self.run_groups(ctx_stock, [(None, seqs)], prompts))
+        for mixer_, ctx_, key in ((mixer, ctx_native, "native_same_mix_full_pool"), (small_mixer, ctx_small, "native_same_mix_pool_of_3")):
+            for s in seqs:
+                mixer_.set(s, mixes[0])
+            res[key].append(self.run_groups(ctx_, [(None, seqs)], prompts, native_mixer=mixer_))
+        for mode in ("arrow", "spectr"):
+            for s in seqs:
+                mixer.set_routing(s, mode, 3, 1.0)
+            res[f"{mode}_top3"].append(self.run_groups(ctx_native, [(None, seqs)], prompts, native_mixer=mixer))
 
     def mix_change_cost(self, ctx_native, mixer, ctx_stock) -> dict:
         from loramux.native import _bindings as B

@@ -144,7 +144,7 @@ def _import_baseline_rss() -> int:
     return _run([sys.executable, "-c", "import loramux.cli, loramux.converters, gguf, numpy"])[1]
 
 
-def main(argv: list[str] | None = None) -> int:
+def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--repeats", type=int, default=3, help="runs of each method (default 3); min and median are reported")
     parser.add_argument(
@@ -155,21 +155,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--base", type=Path, default=None, help="base GGUF (default: loramux's embedded SmolLM2-135M Q4_1)")
     parser.add_argument("--json", type=Path, default=None, help="write all measurements here")
-    args = parser.parse_args(argv)
+    return parser.parse_args(argv)
 
-    from loramux.base_model import default_base_model
 
-    from upstream_converter import base_config_dir, script_path
-
-    base = args.base or default_base_model()
-    fixtures = sorted(p for p in args.fixtures.iterdir() if (p / "adapter_config.json").is_file())
-    script_path()  # fetch the pinned sdist before timing anything
-    sizes = {p.name: (p / "adapter_model.safetensors").stat().st_size for p in fixtures}
-    largest = max(sizes, key=sizes.get)
-    print(
-        f"{len(fixtures)} adapters, largest {largest} {sizes[largest] / 1e6:.2f} MB; outtype {args.outtype}; {args.repeats} repeats",
-        file=sys.stderr,
-    )
+def _measure(args: argparse.Namespace, base: Path, fixtures: list[Path]) -> tuple[dict[str, list[dict]], int]:
+    """Every repeat runs the three methods back to back; returns (runs per method, import-baseline RSS)."""
+    from upstream_converter import base_config_dir
 
     runs: dict[str, list[dict]] = {"loramux-cli": [], "loramux-inprocess": [], "upstream": []}
     with tempfile.TemporaryDirectory(prefix="bench-convert-") as tmp:
@@ -190,22 +181,35 @@ def main(argv: list[str] | None = None) -> int:
                     file=sys.stderr,
                 )
         baseline = _import_baseline_rss()
+    return runs, baseline
 
-    def stats(method: str) -> dict:
-        totals = [r["total_s"] for r in runs[method]]
-        return {
-            "min_s": min(totals),
-            "median_s": statistics.median(totals),
-            "peak_rss_mib": max(r["peak_rss"] for r in runs[method]) / 2**20,
-        }
 
-    table = {m: stats(m) for m in runs}
-    inproc = runs["loramux-inprocess"][-1]
+def _method_stats(results: list[dict]) -> dict:
+    totals = [r["total_s"] for r in results]
+    return {"min_s": min(totals), "median_s": statistics.median(totals), "peak_rss_mib": max(r["peak_rss"] for r in results) / 2**20}
+
+
+def _memory(table: dict, inproc: dict, baseline: int, largest_bytes: int) -> dict:
+    """loramux's conversion memory against the largest adapter file."""
     converting_extra = inproc["peak_rss_converting"] - inproc["rss_after_import"]
     traced = max(v["tracemalloc_peak"] for v in inproc["per_adapter"].values())
-    summary = {
+    cli_above = table["loramux-cli"]["peak_rss_mib"] * 2**20 - baseline
+    return {
+        "import_baseline_rss_mib": baseline / 2**20,
+        "cli_peak_rss_above_import_baseline_mib": cli_above / 2**20,
+        "inprocess_rss_growth_while_converting_mib": converting_extra / 2**20,
+        "max_tracemalloc_peak_per_conversion_mib": traced / 2**20,
+        "tracemalloc_peak_over_largest_adapter": traced / largest_bytes,
+        "cli_rss_above_baseline_over_largest_adapter": cli_above / largest_bytes,
+    }
+
+
+def _summarise(args: argparse.Namespace, runs: dict[str, list[dict]], baseline: int, sizes: dict[str, int]) -> dict:
+    largest = max(sizes, key=sizes.get)
+    table = {m: _method_stats(r) for m, r in runs.items()}
+    return {
         "machine": f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}",
-        "adapters": len(fixtures),
+        "adapters": len(sizes),
         "outtype": args.outtype,
         "repeats": args.repeats,
         "largest_adapter": {"name": largest, "bytes": sizes[largest]},
@@ -214,18 +218,13 @@ def main(argv: list[str] | None = None) -> int:
         "speedup_inprocess_vs_upstream": {k: table["upstream"][k] / table["loramux-inprocess"][k] for k in ("min_s", "median_s")},
         # same repeat = measured back to back, under the same machine load
         "speedup_cli_vs_upstream_per_repeat": [u["total_s"] / c["total_s"] for u, c in zip(runs["upstream"], runs["loramux-cli"])],
-        "loramux_memory": {
-            "import_baseline_rss_mib": baseline / 2**20,
-            "cli_peak_rss_above_import_baseline_mib": (table["loramux-cli"]["peak_rss_mib"] * 2**20 - baseline) / 2**20,
-            "inprocess_rss_growth_while_converting_mib": converting_extra / 2**20,
-            "max_tracemalloc_peak_per_conversion_mib": traced / 2**20,
-            "tracemalloc_peak_over_largest_adapter": traced / sizes[largest],
-            "cli_rss_above_baseline_over_largest_adapter": (table["loramux-cli"]["peak_rss_mib"] * 2**20 - baseline) / sizes[largest],
-        },
+        "loramux_memory": _memory(table, runs["loramux-inprocess"][-1], baseline, sizes[largest]),
     }
 
+
+def _print_report(summary: dict) -> None:
     print(f"\n{'method':20s} {'min s':>8s} {'median s':>9s} {'peak RSS MiB':>13s}")
-    for m, s in table.items():
+    for m, s in summary["methods"].items():
         print(f"{m:20s} {s['min_s']:8.2f} {s['median_s']:9.2f} {s['peak_rss_mib']:13.0f}")
     sp, si, mem = summary["speedup_cli_vs_upstream"], summary["speedup_inprocess_vs_upstream"], summary["loramux_memory"]
     print(f"\nupstream / loramux-cli:       {sp['min_s']:.1f}x (min), {sp['median_s']:.1f}x (median)")
@@ -235,8 +234,29 @@ def main(argv: list[str] | None = None) -> int:
         f"loramux memory: import baseline {mem['import_baseline_rss_mib']:.0f} MiB; CLI peak above it "
         f"{mem['cli_peak_rss_above_import_baseline_mib']:.1f} MiB ({mem['cli_rss_above_baseline_over_largest_adapter']:.2f}x the largest adapter); "
         f"tracemalloc peak per conversion {mem['max_tracemalloc_peak_per_conversion_mib']:.1f} MiB "
-        f"({mem['tracemalloc_peak_over_largest_adapter']:.2f}x the largest adapter, {sizes[largest] / 2**20:.1f} MiB)"
+        f"({mem['tracemalloc_peak_over_largest_adapter']:.2f}x the largest adapter, "
+        f"{summary['largest_adapter']['bytes'] / 2**20:.1f} MiB)"
     )
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parse_args(argv)
+    from loramux.base_model import default_base_model
+
+    from upstream_converter import script_path
+
+    base = args.base or default_base_model()
+    fixtures = sorted(p for p in args.fixtures.iterdir() if (p / "adapter_config.json").is_file())
+    script_path()  # fetch the pinned sdist before timing anything
+    sizes = {p.name: (p / "adapter_model.safetensors").stat().st_size for p in fixtures}
+    largest = max(sizes, key=sizes.get)
+    print(
+        f"{len(fixtures)} adapters, largest {largest} {sizes[largest] / 1e6:.2f} MB; outtype {args.outtype}; {args.repeats} repeats",
+        file=sys.stderr,
+    )
+    runs, baseline = _measure(args, base, fixtures)
+    summary = _summarise(args, runs, baseline, sizes)
+    _print_report(summary)
     if args.json:
         args.json.write_text(json.dumps({"summary": summary, "runs": runs}, indent=1))
     return 0

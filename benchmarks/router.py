@@ -208,7 +208,7 @@ def ensure_router(path: Path | None) -> Path:
     return out
 
 
-def main() -> int:
+def parse_args() -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--router", type=Path, default=None, help="router .onnx (default: train one on the train split first)")
     ap.add_argument("--iters", type=int, default=1000, help="routing calls per figure (default: 1000)")
@@ -217,7 +217,38 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=2, help="llama.cpp threads for the generation (default: 2)")
     ap.add_argument("--lengths", default="50,500", help="prompt lengths in tokens (default: 50,500)")
     ap.add_argument("--json", type=Path, default=None, help="write the figures as JSON")
-    args = ap.parse_args()
+    return ap.parse_args()
+
+
+def prompt_figures(pool, router, text: str, args: argparse.Namespace, ban: dict) -> dict:
+    """Routing latency and the generation it steers for one prompt, interleaved over --repeats rounds."""
+    mix = router.route(text).mix
+    gens, routes = [], []
+    generation_ms(pool, text, mix, ban)  # warm-up (loads the mix, fills caches)
+    for _ in range(args.repeats):
+        routes.append(routing_figures(router, text, max(50, args.iters // args.repeats)))
+        pool.clear_prefix_cache()  # no prompt prefix reuse: every generation prefills its prompt
+        gens.append(generation_ms(pool, text, mix, ban))
+    merged = {"tokens": routes[0]["tokens"]}
+    for key in ("tokenize_ms", "onnx_ms", "select_ms", "route_ms"):
+        merged[key] = {q: statistics.median(r[key][q] for r in routes) for q in ("p50", "p99")}
+    merged["mix"] = mix.to_dict()
+    merged["generation_ms"] = {"median": statistics.median(gens), "min": min(gens)}
+    merged["route_share_of_generation"] = merged["route_ms"]["p50"] / merged["generation_ms"]["median"]
+    merged["onnx_share_of_generation"] = merged["onnx_ms"]["p50"] / merged["generation_ms"]["median"]
+    return merged
+
+
+def eog_ban(pool) -> dict:
+    """Logit bias that bans end of generation, so every request decodes GEN_TOKENS tokens."""
+    ban = {pool.token_eos(): -1e9}
+    for tok in pool.tokenize("<|im_end|>", special=True):
+        ban[tok] = -1e9
+    return ban
+
+
+def measure(args: argparse.Namespace, router_path: Path) -> dict:
+    import warnings
 
     import onnxruntime as ort
 
@@ -226,38 +257,19 @@ def main() -> int:
     from loramux.router import Router
     from loramux.router.runtime import CUDA
 
-    router_path = ensure_router(args.router)
     rows = load_rows(BBH / "dev.jsonl")
     lengths = [int(x) for x in args.lengths.split(",")]
     result: dict = {"router": str(router_path), "router_file_mb": router_path.stat().st_size / 1e6, "prompts": {}}
     with AdapterPool(n_threads=args.threads, n_ctx=2048) as pool:
-        import warnings
-
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             pool.load_adapters(ADAPTERS, skip_embeddings=True)
-        ban = {pool.token_eos(): -1e9}
-        for tok in pool.tokenize("<|im_end|>", special=True):
-            ban[tok] = -1e9
+        ban = eog_ban(pool)
         with Router.load(router_path, pool=pool, threads=1, providers="cpu") as router:
             result["providers"] = router.providers
             prompts = {n: pick_prompt(router, rows, n) for n in lengths}
-            for n, (text, n_tok) in prompts.items():
-                mix = router.route(text).mix
-                gens, routes = [], []
-                generation_ms(pool, text, mix, ban)  # warm-up (loads the mix, fills caches)
-                for _ in range(args.repeats):
-                    routes.append(routing_figures(router, text, max(50, args.iters // args.repeats)))
-                    pool.clear_prefix_cache()  # no prompt prefix reuse: every generation prefills its prompt
-                    gens.append(generation_ms(pool, text, mix, ban))
-                merged = {k: routes[0][k] for k in ("tokens",)}
-                for key in ("tokenize_ms", "onnx_ms", "select_ms", "route_ms"):
-                    merged[key] = {q: statistics.median(r[key][q] for r in routes) for q in ("p50", "p99")}
-                merged["mix"] = mix.to_dict()
-                merged["generation_ms"] = {"median": statistics.median(gens), "min": min(gens)}
-                merged["route_share_of_generation"] = merged["route_ms"]["p50"] / merged["generation_ms"]["median"]
-                merged["onnx_share_of_generation"] = merged["onnx_ms"]["p50"] / merged["generation_ms"]["median"]
-                result["prompts"][str(n)] = merged
+            for n, (text, _) in prompts.items():
+                result["prompts"][str(n)] = prompt_figures(pool, router, text, args, ban)
         if CUDA in ort.get_available_providers():
             with Router.load(router_path, pool=pool, threads=1, providers="cuda") as gpu:
                 result["cuda"] = {"providers": gpu.providers}
@@ -266,12 +278,15 @@ def main() -> int:
         result["training_free"] = training_free_figures(pool, prompts, args.repeats)
     result["lorahub_round"] = compose_figures(pool.base_path, args.repeats)
     result["albert_baseline"] = albert_figures([p["tokens"] for p in result["prompts"].values()], args.albert_iters)
+    return result
 
+
+def print_routing(result: dict) -> None:
     print(f"router file: {result['router_file_mb']:.1f} MB, providers {result['providers']}, onnxruntime 1 thread")
     print(
         f"{'prompt':>8} {'tokenize p50/p99':>18} {'onnx p50/p99':>16} {'route p50/p99':>16} {'prefill+32 tok':>15} {'route share':>12} {'onnx share':>11} {'ALBERT p50':>11}"
     )
-    for n, p in result["prompts"].items():
+    for p in result["prompts"].values():
         al = result["albert_baseline"].get(str(min(p["tokens"], 512)), {})
         print(
             f"{p['tokens']:>5} tk "
@@ -287,10 +302,15 @@ def main() -> int:
     print(
         f"ALBERT-base-sized classifier (DLP-LoRA style): {ab['parameters'] / 1e6:.1f} M parameters, {ab['fp32_mb']:.0f} MB fp32, torch 1 thread"
     )
-    if "cuda" in result:
-        for n, p in result["cuda"].items():
-            if n != "providers":
-                print(f"CUDA {p['tokens']} tokens: onnx p50 {p['onnx_ms']['p50']:.3f} ms, route p50 {p['route_ms']['p50']:.3f} ms")
+    for n, p in result.get("cuda", {}).items():
+        if n != "providers":
+            print(f"CUDA {p['tokens']} tokens: onnx p50 {p['onnx_ms']['p50']:.3f} ms, route p50 {p['route_ms']['p50']:.3f} ms")
+
+
+def main() -> int:
+    args = parse_args()
+    result = measure(args, ensure_router(args.router))
+    print_routing(result)
     print_training_free(result)
     if args.json:
         args.json.write_text(json.dumps(result, indent=1))

@@ -118,69 +118,12 @@ def _worker(case: str, out: Path, adapter_dir: Path) -> None:
     ctx = teacher.new_context(model, n_seq_max=8, n_ctx=8 * 256, n_threads=1)
     mixer = SeqMixer(ctx, adapters, max_active=3)
     res: dict[str, np.ndarray] = {}
-
-    def stock(mix):
-        return [(adapters[n], w) for n, w in (mix or {}).items()]
-
-    # the oracle: each request alone, greedy, with the stock per-context adapters (no per-sequence mix)
-    forced = []
-    for i, (p, mix) in enumerate(zip(prompts, MIXES)):
-        teacher.set_stock_adapters(ctx, stock(mix))
-        toks, logits = teacher.greedy_alone(ctx, p, N_STEPS)
-        forced.append(toks)
-        res[f"alone_{i}"] = logits
-    teacher.set_stock_adapters(ctx, [])
-
+    forced = _alone_oracle(res, ctx, adapters, prompts)
     seqs = [teacher.ForcedSequence(p, f) for p, f in zip(prompts, forced)]
     if case == "mixed":
-        for i, mix in enumerate(MIXES):
-            mixer.set(i, mix)
-        perf0 = llama_cpp.llama_perf_context(ctx)
-        got = teacher.decode_forced(ctx, seqs)
-        perf1 = llama_cpp.llama_perf_context(ctx)
-        for i, g in enumerate(got):
-            res[f"batch_{i}"] = g
-        # the same batch layout on a context with no pool registered at all: the base model
-        plain = teacher.new_context(model, n_seq_max=8, n_ctx=8 * 256, n_threads=1)
-        for i, g in enumerate(teacher.decode_forced(plain, seqs)):
-            res[f"plain_{i}"] = g
-        llama_cpp.llama_free(plain)
-        res["reused_in_run"] = np.array(perf1.n_reused - perf0.n_reused)
-        # change one sequence's mix: the others must not move
-        mixer.set(3, {"boolean_expressions": 0.9})
-        got2 = teacher.decode_forced(ctx, seqs)
-        for i, g in enumerate(got2):
-            res[f"changed_{i}"] = g
-        # negative control: a wrong scale on sequence 0 must fail the tolerance
-        mixer.set(0, {"boolean_expressions": 1.5})
-        res["wrong_scale_0"] = teacher.decode_forced(ctx, seqs[:1])[0]
-        # graph reuse survives mix changes between decode steps
-        mixer.set(0, MIXES[0])
-        one = [teacher.ForcedSequence(prompts[0], forced[0])]
-        teacher.decode_forced(ctx, one)  # warm the step graph for a batch of one
-        p0 = llama_cpp.llama_perf_context(ctx).n_reused
-        import time
-
-        t0 = time.perf_counter()
-        for j in range(200):
-            mixer.set(0, {POOL[j % len(POOL)]: 0.5, POOL[(j + 3) % len(POOL)]: 0.25})
-        res["set_mix_us"] = np.array((time.perf_counter() - t0) / 200 * 1e6)
-        mixer.set(0, MIXES[0])
-        steps = _decode_with_mix_changes(ctx, mixer, prompts[0], forced[0])
-        res["reuse_with_changes"] = np.array([steps, llama_cpp.llama_perf_context(ctx).n_reused - p0])
+        _case_mixed(res, model, ctx, mixer, seqs)
     elif case == "exact_f32":
-        # one adapter per sequence, f32 adapters. Oracle: the same batch with the stock adapter set
-        # on the whole context.
-        for i, mix in enumerate(SINGLES):
-            mixer.set(i, mix)
-        for i, g in enumerate(teacher.decode_forced(ctx, seqs)):
-            res[f"batch_{i}"] = g
-        for i in range(len(SINGLES)):
-            mixer.clear(i)
-        for i, mix in enumerate(SINGLES):
-            teacher.set_stock_adapters(ctx, stock(mix))
-            res[f"stock_batch_{i}"] = teacher.decode_forced(ctx, seqs)[i]
-        teacher.set_stock_adapters(ctx, [])
+        _case_exact_f32(res, ctx, mixer, adapters, seqs)
     else:
         raise SystemExit(f"unknown case {case}")
     res["forced"] = np.array([f + [-1] * (N_STEPS - len(f)) for f in forced])
@@ -190,6 +133,80 @@ def _worker(case: str, out: Path, adapter_dir: Path) -> None:
         llama_cpp.llama_adapter_lora_free(a)
     llama_cpp.llama_model_free(model)
     np.savez(out, **res)
+
+
+def _stock(adapters, mix) -> list:
+    return [(adapters[n], w) for n, w in (mix or {}).items()]
+
+
+def _alone_oracle(res, ctx, adapters, prompts) -> list[list[int]]:
+    """The oracle: each request alone, greedy, with the stock per-context adapters (no per-sequence mix)."""
+    from loramux.native import teacher
+
+    forced = []
+    for i, (p, mix) in enumerate(zip(prompts, MIXES)):
+        teacher.set_stock_adapters(ctx, _stock(adapters, mix))
+        toks, logits = teacher.greedy_alone(ctx, p, N_STEPS)
+        forced.append(toks)
+        res[f"alone_{i}"] = logits
+    teacher.set_stock_adapters(ctx, [])
+    return forced
+
+
+def _case_mixed(res, model, ctx, mixer, seqs) -> None:
+    """Different mixes in one batch; a mix change on one sequence; a wrong scale; graph reuse across changes."""
+    import time
+
+    import llama_cpp
+
+    from loramux.native import teacher
+
+    for i, mix in enumerate(MIXES):
+        mixer.set(i, mix)
+    perf0 = llama_cpp.llama_perf_context(ctx)
+    for i, g in enumerate(teacher.decode_forced(ctx, seqs)):
+        res[f"batch_{i}"] = g
+    perf1 = llama_cpp.llama_perf_context(ctx)
+    # the same batch layout on a context with no pool registered at all: the base model
+    plain = teacher.new_context(model, n_seq_max=8, n_ctx=8 * 256, n_threads=1)
+    for i, g in enumerate(teacher.decode_forced(plain, seqs)):
+        res[f"plain_{i}"] = g
+    llama_cpp.llama_free(plain)
+    res["reused_in_run"] = np.array(perf1.n_reused - perf0.n_reused)
+    # change one sequence's mix: the others must not move
+    mixer.set(3, {"boolean_expressions": 0.9})
+    for i, g in enumerate(teacher.decode_forced(ctx, seqs)):
+        res[f"changed_{i}"] = g
+    # negative control: a wrong scale on sequence 0 must fail the tolerance
+    mixer.set(0, {"boolean_expressions": 1.5})
+    res["wrong_scale_0"] = teacher.decode_forced(ctx, seqs[:1])[0]
+    # graph reuse survives mix changes between decode steps
+    mixer.set(0, MIXES[0])
+    teacher.decode_forced(ctx, seqs[:1])  # warm the step graph for a batch of one
+    p0 = llama_cpp.llama_perf_context(ctx).n_reused
+    t0 = time.perf_counter()
+    for j in range(200):
+        mixer.set(0, {POOL[j % len(POOL)]: 0.5, POOL[(j + 3) % len(POOL)]: 0.25})
+    res["set_mix_us"] = np.array((time.perf_counter() - t0) / 200 * 1e6)
+    mixer.set(0, MIXES[0])
+    steps = _decode_with_mix_changes(ctx, mixer, seqs[0].prompt, seqs[0].forced)
+    res["reuse_with_changes"] = np.array([steps, llama_cpp.llama_perf_context(ctx).n_reused - p0])
+
+
+def _case_exact_f32(res, ctx, mixer, adapters, seqs) -> None:
+    """One adapter per sequence, f32 adapters. Oracle: the same batch with the stock adapter set on the whole context."""
+    from loramux.native import teacher
+
+    for i, mix in enumerate(SINGLES):
+        mixer.set(i, mix)
+    for i, g in enumerate(teacher.decode_forced(ctx, seqs)):
+        res[f"batch_{i}"] = g
+    for i in range(len(SINGLES)):
+        mixer.clear(i)
+    for i, mix in enumerate(SINGLES):
+        teacher.set_stock_adapters(ctx, _stock(adapters, mix))
+        res[f"stock_batch_{i}"] = teacher.decode_forced(ctx, seqs)[i]
+    teacher.set_stock_adapters(ctx, [])
 
 
 def _decode_with_mix_changes(ctx, mixer, prompt, forced) -> int:
