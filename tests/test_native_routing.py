@@ -11,7 +11,8 @@ adapt a weight take part in its gating.
 
 Negative controls: routing with a wrong k or a wrong temperature in numpy is caught at more than
 10x the tolerance. The fused op's record (which adapters each token chose, with what weights) is
-compared with numpy's choices, and the Arrow prototypes the library computed with numpy's SVD.
+compared with numpy's choices (the device form must refuse the record, naming a weight), and the
+Arrow prototypes the library computed with numpy's SVD.
 Both forms run: the fused CPU op, and the device form (ggml's MoE ops) forced with LORAMUX_MUL_MAT_ID=1.
 """
 
@@ -149,20 +150,30 @@ def _worker_capture(out: Path, adapter_dir: Path, form: str) -> None:
     ctx = lc.llama_init_from_model(model, p)
     mixer = SeqMixer(ctx, adapters, max_active=MAX_ACTIVE)
     _set_routes(mixer)
-    if form == "fused":
-        mixer.record(True)
+    refusal = _start_record(mixer)
     batch = lc.llama_batch_init(n_rows, 0, 1)
     for k, (s, i) in enumerate(zip(rows_seq, rows_pos)):
         teacher._put(batch, k, prompts[s][i], int(i), int(s), bool(i == len(prompts[s]) - 1))
     batch.n_tokens = n_rows
     teacher._decode(ctx, batch)
-    arrays = {"rows_seq": rows_seq, "rows_pos": rows_pos, "errors": np.array(errors or [""])} | got
-    if form == "fused":
+    arrays = {"rows_seq": rows_seq, "rows_pos": rows_pos, "errors": np.array(errors or [""]), "record_refusal": np.array(refusal)} | got
+    if not refusal:
         _save_record(arrays, mixer)
     for m in MODULES:
         names, protos = mixer.prototypes(m)
         arrays[f"proto:{m}"], arrays[f"proto_names:{m}"] = protos, np.array(names)
     np.savez(out, **arrays)
+
+
+def _start_record(mixer) -> str:
+    """Turn the record on; the refusal's text where the pool refuses it (the device form), else ""."""
+    from loramux.errors import LoramuxError
+
+    try:
+        mixer.record(True)
+    except LoramuxError as exc:
+        return str(exc)
+    return ""
 
 
 def _save_record(arrays: dict, mixer) -> None:
@@ -348,8 +359,11 @@ def test_fixed_and_base_rows_are_untouched_by_routing(captured, pool_dir):
 
 def test_the_record_names_numpys_choices(captured, pool_dir):
     form, data = captured
-    if form != "fused":
-        pytest.skip("the record is kept by the fused CPU op only (loramux_set_record refuses the device form)")
+    refusal = str(data["record_refusal"])
+    if form != "fused":  # the device form keeps no record, and says so naming a weight
+        assert "weight 'blk." in refusal and "device form" in refusal, f"the device form did not refuse the record: {refusal!r}"
+        return
+    assert refusal == "", f"the fused op refused the record: {refusal}"
     for seq in (0, 1):
         mode, k, temperature = ROUTES[seq]
         for module in MODULES:
