@@ -76,6 +76,14 @@ def ratios(out: dict) -> dict:
     return {k: round(v, 3) for k, v in r.items()}
 
 
+def stock_groups(mixes: list[dict]) -> list[tuple[dict, list[int]]]:
+    """The sequences grouped by identical mix, as llama-server decodes them (the drawn mixes are all different)."""
+    groups: dict[tuple, list[int]] = {}
+    for s, m in enumerate(mixes):
+        groups.setdefault(tuple(sorted(m.items())), []).append(s)
+    return [(dict(k), v) for k, v in groups.items()]
+
+
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(
         description=__doc__.splitlines()[0],
@@ -238,8 +246,9 @@ class Bench:
         mixer = SeqMixer(ctx_native, self.adapters, max_active=3)
         small = SeqMixer(ctx_small, {a: self.adapters[a] for a in mixes[0]}, max_active=3)
         res: dict[str, list[float]] = {k: [] for k in CONFIGS}
+        grouped = stock_groups(mixes)
         for _ in range(self.args.runs):
-            self.one_round(res, mixes, prompts, (ctx_native, mixer), ctx_stock, (ctx_small, small))
+            self.one_round(res, mixes, grouped, prompts, (ctx_native, mixer), ctx_stock, (ctx_small, small))
         out = {f"{k}_tokens_per_s": round(statistics.median(v), 2) for k, v in res.items()}
         out.update({f"{k}_tokens_per_s_runs": [round(x, 2) for x in v] for k, v in res.items()})
         out.update(ratios(out))
@@ -252,15 +261,10 @@ class Bench:
             self.lc.llama_free(ctx)
         return out
 
-    def one_round(self, res, mixes, prompts, native, ctx_stock, small) -> None:
+    def one_round(self, res, mixes, grouped, prompts, native, ctx_stock, small) -> None:
         """Every configuration once, back to back, so machine noise hits them alike."""
         (ctx_native, mixer), (ctx_small, small_mixer) = native, small
         seqs = list(prompts)
-        # llama-server groups by identical mix; the drawn mixes are all different
-        groups: dict[tuple, list[int]] = {}
-        for s, m in enumerate(mixes):
-            groups.setdefault(tuple(sorted(m.items())), []).append(s)
-        grouped = [(dict(k), v) for k, v in groups.items()]
         for s, m in enumerate(mixes):
             mixer.set(s, m)
         res["native"].append(self.run_groups(ctx_native, [(None, seqs)], prompts, native_mixer=mixer))
