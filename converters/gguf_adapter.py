@@ -13,7 +13,7 @@ from .atomic import atomic_output
 from .base_gguf import BaseModelInfo, read_base_model
 from .base_match import check_module_fits, locate_base_tensor
 from .errors import BaseModelMismatchError, UnsupportedAdapterError
-from .name_map import ARCH_TABLES, permutation_key, permute_rows, supported_architectures
+from .name_map import ARCHITECTURES, permutation_key, permute_rows, supported_architectures
 from .peft_checkpoint import LoraModule, PeftAdapter, load_peft_adapter
 from .scale import fold_factor
 
@@ -36,9 +36,10 @@ class GgufLoraTensors:
 
 
 def _check_arch(base: BaseModelInfo) -> None:
-    if base.architecture not in ARCH_TABLES:
+    if base.architecture not in ARCHITECTURES:
         raise UnsupportedAdapterError(
-            f"base model {base.path} has architecture {base.architecture!r}; loramux has name tables for {supported_architectures()}"
+            f"base model {base.path} has architecture {base.architecture!r}, which loramux does not convert for: "
+            f"its transforms are checked for {supported_architectures()} (docs/architectures.md says how to add one)"
         )
 
 

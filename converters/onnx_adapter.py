@@ -32,7 +32,7 @@ from .atomic import atomic_output
 from .base_gguf import BaseModelInfo, read_base_model
 from .base_match import check_module_fits, locate_base_tensor
 from .errors import AdapterError, BaseModelMismatchError, UnsupportedAdapterError
-from .name_map import ARCH_TABLES, supported_architectures
+from .name_map import ARCHITECTURES
 from .onnx_names import lora_parameter_names, onnx_prefix
 from .peft_checkpoint import LoraModule, PeftAdapter, load_peft_adapter
 
@@ -79,9 +79,12 @@ def plan_onnx_module(module: LoraModule, base: BaseModelInfo) -> OnnxLoraPair:
 
 def plan_onnx_adapter(adapter: PeftAdapter, base: BaseModelInfo, *, skip_embeddings: bool = False) -> list[OnnxLoraPair]:
     """Validate every module of ``adapter`` against ``base`` and lay it out for ONNX, before anything is written."""
-    if base.architecture not in ARCH_TABLES:
+    row = ARCHITECTURES.get(base.architecture)
+    if row is None or not row.onnx:
+        checked = sorted(a for a, r in ARCHITECTURES.items() if r.onnx)
         raise UnsupportedAdapterError(
-            f"base model {base.path} has architecture {base.architecture!r}; loramux has name tables for {supported_architectures()}"
+            f"base model {base.path} has architecture {base.architecture!r}: loramux's ONNX adapter layout is checked "
+            f"for {checked} only; convert to GGUF instead (loramux convert --to gguf)"
         )
     modules = adapter.modules
     embedding = [m for m in modules if m.kind == "embedding"]

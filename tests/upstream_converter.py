@@ -32,7 +32,8 @@ SDIST_VERSION = "0.3.36"
 SDIST_FILE = f"llama_cpp_python-{SDIST_VERSION}.tar.gz"
 _VENDOR = f"llama_cpp_python-{SDIST_VERSION}/vendor/llama.cpp/"
 # What the script imports: itself, the conversion/ model classes, the vendored gguf-py.
-_MEMBERS = ("convert_lora_to_gguf.py", "conversion/", "gguf-py/", "LICENSE")
+_MEMBERS = ("convert_lora_to_gguf.py", "convert_hf_to_gguf.py", "conversion/", "gguf-py/", "LICENSE")
+_SCRIPTS = ("convert_lora_to_gguf.py", "convert_hf_to_gguf.py")  # a cached tree missing one is extracted again
 
 
 def _cache_root() -> Path:
@@ -44,7 +45,7 @@ def _cache_root() -> Path:
 def upstream_dir() -> Path:
     """The cached ``vendor/llama.cpp`` subset of the pinned sdist, fetched with pip on first use."""
     target = _cache_root() / f"llama-cpp-{SDIST_VERSION}"
-    if (target / "convert_lora_to_gguf.py").is_file():
+    if all((target / s).is_file() for s in _SCRIPTS):
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="upstream-sdist-", dir=target.parent) as tmp:
@@ -66,6 +67,8 @@ def upstream_dir() -> Path:
                     shutil.copyfileobj(src, dst)
         if not (staging / "convert_lora_to_gguf.py").is_file():
             raise RuntimeError(f"{sdist} has no {_VENDOR}convert_lora_to_gguf.py")
+        if target.exists():  # an older, partial cache (without convert_hf_to_gguf.py)
+            shutil.rmtree(target)
         try:
             os.replace(staging, target)
         except OSError:
