@@ -7,13 +7,16 @@ refusal whatever it is converted to.
 from __future__ import annotations
 
 from .base_gguf import BaseModelInfo
-from .errors import BaseModelMismatchError
-from .name_map import gguf_tensor_name
+from .errors import BaseModelMismatchError, UnsupportedAdapterError
+from .name_map import gguf_tensor_name, refusal
 from .peft_checkpoint import LoraModule
 
 
 def locate_base_tensor(module: LoraModule, base: BaseModelInfo) -> tuple[str, tuple[int, ...]]:
     """The GGUF base tensor ``module`` adapts and its ggml shape; raise if the base has none."""
+    why = refusal(base.architecture, module.name)
+    if why is not None:
+        raise UnsupportedAdapterError(f"module {module.name!r} {why}")
     tensor = gguf_tensor_name(base.architecture, module.name)
     if tensor is None:
         raise BaseModelMismatchError(

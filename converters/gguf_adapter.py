@@ -105,8 +105,8 @@ def plan_adapter(adapter: PeftAdapter, base: BaseModelInfo, *, skip_embeddings: 
     for m in modules:
         try:
             planned.append(plan_module(m, base, alpha_file))
-        except BaseModelMismatchError as exc:  # say which adapter, not only which module
-            raise BaseModelMismatchError(f"{adapter.path}: {exc}") from None
+        except (BaseModelMismatchError, UnsupportedAdapterError) as exc:  # say which adapter, not only which module
+            raise type(exc)(f"{adapter.path}: {exc}") from None
     return planned
 
 

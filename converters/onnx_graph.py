@@ -297,6 +297,27 @@ class _LlamaGraph:
         g.outputs.insert(0, g.value("logits", self.TP.FLOAT, ["batch_size", "sequence_length", s.vocab_size]))
 
 
+# The Hugging Face parameters the llama graph reads (LlamaForCausalLM's names): the graph's own
+# vocabulary, so that the GGUF base can be read into it without transformers (onnx_base).
+_LAYER_KEYS = (
+    "input_layernorm",
+    "self_attn.q_proj",
+    "self_attn.k_proj",
+    "self_attn.v_proj",
+    "self_attn.o_proj",
+    "post_attention_layernorm",
+    "mlp.gate_proj",
+    "mlp.up_proj",
+    "mlp.down_proj",
+)
+
+
+def llama_weight_keys(n_layers: int) -> list[str]:
+    """The HF parameter names :func:`build_llama_graph` reads from its ``state`` (and ``lm_head.weight``, when untied)."""
+    keys = ["model.embed_tokens.weight", "model.norm.weight", "lm_head.weight"]
+    return keys + [f"model.layers.{i}.{k}.weight" for i in range(n_layers) for k in _LAYER_KEYS]
+
+
 def build_llama_graph(
     state: Mapping[str, np.ndarray],
     config: Mapping[str, Any],

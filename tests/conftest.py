@@ -54,8 +54,11 @@ def run_worker(script: str | os.PathLike, *args: object, env: dict[str, str] | N
     assert proc.returncode == 0, f"{Path(script).name} {' '.join(map(str, args))} exited with {proc.returncode}:\n{proc.stdout[-4000:]}"
 
 
-def write_adapter_variant(src: Path, out: Path, edit: Callable[[dict[str, tuple[Any, Any]]], None]) -> Path:
-    """A copy of the GGUF adapter ``src`` (f32) whose ``{module: (lora_a, lora_b)}`` arrays ``edit`` changed in place."""
+def write_adapter_variant(
+    src: Path, out: Path, edit: Callable[[dict[str, tuple[Any, Any]]], None], base: Path | None = None
+) -> Path:
+    """A copy of the GGUF adapter ``src`` (f32) whose ``{module: (lora_a, lora_b)}`` arrays ``edit`` changed in place
+    (``base``: the base GGUF it is for, the default model when None)."""
     import gguf
     import numpy as np
 
@@ -70,7 +73,7 @@ def write_adapter_variant(src: Path, out: Path, edit: Callable[[dict[str, tuple[
     edit(modules)
     planned = [GgufLoraTensors(n, a, b) for n, (a, b) in sorted(modules.items())]
     header = AdapterHeader(name=out.stem, alpha=alpha, source="test", peft_type="LORA")
-    return write_gguf_lora(out, planned, read_base_model(default_base_model()), header, outtype="f32")
+    return write_gguf_lora(out, planned, read_base_model(base or default_base_model()), header, outtype="f32")
 
 
 def all_fixture_names() -> list[str]:

@@ -22,7 +22,8 @@ from typing import Iterator
 import numpy as np
 import pytest
 
-from loramux.converters.name_map import hf_module_for_tensor, permutation_key, unpermute_rows
+from loramux.converters.gguf_to_torch import hf_tensor_names
+from loramux.converters.name_map import permutation_key, unpermute_rows
 
 ADAPTER_NAME = "default"
 IM_END = "<|im_end|>"
@@ -77,6 +78,7 @@ def gguf_deltas(path: str | os.PathLike, base_info) -> dict[str, np.ndarray]:
     kv, arrays = gguf_tensors(path)
     alpha = float(kv["alpha"])
     arch = base_info.architecture
+    hf_names = hf_tensor_names(base_info.path)
     out: dict[str, np.ndarray] = {}
     for name, a in arrays.items():
         if not name.endswith(".lora_a"):
@@ -92,9 +94,8 @@ def gguf_deltas(path: str | os.PathLike, base_info) -> dict[str, np.ndarray]:
             head_key = permutation_key(arch, base_tensor)
             if head_key is not None:
                 delta = unpermute_rows(delta, int(base_info.hparams[head_key]))
-        module = hf_module_for_tensor(arch, base_tensor)
-        assert module is not None, f"{path}: {base_tensor} maps to no Hugging Face module"
-        out[module] = delta
+        assert base_tensor in hf_names, f"{path}: {base_tensor} maps to no Hugging Face module"
+        out[hf_names[base_tensor].removesuffix(".weight")] = delta
     return out
 
 

@@ -26,6 +26,8 @@ from typing import Any
 
 HERE = Path(__file__).resolve().parent
 SEED = 1234
+# q/k weights x this at build: attention far from uniform, so a q/k layout error moves the logits
+QK_GAIN = 8.0
 VOCAB = 512
 _COMMON = {
     "vocab_size": VOCAB,
@@ -101,7 +103,7 @@ def _versions_key() -> str:
 
     from upstream_converter import SDIST_VERSION
 
-    return f"transformers={transformers.__version__};llama-cpp-python={SDIST_VERSION};seed={SEED};tok=1"
+    return f"transformers={transformers.__version__};llama-cpp-python={SDIST_VERSION};seed={SEED};qk={QK_GAIN}"
 
 
 def model_dir(spec: TinySpec) -> Path:
@@ -174,10 +176,12 @@ def _build_one(spec: TinySpec, script: Path) -> None:
         torch.manual_seed(SEED)
         config = getattr(transformers, spec.config_class)(**spec.config_fields())
         model = getattr(transformers, spec.model_class)(config).to(torch.float32)
-        with torch.no_grad():  # norms away from 1 (Gemma's 1 + w): a wrong shift would show
+        with torch.no_grad():
             for name, p in model.named_parameters():
-                if name.endswith("norm.weight"):
+                if name.endswith("norm.weight"):  # norms away from 1 (Gemma's 1 + w): a wrong shift would show
                     p.add_(torch.rand_like(p) * 0.2)
+                if name.endswith(("q_proj.weight", "k_proj.weight", "qkv_proj.weight")):
+                    p.mul_(QK_GAIN)
         model.save_pretrained(staging)
         shutil.copy(_tokenizer_model(Path(tmp)), staging / "tokenizer.model")
         (staging / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "LlamaTokenizer"}))

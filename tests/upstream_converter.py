@@ -149,10 +149,15 @@ def upstream_command(peft_dir, config_dir, out, outtype: str = "f32") -> list[st
     return [sys.executable, str(script_path()), *upstream_args(peft_dir, config_dir, out, outtype)]
 
 
-def convert_many(jobs: list[tuple[Path, Path]], base_gguf: str | os.PathLike, outtype: str = "f32") -> None:
-    """Convert ``[(peft_dir, out), ...]`` with the upstream script in one subprocess (tests only)."""
+def convert_many(
+    jobs: list[tuple[Path, Path]], base_gguf: str | os.PathLike, outtype: str = "f32", hf_dir: str | os.PathLike | None = None
+) -> None:
+    """Convert ``[(peft_dir, out), ...]`` with the upstream script in one subprocess (tests only).
+
+    ``hf_dir``: the base model's Hugging Face folder, when there is one (the tiny models); else a
+    ``config.json`` is rebuilt from the base GGUF."""
     with tempfile.TemporaryDirectory(prefix="upstream-base-") as tmp:
-        config_dir = base_config_dir(base_gguf, Path(tmp) / "base")
+        config_dir = Path(hf_dir) if hf_dir else base_config_dir(base_gguf, Path(tmp) / "base")
         spec = Path(tmp) / "jobs.json"
         spec.write_text(json.dumps([upstream_args(p, config_dir, o, outtype) for p, o in jobs]))
         done = subprocess.run([sys.executable, __file__, "batch", str(spec)], env=upstream_env(), capture_output=True, text=True)
@@ -163,7 +168,9 @@ def convert_many(jobs: list[tuple[Path, Path]], base_gguf: str | os.PathLike, ou
 _CONVERTED: dict[tuple[str, str, str], Path] = {}
 
 
-def converted_by_upstream(base_gguf: str | os.PathLike, fixtures: dict[str, Path], outtype: str = "f32") -> dict[str, Path]:
+def converted_by_upstream(
+    base_gguf: str | os.PathLike, fixtures: dict[str, Path], outtype: str = "f32", hf_dir: str | os.PathLike | None = None
+) -> dict[str, Path]:
     """``{name: GGUF written by the upstream script}``, converted once per process (one subprocess for all missing)."""
     import atexit
 
@@ -173,7 +180,7 @@ def converted_by_upstream(base_gguf: str | os.PathLike, fixtures: dict[str, Path
         folder = Path(tempfile.mkdtemp(prefix="upstream-gguf-"))
         atexit.register(shutil.rmtree, folder, True)
         jobs = [(path, folder / f"{name}.{outtype}.gguf") for name, path in missing.items()]
-        convert_many(jobs, base_gguf, outtype)
+        convert_many(jobs, base_gguf, outtype, hf_dir)
         for name, (_, out) in zip(missing, jobs):
             _CONVERTED[key(name)] = out
     return {n: _CONVERTED[key(n)] for n in fixtures}

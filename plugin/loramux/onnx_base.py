@@ -29,7 +29,7 @@ from loramux.converters.base_gguf import read_base_model
 from loramux.converters.errors import AdapterError
 from loramux.converters.gguf_to_torch import hf_llama_config, hf_state_dict
 from loramux.converters.onnx_adapter import read_onnx_adapter
-from loramux.converters.onnx_graph import build_llama_graph
+from loramux.converters.onnx_graph import build_llama_graph, llama_weight_keys
 
 # Bump when the graph layout changes, so cached models are rebuilt.
 GRAPH_VERSION = 1
@@ -120,7 +120,7 @@ def build_onnx_base(
     onnx = onnx_deps.onnx()
     out = Path(out)
     config = hf_llama_config(base)
-    state = hf_state_dict(base)
+    state = hf_state_dict(base, llama_weight_keys(config["num_hidden_layers"]))
     model = build_llama_graph(state, config, name=read_base_model(base).name, progress=progress)
     del state
     with atomic_output(out.parent / GENAI_CONFIG) as tmp:
