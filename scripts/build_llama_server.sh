@@ -74,6 +74,10 @@ if command -v ccache >/dev/null 2>&1; then
 else
   ARGS+=(-DGGML_CCACHE=OFF)
 fi
+# no AMX kernels on x86: ggml's AMX mul_mat segfaults on the Q4_1 default model on Sapphire Rapids VMs
+if [[ "$(uname -m)" == "x86_64" ]]; then
+  ARGS+=("-DCMAKE_C_FLAGS=-mno-amx-tile -mno-amx-int8 -mno-amx-bf16" "-DCMAKE_CXX_FLAGS=-mno-amx-tile -mno-amx-int8 -mno-amx-bf16")
+fi
 JOBS="${JOBS:-$(nproc 2>/dev/null || echo 2)}"
 
 start=$(date +%s)

@@ -21,7 +21,11 @@ PIP=("$VENV/bin/python" -m pip --disable-pip-version-check -q)
 if ! "$VENV/bin/python" -c "import llama_cpp" 2>/dev/null; then
   echo "loramux setup: installing llama-cpp-python 0.3.36 (first build compiles llama.cpp: ~10 min on 2 cores)"
   # Only the libraries: no llama.cpp tools, tests, examples, server or multimodal library.
-  CMAKE_ARGS="${CMAKE_ARGS:-} -DLLAVA_BUILD=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TOOLS=OFF -DLLAMA_BUILD_SERVER=OFF" \
+  # No AMX on x86 (ggml's AMX mul_mat segfaults on the Q4_1 default model on Sapphire Rapids VMs;
+  # native/CMakeLists.txt does the same for loramux's library).
+  NO_AMX=""
+  [[ "$(uname -m)" == "x86_64" ]] && NO_AMX="-DCMAKE_C_FLAGS=-mno-amx-tile\ -mno-amx-int8\ -mno-amx-bf16 -DCMAKE_CXX_FLAGS=-mno-amx-tile\ -mno-amx-int8\ -mno-amx-bf16"
+  CMAKE_ARGS="${CMAKE_ARGS:-} $NO_AMX -DLLAVA_BUILD=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TOOLS=OFF -DLLAMA_BUILD_SERVER=OFF" \
     "${PIP[@]}" install "llama-cpp-python==0.3.36"
 fi
 

@@ -227,21 +227,6 @@ def test_tied_gemma_refuses_embedding_and_head_lora(cases, tmp_path, arch, modul
     _refused(peft_dir, cases.base(arch), tmp_path, "ties its output projection" if module == "embed_tokens" else "output.weight")
 
 
-def test_an_architecture_without_a_row_is_refused_by_name(cases, tmp_path):
-    """A base GGUF of an architecture loramux has not checked: refused, naming it and the checked ones."""
-    import gguf
-
-    fake = tmp_path / "starcoder2.gguf"
-    writer = gguf.GGUFWriter(fake, arch="starcoder2")
-    writer.add_block_count(1)
-    writer.add_tensor("token_embd.weight", np.zeros((8, 4), dtype=np.float32))
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
-    _refused(cases.get("qwen2")["plain"]["peft"], fake, tmp_path, r"'starcoder2', which loramux does not convert for.*'qwen2'")
-
-
 def test_the_adapters_exercise_what_they_claim(cases):
     """rsLoRA + rank/alpha patterns reach the file: per-module ranks differ, and alpha stays the config's."""
     import gguf
