@@ -546,7 +546,10 @@ static int32_t mux_check_weight(const llama_model * model, int32_t id, const std
     if (!lw.a || !lw.b) {
         return mux_fail(LORAMUX_ERR_INCOMPATIBLE_ADAPTER, where + ": lora_a or lora_b is missing");
     }
-    if (ggml_n_dims(lw.a) > 2 || ggml_n_dims(lw.b) > 2 || lw.a->ne[1] != lw.b->ne[0]) {
+    // rank: linear lora_a ne = [in, r], lora_b ne = [r, out]; token_embd lora_a ne = [r, vocab], lora_b ne = [r, dim]
+    const bool embd = mux_ends_with(name, "token_embd.weight");
+    const int64_t rank_a = embd ? lw.a->ne[0] : lw.a->ne[1];
+    if (ggml_n_dims(lw.a) > 2 || ggml_n_dims(lw.b) > 2 || rank_a != lw.b->ne[0]) {
         return mux_fail(LORAMUX_ERR_INCOMPATIBLE_ADAPTER, where + ": lora_a/lora_b are not 2-D matrices of one rank");
     }
     for (const ggml_tensor * t : { lw.a, lw.b }) {
@@ -561,7 +564,7 @@ static int32_t mux_check_weight(const llama_model * model, int32_t id, const std
         return mux_fail(LORAMUX_ERR_INCOMPATIBLE_ADAPTER, where + ": rank " + std::to_string(lw.b->ne[0]) +
                 " is above the highest rank loramux stacks (" + std::to_string(LLAMA_MUX_MAX_RANK) + ")");
     }
-    if (mux_ends_with(name, "token_embd.weight")) {
+    if (embd) {
         return LORAMUX_OK;
     }
     const ggml_tensor * w = model->get_tensor(name.c_str());

@@ -1,0 +1,127 @@
+"""Native per-sequence mixes on every architecture: one batch of different mixes equals each request alone.
+
+Per architecture (the tiny f32 models of tests/tiny_arch.py, with the two random adapters that
+tests/test_architectures.py checks against PEFT), four sequences share every ``llama_decode``:
+adapter A alone, the mix 0.6 A + 0.4 B, per-token Arrow routing over both (k=2), and the base
+model. The oracle is each sequence decoded alone, teacher-forced on the same tokens: the fixed
+mixes with stock ``llama_set_adapters_lora`` at the same scales, the routed one with its routing
+on a batch of one. Negative control: a 1.5x scale on sequence 0 must miss the tolerance.
+
+The work runs in a subprocess (``python tests/test_arch_native.py ARCH BASE A B OUT``), as in
+tests/test_native_oracle.py: loramux.native must load the patched libllama before llama_cpp.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import native_missing, run_worker
+from floors import ARCH_BATCH_MAX_ABS
+
+ARCHS = ["llama", "qwen2", "qwen3", "gemma2", "gemma3", "phi3", "mixtral"]
+MIXES = [{"a": 1.0}, {"a": 0.6, "b": 0.4}, "arrow", None]
+N_PROMPT, N_STEPS = 10, 8
+
+
+# ---------------------------------------------------------------- worker (subprocess) --
+def _worker(base: str, adapter_a: str, adapter_b: str, out: str) -> None:
+    from loramux import native
+
+    if not native.available():
+        np.savez(out, unavailable=np.array(native.status().reason))
+        return
+    import llama_cpp
+
+    from loramux.llama_runtime import silence_llama_log
+    from loramux.native import teacher
+    from loramux.native.mixer import SeqMixer
+
+    silence_llama_log(errors_to_stderr=True)
+    llama_cpp.llama_backend_init()
+    model = llama_cpp.llama_model_load_from_file(base.encode(), llama_cpp.llama_model_default_params())
+    adapters = {n: llama_cpp.llama_adapter_lora_init(model, p.encode()) for n, p in (("a", adapter_a), ("b", adapter_b))}
+    assert model and all(adapters.values())
+    rng = np.random.default_rng(11)
+    prompts = [[int(t) for t in rng.integers(4, 500, size=N_PROMPT)] for _ in MIXES]
+    ctx = teacher.new_context(model, n_seq_max=8, n_ctx=8 * 64, n_threads=1)
+    mixer = SeqMixer(ctx, adapters, max_active=2)
+    res: dict[str, np.ndarray] = {}
+    forced = []
+    for i, (prompt, mix) in enumerate(zip(prompts, MIXES)):  # the oracle: each alone on seq 0
+        _set(mixer, ctx, adapters, 0, mix, stock=True)
+        tokens, res[f"alone_{i}"] = teacher.greedy_alone(ctx, prompt, N_STEPS)
+        forced.append(tokens)
+        _set(mixer, ctx, adapters, 0, None, stock=True)
+    seqs = [teacher.ForcedSequence(p, f) for p, f in zip(prompts, forced)]
+    for i, mix in enumerate(MIXES):
+        _set(mixer, ctx, adapters, i, mix, stock=False)
+    for i, logits in enumerate(teacher.decode_forced(ctx, seqs)):
+        res[f"batch_{i}"] = logits
+    mixer.set(0, {"a": 1.5})  # negative control
+    res["wrong_scale_0"] = teacher.decode_forced(ctx, seqs)[0]
+    mixer.close()
+    llama_cpp.llama_free(ctx)
+    for a in adapters.values():
+        llama_cpp.llama_adapter_lora_free(a)
+    llama_cpp.llama_model_free(model)
+    np.savez(out, **res)
+
+
+def _set(mixer, ctx, adapters, seq: int, mix, *, stock: bool) -> None:
+    """A sequence's mix: routed (per-sequence routing), fixed (stock per-context adapters when alone), or none."""
+    from loramux.native import teacher
+
+    if mix == "arrow":
+        mixer.set_routing(seq, "arrow", 2, 1.0)
+    elif stock:
+        mixer.clear(seq)
+        teacher.set_stock_adapters(ctx, [(adapters[n], w) for n, w in (mix or {}).items()])
+    else:
+        mixer.set(seq, mix)
+
+
+# ---------------------------------------------------------------- tests --
+@pytest.fixture(scope="module")
+def arch_adapters(tmp_path_factory) -> dict[str, tuple[Path, Path, Path]]:
+    """(base GGUF, adapter A, adapter B) per architecture: the two random PEFT adapters, converted by loramux."""
+    pytest.importorskip("peft")
+    from arch_reference import make_adapter
+    from tiny_arch import ensure_built
+
+    from loramux.converters import convert_peft_to_gguf
+
+    tmp = tmp_path_factory.mktemp("arch-native")
+    out = {}
+    for key, folder in ensure_built(ARCHS).items():
+        base = folder / "base-f32.gguf"
+        files = [
+            convert_peft_to_gguf(make_adapter(folder, tmp / f"{key}-{kind}", kind, seed=seed), base, tmp / f"{key}-{kind}.gguf", outtype="f32")
+            for kind, seed in (("plain", 1), ("rslora_patterns", 2))
+        ]
+        out[key] = (base, *files)
+    return out
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_mixed_batch_equals_each_request_alone(arch, arch_adapters, tmp_path):
+    out = tmp_path / "res.npz"
+    run_worker(__file__, *arch_adapters[arch], out)
+    res = np.load(out)
+    if "unavailable" in res:
+        native_missing(str(res["unavailable"]))
+    for i, mix in enumerate(MIXES):
+        alone, batch = res[f"alone_{i}"], res[f"batch_{i}"]
+        diff = float(np.abs(batch - alone).max())
+        assert diff < ARCH_BATCH_MAX_ABS, f"{arch}: sequence {i} ({mix}) in the batch differs from alone by {diff:.3g}"
+    assert np.abs(res["alone_0"] - res["alone_3"]).max() > 10 * ARCH_BATCH_MAX_ABS, f"{arch}: adapter A changes nothing"
+    assert np.abs(res["alone_2"] - res["alone_3"]).max() > 10 * ARCH_BATCH_MAX_ABS, f"{arch}: routing changes nothing"
+    wrong = float(np.abs(res["wrong_scale_0"] - res["alone_0"]).max())
+    assert wrong > 10 * ARCH_BATCH_MAX_ABS, f"{arch}: a 1.5x scale is within the tolerance ({wrong:.3g})"
+
+
+if __name__ == "__main__":
+    _worker(*sys.argv[1:5])
