@@ -101,7 +101,10 @@ def hf_llama_config(base: str | os.PathLike) -> dict[str, Any]:
     """:func:`hf_config` of a llama base (LlamaConfig fields); refuses any other architecture."""
     info = read_base_model(base)
     if info.architecture != "llama":
-        raise UnsupportedAdapterError(f"{base}: only llama bases can be rebuilt as a Llama config, not {info.architecture!r}")
+        raise UnsupportedAdapterError(
+            f"{base}: the ONNX export (loramux onnx-base, its genai_config) is built for llama bases only, not "
+            f"{info.architecture!r}; run this model through the GGUF path (loramux run, serve)"
+        )
     return {"model_type": "llama", **hf_config(base)}
 
 

@@ -123,5 +123,46 @@ def test_mixed_batch_equals_each_request_alone(arch, arch_adapters, tmp_path):
     assert wrong > 10 * ARCH_BATCH_MAX_ABS, f"{arch}: a 1.5x scale is within the tolerance ({wrong:.3g})"
 
 
+@pytest.fixture(scope="module")
+def peft_pair(tmp_path_factory) -> dict[str, tuple[Path, Path]]:
+    """Per architecture, a folder with the two random PEFT adapters named ``a`` and ``b`` (the pool converts them)."""
+    pytest.importorskip("peft")
+    from arch_reference import make_adapter
+    from tiny_arch import ensure_built
+
+    tmp = tmp_path_factory.mktemp("arch-pool")
+    out = {}
+    for key, folder in ensure_built(POOL_ARCHS).items():
+        pool_dir = tmp / key
+        make_adapter(folder, pool_dir / "a", "plain", seed=1)
+        make_adapter(folder, pool_dir / "b", "rslora_patterns", seed=2)
+        out[key] = (folder / "base-f32.gguf", pool_dir)
+    return out
+
+
+POOL_ARCHS = ["qwen2", "gemma2", "phi3"]
+POOL_MIXES = [{"a": 1.0}, {"a": 0.6, "b": 0.4}, "arrow:k=2", None]
+
+
+@pytest.mark.parametrize("arch", POOL_ARCHS)
+def test_pool_answers_a_mixed_batch_as_each_alone(arch, peft_pair):
+    """Through the public API: PEFT folders loaded (converted) by the pool, four mixes in one batch."""
+    from loramux import AdapterPool, native
+
+    if not native.available():
+        native_missing(native.status().reason)
+    base, pool_dir = peft_pair[arch]
+    rng = np.random.default_rng(5)
+    prompts = [[int(t) for t in rng.integers(4, 500, size=N_PROMPT)] for _ in POOL_MIXES]
+    with AdapterPool(base, n_ctx=512, n_seq_max=4, max_active=2, n_threads=1) as pool:
+        pool.load_adapters(pool_dir)
+        assert sorted(pool.adapters) == ["a", "b"]
+        together = pool.create_completions(prompts, mixes=POOL_MIXES, max_tokens=N_STEPS, temperature=0)
+        alone = [pool.create_completions([p], mix=m, max_tokens=N_STEPS, temperature=0)[0] for p, m in zip(prompts, POOL_MIXES)]
+    texts = [r["choices"][0]["text"] for r in together]
+    assert texts == [r["choices"][0]["text"] for r in alone], f"{arch}: a batched answer differs from the same request alone"
+    assert len(set(texts)) > 1, f"{arch}: every mix answers the same: the mixes change nothing"
+
+
 if __name__ == "__main__":
     _worker(*sys.argv[1:5])
