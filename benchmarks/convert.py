@@ -3,6 +3,11 @@
 Usage::
 
     python benchmarks/convert.py [--repeats 3] [--outtype f16] [--json OUT.json]
+    python benchmarks/convert.py --archs all [--repeats 3]     # per architecture (issue 23)
+
+With ``--archs``, the adapters are the random PEFT LoRAs of tests/arch_reference.py (plain all-linear,
+and rsLoRA + rank/alpha patterns) on each tiny random-weight model of tests/tiny_arch.py, and
+upstream's ``--base`` is that model's Hugging Face folder.
 
 Each repeat converts every fixture (22 by default) three ways, in one run, interleaved:
 
@@ -155,16 +160,19 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--base", type=Path, default=None, help="base GGUF (default: loramux's embedded SmolLM2-135M Q4_1)")
     parser.add_argument("--json", type=Path, default=None, help="write all measurements here")
+    parser.add_argument(
+        "--archs", default=None, help="comma-separated tiny-model keys of tests/tiny_arch.py (llama,qwen2,...) or 'all': per-architecture table"
+    )
     return parser.parse_args(argv)
 
 
-def _measure(args: argparse.Namespace, base: Path, fixtures: list[Path]) -> tuple[dict[str, list[dict]], int]:
+def _measure(args: argparse.Namespace, base: Path, fixtures: list[Path], hf_dir: Path | None = None) -> tuple[dict[str, list[dict]], int]:
     """Every repeat runs the three methods back to back; returns (runs per method, import-baseline RSS)."""
     from upstream_converter import base_config_dir
 
     runs: dict[str, list[dict]] = {"loramux-cli": [], "loramux-inprocess": [], "upstream": []}
     with tempfile.TemporaryDirectory(prefix="bench-convert-") as tmp:
-        config_dir = base_config_dir(base, Path(tmp) / "base")
+        config_dir = hf_dir or base_config_dir(base, Path(tmp) / "base")
         for i in range(args.repeats):
             for method in runs:
                 out = Path(tmp) / f"{method}-{i}"
@@ -239,8 +247,37 @@ def _print_report(summary: dict) -> None:
     )
 
 
+def arch_main(args: argparse.Namespace) -> int:
+    """One table row per architecture: loramux CLI vs upstream's script on two random adapters of its tiny model."""
+    from arch_reference import ADAPTER_KINDS
+    from tiny_arch import SPECS, ensure_built
+
+    keys = list(SPECS) if args.archs == "all" else args.archs.split(",")
+    rows = {}
+    with tempfile.TemporaryDirectory(prefix="bench-archs-") as tmp:
+        # torch in a child: a process forked from a parent holding torch starts with its RSS (ru_maxrss)
+        subprocess.run([sys.executable, __file__, "--make-adapters", tmp, *keys], check=True)
+        for key, folder in ensure_built(keys).items():
+            adapters = [Path(tmp) / key / kind for kind in ADAPTER_KINDS]
+            sizes = {p.name: (p / "adapter_model.safetensors").stat().st_size for p in adapters}
+            runs, baseline = _measure(args, folder / "base-f32.gguf", adapters, hf_dir=folder)
+            rows[key] = _summarise(args, runs, baseline, sizes)
+    print(f"\n{'arch':10s} {'loramux-cli s':>14s} {'upstream s':>11s} {'ratio':>7s} {'loramux MiB':>12s} {'upstream MiB':>13s}")
+    for key, summary in rows.items():
+        m = summary["methods"]
+        print(
+            f"{key:10s} {m['loramux-cli']['median_s']:14.2f} {m['upstream']['median_s']:11.2f} "
+            f"{summary['speedup_cli_vs_upstream']['median_s']:6.1f}x {m['loramux-cli']['peak_rss_mib']:12.0f} {m['upstream']['peak_rss_mib']:13.0f}"
+        )
+    if args.json:
+        args.json.write_text(json.dumps(rows, indent=1))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parse_args(argv)
+    if args.archs:
+        return arch_main(args)
     from loramux.base_model import default_base_model
 
     from upstream_converter import script_path
@@ -262,7 +299,20 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def _make_adapters(tmp: str, keys: list[str]) -> int:
+    """Child process: the random PEFT adapters of each tiny model, under ``tmp/KEY/KIND``."""
+    from arch_reference import ADAPTER_KINDS, make_adapter
+    from tiny_arch import ensure_built
+
+    for key, folder in ensure_built(keys).items():
+        for kind in ADAPTER_KINDS:
+            make_adapter(folder, Path(tmp) / key / kind, kind)
+    return 0
+
+
 if __name__ == "__main__":
+    if len(sys.argv) > 2 and sys.argv[1] == "--make-adapters":
+        sys.exit(_make_adapters(sys.argv[2], sys.argv[3:]))
     if len(sys.argv) > 1 and sys.argv[1] == "--worker":
         sys.exit(_worker(sys.argv[2], sys.argv[3], sys.argv[4], sys.argv[5:]))
     sys.exit(main())
