@@ -164,5 +164,30 @@ def test_pool_answers_a_mixed_batch_as_each_alone(arch, peft_pair):
     assert len(set(texts)) > 1, f"{arch}: every mix answers the same: the mixes change nothing"
 
 
+@pytest.mark.parametrize("arch", POOL_ARCHS)
+def test_logo_routes_on_the_real_graph(arch, peft_pair):
+    """LoGo reads q_proj's input (attn_norm) from the forward pass: Phi-3's fused qkv and Gemma's scaled
+    embeddings included. Its scores are each adapter's own output norm at that input, checked with numpy."""
+    from loramux import AdapterPool, native
+    from loramux.router.logo import lora_factors
+    from loramux.router.registry import open_router
+
+    if not native.available():
+        native_missing(native.status().reason)
+    base, pool_dir = peft_pair[arch]
+    with AdapterPool(base, n_ctx=512, n_seq_max=2, max_active=2, n_threads=1) as pool:
+        pool.load_adapters(pool_dir)
+        router = open_router("logo:template=raw,k=1", pool)
+        scores = router.scores("the quick brown fox")
+        x = router.query("the quick brown fox")
+        assert set(scores) == {"a", "b"}
+        for name, score in scores.items():
+            a, b, k = lora_factors(pool.adapters[name].gguf_path, router.tensor)
+            assert score == pytest.approx(float(np.linalg.norm(k * (b @ (a @ x)))), rel=1e-6)
+        routing = router.route("the quick brown fox")
+        assert routing.top1 == max(scores, key=scores.get)
+    assert (router.tensor.endswith("attn_qkv.weight")) == (arch == "phi3")
+
+
 if __name__ == "__main__":
     _worker(*sys.argv[1:5])

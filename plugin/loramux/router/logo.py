@@ -39,6 +39,8 @@ DEFAULTS: dict[str, Any] = {"k": 3, "score": "norm", "layer": -1, "module": "att
 SCORES = ("norm", "entropy", "relative")
 ACTIVE_SETS = ("all", "uniform", "base")
 ALPHA_KEY = "adapter.lora.alpha"
+# modules whose input is the attention norm's output (ggml tensor attn_norm-L in every graph loramux converts for)
+ATTENTION_INPUTS = ("attn_q", "attn_k", "attn_v", "attn_qkv")
 
 
 def lora_factors(gguf_path: Path, tensor: str) -> tuple[np.ndarray, np.ndarray, float] | None:
@@ -77,10 +79,13 @@ class LogoRouter:
             raise MixError(f"logo: want k >= 1, score in {SCORES}, active in {ACTIVE_SETS}, template chat|raw; got {s}")
         self.pool, self.settings = pool, s
         self.layer = layer_index(pool.n_layer, s["layer"])
-        self.tensor = f"blk.{self.layer}.{s['module']}.weight"
-        self.input_name = f"attn_norm-{self.layer}" if s["module"] in ("attn_q", "attn_k", "attn_v") else None
+        module = s["module"]
+        if module == "attn_q" and f"blk.{self.layer}.attn_q.weight" not in pool.base_info.tensor_shapes:
+            module = "attn_qkv"  # Phi-3 keeps q, k and v fused: the same input, the fused output
+        self.tensor = f"blk.{self.layer}.{module}.weight"
+        self.input_name = f"attn_norm-{self.layer}" if module in ATTENTION_INPUTS else None
         if self.input_name is None:
-            raise MixError(f"logo: module {s['module']!r} is not supported (attn_q, attn_k or attn_v: their input is attn_norm)")
+            raise MixError(f"logo: module {module!r} is not supported ({', '.join(ATTENTION_INPUTS)}: their input is attn_norm)")
         self._factors: dict[tuple[str, str], tuple[np.ndarray, np.ndarray, float] | None] = {}
 
     @property
