@@ -161,7 +161,9 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--base", type=Path, default=None, help="base GGUF (default: loramux's embedded SmolLM2-135M Q4_1)")
     parser.add_argument("--json", type=Path, default=None, help="write all measurements here")
     parser.add_argument(
-        "--archs", default=None, help="comma-separated tiny-model keys of tests/tiny_arch.py (llama,qwen2,...) or 'all': per-architecture table"
+        "--archs",
+        default=None,
+        help="comma-separated tiny-model keys of tests/tiny_arch.py (llama,qwen2,...) or 'all': per-architecture table",
     )
     return parser.parse_args(argv)
 

@@ -64,7 +64,9 @@ def _row(base: str | os.PathLike):
     row = ARCHITECTURES.get(info.architecture)
     if row is None or row.hf_class is None:
         rebuilt = sorted(a for a, r in ARCHITECTURES.items() if r.hf_class)
-        raise UnsupportedAdapterError(f"{base}: a {info.architecture!r} base cannot be rebuilt as a transformers model (loramux rebuilds {rebuilt})")
+        raise UnsupportedAdapterError(
+            f"{base}: a {info.architecture!r} base cannot be rebuilt as a transformers model (loramux rebuilds {rebuilt})"
+        )
     if any("_exps." in name for name in info.tensor_shapes):
         raise UnsupportedAdapterError(f"{base}: a mixture-of-experts base (ffn_*_exps tensors) cannot be rebuilt as a transformers model")
     return info, row

@@ -58,8 +58,12 @@ REFUSED_CONFIG: list[tuple[str, Callable[[Any], bool], str]] = [
         "trainable_token_indices retrains embedding rows, which a LoRA adapter file cannot carry; " + _MERGE_HINT,
     ),
     ("layer_replication", _truthy, "layer_replication changes the model's layer stack; a LoRA adapter file cannot express it"),
-    ("target_parameters", _truthy, "target_parameters (LoRA on nn.Parameter, e.g. MoE experts) is not supported: llama.cpp keeps a layer's "
-        "experts in one 3-D tensor and has no per-expert LoRA; convert an adapter of the attention modules only, or merge it"),
+    (
+        "target_parameters",
+        _truthy,
+        "target_parameters (LoRA on nn.Parameter, e.g. MoE experts) is not supported: llama.cpp keeps a layer's "
+        "experts in one 3-D tensor and has no per-expert LoRA; convert an adapter of the attention modules only, or merge it",
+    ),
     ("megatron_config", _truthy, "Megatron parallel LoRA layers are not supported"),
     ("use_bdlora", _truthy, "block-diagonal LoRA (use_bdlora) is not supported"),
     ("arrow_config", _truthy, "Arrow routing (arrow_config) is not a plain LoRA delta and is not supported"),

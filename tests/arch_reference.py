@@ -10,7 +10,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-
 from tiny_arch import SEED, SPECS, VOCAB
 
 # PEFT configs of the random adapters (init_lora_weights=False: random A and B)

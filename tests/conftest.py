@@ -54,9 +54,7 @@ def run_worker(script: str | os.PathLike, *args: object, env: dict[str, str] | N
     assert proc.returncode == 0, f"{Path(script).name} {' '.join(map(str, args))} exited with {proc.returncode}:\n{proc.stdout[-4000:]}"
 
 
-def write_adapter_variant(
-    src: Path, out: Path, edit: Callable[[dict[str, tuple[Any, Any]]], None], base: Path | None = None
-) -> Path:
+def write_adapter_variant(src: Path, out: Path, edit: Callable[[dict[str, tuple[Any, Any]]], None], base: Path | None = None) -> Path:
     """A copy of the GGUF adapter ``src`` (f32) whose ``{module: (lora_a, lora_b)}`` arrays ``edit`` changed in place
     (``base``: the base GGUF it is for, the default model when None)."""
     import gguf

@@ -99,7 +99,9 @@ def arch_adapters(tmp_path_factory) -> dict[str, tuple[Path, Path, Path]]:
     for key, folder in ensure_built(ARCHS).items():
         base = folder / "base-f32.gguf"
         files = [
-            convert_peft_to_gguf(make_adapter(folder, tmp / f"{key}-{kind}", kind, seed=seed), base, tmp / f"{key}-{kind}.gguf", outtype="f32")
+            convert_peft_to_gguf(
+                make_adapter(folder, tmp / f"{key}-{kind}", kind, seed=seed), base, tmp / f"{key}-{kind}.gguf", outtype="f32"
+            )
             for kind, seed in (("plain", 1), ("rslora_patterns", 2))
         ]
         out[key] = (base, *files)

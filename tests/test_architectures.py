@@ -207,7 +207,9 @@ def test_dora_is_refused(cases, tmp_path):
 def test_expert_lora_is_refused_by_module_and_attention_lora_converts(cases, tmp_path):
     from arch_reference import make_adapter
 
-    peft_dir = make_adapter(cases.folders["mixtral"], tmp_path / "experts", "plain", target_modules=["q_proj"], target_parameters=["mlp.experts.gate_up_proj"])
+    peft_dir = make_adapter(
+        cases.folders["mixtral"], tmp_path / "experts", "plain", target_modules=["q_proj"], target_parameters=["mlp.experts.gate_up_proj"]
+    )
     _refused(peft_dir, cases.base("mixtral"), tmp_path, "target_parameters .* no per-expert LoRA")
     # the same tensors without the config key (as older PEFT wrote per-expert modules): refused by module name
     config_file = peft_dir / "adapter_config.json"

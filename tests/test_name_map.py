@@ -20,7 +20,15 @@ from loramux.converters.name_map import (
 N_BLOCKS = 40
 # one spelling of every module LoRA commonly adapts, per family (Phi-3 fuses qkv and gate/up)
 MODULES = {
-    "default": ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"],
+    "default": [
+        "self_attn.q_proj",
+        "self_attn.k_proj",
+        "self_attn.v_proj",
+        "self_attn.o_proj",
+        "mlp.gate_proj",
+        "mlp.up_proj",
+        "mlp.down_proj",
+    ],
     "phi3": ["self_attn.qkv_proj", "self_attn.o_proj", "mlp.gate_up_proj", "mlp.down_proj"],
 }
 
