@@ -46,7 +46,8 @@ class ArchRow:
     norm_shift: float = 0.0
     # transformers class a base GGUF of this architecture is rebuilt as (gguf_to_torch); None: not rebuilt
     hf_class: str | None = None
-    # onnxruntime-genai's LoRA input layout is checked for this architecture (converters/onnx_names.py)
+    # onnxruntime-genai's LoRA input layout is checked for this architecture against its model builder
+    # (tests/test_onnx_archs.py; converters/onnx_names.py). Gemma 3: the builder fails on its config here.
     onnx: bool = False
 
 
@@ -63,10 +64,12 @@ ARCHITECTURES: dict[str, ArchRow] = {
     "qwen2": ArchRow(
         source="conversion/qwen.py Qwen2Model (Qwen2ForCausalLM: Qwen2, Qwen2.5): names only",
         hf_class="Qwen2ForCausalLM",
+        onnx=True,
     ),
     "qwen3": ArchRow(
         source="conversion/qwen.py Qwen3Model (Qwen3ForCausalLM): names only (q_norm/k_norm are not LoRA targets)",
         hf_class="Qwen3ForCausalLM",
+        onnx=True,
     ),
     "qwen2moe": ArchRow(source="conversion/qwen.py Qwen2MoeModel (Qwen2MoeForCausalLM): experts stacked into 3-D tensors"),
     "qwen3moe": ArchRow(source="conversion/qwen.py Qwen3MoeModel (Qwen3MoeForCausalLM): experts stacked into 3-D tensors"),
@@ -74,6 +77,7 @@ ARCHITECTURES: dict[str, ArchRow] = {
         source="conversion/gemma.py Gemma2Model (Gemma2ForCausalLM): norm weights + 1, lm_head dropped (tied)",
         norm_shift=1.0,
         hf_class="Gemma2ForCausalLM",
+        onnx=True,
     ),
     "gemma3": ArchRow(
         source="conversion/gemma.py Gemma3Model (Gemma3ForCausalLM): norm weights + 1, token_embd cut to the "
@@ -85,6 +89,7 @@ ARCHITECTURES: dict[str, ArchRow] = {
         source="conversion/phi.py Phi3MiniModel (Phi3ForCausalLM: Phi-3, Phi-4): qkv_proj and gate_up_proj stay "
         "fused (attn_qkv, ffn_up), names only",
         hf_class="Phi3ForCausalLM",
+        onnx=True,  # the builder unpacks qkv_proj and gate_up_proj (converters/onnx_names.py ONNX_GENAI_FUSED)
     ),
 }
 

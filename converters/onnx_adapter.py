@@ -33,7 +33,7 @@ from .base_gguf import BaseModelInfo, read_base_model
 from .base_match import check_module_fits, locate_base_tensor
 from .errors import AdapterError, BaseModelMismatchError, UnsupportedAdapterError
 from .name_map import ARCHITECTURES
-from .onnx_names import lora_parameter_names, onnx_prefix
+from .onnx_names import lora_parameter_names, onnx_fused_parts, onnx_prefix
 from .peft_checkpoint import LoraModule, PeftAdapter, load_peft_adapter
 
 OnnxDType = Literal["float32", "float16"]
@@ -62,10 +62,20 @@ class OnnxLoraPair:
         return int(self.lora_a.shape[1])
 
 
-def plan_onnx_module(module: LoraModule, base: BaseModelInfo) -> OnnxLoraPair:
-    """Map one PEFT linear module onto its ONNX LoRA inputs and check it against the base's shapes."""
-    prefix = onnx_prefix(module.name)
-    if prefix is None:
+def _row_blocks(kinds: tuple[str, ...], n_rows: int, base: BaseModelInfo) -> list[int]:
+    """Row counts of a fused module's parts: "q" and "kv" from the base's head counts, "half" of the rows."""
+    h, arch = base.hparams, base.architecture
+    n_head = int(h[f"{arch}.attention.head_count"])
+    head_dim = int(h.get(f"{arch}.attention.key_length") or int(h[f"{arch}.embedding_length"]) // n_head)
+    sizes = {"q": n_head * head_dim, "kv": int(h.get(f"{arch}.attention.head_count_kv", n_head)) * head_dim, "half": n_rows // 2}
+    return [sizes[k] for k in kinds]
+
+
+def plan_onnx_module(module: LoraModule, base: BaseModelInfo) -> list[OnnxLoraPair]:
+    """Map one PEFT linear module onto its ONNX LoRA inputs (one pair, or one per unpacked part) and check it against the base."""
+    fused = onnx_fused_parts(module.name)
+    prefixes = [p for p, _ in fused] if fused else [onnx_prefix(module.name)]
+    if prefixes[0] is None:
         raise BaseModelMismatchError(
             f"module {module.name!r} has no LoRA input in onnxruntime-genai's layout for a {base.architecture!r} model; "
             "the adapter targets a module the ONNX model does not adapt, or was built for another architecture"
@@ -73,8 +83,17 @@ def plan_onnx_module(module: LoraModule, base: BaseModelInfo) -> OnnxLoraPair:
     tensor, shape = locate_base_tensor(module, base)
     check_module_fits(module, tensor, shape)
     a = np.ascontiguousarray(module.A.T, dtype=np.float32)
-    b = np.ascontiguousarray((module.B.astype(np.float64) * module.scaling).T, dtype=np.float32)
-    return OnnxLoraPair(module.name, prefix, a, b)
+    b = (module.B.astype(np.float64) * module.scaling).T  # [r, out]
+    if not fused:
+        return [OnnxLoraPair(module.name, prefixes[0], a, np.ascontiguousarray(b, dtype=np.float32))]
+    blocks = _row_blocks(tuple(k for _, k in fused), b.shape[1], base)
+    if sum(blocks) != b.shape[1]:
+        raise BaseModelMismatchError(f"module {module.name!r}: {b.shape[1]} output rows do not split into the parts {blocks} of {tensor!r}")
+    cuts = np.cumsum([0, *blocks])
+    return [
+        OnnxLoraPair(module.name, prefix, a, np.ascontiguousarray(b[:, lo:hi], dtype=np.float32))
+        for prefix, lo, hi in zip(prefixes, cuts[:-1], cuts[1:])
+    ]
 
 
 def plan_onnx_adapter(adapter: PeftAdapter, base: BaseModelInfo, *, skip_embeddings: bool = False) -> list[OnnxLoraPair]:
@@ -99,7 +118,7 @@ def plan_onnx_adapter(adapter: PeftAdapter, base: BaseModelInfo, *, skip_embeddi
         modules = [m for m in modules if m.kind != "embedding"]
     if not modules:
         raise UnsupportedAdapterError(f"{adapter.path}: nothing left to convert")
-    return [plan_onnx_module(m, base) for m in modules]
+    return [pair for m in modules for pair in plan_onnx_module(m, base)]
 
 
 def pairs_to_parameters(pairs: list[OnnxLoraPair], dtype: OnnxDType = "float32") -> dict[str, np.ndarray]:

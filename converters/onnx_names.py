@@ -46,6 +46,19 @@ ONNX_GENAI_LINEARS: dict[str, str] = {
     "lm_head": "lm_head",  # make_lm_head: "/lm_head/MatMul" (untied heads only)
 }
 
+# Fused PEFT modules (Phi-3) that the builder unpacks before it adds LoRA paths
+# (make_attention_unpacked_lora, make_mlp_unpacked_lora in builders/base.py): every part keeps the
+# fused module's A and takes its own rows of B ("q": the query rows, "kv": one key/value block,
+# "half": half the rows), in this order.
+ONNX_GENAI_FUSED: dict[str, tuple[tuple[str, str], ...]] = {
+    "model.layers.{bid}.self_attn.qkv_proj": (
+        ("model.layers.{bid}.attn.q_proj", "q"),
+        ("model.layers.{bid}.attn.k_proj", "kv"),
+        ("model.layers.{bid}.attn.v_proj", "kv"),
+    ),
+    "model.layers.{bid}.mlp.gate_up_proj": (("model.layers.{bid}.mlp.gate_proj", "half"), ("model.layers.{bid}.mlp.up_proj", "half")),
+}
+
 # Suffixes appended to a prefix (make_matmul_lora + make_matmul_float, see the module docstring).
 LORA_A_SUFFIX = ".lora_A.MatMul.weight"  # [in, r]   = PEFT A.T
 LORA_B_SUFFIX = ".lora_B.MatMul.weight"  # [r, out]  = (PEFT scaling * B).T
@@ -63,6 +76,15 @@ def onnx_prefix(module: str) -> str | None:
         target = ONNX_GENAI_LINEARS.get(template)
         return target.format(bid=m.group(1)) if target else None
     return ONNX_GENAI_LINEARS.get(module)
+
+
+def onnx_fused_parts(module: str) -> tuple[tuple[str, str], ...] | None:
+    """(ONNX prefix, row block) of each part the builder unpacks a fused PEFT module into, or None."""
+    m = _BLOCK.search(module)
+    if not m:
+        return None
+    parts = ONNX_GENAI_FUSED.get(module[: m.start()] + ".{bid}." + module[m.end() :])
+    return tuple((prefix.format(bid=m.group(1)), rows) for prefix, rows in parts) if parts else None
 
 
 def lora_parameter_names(prefix: str) -> tuple[str, str]:
