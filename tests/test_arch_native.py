@@ -1,10 +1,10 @@
 """Native per-sequence mixes on every architecture: one batch of different mixes equals each request alone.
 
 Per architecture (the tiny f32 models of tests/tiny_arch.py, with the two random adapters that
-tests/test_architectures.py checks against PEFT), four sequences share every ``llama_decode``:
-adapter A alone, the mix 0.6 A + 0.4 B, per-token Arrow routing over both (k=2), and the base
-model. The oracle is each sequence decoded alone, teacher-forced on the same tokens: the fixed
-mixes with stock ``llama_set_adapters_lora`` at the same scales, the routed one with its routing
+tests/test_architectures.py checks against PEFT), five sequences share every ``llama_decode``:
+adapter A alone, the mix 0.6 A + 0.4 B, per-token Arrow routing over both (k=2), the base
+model, and SpectR routing (k=2). The oracle is each sequence decoded alone, teacher-forced on
+the same tokens: the fixed mixes with stock ``llama_set_adapters_lora`` at the same scales, the routed one with its routing
 on a batch of one. Negative control: a 1.5x scale on sequence 0 must miss the tolerance.
 
 The work runs in a subprocess (``python tests/test_arch_native.py ARCH BASE A B OUT``), as in
@@ -23,7 +23,7 @@ from conftest import native_missing, run_worker
 from floors import ARCH_BATCH_MAX_ABS
 
 ARCHS = ["llama", "qwen2", "qwen3", "gemma2", "gemma3", "phi3", "mixtral"]
-MIXES = [{"a": 1.0}, {"a": 0.6, "b": 0.4}, "arrow", None]
+MIXES = [{"a": 1.0}, {"a": 0.6, "b": 0.4}, "arrow", None, "spectr"]
 N_PROMPT, N_STEPS = 10, 8
 
 
@@ -75,8 +75,8 @@ def _set(mixer, ctx, adapters, seq: int, mix, *, stock: bool) -> None:
     """A sequence's mix: routed (per-sequence routing), fixed (stock per-context adapters when alone), or none."""
     from loramux.native import teacher
 
-    if mix == "arrow":
-        mixer.set_routing(seq, "arrow", 2, 1.0)
+    if mix in ("arrow", "spectr"):  # per-token routing over both adapters
+        mixer.set_routing(seq, mix, 2, 1.0)
     elif stock:
         mixer.clear(seq)
         teacher.set_stock_adapters(ctx, [(adapters[n], w) for n, w in (mix or {}).items()])
@@ -120,7 +120,8 @@ def test_mixed_batch_equals_each_request_alone(arch, arch_adapters, tmp_path):
         diff = float(np.abs(batch - alone).max())
         assert diff < ARCH_BATCH_MAX_ABS, f"{arch}: sequence {i} ({mix}) in the batch differs from alone by {diff:.3g}"
     assert np.abs(res["alone_0"] - res["alone_3"]).max() > 10 * ARCH_BATCH_MAX_ABS, f"{arch}: adapter A changes nothing"
-    assert np.abs(res["alone_2"] - res["alone_3"]).max() > 10 * ARCH_BATCH_MAX_ABS, f"{arch}: routing changes nothing"
+    for i in (2, 4):
+        assert np.abs(res[f"alone_{i}"] - res["alone_3"]).max() > 10 * ARCH_BATCH_MAX_ABS, f"{arch}: {MIXES[i]} routing changes nothing"
     wrong = float(np.abs(res["wrong_scale_0"] - res["alone_0"]).max())
     assert wrong > 10 * ARCH_BATCH_MAX_ABS, f"{arch}: a 1.5x scale is within the tolerance ({wrong:.3g})"
 
