@@ -4,10 +4,10 @@ Per architecture (the tiny f32 models of tests/tiny_arch.py, with the two random
 tests/test_architectures.py checks against PEFT), five sequences share every ``llama_decode``:
 adapter A alone, the mix 0.6 A + 0.4 B, per-token Arrow routing over both (k=2), the base
 model, and SpectR routing (k=2). The oracle is each sequence decoded alone, teacher-forced on
-the same tokens: the fixed mixes with stock ``llama_set_adapters_lora`` at the same scales, the routed one with its routing
-on a batch of one. Negative control: a 1.5x scale on sequence 0 must miss the tolerance.
+the same tokens: the fixed mixes with stock ``llama_set_adapters_lora`` at the same scales, the
+routed ones with their routing on a batch of one. Negative control: a 1.5x scale on sequence 0 must miss the tolerance.
 
-The work runs in a subprocess (``python tests/test_arch_native.py ARCH BASE A B OUT``), as in
+The work runs in a subprocess (``python tests/test_arch_native.py BASE A B OUT``), as in
 tests/test_native_oracle.py: loramux.native must load the patched libllama before llama_cpp.
 """
 
