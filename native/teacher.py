@@ -10,8 +10,9 @@ many sequences and per-sequence mixes it is the thing under test: the same token
 from __future__ import annotations
 
 import ctypes
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Iterator, Mapping, Sequence
 
 import numpy as np
 
@@ -22,6 +23,32 @@ from loramux.errors import LoramuxError
 class ForcedSequence:
     prompt: Sequence[int]
     forced: Sequence[int]  # tokens fed after the prompt, one per step
+
+
+@contextmanager
+def loaded_model(base: str, adapter_paths: Mapping[str, str]) -> Iterator[tuple[object, dict[str, object]]]:
+    """``(llama_model *, {name: llama_adapter_lora *})`` loaded from files (llama.cpp's log silenced), freed on exit."""
+    import llama_cpp
+
+    from loramux.llama_runtime import silence_llama_log
+
+    silence_llama_log(errors_to_stderr=True)
+    llama_cpp.llama_backend_init()
+    model = llama_cpp.llama_model_load_from_file(str(base).encode(), llama_cpp.llama_model_default_params())
+    if not model:
+        raise LoramuxError(f"llama.cpp could not load the model {base}")
+    adapters: dict[str, object] = {}
+    try:
+        for name, path in adapter_paths.items():
+            adapters[name] = llama_cpp.llama_adapter_lora_init(model, str(path).encode())
+            if not adapters[name]:
+                raise LoramuxError(f"llama.cpp could not load the adapter {path} on {base}")
+        yield model, adapters
+    finally:
+        for a in adapters.values():
+            if a:
+                llama_cpp.llama_adapter_lora_free(a)
+        llama_cpp.llama_model_free(model)
 
 
 def new_context(model_ptr, *, n_seq_max: int, n_ctx: int, n_batch: int = 512, n_threads: int = 2):

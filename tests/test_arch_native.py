@@ -36,19 +36,23 @@ def _worker(base: str, adapter_a: str, adapter_b: str, out: str) -> None:
         return
     import llama_cpp
 
-    from loramux.llama_runtime import silence_llama_log
     from loramux.native import teacher
     from loramux.native.mixer import SeqMixer
 
-    silence_llama_log(errors_to_stderr=True)
-    llama_cpp.llama_backend_init()
-    model = llama_cpp.llama_model_load_from_file(base.encode(), llama_cpp.llama_model_default_params())
-    adapters = {n: llama_cpp.llama_adapter_lora_init(model, p.encode()) for n, p in (("a", adapter_a), ("b", adapter_b))}
-    assert model and all(adapters.values())
+    with teacher.loaded_model(base, {"a": adapter_a, "b": adapter_b}) as (model, adapters):
+        ctx = teacher.new_context(model, n_seq_max=8, n_ctx=8 * 64, n_threads=1)
+        with SeqMixer(ctx, adapters, max_active=2) as mixer:
+            res = _decode_cases(ctx, mixer, adapters)
+        llama_cpp.llama_free(ctx)
+    np.savez(out, **res)
+
+
+def _decode_cases(ctx, mixer, adapters) -> dict[str, np.ndarray]:
+    """Each sequence alone (the oracle), then all in one batch, then the negative control."""
+    from loramux.native import teacher
+
     rng = np.random.default_rng(11)
     prompts = [[int(t) for t in rng.integers(4, 500, size=N_PROMPT)] for _ in MIXES]
-    ctx = teacher.new_context(model, n_seq_max=8, n_ctx=8 * 64, n_threads=1)
-    mixer = SeqMixer(ctx, adapters, max_active=2)
     res: dict[str, np.ndarray] = {}
     forced = []
     for i, (prompt, mix) in enumerate(zip(prompts, MIXES)):  # the oracle: each alone on seq 0
@@ -63,12 +67,7 @@ def _worker(base: str, adapter_a: str, adapter_b: str, out: str) -> None:
         res[f"batch_{i}"] = logits
     mixer.set(0, {"a": 1.5})  # negative control
     res["wrong_scale_0"] = teacher.decode_forced(ctx, seqs)[0]
-    mixer.close()
-    llama_cpp.llama_free(ctx)
-    for a in adapters.values():
-        llama_cpp.llama_adapter_lora_free(a)
-    llama_cpp.llama_model_free(model)
-    np.savez(out, **res)
+    return res
 
 
 def _set(mixer, ctx, adapters, seq: int, mix, *, stock: bool) -> None:

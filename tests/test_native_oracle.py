@@ -93,20 +93,23 @@ def _worker(case: str, out: Path, adapter_dir: Path) -> None:
         np.savez(out, unavailable=np.array(native.status().reason))
         return
 
+    from loramux.base_model import default_base_model
+    from loramux.native import teacher
+
+    paths = {n: adapter_dir / f"{n}.gguf" for n in POOL}
+    with teacher.loaded_model(str(default_base_model()), paths) as (model, adapters):
+        res = _decode_case(case, model, adapters)
+    np.savez(out, **res)
+
+
+def _decode_case(case: str, model, adapters) -> dict[str, np.ndarray]:
+    """The alone oracle, then ``case`` on one context of 8 sequences (one thread: results do not depend on it)."""
     import llama_cpp
 
-    from loramux.base_model import default_base_model
-    from loramux.llama_runtime import silence_llama_log
     from loramux.native import teacher
     from loramux.native.mixer import SeqMixer
 
-    silence_llama_log(errors_to_stderr=True)
-    llama_cpp.llama_backend_init()
-    mparams = llama_cpp.llama_model_default_params()
-    model = llama_cpp.llama_model_load_from_file(str(default_base_model()).encode(), mparams)
     vocab = llama_cpp.llama_model_get_vocab(model)
-    adapters = {n: llama_cpp.llama_adapter_lora_init(model, str(adapter_dir / f"{n}.gguf").encode()) for n in POOL}
-    assert all(adapters.values())
 
     def tok(text: str) -> list[int]:
         buf = (llama_cpp.llama_token * 256)()
@@ -114,25 +117,20 @@ def _worker(case: str, out: Path, adapter_dir: Path) -> None:
         return list(buf[:n])
 
     prompts = [tok(p) for p in PROMPTS]
-    # one thread: results do not depend on it, and the tests stay quick on a loaded machine
     ctx = teacher.new_context(model, n_seq_max=8, n_ctx=8 * 256, n_threads=1)
-    mixer = SeqMixer(ctx, adapters, max_active=3)
     res: dict[str, np.ndarray] = {}
-    forced = _alone_oracle(res, ctx, adapters, prompts)
-    seqs = [teacher.ForcedSequence(p, f) for p, f in zip(prompts, forced)]
-    if case == "mixed":
-        _case_mixed(res, model, ctx, mixer, seqs)
-    elif case == "exact_f32":
-        _case_exact_f32(res, ctx, mixer, adapters, seqs)
-    else:
-        raise SystemExit(f"unknown case {case}")
+    with SeqMixer(ctx, adapters, max_active=3) as mixer:
+        forced = _alone_oracle(res, ctx, adapters, prompts)
+        seqs = [teacher.ForcedSequence(p, f) for p, f in zip(prompts, forced)]
+        if case == "mixed":
+            _case_mixed(res, model, ctx, mixer, seqs)
+        elif case == "exact_f32":
+            _case_exact_f32(res, ctx, mixer, adapters, seqs)
+        else:
+            raise SystemExit(f"unknown case {case}")
     res["forced"] = np.array([f + [-1] * (N_STEPS - len(f)) for f in forced])
-    mixer.close()
     llama_cpp.llama_free(ctx)
-    for a in adapters.values():
-        llama_cpp.llama_adapter_lora_free(a)
-    llama_cpp.llama_model_free(model)
-    np.savez(out, **res)
+    return res
 
 
 def _stock(adapters, mix) -> list:

@@ -422,6 +422,7 @@ ggml_tensor * llama_mux_build_mm(const llm_graph_context & g, ggml_tensor * w, g
 }
 
 ggml_tensor * llama_mux_build_embd(const llm_graph_context & g, ggml_tensor * tok_embd, ggml_tensor * tokens, ggml_tensor * cur) {
+    GGML_UNUSED(tok_embd);
     const llama_mux * mux = g.mux;
     if (mux->embd.empty()) {
         return cur;
@@ -429,10 +430,7 @@ ggml_tensor * llama_mux_build_embd(const llm_graph_context & g, ggml_tensor * to
     ggml_context * ctx0 = g.ctx0;
     llm_graph_input_mux * inp = llama_mux_input(g);
     for (size_t e = 0; e < mux->embd.size(); ++e) {
-        const auto & em = mux->embd[e];
-        if (em.b->ne[1] != tok_embd->ne[0]) {
-            continue;
-        }
+        const auto & em = mux->embd[e];  // sizes checked against token_embd at registration (mux_check_weight)
         ggml_tensor * delta = ggml_mul_mat(ctx0, em.b, ggml_get_rows(ctx0, em.a, tokens)); // [n_embd, n_tokens]
         delta = ggml_mul(ctx0, delta, inp->embd_scale(ctx0, e));
         cur = ggml_add(ctx0, cur, delta);
@@ -564,7 +562,13 @@ static int32_t mux_check_weight(const llama_model * model, int32_t id, const std
         return mux_fail(LORAMUX_ERR_INCOMPATIBLE_ADAPTER, where + ": rank " + std::to_string(lw.b->ne[0]) +
                 " is above the highest rank loramux stacks (" + std::to_string(LLAMA_MUX_MAX_RANK) + ")");
     }
-    if (embd) {
+    if (embd) {  // gathered by token id and added to the embeddings: [vocab, dim] must be the base's
+        const ggml_tensor * e = model->get_tensor("token_embd.weight");
+        if (!e || e->ne[1] != lw.a->ne[1] || e->ne[0] != lw.b->ne[1]) {
+            return mux_fail(LORAMUX_ERR_INCOMPATIBLE_ADAPTER, where + ": vocab " + std::to_string(lw.a->ne[1]) + " x dim " +
+                    std::to_string(lw.b->ne[1]) + " does not match the base's token_embd" +
+                    (e ? " (vocab " + std::to_string(e->ne[1]) + " x dim " + std::to_string(e->ne[0]) + ")" : " (none)"));
+        }
         return LORAMUX_OK;
     }
     const ggml_tensor * w = model->get_tensor(name.c_str());
