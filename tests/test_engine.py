@@ -241,3 +241,27 @@ def test_asyncio_clients_get_the_same_answer(pool):
 
     for toks in asyncio.run(main()):
         assert toks[:4] == want[0][:4]
+
+
+@pytest.mark.parametrize("field", ["prompt", "logit_bias"])
+def test_a_token_id_outside_the_vocabulary_fails_only_its_own_request(pool, prompts, field):
+    """Three good requests running, a fourth with id 10,000,000 (in its prompt, or in logit_bias) is
+    refused at Engine.submit, naming the field; the three finish with their alone answers.
+    (Before the check lived at the engine's door, the bad id reached llama_decode and failed the
+    whole step: all four requests.)"""
+    from loramux.errors import RequestError
+
+    good = [PoolRequest(messages=m, mix=mix, max_tokens=STEPS) for m, mix in zip(prompts[:3], MIXES[:3])]
+    alone = [events(pool.submit(r)) for r in good]
+    handles = [pool.submit(r) for r in good]
+    if field == "prompt":
+        bad = PoolRequest(prompt=[1, 2, 10_000_000], max_tokens=STEPS)
+    else:
+        bad = PoolRequest(messages=prompts[3], max_tokens=STEPS, sampling=SamplingParams(logit_bias={10_000_000: 1.0}))
+    with pytest.raises(RequestError, match="outside the vocabulary") as refused:
+        pool.submit(bad)
+    assert refused.value.param == field
+    for r, h, (toks, _, _) in zip(good, handles, alone):
+        got = events(h)
+        assert got[2].finish_reason in ("length", "stop"), f"a good request ended with {got[2].finish_reason}"
+        compare_with_alone(pool, pool.engine_request(r).tokens, pool.resolve_mix(r.mix), got[0], toks)

@@ -20,7 +20,12 @@ class RuntimeLoadError(LoramuxError):
 
 
 class RequestError(LoramuxError, ValueError):
-    """A request cannot run as given (bad sampling parameters, empty prompt); the message says which field."""
+    """A request cannot run as given (bad sampling parameters, empty prompt); the message says which field,
+    and ``param`` names it where one field is at fault (the server's 400 reports it)."""
+
+    def __init__(self, message: str = "", *, param: str | None = None) -> None:
+        super().__init__(message)
+        self.param = param
 
 
 class ContextLengthError(RequestError):

@@ -137,7 +137,8 @@ class Engine:
 
     def submit(self, request: EngineRequest, *, loop=None) -> RequestHandle:
         """Queue ``request``; it joins the batch at the next step with a free sequence. Raises
-        ContextLengthError when it cannot fit one sequence, QueueFullError when the queue is full."""
+        ContextLengthError when it cannot fit one sequence, RequestError for a token id outside the
+        vocabulary, QueueFullError when the queue is full."""
         n = len(request.tokens)
         if n + (1 if request.max_tokens is None else request.max_tokens) > self.n_ctx:
             raise ContextLengthError(
@@ -145,6 +146,7 @@ class Engine:
                 + ("" if request.max_tokens is None else f" and asks for {request.max_tokens} more")
                 + f", but a sequence holds at most {self.n_ctx} (n_ctx); shorten the prompt or lower max_tokens"
             )
+        request.check_vocabulary(self.cx.n_vocab)
         self.cx.check_routable(request.mix)  # a routed mix that cannot run is refused here, never run as the base model
         handle = RequestHandle(request, loop)
         with self._cv:

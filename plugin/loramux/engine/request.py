@@ -49,6 +49,19 @@ class EngineRequest:
         if self.request_id is None:
             self.request_id = f"req-{next(_ids)}"
 
+    def check_vocabulary(self, n_vocab: int) -> None:
+        """Prompt token ids and ``logit_bias`` ids must lie in ``0 .. n_vocab - 1``.
+
+        llama.cpp refuses a batch holding an unknown token as a whole, which would fail every
+        request decoding in that step; so an id outside the vocabulary is refused before the batch."""
+        for param, ids in (("prompt", self.tokens), ("logit_bias", self.sampling.logit_bias)):
+            bad = [t for t in ids if not 0 <= t < n_vocab]
+            if bad:
+                raise RequestError(
+                    f"request {self.request_id!r}: {param} holds token ids outside the vocabulary (0..{n_vocab - 1}): {bad[:5]}",
+                    param=param,
+                )
+
 
 @dataclass(frozen=True)
 class TokenEvent:

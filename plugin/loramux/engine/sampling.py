@@ -97,10 +97,7 @@ class SequenceSampler:
 
     def _build(self, p: SamplingParams, n_vocab: int) -> None:
         lc = self._lc
-        bad = [t for t in p.logit_bias if not 0 <= t < n_vocab]
-        if bad:
-            raise RequestError(f"logit_bias names token ids outside the vocabulary (0..{n_vocab - 1}): {bad[:5]}")
-        if p.logit_bias:
+        if p.logit_bias:  # ids checked at Engine.submit (EngineRequest.check_vocabulary)
             arr = (lc.llama_logit_bias * len(p.logit_bias))()
             for i, (tok, bias) in enumerate(p.logit_bias.items()):
                 arr[i].token, arr[i].bias = tok, bias

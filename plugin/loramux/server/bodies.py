@@ -158,20 +158,6 @@ def _text_content(content: Any) -> str:
     raise APIError(400, "message content must be text (images and audio are not supported)", param="messages")
 
 
-def check_token_ids(req: PoolRequest, n_vocab: int) -> None:
-    """Token ids of the prompt and of ``logit_bias`` must lie in the vocabulary (``0 .. n_vocab - 1``).
-
-    Checked before the request reaches the engine: llama.cpp refuses a batch with an unknown
-    token as a whole, which would fail every request decoding in that step, not only this one."""
-    if isinstance(req.prompt, (list, tuple)):
-        bad = [t for t in req.prompt if not 0 <= t < n_vocab]
-        if bad:
-            raise APIError(400, f"prompt holds token ids outside the vocabulary (0..{n_vocab - 1}): {bad[:5]}", param="prompt")
-    bad = [t for t in req.sampling.logit_bias if not 0 <= t < n_vocab]
-    if bad:
-        raise APIError(400, f"logit_bias names token ids outside the vocabulary (0..{n_vocab - 1}): {bad[:5]}", param="logit_bias")
-
-
 def prompt_text(req: PoolRequest) -> str:
     """The text a router reads: the last user message, or the prompt."""
     if req.messages is not None:
@@ -180,4 +166,4 @@ def prompt_text(req: PoolRequest) -> str:
     return req.prompt if isinstance(req.prompt, str) else ""
 
 
-__all__ = ["ParsedBody", "chat_body", "check_token_ids", "completion_body", "prompt_text", "text_field"]
+__all__ = ["ParsedBody", "chat_body", "completion_body", "prompt_text", "text_field"]

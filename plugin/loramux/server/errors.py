@@ -63,7 +63,9 @@ def from_loramux(exc: LoramuxError, *, param: str | None = None) -> APIError:
         return APIError(400, str(exc), code="context_length_exceeded", param=param or "messages")
     if isinstance(exc, MixError):
         return APIError(400, str(exc), code="invalid_mix", param="mix")
-    if isinstance(exc, (RequestError, AdapterError)):
+    if isinstance(exc, RequestError):
+        return APIError(400, str(exc), param=exc.param)
+    if isinstance(exc, AdapterError):
         return APIError(400, str(exc))
     if isinstance(exc, RequestCancelled):
         return APIError(503, str(exc), type="server_error", code="cancelled", headers={"Retry-After": str(RETRY_AFTER_S)})

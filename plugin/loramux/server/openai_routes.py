@@ -22,7 +22,7 @@ from loramux import responses
 from loramux.engine import RequestHandle
 from loramux.errors import LoramuxError
 from loramux.server import schema
-from loramux.server.bodies import chat_body, check_token_ids, completion_body, prompt_text
+from loramux.server.bodies import chat_body, completion_body, prompt_text
 from loramux.server.errors import APIError, from_loramux, request_id_of
 
 router = APIRouter()
@@ -62,7 +62,6 @@ async def _answer(request: Request, *, chat: bool):
     state = request.app.state.loramux
     body = await json_body(request)
     parsed = (chat_body if chat else completion_body)(body)
-    check_token_ids(parsed.request, state.pool.model.n_vocab())
     parsed.request.request_id = request_id_of(request)
     selection = state.selector.select(body, lambda: prompt_text(parsed.request))
     parsed.request.mix = selection.mix
