@@ -8,6 +8,7 @@ from pathlib import Path
 
 from loramux.base_model import default_base_model
 from loramux.converters import OUT_TYPES, convert_peft_to_gguf
+from loramux.converters.name_map import supported_architectures
 from loramux.progress import progress_bar
 
 
@@ -19,8 +20,9 @@ def register(sub: argparse._SubParsersAction) -> None:
             "Convert a PEFT LoRA folder (adapter_config.json + adapter_model.safetensors) into a GGUF LoRA "
             "adapter that stock llama.cpp loads, with exactly the delta PEFT computes (rsLoRA, rank/alpha "
             "patterns and embedding LoRA included). Only the base GGUF is needed: no Hugging Face config, "
-            "no torch. Refuses what llama.cpp cannot express (DoRA, modules_to_save, LoRA bias, ...) and "
-            "never leaves a partial output file."
+            "no torch. Refuses what llama.cpp cannot express (DoRA, modules_to_save, LoRA bias, "
+            "mixture-of-experts experts, ...) and never leaves a partial output file. Base architectures: "
+            f"{', '.join(supported_architectures())} (Llama, Mistral and Mixtral are 'llama'; docs/architectures.md)."
         ),
     )
     p.add_argument("peft_dir", type=Path, help="PEFT LoRA folder, as written by save_pretrained()")
