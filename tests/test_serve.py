@@ -309,3 +309,29 @@ def test_api_key_and_loopback(tmp_path, adapter_dir, base_model):
         timeout=120,
     )
     assert done.returncode == 2 and "loopback only" in done.stderr
+
+
+def _http_label_values(server) -> set[str]:
+    return {
+        line.split("{", 1)[1].split("}", 1)[0]
+        for line in httpx.get(f"{server}/metrics").text.splitlines()
+        if line.startswith("loramux_http_responses_total{")
+    }
+
+
+def test_requests_to_made_up_paths_add_no_metric_labels(server):
+    """Labels come from the route table: 1,000 requests to random paths add at most the one
+    ``unmatched`` label per status (labelled by the raw path, they added 1,000 values)."""
+    import random
+
+    httpx.get(f"{server}/health")
+    _http_label_values(server)  # /metrics counts itself after answering
+    before = _http_label_values(server)
+    rng = random.Random(3)
+    with httpx.Client() as c:
+        for _ in range(1000):
+            assert c.get(f"{server}/{rng.randrange(10**9)}/x").status_code == 404
+        c.get(f"{server}/health")
+    added = _http_label_values(server) - before
+    assert added <= {'path="unmatched",status="404"'}, f"{len(added)} label values added: {sorted(added)[:3]}"
+    assert any('path="/health"' in v for v in _http_label_values(server))

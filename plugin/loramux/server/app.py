@@ -20,6 +20,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
 
 from loramux import __version__
 from loramux.errors import LoramuxError
@@ -125,11 +126,21 @@ def _install_handlers(app: FastAPI, state: ServerState) -> None:
     @app.middleware("http")
     async def auth_and_count(request: Request, call_next):
         response = await _authorized(request, call_next, state)
-        state.http.count(request.url.path, response.status_code)
+        state.http.count(route_label(request.app, request.scope), response.status_code)
         rid = request_id_of(request)
         if rid is not None:
             response.headers[REQUEST_ID_HEADER] = rid
         return response
+
+
+def route_label(app, scope) -> str:
+    """The path template of the route ``scope`` matches (``/v1/adapters/{name}``), else ``unmatched``:
+    metric labels come from the route table, so clients cannot add label values at will."""
+    for route in app.router.routes:
+        match, _ = route.matches(scope)
+        if match == Match.FULL:
+            return getattr(route, "path", "unmatched")
+    return "unmatched"
 
 
 async def _authorized(request: Request, call_next, state: ServerState):
