@@ -206,6 +206,24 @@ def test_a_client_that_goes_away_cancels_its_request(server):
     assert m["loramux_requests_cancelled_total"] == before + 1 and m["loramux_requests_running"] == 0
 
 
+def test_a_non_streamed_request_is_cancelled_when_its_client_goes_away(server):
+    """The client of a long non-streamed completion gives up after 1 s: the request is cancelled
+    within a few steps instead of generating its 400 tokens for nobody."""
+    before = _metrics(server)
+    body = {"prompt": "Once upon a time", "max_tokens": 400, "temperature": 0, "logit_bias": {"2": -100}}
+    with pytest.raises(httpx.TimeoutException):
+        httpx.post(f"{server}/v1/completions", json=body, timeout=httpx.Timeout(60, read=1.0))
+    gone = time.time()
+    deadline = gone + 30
+    while time.time() < deadline:
+        m = _metrics(server)
+        if m["loramux_requests_cancelled_total"] > before["loramux_requests_cancelled_total"] and m["loramux_requests_running"] == 0:
+            break
+        time.sleep(0.05)
+    assert m["loramux_requests_cancelled_total"] == before["loramux_requests_cancelled_total"] + 1, "the request ran on"
+    assert time.time() - gone < 5, f"cancelled only after {time.time() - gone:.1f} s"
+
+
 def test_adapters_load_and_unload_during_traffic(server):
     body = {
         "prompt": "Once upon a time",

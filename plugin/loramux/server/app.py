@@ -123,14 +123,7 @@ def _install_handlers(app: FastAPI, state: ServerState) -> None:
         err = APIError(400, f"{where}: {first.get('msg', 'invalid request')}", param=where or None)
         return JSONResponse(err.body(), status_code=400)
 
-    @app.middleware("http")
-    async def auth_and_count(request: Request, call_next):
-        response = await _authorized(request, call_next, state)
-        state.http.count(route_label(request.app, request.scope), response.status_code)
-        rid = request_id_of(request)
-        if rid is not None:
-            response.headers[REQUEST_ID_HEADER] = rid
-        return response
+    app.add_middleware(AuthAndCount, state=state)
 
 
 def route_label(app, scope) -> str:
@@ -143,23 +136,55 @@ def route_label(app, scope) -> str:
     return "unmatched"
 
 
-async def _authorized(request: Request, call_next, state: ServerState):
-    """The route's response; 401 without the API key; an unexpected error as a 500 in OpenAI's shape (logged)."""
-    key = state.settings.api_key
-    if key and request.url.path not in OPEN_PATHS:
-        given = request.headers.get("authorization", "")
-        if not hmac.compare_digest(given.encode(), f"Bearer {key}".encode()):
+class AuthAndCount:
+    """Pure ASGI middleware: the API key (401), the HTTP counters, the client's ``X-Request-Id``
+    echoed, and an unexpected error answered as a 500 in OpenAI's shape (traceback logged).
+
+    Pure ASGI, not ``@app.middleware("http")``: Starlette's BaseHTTPMiddleware hides the client's
+    ``http.disconnect`` from the endpoint, so a non-streamed request went on generating for a
+    client that had gone away (``Request.is_disconnected`` never turned true)."""
+
+    def __init__(self, app, state: ServerState) -> None:
+        self.app, self.state = app, state
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        request = Request(scope)
+        rid = request_id_of(request)
+        status: list[int] = []
+
+        async def send_counted(message) -> None:
+            if message["type"] == "http.response.start":
+                status.append(message["status"])
+                if rid is not None:
+                    message.setdefault("headers", [])
+                    message["headers"] = [*message["headers"], (REQUEST_ID_HEADER.lower().encode(), rid.encode())]
+            await send(message)
+
+        if not self._authorized(request):
             err = APIError(
                 401, "invalid or missing API key (Authorization: Bearer KEY)", type="authentication_error", code="invalid_api_key"
             )
-            return JSONResponse(err.body(), status_code=401)
-    try:
-        return await call_next(request)
-    except Exception as exc:  # a bug: answered in OpenAI's shape, with the traceback in the server's log
-        print(f"loramux serve: {request.method} {request.url.path} failed:", file=sys.stderr)
-        traceback.print_exc()
-        err = APIError(500, f"internal error: {type(exc).__name__}: {exc}", type="server_error")
-        return JSONResponse(err.body(), status_code=500)
+            await JSONResponse(err.body(), status_code=401)(scope, receive, send_counted)
+        else:
+            try:
+                await self.app(scope, receive, send_counted)
+            except Exception as exc:  # a bug: answered in OpenAI's shape, with the traceback in the server's log
+                print(f"loramux serve: {request.method} {request.url.path} failed:", file=sys.stderr)
+                traceback.print_exc()
+                if status:  # the answer had begun: nothing more can be said to this client
+                    raise
+                err = APIError(500, f"internal error: {type(exc).__name__}: {exc}", type="server_error")
+                await JSONResponse(err.body(), status_code=500)(scope, receive, send_counted)
+        self.state.http.count(route_label(scope["app"], scope), status[0] if status else 500)
+
+    def _authorized(self, request: Request) -> bool:
+        key = self.state.settings.api_key
+        if not key or request.url.path in OPEN_PATHS:
+            return True
+        return hmac.compare_digest(request.headers.get("authorization", "").encode(), f"Bearer {key}".encode())
 
 
 __all__ = ["ServerState", "create_app", "pool_state"]
