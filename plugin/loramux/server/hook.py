@@ -23,6 +23,7 @@ from typing import Any
 import httpx
 from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.concurrency import run_in_threadpool
 
 from loramux.mix import Mix
 from loramux.server.app import ServerState, create_app
@@ -134,7 +135,8 @@ async def _forward(request: Request, path: str, *, chat: bool):
     state = request.app.state.loramux
     body = await json_body(request)
     parsed = (chat_body if chat else completion_body)(body)  # the same checks as loramux serve
-    selection = state.selector.select(body, lambda: prompt_text(parsed.request))
+    # a router may run a forward pass (LoGo, hidden-state retrieval): off the event loop, so streams go on
+    selection = await run_in_threadpool(state.selector.select, body, lambda: prompt_text(parsed.request))
     refuse_routed(selection)
     unknown = sorted(set(selection.mix) - {n for n in state.lora.names if n is not None})
     if unknown:

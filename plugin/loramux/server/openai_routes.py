@@ -17,6 +17,7 @@ from typing import Any, AsyncIterator
 
 from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
+from starlette.concurrency import run_in_threadpool
 
 from loramux import responses
 from loramux.engine import RequestHandle
@@ -63,7 +64,8 @@ async def _answer(request: Request, *, chat: bool):
     body = await json_body(request)
     parsed = (chat_body if chat else completion_body)(body)
     parsed.request.request_id = request_id_of(request)
-    selection = state.selector.select(body, lambda: prompt_text(parsed.request))
+    # a router may run a forward pass (LoGo, hidden-state retrieval): off the event loop, so streams go on
+    selection = await run_in_threadpool(state.selector.select, body, lambda: prompt_text(parsed.request))
     parsed.request.mix = selection.mix
     try:
         handle = state.pool.submit(parsed.request, loop=asyncio.get_running_loop())
