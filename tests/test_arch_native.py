@@ -142,7 +142,7 @@ def peft_pair(tmp_path_factory) -> dict[str, tuple[Path, Path]]:
     return out
 
 
-POOL_ARCHS = ["qwen2", "gemma2", "phi3"]
+POOL_ARCHS = ARCHS
 POOL_MIXES = [{"a": 1.0}, {"a": 0.6, "b": 0.4}, "arrow:k=2", None]
 
 
@@ -189,6 +189,37 @@ def test_logo_routes_on_the_real_graph(arch, peft_pair):
         routing = router.route("the quick brown fox")
         assert routing.top1 == max(scores, key=scores.get)
     assert (router.tensor.endswith("attn_qkv.weight")) == (arch == "phi3")
+
+
+@pytest.mark.parametrize("arch", ["qwen3", "gemma3", "phi3"])
+def test_eval_answers_as_the_api_does(arch, peft_pair, tmp_path):
+    """``loramux eval --mix oracle`` on rows of tasks named after the adapters: each row runs under its
+    own task's adapter, and its answer is the one the chat API gives for the same message and mix."""
+    import json
+    import subprocess
+    import sys
+
+    from loramux import AdapterPool, native
+
+    if not native.available():
+        native_missing(native.status().reason)
+    base, pool_dir = peft_pair[arch]
+    rows = [{"task": t, "id": i, "input": f"the quick brown fox {i}", "target": "x"} for i, t in enumerate("abab")]
+    data, out = tmp_path / "rows.jsonl", tmp_path / "eval.json"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cmd = [sys.executable, "-m", "loramux", "eval", "--base", str(base), "--adapters", str(pool_dir), "--data", str(data)]
+    cmd += ["--mix", "oracle", "--max-tokens", "6", "--threads", "1", "--n-ctx", "256", "--json", str(out)]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    report = json.loads(out.read_text())
+    assert [r["mix"] for r in report["rows"]] == [{r["task"]: 1.0} for r in rows]
+    with AdapterPool(base, n_ctx=256, n_seq_max=2, max_active=2, n_threads=1) as pool:
+        pool.load_adapters(pool_dir)
+        for row, got in zip(rows, report["rows"]):
+            api = pool.create_chat_completion(
+                [{"role": "user", "content": row["input"]}], mix={row["task"]: 1.0}, max_tokens=6, temperature=0
+            )
+            assert got["answer"].strip() == api["choices"][0]["message"]["content"].strip(), f"{arch} row {row['id']}"
 
 
 if __name__ == "__main__":

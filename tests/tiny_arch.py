@@ -26,6 +26,10 @@ from typing import Any
 
 HERE = Path(__file__).resolve().parent
 SEED = 1234
+# a chat template in the GGUF (tokenizer.chat_template), so that run, chat and eval work on the tiny models
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n{% endfor %}{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
 # q/k weights x this at build: attention far from uniform, so a q/k layout error moves the logits
 QK_GAIN = 8.0
 VOCAB = 512
@@ -103,7 +107,7 @@ def _versions_key() -> str:
 
     from upstream_converter import SDIST_VERSION
 
-    return f"transformers={transformers.__version__};llama-cpp-python={SDIST_VERSION};seed={SEED};qk={QK_GAIN}"
+    return f"transformers={transformers.__version__};llama-cpp-python={SDIST_VERSION};seed={SEED};qk={QK_GAIN};chat=1"
 
 
 def model_dir(spec: TinySpec) -> Path:
@@ -184,7 +188,7 @@ def _build_one(spec: TinySpec, script: Path) -> None:
                     p.mul_(QK_GAIN)
         model.save_pretrained(staging)
         shutil.copy(_tokenizer_model(Path(tmp)), staging / "tokenizer.model")
-        (staging / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "LlamaTokenizer"}))
+        (staging / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "LlamaTokenizer", "chat_template": CHAT_TEMPLATE}))
         argv = sys.argv
         sys.argv = [str(script), str(staging), "--outtype", "f32", "--outfile", str(staging / "base-f32.gguf")]
         try:
