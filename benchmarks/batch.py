@@ -97,6 +97,9 @@ def parse_args(argv=None):
     ap.add_argument("--prompt-tokens", type=int, default=24, help="prompt length per request (default: 24)")
     ap.add_argument("--adapters", type=Path, help="folder of converted GGUF adapters (default: convert the fixtures)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument(
+        "--device-form", action="store_true", help="native mixes on host buffers take the form device buffers use (ggml_mul_mat_id)"
+    )
     ap.add_argument("--json", type=Path, help="write the results here")
     return ap.parse_args(argv)
 
@@ -243,8 +246,9 @@ class Bench:
         mixes = self.mixes(n)
         prompts = {s: self.prompts[s % len(self.prompts)] for s in range(n)}
         ctx_native, ctx_stock, ctx_small = self.context(n), self.context(n), self.context(n)
-        mixer = SeqMixer(ctx_native, self.adapters, max_active=3)
-        small = SeqMixer(ctx_small, {a: self.adapters[a] for a in mixes[0]}, max_active=3)
+        form = self.args.device_form
+        mixer = SeqMixer(ctx_native, self.adapters, max_active=3, device_form=form)
+        small = SeqMixer(ctx_small, {a: self.adapters[a] for a in mixes[0]}, max_active=3, device_form=form)
         res: dict[str, list[float]] = {k: [] for k in CONFIGS}
         grouped = stock_groups(mixes)
         for _ in range(self.args.runs):

@@ -30,6 +30,9 @@ LORAMUX_ERR_ALLOC = -10
 LORAMUX_ERR_INTERNAL = -11
 LORAMUX_ERR_UNAPPLIED = -12
 
+# Registration flags.
+LORAMUX_REGISTER_MUL_MAT_ID = 1  # host buffers take the device form (ggml_mul_mat_id) too
+
 # Routing modes (enum loramux_route_mode).
 LORAMUX_ROUTE_FIXED = 0
 LORAMUX_ROUTE_ARROW = 1
@@ -43,9 +46,9 @@ _PROTOTYPES: dict[str, tuple[list[Any], Any]] = {
     "loramux_strerror": ([ctypes.c_int32], ctypes.c_char_p),
     # const char * loramux_last_error(void);
     "loramux_last_error": ([], ctypes.c_char_p),
-    # int32_t loramux_register_adapters(struct llama_context * ctx, struct llama_adapter_lora ** adapters,
+    # int32_t loramux_register_adapters(struct llama_context * ctx, struct llama_adapter_lora ** adapters, (+ int32_t flags)
     #                                   int32_t n_adapters, int32_t max_active);
-    "loramux_register_adapters": ([llama_context_p, llama_adapter_lora_pp, ctypes.c_int32, ctypes.c_int32], ctypes.c_int32),
+    "loramux_register_adapters": ([llama_context_p, llama_adapter_lora_pp, ctypes.c_int32, ctypes.c_int32, ctypes.c_int32], ctypes.c_int32),
     # int32_t loramux_unregister(struct llama_context * ctx);
     "loramux_unregister": ([llama_context_p], ctypes.c_int32),
     # int32_t loramux_n_adapters(const struct llama_context * ctx);
@@ -126,8 +129,8 @@ def loramux_api_version() -> int:
     return lib().loramux_api_version()
 
 
-def loramux_register_adapters(ctx, adapters, n_adapters: int, max_active: int) -> int:
-    return lib().loramux_register_adapters(ctx, adapters, n_adapters, max_active)
+def loramux_register_adapters(ctx, adapters, n_adapters: int, max_active: int, flags: int = 0) -> int:
+    return lib().loramux_register_adapters(ctx, adapters, n_adapters, max_active, flags)
 
 
 def loramux_unregister(ctx) -> int:

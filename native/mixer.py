@@ -57,9 +57,13 @@ class SeqMixer:
     ``adapters`` maps names to ``llama_adapter_lora *`` loaded on the context's model, in pool
     order (ids 0..n-1). The adapters must outlive the mixer (token-embedding LoRAs are read from
     them at decode time); call :meth:`close` (or drop the context) before freeing them.
+    ``device_form``: host buffers also take the form device buffers use (``ggml_mul_mat_id``), so
+    the CPU runs (and tests check) what CUDA runs.
     """
 
-    def __init__(self, ctx_ptr, adapters: Mapping[str, object] | Sequence[tuple[str, object]], *, max_active: int = 3) -> None:
+    def __init__(
+        self, ctx_ptr, adapters: Mapping[str, object] | Sequence[tuple[str, object]], *, max_active: int = 3, device_form: bool = False
+    ) -> None:
         pairs = list(adapters.items()) if isinstance(adapters, Mapping) else list(adapters)
         if not pairs:
             raise LoramuxError("SeqMixer needs at least one adapter")
@@ -72,7 +76,8 @@ class SeqMixer:
         self.names: tuple[str, ...] = tuple(names)
         self._ids = {n: i for i, n in enumerate(names)}
         arr = (ctypes.c_void_p * len(pairs))(*[_address(p) for _, p in pairs])
-        rc = B.loramux_register_adapters(ctx_ptr, ctypes.cast(arr, B.llama_adapter_lora_pp), len(pairs), max_active)
+        flags = B.LORAMUX_REGISTER_MUL_MAT_ID if device_form else 0
+        rc = B.loramux_register_adapters(ctx_ptr, ctypes.cast(arr, B.llama_adapter_lora_pp), len(pairs), max_active, flags)
         if rc != B.LORAMUX_OK:
             raise RuntimeLoadError(f"loramux could not register adapters {', '.join(names)}: {self._named(B.reason(rc))} (code {rc})")
         self.max_active = B.loramux_max_active(ctx_ptr)

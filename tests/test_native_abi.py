@@ -7,6 +7,7 @@ llama_cpp): a crash or an abort there fails the test with its output instead of 
 
 from __future__ import annotations
 
+import ctypes
 import json
 import re
 import sys
@@ -94,6 +95,9 @@ def _worker(out: Path, good: Path) -> None:
     attempt("duplicate", [("one", good_ptr), ("two", good_ptr)])
     rc = B.loramux_register_adapters(None, None, 1, 1)
     report["null_ctx"] = {"rc": rc, "reason": B.last_error()}
+    arr = (ctypes.c_void_p * 1)(good_ptr if isinstance(good_ptr, int) else ctypes.cast(good_ptr, ctypes.c_void_p).value)
+    rc = B.loramux_register_adapters(ctx, ctypes.cast(arr, B.llama_adapter_lora_pp), 1, 1, 6)
+    report["unknown_flags"] = {"rc": rc, "reason": B.last_error()}
     mixer = SeqMixer(ctx, [("good", good_ptr)], max_active=1)
     report["registered_reason_cleared"] = {"reason": B.last_error()}
     for label, call in {"bad_seq": lambda: mixer.set(7, {"good": 1.0}), "nan_weight": lambda: mixer.set(0, {"good": float("nan")})}.items():
@@ -146,6 +150,7 @@ def test_null_and_negative_arguments_return_a_status_and_a_reason(refusals):
     from loramux.native import _bindings as B
 
     assert refusals["null_ctx"]["rc"] == B.LORAMUX_ERR_NULL_ARG and "NULL" in refusals["null_ctx"]["reason"]
+    assert refusals["unknown_flags"]["rc"] == B.LORAMUX_ERR_BAD_ARG and "unknown flags 6" in refusals["unknown_flags"]["reason"]
     assert refusals["negative_n"]["rc"] == B.LORAMUX_ERR_BAD_ARG and "negative" in refusals["negative_n"]["reason"]
     assert refusals["registered_reason_cleared"]["reason"] == "", "a successful call left an old reason behind"
     assert refusals["applied"]["rc"] == B.LORAMUX_OK

@@ -8,7 +8,7 @@ and each token's sequence mix. That comparison has no batch floor: it catches a 
 on one adapter, or an adapter dropped at weight 0.3 (negative controls below).
 
 Both forms run: the fused CPU op (host buffers) and the ``ggml_mul_mat_id`` form that device
-buffers (CUDA) use, forced on the CPU with ``LORAMUX_MUL_MAT_ID=1``. The Inf case shows that an
+buffers (CUDA) use, forced on the CPU with ``SeqMixer(device_form=True)``. The Inf case shows that an
 adapter whose output is Inf for a token leaves every other sequence of the batch bitwise as it
 was (empty slots select an all-zero slice, so the device form never computes 0 * Inf).
 
@@ -44,7 +44,7 @@ PROMPTS = [
 ]
 LAYERS = (3, 17)
 MODULES = {"Vcur": "attn_v", "ffn_up": "ffn_up"}  # graph name -> GGUF module
-FORMS = {"fused": "0", "mul_mat_id": "1"}
+FORMS = ("fused", "mul_mat_id")  # SeqMixer(device_form=...): the fused CPU op, or the device form
 INF_TENSOR = "blk.29.ffn_up.weight"  # last layer's FFN: only output rows, never the K/V
 
 
@@ -82,7 +82,7 @@ def _tokenize(lc, vocab, text: str) -> list[int]:
     return list(buf[:n])
 
 
-def _worker_capture(out: Path, adapter_dir: Path) -> None:
+def _worker_capture(out: Path, adapter_dir: Path, form: str) -> None:
     import llama_cpp as lc
 
     from loramux.base_model import default_base_model
@@ -120,7 +120,7 @@ def _worker_capture(out: Path, adapter_dir: Path) -> None:
     p.n_threads = p.n_threads_batch = 1
     p.cb_eval, p.cb_eval_user_data = callback, None
     ctx = lc.llama_init_from_model(model, p)
-    mixer = SeqMixer(ctx, adapters, max_active=3)
+    mixer = SeqMixer(ctx, adapters, max_active=3, device_form=form == "mul_mat_id")
     for s, mix in enumerate(MIXES):
         mixer.set(s, mix)
     batch = lc.llama_batch_init(n_rows, 0, 1)
@@ -147,7 +147,7 @@ def _inf_adapter(adapter_dir: Path, out: Path) -> Path:
     return write_adapter_variant(adapter_dir / "navigate.gguf", out, set_inf)
 
 
-def _worker_inf(out: Path, adapter_dir: Path) -> None:
+def _worker_inf(out: Path, adapter_dir: Path, form: str) -> None:
     import llama_cpp as lc
 
     from loramux.base_model import default_base_model
@@ -159,7 +159,7 @@ def _worker_inf(out: Path, adapter_dir: Path) -> None:
     files = {"inf": _inf_adapter(adapter_dir, out.with_suffix(".gguf"))} | {n: adapter_dir / f"{n}.gguf" for n in POOL}
     adapters = {n: lc.llama_adapter_lora_init(model, str(f).encode()) for n, f in files.items()}  # "inf" is pool id 0
     ctx = teacher.new_context(model, n_seq_max=4, n_ctx=1024, n_threads=1)
-    mixer = SeqMixer(ctx, adapters, max_active=3)
+    mixer = SeqMixer(ctx, adapters, max_active=3, device_form=form == "mul_mat_id")
     seqs = [teacher.ForcedSequence(_tokenize(lc, vocab, p), [28, 29, 30]) for p in PROMPTS]
     mixes = [{"inf": 1.0}, {"hyperbaton": 1.0}, None, {"boolean_expressions": 1.0}]
     runs = {}
@@ -170,7 +170,7 @@ def _worker_inf(out: Path, adapter_dir: Path) -> None:
     np.savez(out, **runs)
 
 
-def _worker(case: str, out: Path, adapter_dir: Path) -> None:
+def _worker(case: str, out: Path, adapter_dir: Path, form: str) -> None:
     from loramux import native
 
     if not native.available():
@@ -179,7 +179,7 @@ def _worker(case: str, out: Path, adapter_dir: Path) -> None:
     from loramux.llama_runtime import silence_llama_log
 
     silence_llama_log(errors_to_stderr=True)
-    {"capture": _worker_capture, "inf": _worker_inf}[case](out, adapter_dir)
+    {"capture": _worker_capture, "inf": _worker_inf}[case](out, adapter_dir, form)
 
 
 # ---------------------------------------------------------------- tests --
@@ -195,7 +195,7 @@ def pool_dir(tmp_path_factory, base_model, shared_dir) -> Path:
 
 def _run(case: str, form: str, pool_dir: Path, tmp_path: Path) -> dict:
     out = tmp_path / f"{case}-{form}.npz"
-    run_worker(__file__, case, out, pool_dir, env={"LORAMUX_MUL_MAT_ID": FORMS[form]})
+    run_worker(__file__, case, out, pool_dir, form)
     data = dict(np.load(out))
     if "unavailable" in data:
         native_missing(str(data["unavailable"]))
@@ -299,4 +299,4 @@ def test_an_inf_adapter_leaves_the_other_sequences_bitwise_clean(form, pool_dir,
 
 
 if __name__ == "__main__":
-    _worker(sys.argv[1], Path(sys.argv[2]), Path(sys.argv[3]))
+    _worker(sys.argv[1], Path(sys.argv[2]), Path(sys.argv[3]), sys.argv[4])

@@ -46,9 +46,9 @@ from conftest import native_missing, run_worker
 from floors import BATCH_MAX_ABS as MAX_ABS_TOL
 from floors import BATCH_MEAN_ABS as MEAN_ABS_TOL
 
-# the two forms of the op (LORAMUX_MUL_MAT_ID at registration): the fused CPU op of host buffers,
+# the two forms of the op (SeqMixer(device_form=...) at registration): the fused CPU op of host buffers,
 # and ggml_mul_mat_id, the form of device buffers (CUDA), forced on the CPU
-FORMS = {"fused": "0", "mul_mat_id": "1"}
+FORMS = ("fused", "mul_mat_id")
 
 ROOT = Path(__file__).resolve().parents[1]
 FIXTURES = ROOT.parent / "shared" / "fixtures" / "smollm2-bbh-lora"
@@ -86,7 +86,7 @@ SINGLES = [{"boolean_expressions": 1.0}, {"navigate": 0.5}, None, {"object_count
 
 
 # ---------------------------------------------------------------- worker (subprocess) --
-def _worker(case: str, out: Path, adapter_dir: Path) -> None:
+def _worker(case: str, out: Path, adapter_dir: Path, form: str) -> None:
     from loramux import native
 
     if not native.available():
@@ -98,11 +98,11 @@ def _worker(case: str, out: Path, adapter_dir: Path) -> None:
 
     paths = {n: adapter_dir / f"{n}.gguf" for n in POOL}
     with teacher.loaded_model(str(default_base_model()), paths) as (model, adapters):
-        res = _decode_case(case, model, adapters)
+        res = _decode_case(case, model, adapters, form == "mul_mat_id")
     np.savez(out, **res)
 
 
-def _decode_case(case: str, model, adapters) -> dict[str, np.ndarray]:
+def _decode_case(case: str, model, adapters, device_form: bool) -> dict[str, np.ndarray]:
     """The alone oracle, then ``case`` on one context of 8 sequences (one thread: results do not depend on it)."""
     import llama_cpp
 
@@ -119,7 +119,7 @@ def _decode_case(case: str, model, adapters) -> dict[str, np.ndarray]:
     prompts = [tok(p) for p in PROMPTS]
     ctx = teacher.new_context(model, n_seq_max=8, n_ctx=8 * 256, n_threads=1)
     res: dict[str, np.ndarray] = {}
-    with SeqMixer(ctx, adapters, max_active=3) as mixer:
+    with SeqMixer(ctx, adapters, max_active=3, device_form=device_form) as mixer:
         forced = _alone_oracle(res, ctx, adapters, prompts)
         seqs = [teacher.ForcedSequence(p, f) for p, f in zip(prompts, forced)]
         if case == "mixed":
@@ -240,7 +240,7 @@ def _convert_pool(base_model, out_dir: Path, outtype: str) -> Path:
 
 def _run_case(case: str, adapter_dir: Path, tmp_path: Path, form: str = "fused") -> dict:
     out = tmp_path / f"{case}.npz"
-    run_worker(__file__, case, out, adapter_dir, env={"LORAMUX_MUL_MAT_ID": FORMS[form]})
+    run_worker(__file__, case, out, adapter_dir, form)
     data = dict(np.load(out))
     if "unavailable" in data:
         native_missing(str(data["unavailable"]))
@@ -336,4 +336,4 @@ def test_f32_adapters_match_stock_within_the_floor(form, tmp_path_factory, base_
 
 
 if __name__ == "__main__":
-    _worker(sys.argv[1], Path(sys.argv[2]), Path(sys.argv[3]))
+    _worker(sys.argv[1], Path(sys.argv[2]), Path(sys.argv[3]), sys.argv[4])

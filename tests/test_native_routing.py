@@ -13,7 +13,7 @@ Negative controls: routing with a wrong k or a wrong temperature in numpy is cau
 10x the tolerance. The fused op's record (which adapters each token chose, with what weights) is
 compared with numpy's choices (the device form must refuse the record, naming a weight), and the
 Arrow prototypes the library computed with numpy's SVD.
-Both forms run: the fused CPU op, and the device form (ggml's MoE ops) forced with LORAMUX_MUL_MAT_ID=1.
+Both forms run: the fused CPU op, and the device form (ggml's MoE ops) forced with SeqMixer(device_form=True).
 """
 
 from __future__ import annotations
@@ -46,7 +46,7 @@ PROMPTS = [
     "Complete the rest of the sequence: ( [ {",
 ]
 MODULES = ["blk.3.attn_q.weight", "blk.3.attn_v.weight", "blk.17.attn_output.weight", "blk.17.ffn_up.weight"]
-FORMS = {"fused": "0", "mul_mat_id": "1"}
+FORMS = ("fused", "mul_mat_id")  # SeqMixer(device_form=...): the fused CPU op, or the device form
 MAX_ACTIVE = 4
 
 
@@ -148,7 +148,7 @@ def _worker_capture(out: Path, adapter_dir: Path, form: str) -> None:
     p.n_threads = p.n_threads_batch = 1
     p.cb_eval, p.cb_eval_user_data = callback, None
     ctx = lc.llama_init_from_model(model, p)
-    mixer = SeqMixer(ctx, adapters, max_active=MAX_ACTIVE)
+    mixer = SeqMixer(ctx, adapters, max_active=MAX_ACTIVE, device_form=form == "mul_mat_id")
     _set_routes(mixer)
     refusal = _start_record(mixer)
     batch = lc.llama_batch_init(n_rows, 0, 1)
@@ -275,7 +275,7 @@ def pool_dir(tmp_path_factory, base_model, shared_dir) -> Path:
 @pytest.fixture(scope="module", params=list(FORMS))
 def captured(request, pool_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp(f"route-{request.param}") / "capture.npz"
-    run_worker(__file__, out, pool_dir, request.param, env={"LORAMUX_MUL_MAT_ID": FORMS[request.param]})
+    run_worker(__file__, out, pool_dir, request.param)
     data = dict(np.load(out))
     if "unavailable" in data:
         native_missing(str(data["unavailable"]))

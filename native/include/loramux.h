@@ -24,7 +24,7 @@
 extern "C" {
 #endif
 
-#define LORAMUX_API_VERSION 3
+#define LORAMUX_API_VERSION 4
 
 enum loramux_status {
     LORAMUX_OK                       =   0,
@@ -59,18 +59,23 @@ LLAMA_API const char * loramux_strerror(int32_t status);
 // the pool adapter ("adapter 3"), the tensor and the cause. Valid until the next loramux call.
 LLAMA_API const char * loramux_last_error(void);
 
+// Registration flags: host buffers take the device form too (ggml_mul_mat_id), so the CPU runs
+// (and tests check) what CUDA runs.
+#define LORAMUX_REGISTER_MUL_MAT_ID 1
+
 // Register the pool `adapters[0..n_adapters)` (ids 0..n_adapters-1 in that order) on ctx, with at
 // most `max_active` adapters per sequence (clamped to n_adapters). The adapters' A/B tensors are copied into stacked
 // tensors on the same devices (the adapters must stay loaded only for token-embedding LoRAs).
-// Host buffers use a fused CPU op; device buffers (and host buffers when the environment has
-// LORAMUX_MUL_MAT_ID=1 at registration) use ggml_mul_mat_id, the mixture-of-experts kernels.
+// Host buffers use a fused CPU op; device buffers (and host buffers when `flags` has
+// LORAMUX_REGISTER_MUL_MAT_ID) use ggml_mul_mat_id, the mixture-of-experts kernels.
 // Replaces any earlier registration and clears every sequence's mix; the next decode reserves
-// the scheduler once (registration is the only slow call).
+// the scheduler once (registration is the only slow call). Unknown flag bits: LORAMUX_ERR_BAD_ARG.
 LLAMA_API int32_t loramux_register_adapters(
         struct llama_context       * ctx,
         struct llama_adapter_lora ** adapters,
         int32_t                      n_adapters,
-        int32_t                      max_active);
+        int32_t                      max_active,
+        int32_t                      flags);
 
 // Drop the registered pool (all sequences go back to the base model).
 LLAMA_API int32_t loramux_unregister(struct llama_context * ctx);

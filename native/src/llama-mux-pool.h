@@ -32,7 +32,7 @@ struct llama_mux_module {
     ggml_tensor * b = nullptr;
     int32_t group = -1; // which pool adapters the stack holds (index into llama_mux::groups)
     int32_t index = -1; // position in llama_mux::module_names (the record's module id)
-    bool    cpu   = false; // host buffers: applied with the fused CPU kernel (unless LORAMUX_MUL_MAT_ID=1)
+    bool    cpu   = false; // host buffers: applied with the fused CPU kernel (unless registered with LORAMUX_REGISTER_MUL_MAT_ID)
     int64_t n_in  = 0;
     int64_t r_max = 0;
     const struct llama_mux * mux = nullptr; // the pool (the fused op records its choices there)
@@ -84,6 +84,7 @@ struct llama_mux {
     int32_t  n_adapters = 0;
     int32_t  k          = 1; // max active adapters per sequence
     uint32_t n_seq_max  = 0;
+    bool     force_mul_mat_id = false; // LORAMUX_REGISTER_MUL_MAT_ID: host buffers take the device form
 
     std::vector<llama_adapter_lora *> adapters;
 

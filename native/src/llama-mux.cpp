@@ -644,15 +644,8 @@ static int32_t mux_plan_stacks(llama_mux & mux, mux_by_name & by_name, std::vect
     return LORAMUX_OK;
 }
 
-// LORAMUX_MUL_MAT_ID=1: host buffers also take the device form (ggml_mul_mat_id), so the CPU
-// runs (and the tests check) what CUDA runs.
-static bool mux_force_mul_mat_id() {
-    const char * v = getenv("LORAMUX_MUL_MAT_ID");
-    return v && (strcmp(v, "1") == 0 || strcmp(v, "ON") == 0 || strcmp(v, "on") == 0 || strcmp(v, "true") == 0);
-}
-
 static int32_t mux_alloc_stacks(llama_mux & mux, const std::vector<mux_plan> & plans) {
-    const bool force_id = mux_force_mul_mat_id();
+    const bool force_id = mux.force_mul_mat_id;
     std::map<ggml_backend_buffer_type_t, ggml_context *> ctx_of;
     for (const auto & p : plans) {
         if (ctx_of.find(p.buft) == ctx_of.end()) {
@@ -747,12 +740,15 @@ static int32_t mux_fill_stack(llama_mux & mux, const mux_plan & p, const mux_by_
     return LORAMUX_OK;
 }
 
-static int32_t mux_register(llama_context * ctx, llama_adapter_lora ** adapters, int32_t n_adapters, int32_t max_active) {
+static int32_t mux_register(llama_context * ctx, llama_adapter_lora ** adapters, int32_t n_adapters, int32_t max_active, int32_t flags) {
     if (!ctx || !adapters) {
         return mux_fail(LORAMUX_ERR_NULL_ARG, "loramux_register_adapters: ctx or adapters is NULL");
     }
     if (n_adapters < 1 || max_active < 1) {
         return mux_fail(LORAMUX_ERR_BAD_ARG, "loramux_register_adapters: n_adapters and max_active must be >= 1");
+    }
+    if (flags & ~LORAMUX_REGISTER_MUL_MAT_ID) {
+        return mux_fail(LORAMUX_ERR_BAD_ARG, "loramux_register_adapters: unknown flags " + std::to_string(flags));
     }
     const llama_model * model = &ctx->get_model();
     int32_t rc = mux_check_pool(model, adapters, n_adapters);
@@ -763,6 +759,7 @@ static int32_t mux_register(llama_context * ctx, llama_adapter_lora ** adapters,
     mux->n_adapters = n_adapters;
     mux->k          = std::min(max_active, n_adapters);
     mux->n_seq_max  = ctx->n_seq_max();
+    mux->force_mul_mat_id = (flags & LORAMUX_REGISTER_MUL_MAT_ID) != 0;
     mux->adapters.assign(adapters, adapters + n_adapters);
     mux->seq_n.assign(mux->n_seq_max, 0);
     mux->seq_ids.assign((size_t) mux->n_seq_max * mux->k, 0);
@@ -824,8 +821,8 @@ const char * loramux_last_error(void) {
     return mux_last_error.c_str();
 }
 
-int32_t loramux_register_adapters(llama_context * ctx, llama_adapter_lora ** adapters, int32_t n_adapters, int32_t max_active) {
-    return mux_guard(__func__, [&] { return mux_register(ctx, adapters, n_adapters, max_active); });
+int32_t loramux_register_adapters(llama_context * ctx, llama_adapter_lora ** adapters, int32_t n_adapters, int32_t max_active, int32_t flags) {
+    return mux_guard(__func__, [&] { return mux_register(ctx, adapters, n_adapters, max_active, flags); });
 }
 
 int32_t loramux_unregister(llama_context * ctx) {

@@ -108,7 +108,9 @@ class AdapterPool:
     decode); ``max_queue`` bounds the requests waiting for a sequence. ``n_threads`` defaults to
     ``$LORAMUX_THREADS`` or the number of cores (at most 8); ``base`` to the embedded
     SmolLM2-135M-Instruct Q4_1 model; ``seed`` seeds the draws of requests sampled without a seed;
-    ``flash_attn`` as ``llama_cpp.Llama``'s (off by default there too).
+    ``flash_attn`` as ``llama_cpp.Llama``'s (off by default there too); ``device_form`` makes the
+    native mixes on host buffers run the form device buffers use (``ggml_mul_mat_id``), to run and
+    measure on the CPU what CUDA runs.
     Use as a context manager or call :meth:`close`.
     """
 
@@ -127,6 +129,7 @@ class AdapterPool:
         n_gpu_layers: int = 0,
         use_mmap: bool = True,
         flash_attn: bool = False,
+        device_form: bool = False,
     ) -> None:
         from loramux import native
 
@@ -150,6 +153,7 @@ class AdapterPool:
                 native=native.warn_if_unavailable(),
                 max_queue=max_queue,
                 flash_attn=flash_attn,
+                device_form=device_form,
             )
         except Exception:
             self.model.close()

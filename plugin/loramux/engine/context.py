@@ -41,10 +41,12 @@ class EngineContext:
         max_active: int,
         native: bool,
         flash_attn: bool = False,
+        device_form: bool = False,
     ) -> None:
         import llama_cpp as lc
 
         self._lc = lc
+        self.device_form = device_form  # host buffers take the device form too (SeqMixer's device_form)
         self.model = model_ptr
         self.vocab = lc.llama_model_get_vocab(model_ptr)
         self.n_vocab = lc.llama_vocab_n_tokens(self.vocab)
@@ -123,7 +125,8 @@ class EngineContext:
         if self.native and self.handles:
             for h in self.handles.values():
                 h.ensure()
-            self.mixer = SeqMixer(self.ctx, {n: h.ptr for n, h in self.handles.items()}, max_active=self.max_active)
+            handles = {n: h.ptr for n, h in self.handles.items()}
+            self.mixer = SeqMixer(self.ctx, handles, max_active=self.max_active, device_form=self.device_form)
             self._release_unused()
 
     def _release_unused(self) -> None:

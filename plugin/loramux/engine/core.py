@@ -87,6 +87,7 @@ class Engine:
         max_queue: int = 256,
         fair_steps: int = 8,
         flash_attn: bool = False,
+        device_form: bool = False,
     ) -> None:
         if n_seq_max < 1 or n_ctx < 8 or max_queue < 1:
             raise LoramuxError(f"engine needs n_seq_max >= 1, n_ctx >= 8, max_queue >= 1 (got {n_seq_max}, {n_ctx}, {max_queue})")
@@ -99,6 +100,7 @@ class Engine:
             max_active=max_active,
             native=native,
             flash_attn=flash_attn,
+            device_form=device_form,
         )
         self.n_ctx, self.n_seq_max, self.max_queue, self.fair_steps = n_ctx, n_seq_max, max_queue, fair_steps
         self.stats = EngineStats()
