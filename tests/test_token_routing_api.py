@@ -509,6 +509,41 @@ def test_cli_eval_choices_prints_the_ranks_and_writes_the_map_and_json(pool, ada
 # --- the server (openai client) and the hook in front of a stock llama-server --------------------
 
 
+def test_a_routed_request_arriving_during_a_load_is_not_refused(pool, tmp_path):
+    """Loads re-register the pool on the engine thread; routed requests submitted meanwhile from
+    another thread are judged by a whole registration, never by the moment between two (which
+    refused them with "no adapter is loaded")."""
+    import threading
+    import time
+
+    from loramux.pool import PoolRequest
+
+    extra = FIXTURES / "snarks"
+    loading = threading.Event()
+
+    def loader() -> None:
+        loading.set()
+        for _ in range(3):
+            pool.load(extra, name="extra")
+            pool.unload("extra")
+        loading.clear()
+
+    thread = threading.Thread(target=loader)
+    thread.start()
+    loading.wait(10)
+    submitted, refused = 0, []
+    while thread.is_alive():
+        try:
+            pool.submit(PoolRequest(prompt="not ( True ) and ( True ) is", mix="arrow:k=2", max_tokens=1)).cancel()
+            submitted += 1
+        except MixError as exc:
+            refused.append(str(exc))
+        time.sleep(0.002)
+    thread.join()
+    assert submitted + len(refused) >= 20, "too few requests arrived during the loads to say anything"
+    assert not refused, f"{len(refused)} of {submitted + len(refused)} routed requests refused during a load: {refused[0]}"
+
+
 @pytest.fixture(scope="module")
 def server(pool, adapter_dir, base_model, tmp_path_factory):
     from serve_proc import loramux_server

@@ -75,6 +75,11 @@ class EngineContext:
         self.context_mix = Mix()
         self.handles: dict[str, Any] = {}
         self.mixer = None
+        # max_active of the registered pool, 0 when none: what Engine.submit checks routed mixes
+        # against from the caller's thread. Updated only once a registration is complete, so a
+        # routed request arriving while the engine thread re-registers is judged by a whole pool,
+        # never by the moment between two registrations (it is admitted on the engine thread after).
+        self.routable_k = 0
         self._piece = ctypes.create_string_buffer(64)
 
     # --- adapters and mixes -----------------------------------------------------------------
@@ -100,12 +105,13 @@ class EngineContext:
                 f"mix {mix} routes every token inside the graph, which needs loramux's native library; it is not in use "
                 f"({native.status().reason or 'turned off'}): use a fixed mix name=w,..., or build the library (native/README.md)"
             )
-        if self.mixer is None:
+        max_active = self.routable_k
+        if max_active == 0:
             raise MixError(f"mix {mix} routes among the pool's adapters, but no adapter is loaded: load adapters first")
-        if routing.k is not None and routing.k > self.mixer.max_active:
+        if routing.k is not None and routing.k > max_active:
             raise MixError(
-                f"mix {mix}: top-k {routing.k} is above this pool's max_active={self.mixer.max_active}; use k <= "
-                f"{self.mixer.max_active}, or open the pool with max_active >= {routing.k} (loramux CLI: --max-active {routing.k})"
+                f"mix {mix}: top-k {routing.k} is above this pool's max_active={max_active}; use k <= "
+                f"{max_active}, or open the pool with max_active >= {routing.k} (loramux CLI: --max-active {routing.k})"
             )
 
     def register(self, handles: Mapping[str, Any]) -> None:
@@ -122,12 +128,15 @@ class EngineContext:
             self.mixer.close()
             self.mixer = None
         self.handles = dict(handles)
-        if self.native and self.handles:
-            for h in self.handles.values():
-                h.ensure()
-            handles = {n: h.ptr for n, h in self.handles.items()}
-            self.mixer = SeqMixer(self.ctx, handles, max_active=self.max_active, device_form=self.device_form)
-            self._release_unused()
+        try:
+            if self.native and self.handles:
+                for h in self.handles.values():
+                    h.ensure()
+                handles = {n: h.ptr for n, h in self.handles.items()}
+                self.mixer = SeqMixer(self.ctx, handles, max_active=self.max_active, device_form=self.device_form)
+                self._release_unused()
+        finally:
+            self.routable_k = self.mixer.max_active if self.mixer is not None else 0
 
     def _release_unused(self) -> None:
         if self.mixer is None:
@@ -228,6 +237,7 @@ class EngineContext:
             if self.mixer is not None:
                 self.mixer.close()
                 self.mixer = None
+                self.routable_k = 0
             self.lora.clear()
             self._lc.llama_batch_free(self.batch)
             self._lc.llama_free(self.ctx)
