@@ -26,6 +26,13 @@ class BaseModelInfo:
     fingerprint: str
 
     @property
+    def head_dim(self) -> int:
+        """Width of one attention head: ``attention.key_length``, else embedding width / head count."""
+        h, arch = self.hparams, self.architecture
+        n_head = int(h[f"{arch}.attention.head_count"])
+        return int(h.get(f"{arch}.attention.key_length") or int(h[f"{arch}.embedding_length"]) // n_head)
+
+    @property
     def ties_output_to_embeddings(self) -> bool:
         """True when llama.cpp uses token_embd as the output projection (no output.weight)."""
         return "output.weight" not in self.tensor_shapes and "token_embd.weight" in self.tensor_shapes

@@ -76,7 +76,7 @@ def hf_config(base: str | os.PathLike) -> dict[str, Any]:
     """The transformers config fields implied by a base GGUF's metadata and shapes (its row's ``hf_class``)."""
     info, row = _row(base)
     h, arch = info.hparams, info.architecture
-    dim, vocab = info.tensor_shapes["token_embd.weight"]
+    vocab = info.tensor_shapes["token_embd.weight"][1]
     config: dict[str, Any] = {
         "architectures": [row.hf_class],
         "vocab_size": vocab,
@@ -88,7 +88,7 @@ def hf_config(base: str | os.PathLike) -> dict[str, Any]:
         if value is not None and not (field == "sliding_window" and value == 0):
             config[field] = value.item() if hasattr(value, "item") else value
     config.setdefault("num_key_value_heads", config["num_attention_heads"])
-    head_dim = config.get("head_dim", dim // config["num_attention_heads"])
+    head_dim = info.head_dim
     if row.norm_shift:  # Gemma: llama.cpp scales queries by 1/sqrt(head_dim) (hparams.f_attention_scale)
         config["query_pre_attn_scalar"] = head_dim
     rope_dims = h.get(f"{arch}.rope.dimension_count")

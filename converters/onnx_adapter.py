@@ -66,8 +66,8 @@ def _row_blocks(kinds: tuple[str, ...], n_rows: int, base: BaseModelInfo) -> lis
     """Row counts of a fused module's parts: "q" and "kv" from the base's head counts, "half" of the rows."""
     h, arch = base.hparams, base.architecture
     n_head = int(h[f"{arch}.attention.head_count"])
-    head_dim = int(h.get(f"{arch}.attention.key_length") or int(h[f"{arch}.embedding_length"]) // n_head)
-    sizes = {"q": n_head * head_dim, "kv": int(h.get(f"{arch}.attention.head_count_kv", n_head)) * head_dim, "half": n_rows // 2}
+    n_kv = int(h.get(f"{arch}.attention.head_count_kv", n_head))
+    sizes = {"q": n_head * base.head_dim, "kv": n_kv * base.head_dim, "half": n_rows // 2}
     return [sizes[k] for k in kinds]
 
 

@@ -68,23 +68,24 @@ _BLOCK = re.compile(r"\.(\d+)\.")
 _PARAM = re.compile(r"^(?P<prefix>.+)\.(?P<part>lora_A|lora_B)\.MatMul\.weight$")
 
 
+def _template(module: str) -> tuple[str, str | None]:
+    """``model.layers.3.self_attn.q_proj`` -> (``model.layers.{bid}.self_attn.q_proj``, ``"3"``); (module, None) outside a block."""
+    m = _BLOCK.search(module)
+    return (module[: m.start()] + ".{bid}." + module[m.end() :], m.group(1)) if m else (module, None)
+
+
 def onnx_prefix(module: str) -> str | None:
     """ONNX MatMul prefix of a PEFT module (``model.layers.3.self_attn.q_proj`` -> ``model.layers.3.attn.q_proj``)."""
-    m = _BLOCK.search(module)
-    if m:
-        template = module[: m.start()] + ".{bid}." + module[m.end() :]
-        target = ONNX_GENAI_LINEARS.get(template)
-        return target.format(bid=m.group(1)) if target else None
-    return ONNX_GENAI_LINEARS.get(module)
+    template, bid = _template(module)
+    target = ONNX_GENAI_LINEARS.get(template)
+    return target.format(bid=bid) if target else None
 
 
 def onnx_fused_parts(module: str) -> tuple[tuple[str, str], ...] | None:
     """(ONNX prefix, row block) of each part the builder unpacks a fused PEFT module into, or None."""
-    m = _BLOCK.search(module)
-    if not m:
-        return None
-    parts = ONNX_GENAI_FUSED.get(module[: m.start()] + ".{bid}." + module[m.end() :])
-    return tuple((prefix.format(bid=m.group(1)), rows) for prefix, rows in parts) if parts else None
+    template, bid = _template(module)
+    parts = ONNX_GENAI_FUSED.get(template)
+    return tuple((prefix.format(bid=bid), rows) for prefix, rows in parts) if parts else None
 
 
 def lora_parameter_names(prefix: str) -> tuple[str, str]:

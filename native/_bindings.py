@@ -46,8 +46,8 @@ _PROTOTYPES: dict[str, tuple[list[Any], Any]] = {
     "loramux_strerror": ([ctypes.c_int32], ctypes.c_char_p),
     # const char * loramux_last_error(void);
     "loramux_last_error": ([], ctypes.c_char_p),
-    # int32_t loramux_register_adapters(struct llama_context * ctx, struct llama_adapter_lora ** adapters, (+ int32_t flags)
-    #                                   int32_t n_adapters, int32_t max_active);
+    # int32_t loramux_register_adapters(struct llama_context * ctx, struct llama_adapter_lora ** adapters,
+    #                                   int32_t n_adapters, int32_t max_active, int32_t flags);
     "loramux_register_adapters": ([llama_context_p, llama_adapter_lora_pp, ctypes.c_int32, ctypes.c_int32, ctypes.c_int32], ctypes.c_int32),
     # int32_t loramux_unregister(struct llama_context * ctx);
     "loramux_unregister": ([llama_context_p], ctypes.c_int32),

@@ -421,8 +421,7 @@ ggml_tensor * llama_mux_build_mm(const llm_graph_context & g, ggml_tensor * w, g
     return out;
 }
 
-ggml_tensor * llama_mux_build_embd(const llm_graph_context & g, ggml_tensor * tok_embd, ggml_tensor * tokens, ggml_tensor * cur) {
-    GGML_UNUSED(tok_embd);
+ggml_tensor * llama_mux_build_embd(const llm_graph_context & g, ggml_tensor * tokens, ggml_tensor * cur) {
     const llama_mux * mux = g.mux;
     if (mux->embd.empty()) {
         return cur;

@@ -51,4 +51,4 @@ private:
 // res = W cur (already computed); returns res plus the per-token mixed LoRA terms for w.
 ggml_tensor * llama_mux_build_mm(const llm_graph_context & gctx, ggml_tensor * w, ggml_tensor * cur, ggml_tensor * res);
 // cur = token embeddings of `tokens`; returns cur plus the per-token mixed embedding LoRA terms.
-ggml_tensor * llama_mux_build_embd(const llm_graph_context & gctx, ggml_tensor * tok_embd, ggml_tensor * tokens, ggml_tensor * cur);
+ggml_tensor * llama_mux_build_embd(const llm_graph_context & gctx, ggml_tensor * tokens, ggml_tensor * cur);

@@ -159,8 +159,7 @@ class AuthAndCount:
             if message["type"] == "http.response.start":
                 status.append(message["status"])
                 if rid is not None:
-                    message.setdefault("headers", [])
-                    message["headers"] = [*message["headers"], (REQUEST_ID_HEADER.lower().encode(), rid.encode())]
+                    message["headers"] = [*message.get("headers", []), (REQUEST_ID_HEADER.lower().encode(), rid.encode())]
             await send(message)
 
         if not self._authorized(request):
