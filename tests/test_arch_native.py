@@ -117,11 +117,13 @@ def test_mixed_batch_equals_each_request_alone(arch, arch_adapters, tmp_path):
     for i, mix in enumerate(MIXES):
         alone, batch = res[f"alone_{i}"], res[f"batch_{i}"]
         diff = float(np.abs(batch - alone).max())
+        print(f"{arch}: sequence {i} ({mix}) batch vs alone max |diff| {diff:.1e}")
         assert diff < ARCH_BATCH_MAX_ABS, f"{arch}: sequence {i} ({mix}) in the batch differs from alone by {diff:.3g}"
     assert np.abs(res["alone_0"] - res["alone_3"]).max() > 10 * ARCH_BATCH_MAX_ABS, f"{arch}: adapter A changes nothing"
     for i in (2, 4):
         assert np.abs(res[f"alone_{i}"] - res["alone_3"]).max() > 10 * ARCH_BATCH_MAX_ABS, f"{arch}: {MIXES[i]} routing changes nothing"
     wrong = float(np.abs(res["wrong_scale_0"] - res["alone_0"]).max())
+    print(f"{arch}: 1.5x scale control {wrong:.2f}")
     assert wrong > 10 * ARCH_BATCH_MAX_ABS, f"{arch}: a 1.5x scale is within the tolerance ({wrong:.3g})"
 
 

@@ -100,6 +100,7 @@ def test_base_gguf_agrees_with_transformers(cases, arch):
     """The precondition of the oracle: llama.cpp runs the base GGUF as transformers runs the HF model."""
     case = cases.get(arch)
     diff = float(np.abs(case["cpp_base"] - case["torch_base"]).max())
+    print(f"{arch}: base max |logit diff| {diff:.2e}")
     assert diff < ARCH_BASE_LOGIT_ATOL, f"{arch}: base logits differ by {diff:.3g}"
 
 
@@ -109,6 +110,7 @@ def test_converted_adapter_matches_peft(cases, arch, kind):
     case = cases.get(arch)[kind]
     assert np.sqrt(np.mean(case["torch"] ** 2)) > 0.05, f"{arch} {kind}: the adapter barely changes the logits; the oracle could not fail"
     err = cases.effect_error(arch, kind)
+    print(f"{arch} {kind}: relative error of the adapter effect {err:.2e}")
     assert err < ARCH_EFFECT_REL_TOL, f"{arch} {kind}: llama.cpp's adapter effect differs from PEFT's by {err:.3g}"
 
 
@@ -148,6 +150,7 @@ def test_negative_controls_fail_the_oracle(cases, arch, tmp_path):
     for label, edit in _controls(arch, base).items():
         variant = write_adapter_variant(src, tmp_path / f"{label.split()[0]}.gguf", edit, base=base)
         err = cases.effect_error(arch, "plain", variant)
+        print(f"{arch}: control '{label}': {err:.3f}")
         assert err > CONTROL_FACTOR * ARCH_EFFECT_REL_TOL, f"{arch}: the oracle misses the control '{label}' (error {err:.3g})"
 
 
