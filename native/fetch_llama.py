@@ -2,7 +2,7 @@
 
 The sources are the llama.cpp that llama-cpp-python vendors (``vendor/llama.cpp`` in its sdist,
 llama-cpp-python 0.3.36 vendors llama.cpp 0c1e57098). The sdist is obtained through pip (no
-download address lives in this repository), unpacked, overlaid with ``native/src`` and
+download address lives in this repository), unpacked, overlaid with ``native/src``, ``native/server/src`` and
 ``native/include`` and patched with ``native/patches/*.patch``.
 
 The result is synced into one stable folder: a file is rewritten only when its content changed,
@@ -30,7 +30,7 @@ from pathlib import Path
 LLAMA_CPP_PYTHON_VERSION = "0.3.36"
 VENDORED_COMMIT = "0c1e57098"
 HERE = Path(__file__).resolve().parent
-OVERLAYS = (("src", "src"), ("include", "include"))  # (folder under native/, folder under llama.cpp/)
+OVERLAYS = (("src", "src"), ("include", "include"), ("server/src", "tools/server"))  # (folder under native/, folder under llama.cpp/)
 STAMP = ".loramux-sources"
 
 
@@ -181,8 +181,9 @@ def prepare(dest: Path, *, version: str = LLAMA_CPP_PYTHON_VERSION, sdist: Path 
             shutil.copyfile(f, fresh / rel)
         for p in patch_files():
             apply_patch(fresh, p)
-        if "llama-mux.cpp" not in (fresh / "src" / "CMakeLists.txt").read_text():
-            raise FetchError(f"the loramux patches reported success but {fresh}/src/CMakeLists.txt lacks llama-mux.cpp")
+        for cmake_list, source in (("src", "llama-mux.cpp"), ("tools/server", "server-loramux.cpp")):
+            if source not in (fresh / cmake_list / "CMakeLists.txt").read_text():
+                raise FetchError(f"the loramux patches reported success but {fresh}/{cmake_list}/CMakeLists.txt lacks {source}")
         tree.mkdir(parents=True, exist_ok=True)
         n = sync_tree(fresh, tree)
     stamp.write_text(key + "\n")

@@ -25,6 +25,7 @@ SUBCOMMANDS: list[str] = [
     "loramux.cli.chat_cmd",
     "loramux.cli.eval_cmd",
     "loramux.cli.serve_cmd",
+    "loramux.cli.llama_server_cmd",
     "loramux.cli.router_cmd",
     "loramux.cli.route_cmd",
     "loramux.cli.compose_cmd",
