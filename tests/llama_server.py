@@ -3,6 +3,8 @@
 The binary is upstream's llama-server, unpatched, built by ``scripts/build_llama_server.sh`` from
 the same pinned llama.cpp as loramux's native library (vendor/llama.cpp of the llama-cpp-python
 sdist) and cached in ``$LORAMUX_HOME/llama-server/<version>/bin/llama-server``.
+``running_llama_server(..., binary=PATH)`` starts another build with the same flags instead, e.g.
+loramux's patched server (the last line of ``loramux llama-server build``).
 
     from llama_server import running_llama_server, http_json
 
@@ -133,10 +135,22 @@ def _stop(proc: subprocess.Popen) -> None:
 
 @contextmanager
 def running_llama_server(
-    model: Path, loras: Sequence[Path], *, n_parallel: int = 1, n_ctx: int = 2048, threads: int = 2, extra_args: Sequence[str] = ()
+    model: Path,
+    loras: Sequence[Path],
+    *,
+    n_parallel: int = 1,
+    n_ctx: int = 2048,
+    threads: int = 2,
+    extra_args: Sequence[str] = (),
+    binary: Path | None = None,
 ) -> Iterator[str]:
-    """Run the stock llama-server on 127.0.0.1 (a free port) with ``--lora`` per adapter, loaded
-    without applying them; yield its base URL once GET /health answers 200; stop it at exit.
+    """Run llama-server on 127.0.0.1 (a free port) with ``--lora`` per adapter, loaded without
+    applying them; yield its base URL once GET /health answers 200; stop it at exit.
+
+    ``binary`` is the llama-server executable to run: by default the stock one
+    (``llama_server_binary()``, built on first use); pass e.g. loramux's patched server (the last
+    line of ``loramux llama-server build``), which takes the same flags. ``extra_args`` are appended
+    to the command line as they are (``--metrics``, ``--lora-max-active 4``, ...).
 
     Note that ``-c n_ctx`` is the whole KV cache: with ``-np n_parallel`` each slot gets
     n_ctx / n_parallel (the KV buffer is unified only when the number of slots is left on auto).
@@ -146,7 +160,10 @@ def running_llama_server(
             raise FileNotFoundError(f)
         if "," in str(f):
             raise ValueError(f"llama-server's --lora splits at commas: {f}")
-    binary = llama_server_binary()
+    if binary is None:
+        binary = llama_server_binary()
+    elif not Path(binary).is_file() or not os.access(binary, os.X_OK):
+        raise FileNotFoundError(f"not an executable llama-server: {binary}")
     # llama.cpp reads LLAMA_ARG_* (and LLAMA_API_KEY) from the environment: keep the caller's out
     env = {k: v for k, v in os.environ.items() if not k.startswith("LLAMA_ARG_") and k != "LLAMA_API_KEY"}
     for attempt in range(3):  # the free port can be taken between our probe and the server's bind

@@ -17,7 +17,12 @@ file, or the base model. Every response says which mix was used ("mix"; for auto
 Per-token routing: "mix" or "model" "arrow" / "arrow:k=3,T=1" (Arrow) or "spectr" / "spectr:k=4"
 (SpectR): every token picks its own top-k of all loaded adapters at every adapted weight, inside
 the graph (native library; k <= --max-active). The response's "mix" is then {"mode", "k",
-"temperature"}. The hook (--upstream) cannot route per token and answers 400.
+"temperature"}. In front of a stock llama-server (--upstream) routing answers 400; in front of
+loramux's patched llama-server (--llama-server, or --upstream to one) it is forwarded.
+
+Which server when (docs/serve.md): this Python server for the Python API, adapters loaded while
+serving, and the LoGo / retrieval routers; --llama-server (loramux's patched llama-server, C++,
+with this router in front) for throughput; --upstream for a llama-server you already run.
 
 Endpoints: /v1/chat/completions, /v1/completions, /v1/models, /health, /metrics,
 /v1/adapters (GET list, POST {"path"} load, DELETE /v1/adapters/NAME unload), /lora-adapters.
@@ -26,7 +31,8 @@ Examples:
   loramux serve --adapters adapters/ --port 8080
   curl -s localhost:8080/v1/chat/completions -d '{"model": "boolean_expressions",
        "messages": [{"role": "user", "content": "not ( True ) and True is"}]}'
-  loramux serve --upstream http://127.0.0.1:8081 --router router.onnx   # route for a stock llama-server
+  loramux serve --adapters adapters/ --llama-server --router router.onnx   # patched llama-server + router
+  loramux serve --upstream http://127.0.0.1:8081 --router router.onnx   # route for a running llama-server
 """
 
 
@@ -59,6 +65,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument(
         "--upstream", default=None, metavar="URL", help="route for a running stock llama-server at URL instead of serving a model here"
+    )
+    p.add_argument(
+        "--llama-server",
+        action="store_true",
+        default=None,
+        help="serve --adapters through loramux's patched llama-server (built once: loramux llama-server build), "
+        "started here as a child on loopback with this router in front; stopped with this command",
     )
     p.add_argument("--host", default=None, help="address to listen on (default: 127.0.0.1; others need --api-key)")
     p.add_argument("--port", type=int, default=None, help="port (default: 8080)")
@@ -108,6 +121,7 @@ def settings_from(args: argparse.Namespace):
             "max_queue",
             "max_active",
             "skip_embeddings",
+            "llama_server",
         )
     }
     flags["flash_attn"] = None if args.flash_attn is None else args.flash_attn == "on"
@@ -120,6 +134,15 @@ def run(args: argparse.Namespace) -> int:
     except ImportError:
         raise LoramuxError("loramux serve needs the server extra: pip install 'loramux[serve]'") from None
     settings = settings_from(args)
+    if settings.llama_server:
+        from dataclasses import replace
+
+        from loramux.server.child import patched_llama_server
+        from loramux.server.hook import build_hook_app
+
+        with patched_llama_server(settings) as url:
+            _serve(uvicorn, build_hook_app(replace(settings, upstream=url)), settings)
+        return 0
     if settings.upstream:
         from loramux.server.hook import build_hook_app
 
@@ -128,6 +151,10 @@ def run(args: argparse.Namespace) -> int:
         from loramux.server.launch import build_pool_app
 
         app = build_pool_app(settings)
+    _serve(uvicorn, app, settings)
+    return 0
+
+
+def _serve(uvicorn, app, settings) -> None:
     print(f"loramux serve: listening on http://{settings.host}:{settings.port}", file=sys.stderr, flush=True)
     uvicorn.run(app, host=settings.host, port=settings.port, log_level="warning", timeout_graceful_shutdown=5)
-    return 0

@@ -43,6 +43,7 @@ class ServerState:
     lora: LoraTable
     http: metrics.HttpCounter = field(default_factory=metrics.HttpCounter)
     upstream: Any = None  # the hook's UpstreamClient
+    upstream_pool: dict[str, Any] | None = None  # the hook: /props "loramux" of a patched upstream, None for stock
 
 
 def pool_state(settings: ServeSettings, pool, router=None) -> ServerState:

@@ -1,17 +1,23 @@
-"""``loramux serve --upstream URL``: the router in front of a running stock llama-server.
+"""``loramux serve --upstream URL``: the router in front of a running llama-server.
 
 At start the hook reads the upstream's ``GET /lora-adapters`` (ids and paths; an adapter is
-named by its file's stem, as loramux names GGUF files). Each request's mix is selected as by
-``loramux serve`` (body ``mix``, ``lora``, ``model``: ``auto`` / adapter / named mix / base), then
-forwarded with llama-server's ``lora`` field filled with an explicit scale for *every* upstream
-adapter (upstream treats ``"lora": []`` as no field, ggml-org/llama.cpp #28674) and with
-``cache_prompt: false``: stock llama-server reuses a slot's cached prefix across different LoRA
-settings (#26207), which would give one mix the K/V of another. Streams are passed through as
-they come; the mix used is in the ``X-Loramux-Mix`` header (and, when not streamed, in the body).
+named by its file's stem, as loramux names GGUF files) and ``GET /props``. Each request's mix is
+selected as by ``loramux serve`` (body ``mix``, ``lora``, ``model``: ``auto`` / adapter / named mix /
+base), then forwarded with llama-server's ``lora`` field filled with an explicit scale for *every*
+upstream adapter (upstream treats ``"lora": []`` as no field, ggml-org/llama.cpp #28674). Streams
+are passed through as they come; the mix used is in the ``X-Loramux-Mix`` header (and, when not
+streamed, in the body).
 
-Per-token routing (``arrow``, ``spectr``) happens inside loramux's own graph: a stock llama-server
-applies one set of LoRA scales to a whole request, so a routed mix is refused with a 400 (never
-forwarded as some fixed mix or as the base model), and ``/v1/models`` does not list the modes.
+Two kinds of upstream, told apart by ``/props``:
+
+- **loramux's patched llama-server** (``loramux llama-server build``; ``/props`` has ``"loramux"``
+  with ``per_sequence``): requests with different mixes decode together, and its prompt cache is
+  keyed by (mix, tokens), so the client's ``cache_prompt`` is passed as it is. Per-token routing
+  (``arrow``, ``spectr``) is forwarded as ``lora_routing``, and ``/v1/models`` lists the modes.
+- **stock llama-server**: ``cache_prompt: false`` is sent, because stock llama-server reuses a
+  slot's cached prefix across different LoRA settings (#26207), which would give one mix the K/V
+  of another; a routed mix is refused with a 400 (never forwarded as some fixed mix or as the
+  base model), since stock applies one set of LoRA scales to a whole request.
 """
 
 from __future__ import annotations
@@ -32,6 +38,7 @@ from loramux.server.errors import APIError
 from loramux.server.openai_routes import json_body
 from loramux.server.selection import LoraTable, MixSelector, Selection
 from loramux.server.settings import ServeSettings, SettingsError
+from loramux.token_routing import ROUTING_MODES
 
 router = APIRouter()
 MIX_HEADER = "X-Loramux-Mix"
@@ -47,6 +54,18 @@ def read_upstream_adapters(url: str) -> list[dict[str, Any]]:
     if not isinstance(listing, list):
         raise APIError(502, f"{url}/lora-adapters did not answer a list of adapters")
     return listing
+
+
+def read_upstream_pool(url: str) -> dict[str, Any] | None:
+    """The upstream's ``/props`` "loramux" object when it is loramux's patched llama-server with its
+    per-sequence pool on, else None (stock llama-server, or the pool refused: see its status)."""
+    try:
+        r = httpx.get(f"{url.rstrip('/')}/props", timeout=30)
+        props = r.json() if r.status_code == 200 else {}
+    except (httpx.HTTPError, ValueError):
+        props = {}
+    pool = props.get("loramux") if isinstance(props, dict) else None
+    return pool if isinstance(pool, dict) and pool.get("per_sequence") else None
 
 
 def upstream_table(listing: list[dict[str, Any]]) -> LoraTable:
@@ -76,8 +95,20 @@ def lora_field(table: LoraTable, mix: Mix) -> list[dict[str, Any]]:
     return [{"id": i, "scale": float(mix.get(n, 0.0))} for i, n in enumerate(table.names) if n is not None]
 
 
+def upstream_fields(table: LoraTable, mix: Mix, *, patched: bool) -> dict[str, Any]:
+    """The llama-server fields that carry ``mix`` upstream (see the module docstring)."""
+    fields: dict[str, Any] = {"lora": lora_field(table, mix)}
+    if mix.token_routing is not None:
+        mode, k, temperature = mix.token_routing.native_args()
+        fields["lora_routing"] = {"mode": mode, "k": k, "temperature": temperature}
+    if not patched:
+        fields["cache_prompt"] = False
+    return fields
+
+
 def build_hook_app(settings: ServeSettings) -> FastAPI:
     listing = read_upstream_adapters(settings.upstream)
+    pool = read_upstream_pool(settings.upstream)
     table = upstream_table(listing)
     names = [n for n in table.names if n is not None]
     route = None
@@ -97,13 +128,21 @@ def build_hook_app(settings: ServeSettings) -> FastAPI:
         route = loaded.route
     for name, mix in settings.mixes.items():
         Mix.coerce(mix).check_known(names)
-    selector = MixSelector(model_id=settings.model_id, adapters=lambda: names, mixes=settings.mixes, lora=table, route=route)
+    selector = MixSelector(
+        model_id=settings.model_id,
+        adapters=lambda: names,
+        mixes=settings.mixes,
+        lora=table,
+        route=route,
+        routing_modes=ROUTING_MODES if pool is not None else (),
+    )
     state = ServerState(
         settings=settings,
         pool=None,
         selector=selector,
         lora=table,
         upstream=httpx.AsyncClient(base_url=settings.upstream.rstrip("/"), timeout=None),
+        upstream_pool=pool,
     )
     return create_app(state, routers=[router])
 
@@ -137,7 +176,9 @@ async def _forward(request: Request, path: str, *, chat: bool):
     parsed = (chat_body if chat else completion_body)(body)  # the same checks as loramux serve
     # a router may run a forward pass (LoGo, hidden-state retrieval): off the event loop, so streams go on
     selection = await run_in_threadpool(state.selector.select, body, lambda: prompt_text(parsed.request))
-    refuse_routed(selection)
+    patched = state.upstream_pool is not None
+    if not patched:
+        refuse_routed(selection)
     unknown = sorted(set(selection.mix) - {n for n in state.lora.names if n is not None})
     if unknown:
         raise APIError(
@@ -148,8 +189,7 @@ async def _forward(request: Request, path: str, *, chat: bool):
             code="invalid_mix",
         )
     out = {k: v for k, v in body.items() if k not in ("mix",)}
-    out["lora"] = lora_field(state.lora, selection.mix)
-    out["cache_prompt"] = False
+    out.update(upstream_fields(state.lora, selection.mix, patched=patched))
     headers = {MIX_HEADER: json.dumps(selection.mix.to_dict())}
     client: httpx.AsyncClient = state.upstream
     if parsed.stream:
@@ -181,4 +221,4 @@ async def _relay(upstream: httpx.Response):
         await upstream.aclose()  # a client gone away closes the upstream stream too
 
 
-__all__ = ["MIX_HEADER", "build_hook_app", "lora_field", "refuse_routed", "upstream_table"]
+__all__ = ["MIX_HEADER", "build_hook_app", "lora_field", "read_upstream_pool", "refuse_routed", "upstream_fields", "upstream_table"]

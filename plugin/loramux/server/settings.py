@@ -45,6 +45,7 @@ class ServeSettings:
     mixes: dict[str, Mix] = field(default_factory=dict)
     router: str | None = None  # a router spec of loramux.router.registry (a bare .onnx path too)
     upstream: str | None = None
+    llama_server: bool = False  # serve the adapters through loramux's patched llama-server (a child) and the hook
     host: str = "127.0.0.1"
     port: int = 8080
     api_key: str | None = None
@@ -67,6 +68,8 @@ class ServeSettings:
             raise SettingsError(f"--port {self.port} is not a port number")
         if self.upstream is None and not self.adapters:
             raise SettingsError("give --adapters DIR (the adapters to serve), or --upstream URL to route for a llama-server")
+        if self.llama_server and self.upstream is not None:
+            raise SettingsError("--llama-server starts its own llama-server: give it --adapters, not --upstream")
         for name in self.mixes:
             if name in ("auto", self.model_id, *ROUTING_MODES):
                 raise SettingsError(f"a named mix cannot be called {name!r} (reserved model name)")
