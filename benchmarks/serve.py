@@ -1,22 +1,38 @@
-"""Serving throughput and latency over loopback: ``loramux serve`` against a stock llama-server.
+"""Serving throughput and latency over loopback: stock and patched llama-server, the loramux hook, loramux serve.
 
 N concurrent streaming clients (``--clients``, default 1 8 32), each with its own BIG-Bench Hard
 chat prompt and, in the "mixed" load, its own top-3 mix drawn from the 21 non-embedding fixture
 adapters, each sending ``--requests-per-client`` requests of ``--tokens`` greedy tokens
-(end-of-generation tokens banned, so every answer has the same length). Side by side in one run,
-per N, the servers started with the same adapters, context and threads:
+(end-of-generation tokens banned, so every answer has the same length). Loads: mixed (a mix per
+client) | shared (one top-3 mix for all) | base (no adapter). Side by side in one run, per N, the
+servers of ``--servers`` (default: all), started with the same adapters, threads, N slots and
+``--n-ctx`` context per slot:
 
-  loramux  mixed | shared (one top-3 mix for all) | base (no adapter)   -- loramux serve --n-seq-max N
-  stock    mixed | shared | base   -- llama-server -np N, the mix in llama-server's per-request
-                                      ``lora`` field (every adapter listed)
-  engine   mixed: the same requests through an AdapterPool in this process (no HTTP), for the cost
-           of the HTTP layer
+  stock    upstream llama-server -np N -c N*n_ctx --metrics (tests/llama_server.py); the mix in its
+           per-request ``lora`` field (every adapter listed with its scale). Slots with different
+           scales never decode in one batch.
+  patched  loramux's patched llama-server (``loramux llama-server build``), the same flags plus
+           --lora-max-active 4, the same ``lora`` field: requests with different mixes decode in one
+           batch, the prompt cache is keyed by mix (no ``cache_prompt: false`` needed)
+  hook     ``loramux serve --upstream URL`` in front of a second patched llama-server started as
+           above; requests carry loramux's ``"mix": {adapter: weight}`` (none for the base load), the
+           hook forwards them as ``lora`` (every adapter; it sees the patched upstream in /props and
+           keeps ``cache_prompt``)
+  loramux  ``loramux serve --n-seq-max N --n-ctx n_ctx``, the body field ``mix``
+  engine   mixed only: the same requests through an AdapterPool in this process (no HTTP), for the
+           cost of the HTTP layer (run after the servers are stopped)
 
 Reported per cell, as ``vllm bench serve`` reports them: completed, failed, output tokens/s,
 TTFT p50/p99, ITL p50/p99, end-to-end p50 (ms); medians over ``--runs`` rounds (the configurations
-interleaved in each round). Also the resident memory (peak VmHWM, current VmRSS) of both servers after each N.
+interleaved in each round). After each N: the resident memory (peak VmHWM, current VmRSS) of every
+server process (for the hook: the patched server behind it and the hook process apart) and the
+patched servers' /metrics loramux_* counters (sequences and mixes per decode, fallbacks; warm-up
+included). After the tables, the ratios of the medians per N: patched mixed / stock mixed, patched
+mixed / stock base (the limit), patched mixed / patched base, patched base / stock base, hook mixed /
+patched mixed, TTFT p99 patched mixed / stock mixed, peak RSS patched / stock (and loramux's own).
 
     .venv/bin/python benchmarks/serve.py --clients 8 32 --runs 3 --json out/serve.json
+    .venv/bin/python benchmarks/serve.py --servers stock patched hook --clients 8 --runs 3
 """
 
 from __future__ import annotations
@@ -26,6 +42,7 @@ import asyncio
 import json
 import random
 import statistics
+import subprocess
 import sys
 import tempfile
 import threading
@@ -39,8 +56,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 FIXTURES = ROOT.parent / "shared" / "fixtures" / "smollm2-bbh-lora"
 DEV = ROOT.parent / "shared" / "data" / "bbh" / "dev.jsonl"
-SERVERS = ("loramux", "stock")
+SERVERS = ("stock", "patched", "hook", "loramux", "engine")  # engine: in this process, no HTTP
 LOADS = ("mixed", "shared", "base")
+LORA_MAX_ACTIVE = 4  # the patched server's --lora-max-active (its default): the top-3 mixes fit
 
 
 def parse_args(argv=None):
@@ -53,7 +71,14 @@ def parse_args(argv=None):
     ap.add_argument("--requests-per-client", type=int, default=2, help="requests each client sends in turn (default: 2)")
     ap.add_argument("--tokens", type=int, default=64, help="greedy tokens per answer (default: 64)")
     ap.add_argument("--runs", type=int, default=3, help="rounds; medians are reported (default: 3)")
-    ap.add_argument("--threads", type=int, default=2, help="CPU threads of both servers (default: 2)")
+    ap.add_argument(
+        "--servers",
+        nargs="+",
+        choices=SERVERS,
+        default=list(SERVERS),
+        help="the servers to measure, side by side (default: all of them)",
+    )
+    ap.add_argument("--threads", type=int, default=2, help="CPU threads of every server (default: 2)")
     ap.add_argument("--n-ctx", type=int, default=512, help="context per sequence / slot (default: 512)")
     ap.add_argument(
         "--prompt-chars",
@@ -63,7 +88,9 @@ def parse_args(argv=None):
     )
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", type=Path, help="write every figure here")
-    return ap.parse_args(argv)
+    args = ap.parse_args(argv)
+    args.servers = [s for s in SERVERS if s in args.servers]  # one order, each once
+    return args
 
 
 # --- the load --------------------------------------------------------------------------------
@@ -166,7 +193,7 @@ def prompt_of(load: dict, window: int, c: int, k: int, args) -> str:
     return load["prompts"][((window * n + c) * args.requests_per_client + k) % len(load["prompts"])]
 
 
-def request_bodies(server: str, load: dict, kind: str, args, ban: dict, lora_ids: dict[str, int], window: int) -> list[list[dict]]:
+def request_bodies(server: str, load: dict, kind: str, args, ban: dict, lora_ids: dict[str, int] | None, window: int) -> list[list[dict]]:
     n = len(load[kind])
     out = []
     for c in range(n):
@@ -183,7 +210,10 @@ def request_bodies(server: str, load: dict, kind: str, args, ban: dict, lora_ids
             mix = load[kind][c]
             if server == "loramux":
                 body["mix"] = mix
-            else:  # llama-server: every adapter with an explicit scale (as loramux's hook sends it)
+            elif server == "hook":  # loramux's field; the hook writes llama-server's lora
+                if mix:
+                    body["mix"] = mix
+            else:  # stock, patched: every adapter with an explicit scale (as loramux's hook sends it)
                 body["lora"] = [{"id": i, "scale": mix.get(name, 0.0)} for name, i in lora_ids.items()]
             mine.append(body)
         out.append(mine)
@@ -246,62 +276,153 @@ def rss_mib(port: int) -> dict[str, float] | None:
     return None
 
 
-def start_servers(stack: ExitStack, n: int, args, base: Path, adapters: list[Path], log_dir: Path) -> dict[str, str]:
+def loramux_metrics(url: str) -> dict[str, float] | None:
+    """The loramux_* series of a patched llama-server's GET /metrics (counted since it started)."""
+    try:
+        text = httpx.get(f"{url}/metrics", timeout=10).text
+    except httpx.HTTPError:
+        return None
+    out = {}
+    for line in text.splitlines():
+        if line.startswith("#") or "loramux_" not in line:
+            continue
+        name, _, value = line.rpartition(" ")
+        try:
+            out[name.rsplit(":", 1)[-1]] = round(float(value), 3)
+        except ValueError:
+            continue
+    return out or None
+
+
+def patched_binary() -> Path:
+    """loramux's patched llama-server: the last stdout line of ``loramux llama-server build`` (cached after the first build)."""
+    proc = subprocess.run([sys.executable, "-m", "loramux", "llama-server", "build"], stdout=subprocess.PIPE, text=True)
+    lines = proc.stdout.strip().splitlines()
+    if proc.returncode != 0 or not lines or not Path(lines[-1]).is_file():
+        raise SystemExit(f"loramux llama-server build failed (exit {proc.returncode}):\n{proc.stdout[-2000:]}")
+    return Path(lines[-1])
+
+
+def start_servers(
+    stack: ExitStack, n: int, args, base: Path, adapters: list[Path], log_dir: Path, patched: Path | None
+) -> tuple[dict[str, str], dict[str, str]]:
+    """Start the HTTP servers of ``args.servers`` for N clients. Returns the URL each server's
+    requests go to, and the URL of every server process (for its RSS): for the hook, the patched
+    llama-server behind it ("hook upstream") and the hook itself ("hook process")."""
     from llama_server import running_llama_server
     from serve_proc import loramux_server
 
-    ours = stack.enter_context(
-        loramux_server(
-            "--base",
-            str(base),
-            "--adapters",
-            str(adapters[0].parent),
-            "--n-seq-max",
-            str(n),
-            "--n-ctx",
-            str(args.n_ctx),
-            "--threads",
-            str(args.threads),
-            "--max-queue",
-            str(4 * n + 8),
-            log_dir=log_dir,
+    def llama_server(binary: Path | None, extra: list[str]) -> str:  # the same slots, context per slot and threads for each
+        return stack.enter_context(
+            running_llama_server(
+                base, adapters, n_parallel=n, n_ctx=n * args.n_ctx, threads=args.threads, extra_args=["--metrics", *extra], binary=binary
+            )
         )
-    )
-    stock = stack.enter_context(running_llama_server(base, adapters, n_parallel=n, n_ctx=n * args.n_ctx, threads=args.threads))
-    return {"loramux": ours, "stock": stock}
+
+    patched_flags = ["--lora-max-active", str(LORA_MAX_ACTIVE)]
+    urls: dict[str, str] = {}
+    procs: dict[str, str] = {}
+    if "stock" in args.servers:
+        urls["stock"] = procs["stock"] = llama_server(None, [])
+    if "patched" in args.servers:
+        urls["patched"] = procs["patched"] = llama_server(patched, patched_flags)
+    if "hook" in args.servers:
+        procs["hook upstream"] = upstream = llama_server(patched, patched_flags)
+        urls["hook"] = procs["hook process"] = stack.enter_context(
+            loramux_server("--upstream", upstream, "--base", str(base), log_dir=log_dir)
+        )
+    if "loramux" in args.servers:
+        urls["loramux"] = procs["loramux"] = stack.enter_context(
+            loramux_server(
+                "--base",
+                str(base),
+                "--adapters",
+                str(adapters[0].parent),
+                "--n-seq-max",
+                str(n),
+                "--n-ctx",
+                str(args.n_ctx),
+                "--threads",
+                str(args.threads),
+                "--max-queue",
+                str(4 * n + 8),
+                log_dir=log_dir,
+            )
+        )
+    return urls, procs
 
 
-def measure_n(n: int, args, base: Path, adapters: list[Path], ban: dict, log_dir: Path) -> dict:
+def measure_n(n: int, args, base: Path, adapters: list[Path], ban: dict, log_dir: Path, patched: Path | None) -> dict:
     load = make_load([a.stem for a in adapters], n, args.seed + n, args.prompt_chars)
-    cells: dict[str, list[dict]] = {f"{s} {k}": [] for s in SERVERS for k in LOADS}
-    rss = {}
+    http = [s for s in args.servers if s != "engine"]
+    runs: dict[str, list[dict]] = {f"{s} {k}": [] for s in http for k in LOADS}
+    rss, metrics = {}, {}
     with ExitStack() as stack:
-        urls = start_servers(stack, n, args, base, adapters, log_dir)
-        listing = httpx.get(f"{urls['stock']}/lora-adapters").json()
-        lora_ids = {Path(a["path"]).stem: a["id"] for a in listing}
+        urls, procs = start_servers(stack, n, args, base, adapters, log_dir, patched)
+        lora_ids = {
+            s: {Path(a["path"]).stem: a["id"] for a in httpx.get(f"{urls[s]}/lora-adapters").json()}
+            for s in ("stock", "patched")
+            if s in urls
+        }
         window = 0
-        for s in SERVERS:  # warm-up: one short round each
-            asyncio.run(run_clients(urls[s], request_bodies(s, load, "mixed", args, ban, lora_ids, window)[:2]))
+        for s in http:  # warm-up: one short round each
+            asyncio.run(run_clients(urls[s], request_bodies(s, load, "mixed", args, ban, lora_ids.get(s), window)[:2]))
         for r in range(args.runs):
             for kind in LOADS:
-                window += 1  # both servers get the same prompts, unseen by either
-                for s in SERVERS:
-                    res = asyncio.run(run_clients(urls[s], request_bodies(s, load, kind, args, ban, lora_ids, window)))
-                    cells[f"{s} {kind}"].append(res)
+                window += 1  # every server gets the same prompts, unseen by any
+                for s in http:
+                    res = asyncio.run(run_clients(urls[s], request_bodies(s, load, kind, args, ban, lora_ids.get(s), window)))
+                    runs[f"{s} {kind}"].append(res)
                     print(
                         f"  N={n} run {r + 1} {s:7s} {kind:6s} {res['output_tokens_per_s']:7.1f} tok/s "
                         f"ttft p99 {res['ttft_p99_ms']} ms, failed {res['failed']}",
                         flush=True,
                     )
-        for s in SERVERS:
-            rss[s] = rss_mib(int(urls[s].rsplit(":", 1)[1]))
-    from loramux import AdapterPool
+        for label, url in procs.items():
+            rss[label] = rss_mib(int(url.rsplit(":", 1)[1]))
+            if label in ("patched", "hook upstream"):
+                metrics[label] = loramux_metrics(url)
+    if "engine" in args.servers:
+        from loramux import AdapterPool
 
-    with AdapterPool(base, n_ctx=args.n_ctx, n_seq_max=n, n_threads=args.threads, flash_attn=True) as pool:  # as the server
-        pool.load_adapters(adapters)
-        engine_run(pool, {**load, "mixed": load["mixed"][:1]}, args, ban, 0)  # warm-up
-        cells["engine mixed"] = [engine_run(pool, load, args, ban, 3 * r + 1) for r in range(args.runs)]  # the mixed windows
-    return {"cells": {k: median_cell(v) for k, v in cells.items()}, "runs": cells, "rss_mib": rss}
+        with AdapterPool(base, n_ctx=args.n_ctx, n_seq_max=n, n_threads=args.threads, flash_attn=True) as pool:  # as the server
+            pool.load_adapters(adapters)
+            engine_run(pool, {**load, "mixed": load["mixed"][:1]}, args, ban, 0)  # warm-up
+            runs["engine mixed"] = [engine_run(pool, load, args, ban, 3 * r + 1) for r in range(args.runs)]  # the mixed windows
+    order = [f"{s} {k}" for k in LOADS for s in args.servers if f"{s} {k}" in runs]  # by load, the servers side by side
+    cells = {key: median_cell(runs[key]) for key in order}
+    return {"cells": cells, "runs": runs, "rss_mib": rss, "loramux_metrics": metrics, "ratios": ratios(cells, rss)}
+
+
+def ratios(cells: dict, rss: dict) -> dict[str, float | None]:
+    """The ratios of the medians (None where a server was not measured)."""
+
+    def tps(key: str) -> float | None:
+        return (cells.get(key) or {}).get("output_tokens_per_s")
+
+    def ttft99(key: str) -> float | None:
+        return (cells.get(key) or {}).get("ttft_p99_ms")
+
+    def peak(label: str) -> float | None:
+        return (rss.get(label) or {}).get("VmHWM")
+
+    def div(a: float | None, b: float | None) -> float | None:
+        return None if a is None or not b else round(a / b, 3)
+
+    return {
+        "tok/s patched mixed / stock mixed": div(tps("patched mixed"), tps("stock mixed")),
+        "tok/s patched mixed / stock base (the limit)": div(tps("patched mixed"), tps("stock base")),
+        "tok/s patched mixed / patched base": div(tps("patched mixed"), tps("patched base")),
+        "tok/s patched base / stock base": div(tps("patched base"), tps("stock base")),
+        "tok/s hook mixed / patched mixed": div(tps("hook mixed"), tps("patched mixed")),
+        "TTFT p99 patched mixed / stock mixed": div(ttft99("patched mixed"), ttft99("stock mixed")),
+        "peak RSS patched / stock": div(peak("patched"), peak("stock")),
+        "tok/s loramux mixed / stock mixed": div(tps("loramux mixed"), tps("stock mixed")),
+        "tok/s loramux mixed / patched mixed": div(tps("loramux mixed"), tps("patched mixed")),
+        "tok/s loramux mixed / loramux base": div(tps("loramux mixed"), tps("loramux base")),
+        "tok/s loramux mixed / engine mixed (HTTP cost)": div(tps("loramux mixed"), tps("engine mixed")),
+        "peak RSS loramux / stock": div(peak("loramux"), peak("stock")),
+    }
 
 
 def median_cell(runs: list[dict]) -> dict:
@@ -310,20 +431,51 @@ def median_cell(runs: list[dict]) -> dict:
     }
 
 
-def print_table(n: int, cells: dict) -> None:
-    cols = ("completed", "failed", "output_tokens_per_s", "ttft_p50_ms", "ttft_p99_ms", "itl_p50_ms", "itl_p99_ms", "e2e_p50_ms")
-    print(f"\nN = {n} clients")
-    print(f"{'':16s}" + "".join(f"{c:>21s}" for c in cols))
-    for name, cell in cells.items():
-        print(f"{name:16s}" + "".join(f"{str(cell[c]):>21s}" for c in cols))
-    m, b = cells["loramux mixed"]["output_tokens_per_s"], cells["loramux base"]["output_tokens_per_s"]
-    sm, ss = cells["stock mixed"]["output_tokens_per_s"], cells["stock shared"]["output_tokens_per_s"]
-    e = cells["engine mixed"]["output_tokens_per_s"]
+COLUMNS = (
+    ("completed", "completed"),
+    ("failed", "failed"),
+    ("output_tokens_per_s", "out tok/s"),
+    ("ttft_p50_ms", "TTFT p50"),
+    ("ttft_p99_ms", "TTFT p99"),
+    ("itl_p50_ms", "ITL p50"),
+    ("itl_p99_ms", "ITL p99"),
+    ("e2e_p50_ms", "e2e p50"),
+)
+
+
+def fmt(v) -> str:
+    if v is None:
+        return "-"
+    return f"{v:g}" if isinstance(v, float) else str(v)
+
+
+def print_table(n: int, res: dict, runs: int) -> None:
+    print(f"\nN = {n} clients (medians of {runs} round{'s' if runs != 1 else ''}; times in ms)")
+    print(f"{'':16s}" + "".join(f"{h:>11s}" for _, h in COLUMNS))
+    for name, cell in res["cells"].items():
+        print(f"{name:16s}" + "".join(f"{fmt(cell[c]):>11s}" for c, _ in COLUMNS))
     print(
-        f"ratios: loramux mixed / loramux base {m / b:.2f}; loramux mixed / stock mixed {m / sm:.2f}; "
-        f"loramux shared / stock shared {cells['loramux shared']['output_tokens_per_s'] / ss:.2f}; "
-        f"HTTP / engine {m / e:.2f}"
+        "peak / current RSS (MiB): "
+        + "; ".join(f"{k} {fmt((v or {}).get('VmHWM'))} / {fmt((v or {}).get('VmRSS'))}" for k, v in res["rss_mib"].items())
     )
+    for label, m in res["loramux_metrics"].items():
+        if m:
+            print(
+                f"{label} /metrics (warm-up included): sequences per decode {fmt(m.get('loramux_decode_sequences_per_decode'))} "
+                f"(max {fmt(m.get('loramux_decode_sequences_max'))}), mixes per decode {fmt(m.get('loramux_decode_mixes_per_decode'))} "
+                f"(max {fmt(m.get('loramux_decode_mixes_max'))}), fallback requests {fmt(m.get('loramux_fallback_requests_total'))}"
+            )
+
+
+def print_ratios(by_clients: dict) -> None:
+    ns = list(by_clients)
+    names = [k for k in next(iter(by_clients.values()))["ratios"] if any(by_clients[n]["ratios"][k] is not None for n in ns)]
+    if not names:
+        return
+    print("\nRatios of the medians")
+    print(f"{'':48s}" + "".join(f"{'N=' + n:>9s}" for n in ns))
+    for k in names:
+        print(f"{k:48s}" + "".join(f"{fmt(by_clients[n]['ratios'][k]):>9s}" for n in ns))
 
 
 def main(argv=None) -> int:
@@ -333,15 +485,23 @@ def main(argv=None) -> int:
 
     base = default_base_model()
     adapters = convert_adapters(Path(tempfile.gettempdir()) / "loramux-serve-bench", base)
+    patched = patched_binary() if {"patched", "hook"} & set(args.servers) else None
     with AdapterPool(base, n_ctx=64, n_seq_max=1) as pool:
         ban = {str(t): -100 for t in {pool.token_eos(), *pool.tokenize("<|im_end|>")}}
-    out = {"args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}, "adapters": len(adapters), "by_clients": {}}
+    out = {
+        "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+        "adapters": len(adapters),
+        "patched_binary": None if patched is None else str(patched),
+        "by_clients": {},
+        "ratios": {},
+    }
     with tempfile.TemporaryDirectory() as logs:
         for n in args.clients:
-            res = measure_n(n, args, base, adapters, ban, Path(logs))
+            res = measure_n(n, args, base, adapters, ban, Path(logs), patched)
             out["by_clients"][str(n)] = res
-            print_table(n, res["cells"])
-            print(f"RSS (MiB, peak VmHWM and current VmRSS): {res['rss_mib']}")
+            out["ratios"][str(n)] = res["ratios"]
+            print_table(n, res, args.runs)
+    print_ratios(out["by_clients"])
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(out, indent=1))

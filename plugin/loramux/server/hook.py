@@ -190,7 +190,7 @@ async def _forward(request: Request, path: str, *, chat: bool):
         )
     out = {k: v for k, v in body.items() if k not in ("mix",)}
     out.update(upstream_fields(state.lora, selection.mix, patched=patched))
-    headers = {MIX_HEADER: json.dumps(selection.mix.to_dict())}
+    headers = {MIX_HEADER: json.dumps(selection.mix.to_json())}
     client: httpx.AsyncClient = state.upstream
     if parsed.stream:
         upstream = await client.send(client.build_request("POST", path, json=out), stream=True)
@@ -206,7 +206,7 @@ async def _forward(request: Request, path: str, *, chat: bool):
     except ValueError:
         return Response(r.content, status_code=r.status_code, headers=headers)
     if r.status_code == 200 and isinstance(answer, dict):
-        answer["mix"] = selection.mix.to_dict()
+        answer["mix"] = selection.mix.to_json()
         answer["mix_source"] = selection.source
         if selection.routing is not None:
             answer["routing"] = selection.routing
