@@ -43,15 +43,16 @@ def prepare() -> bool:
 
     from loramux.native import _loader
 
-    if _loader.turned_off():
-        return False
     if "llama_cpp.llama_cpp" in sys.modules:
         return False
     folder = _loader.find_library_dir()
     if folder is None:
         return False
+    # even with LORAMUX_NATIVE=0: llama-cpp-python is installed without a library of its own
+    # (scripts/setup.sh, LLAMA_BUILD=OFF); the patched library runs stock llama.cpp when no pool
+    # is registered, and the native path stays off (available() is False)
     os.environ.setdefault(_loader.LLAMA_ENV, str(folder))
-    return True
+    return not _loader.turned_off()
 
 
 def status() -> NativeStatus:

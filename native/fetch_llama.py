@@ -238,10 +238,18 @@ def main(argv: list[str] | None = None) -> int:
         "--unpatched", action="store_true", help="the vendored sources as shipped (no overlay, no patch), for stock llama.cpp tools"
     )
     ap.add_argument("--sdist-dir", type=Path, default=None, help="with --unpatched: where the sdist is cached (default: DEST/sdist)")
+    ap.add_argument(
+        "--sdist-only",
+        action="store_true",
+        help="only fetch the sdist into DEST/sdist and print its path (scripts/setup.sh installs llama-cpp-python from it)",
+    )
     args = ap.parse_args(argv)
     args.dest.mkdir(parents=True, exist_ok=True)
     try:
-        if args.unpatched:
+        if args.sdist_only:
+            folder = args.dest.resolve() / "sdist"
+            print(args.sdist or find_sdist(folder, args.version) or download_sdist(folder, args.version, sys.executable))
+        elif args.unpatched:
             print(
                 prepare_unpatched(
                     args.dest.resolve(),

@@ -2,8 +2,10 @@
 # Set up loramux in ./.venv on a fresh machine (idempotent; fast when already done).
 #   bash scripts/setup.sh         runtime only (enough for `loramux demo`)
 #   bash scripts/setup.sh --dev   + torch/PEFT (oracles), onnx/onnxruntime, pytest
-# llama-cpp-python 0.3.36 is compiled from its sdist once (about 10 minutes on 2 cores);
-# pip's wheel cache makes every later install take seconds.
+# llama.cpp is compiled once: loramux's patched libllama (pip install ., ~6 minutes on 2 cores the
+# first time). llama-cpp-python 0.3.36 is installed from its sdist without a library of its own
+# (LLAMA_BUILD=OFF, seconds): `import loramux` points it at the patched one, so exactly one
+# libllama is ever loaded. pip's caches make every later run take seconds.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -18,15 +20,14 @@ if [[ ! -x "$VENV/bin/python" ]]; then
 fi
 PIP=("$VENV/bin/python" -m pip --disable-pip-version-check -q)
 
-if ! "$VENV/bin/python" -c "import llama_cpp" 2>/dev/null; then
-  echo "loramux setup: installing llama-cpp-python 0.3.36 (first build compiles llama.cpp: ~10 min on 2 cores)"
-  # Only the libraries: no llama.cpp tools, tests, examples, server or multimodal library.
-  # No AMX on x86 (ggml's AMX mul_mat segfaults on the Q4_1 default model on Sapphire Rapids VMs;
-  # native/CMakeLists.txt does the same for loramux's library).
-  NO_AMX=""
-  [[ "$(uname -m)" == "x86_64" ]] && NO_AMX="-DCMAKE_C_FLAGS=-mno-amx-tile\ -mno-amx-int8\ -mno-amx-bf16 -DCMAKE_CXX_FLAGS=-mno-amx-tile\ -mno-amx-int8\ -mno-amx-bf16"
-  CMAKE_ARGS="${CMAKE_ARGS:-} $NO_AMX -DLLAVA_BUILD=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TOOLS=OFF -DLLAMA_BUILD_SERVER=OFF" \
-    "${PIP[@]}" install "llama-cpp-python==0.3.36"
+HOME_DIR="${LORAMUX_HOME:-$HOME/.cache/loramux}"
+if ! "$VENV/bin/python" -c "import importlib.metadata as m, sys; sys.exit(m.version('llama-cpp-python') != '0.3.36')" 2>/dev/null; then
+  echo "loramux setup: installing llama-cpp-python 0.3.36 without its own llama.cpp (loramux's patched libllama serves it)"
+  # the sdist through pip (the same file the native build takes llama.cpp from); reading its
+  # metadata needs its build backend
+  "${PIP[@]}" install "scikit-build-core>=0.10"
+  SDIST="$("$VENV/bin/python" native/fetch_llama.py --dest "$HOME_DIR/native" --sdist-only | tail -n 1)"
+  CMAKE_ARGS="-DLLAMA_BUILD=OFF -DLLAVA_BUILD=OFF" "${PIP[@]}" install "$SDIST"
 fi
 
 EXTRAS="[serve]"
