@@ -86,6 +86,12 @@ def parse_args(argv=None):
         default=200,
         help="cut each BBH prompt to this many characters, so decoding, not prefill, dominates (default: 200)",
     )
+    ap.add_argument(
+        "--patched-args",
+        default="",
+        metavar="FLAGS",
+        help='more llama-server flags for the patched servers only, e.g. "--cache-ram 0" (default: none)',
+    )
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", type=Path, help="write every figure here")
     args = ap.parse_args(argv)
@@ -147,6 +153,7 @@ def summarise(results: list[dict], wall: float) -> dict:
         "itl_p99_ms": ms(percentile(itl, 99)),
         "e2e_p50_ms": ms(percentile([r["e2e"] for r in ok], 50)),
         "wall_s": round(wall, 2),
+        "errors": sorted({r["error"] for r in results if not r["ok"] and r.get("error")})[:3],
     }
 
 
@@ -157,7 +164,7 @@ async def stream_one(client: httpx.AsyncClient, body: dict) -> dict:
     try:
         async with client.stream("POST", "/v1/chat/completions", json=body) as r:
             if r.status_code != 200:
-                return {"ok": False}
+                return {"ok": False, "error": f"HTTP {r.status_code}: {(await r.aread())[:300]!r}"}
             async for line in r.aiter_lines():
                 if not line.startswith("data: ") or line == "data: [DONE]":
                     continue
@@ -170,10 +177,11 @@ async def stream_one(client: httpx.AsyncClient, body: dict) -> dict:
                     if last is not None:
                         itl.append(now - last)
                     last, chunks = now, chunks + 1
-    except httpx.HTTPError:
-        return {"ok": False}
+    except httpx.HTTPError as exc:
+        return {"ok": False, "error": f"{type(exc).__name__}: {exc}"}
     tokens = usage["completion_tokens"] if usage else chunks
-    return {"ok": ttft is not None, "ttft": ttft, "itl": itl, "e2e": time.perf_counter() - t0, "tokens": tokens}
+    error = None if ttft is not None else f"no content in {chunks} chunks (usage {usage})"
+    return {"ok": ttft is not None, "error": error, "ttft": ttft, "itl": itl, "e2e": time.perf_counter() - t0, "tokens": tokens}
 
 
 async def run_clients(url: str, bodies: list[list[dict]]) -> dict:
@@ -319,7 +327,7 @@ def start_servers(
             )
         )
 
-    patched_flags = ["--lora-max-active", str(LORA_MAX_ACTIVE)]
+    patched_flags = ["--lora-max-active", str(LORA_MAX_ACTIVE), *args.patched_args.split()]
     urls: dict[str, str] = {}
     procs: dict[str, str] = {}
     if "stock" in args.servers:
@@ -426,9 +434,13 @@ def ratios(cells: dict, rss: dict) -> dict[str, float | None]:
 
 
 def median_cell(runs: list[dict]) -> dict:
-    return {
-        k: (statistics.median([r[k] for r in runs if r[k] is not None]) if any(r[k] is not None for r in runs) else None) for k in runs[0]
+    cell = {
+        k: (statistics.median([r[k] for r in runs if r[k] is not None]) if any(r[k] is not None for r in runs) else None)
+        for k in runs[0]
+        if k != "errors"
     }
+    cell["errors"] = sorted({e for r in runs for e in r.get("errors", [])})  # what failed, in any round
+    return cell
 
 
 COLUMNS = (

@@ -35,22 +35,19 @@ from __future__ import annotations
 
 import json
 import os
-import signal
-import socket
 import subprocess
-import sys
 import tempfile
-import time
 import urllib.error
 import urllib.request
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
+from loramux.server.llama_process import llama_server_process
+
 ROOT = Path(__file__).resolve().parents[1]
 BUILD_SCRIPT = ROOT / "scripts" / "build_llama_server.sh"
 HEALTH_TIMEOUT_S = 120.0
-STOP_GRACE_S = 10.0
 
 _binary: Path | None = None
 
@@ -98,41 +95,6 @@ def http_json(method: str, url: str, body: Any = None, *, timeout: float = 600.0
         raise LlamaServerError(f"{method} {url}: HTTP {exc.code}: {exc.read().decode('utf-8', 'replace')[:2000]}") from None
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _die_with_parent() -> None:
-    """In the child: get SIGTERM when the Python process dies (Linux), so no server outlives a killed test."""
-    try:
-        import ctypes
-
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-    except Exception:
-        pass
-
-
-def _healthy(url: str) -> bool:
-    try:
-        with urllib.request.urlopen(url + "/health", timeout=2) as resp:
-            return resp.status == 200
-    except (urllib.error.URLError, ConnectionError, TimeoutError, OSError):
-        return False  # refused while starting, 503 while loading the model
-
-
-def _stop(proc: subprocess.Popen) -> None:
-    if proc.poll() is not None:
-        return
-    proc.terminate()
-    try:
-        proc.wait(STOP_GRACE_S)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
-
-
 @contextmanager
 def running_llama_server(
     model: Path,
@@ -164,83 +126,8 @@ def running_llama_server(
         binary = llama_server_binary()
     elif not Path(binary).is_file() or not os.access(binary, os.X_OK):
         raise FileNotFoundError(f"not an executable llama-server: {binary}")
-    # llama.cpp reads LLAMA_ARG_* (and LLAMA_API_KEY) from the environment: keep the caller's out
-    env = {k: v for k, v in os.environ.items() if not k.startswith("LLAMA_ARG_") and k != "LLAMA_API_KEY"}
-    for attempt in range(3):  # the free port can be taken between our probe and the server's bind
-        port = _free_port()
-        url = f"http://127.0.0.1:{port}"
-        cmd = [
-            str(binary),
-            "-m",
-            str(model),
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "-np",
-            str(n_parallel),
-            "-c",
-            str(n_ctx),
-            "-t",
-            str(threads),
-            "--lora-init-without-apply",
-        ]
-        for f in loras:
-            cmd += ["--lora", str(f)]
-        cmd += [str(a) for a in extra_args]
-        with tempfile.NamedTemporaryFile(prefix="llama-server-", suffix=".log", delete=False) as log:
-            log_path = Path(log.name)
-            proc = subprocess.Popen(
-                cmd,
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                env=env,
-                preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None,
-            )
-        try:
-            ready = _wait_healthy(proc, url, log_path, cmd, may_retry=attempt < 2)
-        except BaseException:
-            _stop(proc)
-            raise
-        if not ready:  # lost the port: try another
-            _stop(proc)
-            log_path.unlink(missing_ok=True)
-            continue
-        try:
-            yield url
-        finally:
-            _stop(proc)
-            log_path.unlink(missing_ok=True)
-        return
-    raise LlamaServerError("llama-server could not bind a free port three times")
-
-
-def _wait_healthy(proc: subprocess.Popen, url: str, log_path: Path, cmd: list[str], *, may_retry: bool) -> bool:
-    """True once GET /health is 200; False if the server lost its port (may_retry); raises otherwise."""
-    deadline = time.monotonic() + HEALTH_TIMEOUT_S
-    while not _healthy(url):
-        if proc.poll() is not None:
-            tail = _tail(log_path)
-            if may_retry and ("couldn't bind" in tail or "address already in use" in tail.lower()):
-                return False
-            raise LlamaServerError(
-                f"llama-server exited with {proc.returncode} before it was ready (log: {log_path}):\n{' '.join(cmd)}\n{tail}"
-            )
-        if time.monotonic() > deadline:
-            raise LlamaServerError(
-                f"llama-server not healthy after {HEALTH_TIMEOUT_S:.0f} s (log: {log_path}):\n{' '.join(cmd)}\n{_tail(log_path)}"
-            )
-        time.sleep(0.2)
-    # a server that lost the port exits at once, but another server on that port would answer
-    # /health: make sure it is ours
-    try:
-        props = http_json("GET", url + "/props", timeout=10)
-    except (LlamaServerError, OSError, ValueError):
-        props = None
-    ours = isinstance(props, dict) and props.get("model_path") == cmd[cmd.index("-m") + 1]
-    if proc.poll() is not None or not ours:
-        if may_retry:
-            return False
-        raise LlamaServerError(f"another server answers on {url} (log: {log_path})")
-    return True
+    flags = ["-np", n_parallel, "-c", n_ctx, "-t", threads, "--lora-init-without-apply"]
+    for f in loras:
+        flags += ["--lora", f]
+    with llama_server_process(binary, Path(model), [*flags, *extra_args], timeout=HEALTH_TIMEOUT_S) as server:
+        yield server.url

@@ -25,6 +25,8 @@ import re
 import shutil
 import subprocess
 import sys
+import time
+from pathlib import Path
 
 import httpx
 import pytest
@@ -32,7 +34,7 @@ import pytest
 from conftest import BATCH_ADAPTERS, GAP_FLOOR, load_rows
 from floors import HOOK_LOGPROB_TOL, POOL_STOCK_LOGIT_TOL
 from llama_server import llama_server_binary, running_llama_server
-from serve_proc import loramux_server
+from serve_proc import loramux_server, loramux_server_process
 
 STEPS = 16
 MIXES = [  # ids index BATCH_ADAPTERS
@@ -332,3 +334,39 @@ def test_the_hook_forwards_per_token_routing_to_a_patched_upstream(hook, patched
     ).json()
     assert via.json()["choices"][0]["text"] == direct["choices"][0]["text"]
     assert json.loads(via.headers["x-loramux-mix"]) == {"mode": "arrow", "k": 2, "temperature": 1.0} == via.json()["mix"]
+
+
+def children_of(pid: int) -> list[int]:
+    out = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        out += [int(c) for c in (task / "children").read_text().split()]
+    return out
+
+
+def alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
+    except OSError:
+        return False
+
+
+def test_serve_llama_server_runs_the_patched_server_as_a_child_and_stops_it(converted_dir, base_model, tmp_path, binary):
+    ads = tmp_path / "adapters"
+    ads.mkdir()
+    for n in BATCH_ADAPTERS[:3]:
+        (ads / f"{n}.gguf").symlink_to(converted_dir / f"{n}.gguf")
+    args = ("--adapters", str(ads), "--base", str(base_model), "--llama-server", "--n-seq-max", "2", "--threads", "2")
+    with loramux_server_process(*args, log_dir=tmp_path) as srv:
+        kids = children_of(srv.pid)
+        assert kids and any(Path(f"/proc/{k}/exe").resolve() == binary.resolve() for k in kids), kids
+        r = httpx.post(
+            f"{srv.url}/v1/completions", json={"prompt": "not ( True ) is", "max_tokens": 4, "temperature": 0, "mix": {"navigate": 1.0}}
+        )
+        assert r.status_code == 200 and r.json()["mix"] == {"navigate": 1.0}, r.text
+        assert "spectr" in [m["id"] for m in httpx.get(f"{srv.url}/v1/models").json()["data"]]
+        srv.proc.terminate()
+        assert srv.proc.wait(30) == 0
+    deadline = time.monotonic() + 15
+    while any(alive(k) for k in kids) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not any(alive(k) for k in kids), "the child llama-server outlived loramux serve"

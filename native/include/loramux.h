@@ -85,9 +85,10 @@ LLAMA_API int32_t loramux_n_adapters(const struct llama_context * ctx);
 LLAMA_API int32_t loramux_max_active(const struct llama_context * ctx);
 
 // LORAMUX_OK, or LORAMUX_ERR_UNAPPLIED when a graph built since registration met an adapted base
-// weight in an input shape the per-sequence hook cannot take (its adapters were left out there;
-// loramux_last_error names the weight). Registration already refuses every case it can see
-// (mixture-of-experts weights, shapes that differ from the base weight, ranks above 512).
+// weight in an input shape the per-sequence hook cannot take, or a ubatch whose output rows do not
+// match the graph (its adapters were left out there; loramux_last_error says which). Registration
+// already refuses every case it can see (mixture-of-experts weights, shapes that differ from the
+// base weight, ranks above 512). Nothing in the decode path asserts or aborts.
 LLAMA_API int32_t loramux_check_applied(const struct llama_context * ctx);
 
 // Set the mix of sequence seq_id from n (id, weight) pairs; ids index the registered pool, zero

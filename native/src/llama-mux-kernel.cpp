@@ -61,6 +61,19 @@ static void mux_axpy_avx2(float * y, const float * b, float t, int64_t n) {
     }
 }
 
+__attribute__((target("avx2,fma,f16c")))
+static void mux_axpy_f16_avx2(float * y, const ggml_fp16_t * b, float t, int64_t n) {
+    const __m256 vt = _mm256_set1_ps(t);
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8) {
+        const __m256 vb = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *) (b + i)));
+        _mm256_storeu_ps(y + i, _mm256_fmadd_ps(vt, vb, _mm256_loadu_ps(y + i)));
+    }
+    for (; i < n; ++i) {
+        y[i] += t * _cvtsh_ss(b[i]);
+    }
+}
+
 static bool mux_has_avx2() {
     static const bool has = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
     return has;
@@ -106,6 +119,17 @@ static void mux_axpy(float * y, const float * b, float t, int64_t n) {
     }
 }
 
+static void mux_axpy_f16(float * y, const ggml_fp16_t * b, float t, int64_t n, float * scratch) {
+#ifdef MUX_X86_DISPATCH
+    if (mux_has_avx2()) {
+        mux_axpy_f16_avx2(y, b, t, n);
+        return;
+    }
+#endif
+    ggml_fp16_to_fp32_row(b, scratch, n);
+    mux_axpy(y, scratch, t, n);
+}
+
 void llama_mux_a_times_x(const llama_mux_cpu_args & args, int64_t sub, const float * xin, float * t) {
     const bool    a_f16 = args.A->type == GGML_TYPE_F16;
     const char *  a_sub = (const char *) args.A->data + sub * args.A->nb[2];
@@ -118,9 +142,16 @@ void llama_mux_a_times_x(const llama_mux_cpu_args & args, int64_t sub, const flo
 
 void llama_mux_add_b(const llama_mux_cpu_args & args, int64_t sub, const float * t, float * out, int64_t o0, int64_t o1) {
     const char * b_sub = (const char *) args.BT->data + sub * args.BT->nb[2];
+    const bool   b_f16 = args.BT->type == GGML_TYPE_F16;
     for (int64_t r = 0; r < args.r_max; ++r) {
-        if (t[r] != 0.0f) {
-            mux_axpy(out + o0, (const float *) (b_sub + r * args.BT->nb[1]) + o0, t[r], o1 - o0);
+        if (t[r] == 0.0f) {
+            continue;
+        }
+        const char * row = b_sub + r * args.BT->nb[1];
+        if (b_f16) {
+            mux_axpy_f16(out + o0, (const ggml_fp16_t *) row + o0, t[r], o1 - o0, args.scratch);
+        } else {
+            mux_axpy(out + o0, (const float *) row + o0, t[r], o1 - o0);
         }
     }
 }

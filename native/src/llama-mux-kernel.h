@@ -9,12 +9,13 @@
 // Highest LoRA rank the stacks take (the CPU kernel keeps one token's rank vector on the stack).
 #define LLAMA_MUX_MAX_RANK 512
 
-// one adapted weight's stacks as the fused op sees them (A f16 or f32, BT f32 transposed)
+// one adapted weight's stacks as the fused op sees them (A and BT, B transposed, both f16, or f32
+// when every source adapter is f32)
 struct llama_mux_cpu_args {
     const ggml_tensor * A;
     const ggml_tensor * BT;
     int64_t n_in, r_max;
-    float * scratch; // n_in floats for the portable f16 path
+    float * scratch; // max(n_in, n_out) floats for the portable f16 path
 };
 
 void  llama_mux_a_times_x(const llama_mux_cpu_args & args, int64_t sub, const float * xin, float * t);

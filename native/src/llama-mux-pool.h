@@ -17,7 +17,7 @@ struct llama_adapter_lora;
 // One adapted base weight: the pool's A and B matrices for it, stacked.
 //   a: [n_in, r_max, n_sub + 1] (f16, or f32 when every source is f32)
 //   b: [r_max, n_out, n_sub + 1] f32 for ggml_mul_mat_id (device buffers), or, when cpu,
-//      transposed [n_out, r_max, n_sub + 1] for the fused CPU kernel (host buffers)
+//      transposed [n_out, r_max, n_sub + 1] for the fused CPU kernel (host buffers), typed as a
 // Each adapter's alpha/r is folded into its B; ranks below r_max are zero-padded; the last slice
 // (index n_sub) is all zeros: empty slots select it.
 //
@@ -110,8 +110,9 @@ struct llama_mux {
     // choices of routed tokens (written by the fused op during compute, hence mutable)
     mutable llama_mux_record record;
 
-    // the first adapted weight a graph could not apply (shape the hook cannot take), or empty;
-    // graphs are built from a const pool, so this is the one mutable, locked field
+    // why a graph could not apply the pool somewhere (the first adapted weight in a shape the hook
+    // cannot take, or output rows that do not match the graph), or empty; graphs are built from a
+    // const pool, so this is the one mutable, locked field
     mutable std::mutex  unapplied_mutex;
     mutable std::string unapplied;
 

@@ -94,9 +94,9 @@ void llm_graph_input_mux::set_route_rows(const llama_ubatch * ubatch, int o, con
     dev[4].assign((size_t) k * n_rows, 0.0f);
     for (int64_t r = 0; r < n_rows; ++r) {
         const int32_t i = o ? rows_out[r] : (int32_t) r;
-        const llama_seq_id s = ubatch->seq_id[i][0];
+        const llama_seq_id s = i >= 0 ? ubatch->seq_id[i][0] : -1;
         const int32_t mode = (s >= 0 && (uint32_t) s < mux->n_seq_max) ? mux->seq_mode[s] : LLAMA_MUX_FIXED;
-        rt[(size_t) r * 4 + 3] = (float) i;
+        rt[(size_t) r * 4 + 3] = (float) std::max(i, 0);
         if (mode == LLAMA_MUX_FIXED) {
             continue;
         }
@@ -179,13 +179,17 @@ void llm_graph_input_mux::set_input(const llama_ubatch * ubatch) {
         }
     }
 
-    for (int o = 0; o < 2; ++o) {
-        if (o && (int64_t) rows_out.size() != n_outputs) {
-            bool any = false;
-            for (auto * t : t_ids[1]) { any = any || t; }
-            GGML_ASSERT(!any && "loramux: output rows do not match n_outputs");
-            continue;
+    if ((int64_t) rows_out.size() != n_outputs) {
+        // cannot happen with llama.cpp's own batching; never abort: the unmatched output rows run
+        // without a mix (row -1) and loramux_check_applied() reports it after the decode
+        std::lock_guard<std::mutex> lock(mux->unapplied_mutex);
+        if (mux->unapplied.empty()) {
+            mux->unapplied = "the ubatch flags " + std::to_string(rows_out.size()) + " output rows but the graph was built for " +
+                             std::to_string(n_outputs) + ": the last layer's output rows got no per-sequence LoRA";
         }
+        rows_out.resize((size_t) n_outputs, -1);
+    }
+    for (int o = 0; o < 2; ++o) {
         for (size_t g = 0; g < mux->groups.size(); ++g) {
             if (t_ids[o][g] || t_w[o][g]) {
                 set_group_rows(ubatch, o, rows_out, g);
@@ -209,8 +213,8 @@ void llm_graph_input_mux::set_group_rows(const llama_ubatch * ubatch, int o, con
     buf_w.assign((size_t) k * n_rows, 0.0f);
     for (int64_t r = 0; r < n_rows; ++r) {
         const int32_t i = o ? rows_out[r] : (int32_t) r;
-        // a token shared by several sequences takes the mix of its first sequence id
-        const llama_seq_id s = ubatch->seq_id[i][0];
+        // a token shared by several sequences takes the mix of its first sequence id (row -1: none)
+        const llama_seq_id s = i >= 0 ? ubatch->seq_id[i][0] : -1;
         const int32_t n      = (s >= 0 && (uint32_t) s < mux->n_seq_max) ? mux->seq_n[s] : 0;
         int32_t slot = 0;
         for (int32_t j = 0; j < n; ++j) {
@@ -296,8 +300,8 @@ static void mux_lora_cpu(ggml_tensor * dst, int ith, int nth, void * userdata) {
 
     thread_local std::vector<float> scratch; // the portable f16 path converts one row at a time
     const int64_t n_in = dst->src[2]->ne[0];
-    if ((int64_t) scratch.size() < n_in) {
-        scratch.resize(n_in);
+    if ((int64_t) scratch.size() < std::max(n_in, dst->src[3]->ne[0])) {
+        scratch.resize(std::max(n_in, dst->src[3]->ne[0]));
     }
     const llama_mux_cpu_args args = { dst->src[2], dst->src[3], n_in, dst->src[2]->ne[1], scratch.data() };
     const int64_t n_out = args.BT->ne[0];
@@ -356,7 +360,7 @@ static bool mux_shape_ok(const llm_graph_context & g, const llama_mux_module & m
     if (!ok) {
         std::lock_guard<std::mutex> lock(g.mux->unapplied_mutex);
         if (g.mux->unapplied.empty()) {
-            g.mux->unapplied = w->name;
+            g.mux->unapplied = std::string("weight '") + w->name + "': the graph applies it to an input shape the per-sequence hook cannot take";
             LLAMA_LOG_ERROR("%s: loramux cannot apply per-sequence LoRA to '%s' with input shape [%lld, %lld, %lld]\n",
                     __func__, w->name, (long long) cur->ne[0], (long long) cur->ne[1], (long long) cur->ne[2]);
         }
@@ -666,7 +670,9 @@ static int32_t mux_alloc_stacks(llama_mux & mux, const std::vector<mux_plan> & p
         m.r_max = p.r_max;
         m.mux   = &mux;
         m.a = ggml_new_tensor_3d(c, p.type_a, p.n_in, p.r_max, n_slices);
-        m.b = m.cpu ? ggml_new_tensor_3d(c, GGML_TYPE_F32, p.n_out, p.r_max, n_slices)
+        // the fused op's B is stored like A (f16 unless every source is f32): half the memory of
+        // the stacks' largest part; the device form keeps f32 for ggml_mul_mat_id
+        m.b = m.cpu ? ggml_new_tensor_3d(c, p.type_a, p.n_out, p.r_max, n_slices)
                     : ggml_new_tensor_3d(c, GGML_TYPE_F32, p.r_max, p.n_out, n_slices);
         ggml_format_name(m.a, "mux.%s.a", p.name.c_str());
         ggml_format_name(m.b, "mux.%s.b", p.name.c_str());
@@ -689,6 +695,17 @@ static int32_t mux_alloc_stacks(llama_mux & mux, const std::vector<mux_plan> & p
         mux.bufs.emplace_back(buf);
     }
     return LORAMUX_OK;
+}
+
+// a stacked tensor from its f32 host copy (converted to f16 when the tensor is f16)
+static void mux_set_stack(ggml_tensor * t, const std::vector<float> & host) {
+    if (t->type == GGML_TYPE_F32) {
+        ggml_backend_tensor_set(t, host.data(), 0, ggml_nbytes(t));
+        return;
+    }
+    std::vector<ggml_fp16_t> half(host.size());
+    ggml_fp32_to_fp16_row(host.data(), half.data(), (int64_t) host.size());
+    ggml_backend_tensor_set(t, half.data(), 0, ggml_nbytes(t));
 }
 
 // zero padding beyond each adapter's rank and in the last slice, alpha/r folded into B
@@ -723,14 +740,8 @@ static int32_t mux_fill_stack(llama_mux & mux, const mux_plan & p, const mux_by_
             return mux_fail(LORAMUX_ERR_INTERNAL, mux_tensor_label(id, p.name) + ": the eigen-decomposition for its routing prototypes did not converge");
         }
     }
-    if (m.a->type == GGML_TYPE_F32) {
-        ggml_backend_tensor_set(m.a, a_host.data(), 0, ggml_nbytes(m.a));
-    } else {
-        std::vector<ggml_fp16_t> a16(a_host.size());
-        ggml_fp32_to_fp16_row(a_host.data(), a16.data(), (int64_t) a_host.size());
-        ggml_backend_tensor_set(m.a, a16.data(), 0, ggml_nbytes(m.a));
-    }
-    ggml_backend_tensor_set(m.b, b_host.data(), 0, ggml_nbytes(m.b));
+    mux_set_stack(m.a, a_host);
+    mux_set_stack(m.b, b_host);
     if (m.proto_t) {
         ggml_backend_tensor_set(m.proto_t, m.proto.data(), 0, ggml_nbytes(m.proto_t));
         ggml_backend_tensor_set(m.basis_t, m.basis.data(), 0, ggml_nbytes(m.basis_t));
@@ -857,8 +868,7 @@ int32_t loramux_check_applied(const llama_context * ctx) {
         if (mux->unapplied.empty()) {
             return (int32_t) LORAMUX_OK;
         }
-        mux_last_error = "weight '" + mux->unapplied + "': the graph applies it to an input shape the per-sequence hook cannot take; "
-                         "its adapters were left out of that decode";
+        mux_last_error = mux->unapplied + "; its adapters were left out of that decode";
         return (int32_t) LORAMUX_ERR_UNAPPLIED;
     });
 }

@@ -177,6 +177,13 @@ std::string server_loramux::apply(llama_context * ctx, llama_seq_id seq, const s
     return "";
 }
 
+std::string server_loramux::check_applied(const llama_context * ctx) const {
+    if (max_active == 0 || loramux_check_applied(ctx) == LORAMUX_OK) {
+        return "";
+    }
+    return std::string("loramux: ") + loramux_last_error();
+}
+
 common_json server_loramux::props() const {
     common_json out = common_json::object();
     out["api_version"]     = loramux_api_version();

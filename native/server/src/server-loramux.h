@@ -71,6 +71,9 @@ struct server_loramux {
     // Set the mix on sequence seq (or clear it when the mix runs on the whole context); "" or the error.
     std::string apply(llama_context * ctx, llama_seq_id seq, const server_loramux_mix & mix) const;
 
+    // "" after a decode that applied every mix, else why not (loramux_check_applied)
+    std::string check_applied(const llama_context * ctx) const;
+
     // /props "loramux"
     common_json props() const;
 };
