@@ -155,6 +155,16 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _exit_after_shutdown(signum, frame) -> None:
+    raise SystemExit(0)
+
+
 def _serve(uvicorn, app, settings) -> None:
+    """Run the app until SIGINT / SIGTERM. uvicorn shuts down gracefully, then raises the signal
+    again with the handler it found: ours turns SIGTERM into SystemExit(0), so every ``with`` of
+    the caller (the child llama-server of --llama-server) unwinds, and the exit status is 0."""
+    import signal
+
+    signal.signal(signal.SIGTERM, _exit_after_shutdown)
     print(f"loramux serve: listening on http://{settings.host}:{settings.port}", file=sys.stderr, flush=True)
     uvicorn.run(app, host=settings.host, port=settings.port, log_level="warning", timeout_graceful_shutdown=5)
