@@ -185,7 +185,10 @@ async def stream_one(client: httpx.AsyncClient, body: dict) -> dict:
 
 
 async def run_clients(url: str, bodies: list[list[dict]]) -> dict:
-    async with httpx.AsyncClient(base_url=url, timeout=600, limits=httpx.Limits(max_connections=len(bodies) + 4)) as client:
+    # a new connection per request: a kept-alive connection the server closes just as a client
+    # reuses it fails with "Server disconnected without sending a response" (seen on both llama-servers)
+    limits = httpx.Limits(max_connections=len(bodies) + 4, max_keepalive_connections=0)
+    async with httpx.AsyncClient(base_url=url, timeout=600, limits=limits) as client:
 
         async def client_loop(mine: list[dict]) -> list[dict]:
             return [await stream_one(client, b) for b in mine]
