@@ -70,6 +70,18 @@ def _stamp(sources_key: str, lib_dir: Path) -> str:
     return h.hexdigest()
 
 
+def _stable_project(root: Path) -> Path:
+    """A copy of server/CMakeLists.txt under ``root`` (rewritten only when it changed), so every
+    install of the same sources configures the one shared build folder from the same path."""
+    project = root / "project"
+    project.mkdir(parents=True, exist_ok=True)
+    target = project / "CMakeLists.txt"
+    data = (SERVER_PROJECT / "CMakeLists.txt").read_bytes()
+    if not target.is_file() or target.read_bytes() != data:
+        target.write_bytes(data)
+    return project
+
+
 @contextmanager
 def _locked(folder: Path) -> Iterator[None]:
     folder.mkdir(parents=True, exist_ok=True)
@@ -113,7 +125,8 @@ def build_llama_server(*, force: bool = False, jobs: int | None = None, log: Tex
         if shutil.which("cmake") is None:
             raise ServerBuildError("building llama-server needs cmake on PATH (pip install cmake)")
         build = root / "build"
-        configure = ["cmake", "-S", str(SERVER_PROJECT), "-B", str(build), "-DCMAKE_BUILD_TYPE=Release"]
+        project = _stable_project(root)  # CMake's cache pins the source folder: not one install's site-packages
+        configure = ["cmake", "-S", str(project), "-B", str(build), "-DCMAKE_BUILD_TYPE=Release"]
         if shutil.which("ninja") and not (build / "CMakeCache.txt").is_file():
             configure += ["-G", "Ninja"]
         configure += [f"-DLORAMUX_LLAMA_DIR={sources}", f"-DLORAMUX_LIB_DIR={lib_dir}", f"-DLORAMUX_PATCH_ID={patch_id(key)}"]

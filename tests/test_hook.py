@@ -12,6 +12,7 @@ import threading
 
 import httpx
 import pytest
+from hook_client import auto_routes_and_streams
 
 from conftest import FIXTURES, ROUTER_TASKS, load_rows
 from floors import HOOK_LOGPROB_TOL as LOGPROB_TOL
@@ -100,14 +101,8 @@ def test_a_cached_prefix_is_never_reused_across_mixes(hook, upstream):
 
 
 def test_streams_pass_through_and_auto_routes(hook):
+    _, msgs = auto_routes_and_streams(hook)
     client = openai.OpenAI(base_url=f"{hook}/v1", api_key="unused", max_retries=0)
-    row = load_rows("dev", {"sports_understanding"}, limit_per_task=1)[0]
-    msgs = [{"role": "user", "content": row["input"]}]
-    whole = client.chat.completions.create(model="auto", messages=msgs, temperature=0, max_tokens=8)
-    assert whole.model_extra["routing"]["top1"] == "sports_understanding"
-    stream = client.chat.completions.create(model="auto", messages=msgs, temperature=0, max_tokens=8, stream=True)
-    text = "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
-    assert text == whole.choices[0].message.content
     named = client.chat.completions.create(model="logic", messages=msgs, temperature=0, max_tokens=2)
     assert named.model_extra["mix"] == {"boolean_expressions": 0.6, "navigate": 0.4}
 

@@ -30,6 +30,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+from hook_client import auto_routes_and_streams
 
 from conftest import BATCH_ADAPTERS, GAP_FLOOR, load_rows
 from floors import HOOK_LOGPROB_TOL, POOL_STOCK_LOGIT_TOL
@@ -305,13 +306,8 @@ def hook(patched, small_router, base_model, tmp_path_factory):
 
 def test_the_hook_in_front_routes_auto_and_streams_what_it_answers(hook, patched):
     openai = pytest.importorskip("openai")
+    whole, msgs = auto_routes_and_streams(hook)
     client = openai.OpenAI(base_url=f"{hook}/v1", api_key="unused", max_retries=0)
-    row = load_rows("dev", {"sports_understanding"}, limit_per_task=1)[0]
-    msgs = [{"role": "user", "content": row["input"]}]
-    whole = client.chat.completions.create(model="auto", messages=msgs, temperature=0, max_tokens=8)
-    assert whole.model_extra["routing"]["top1"] == "sports_understanding"
-    stream = client.chat.completions.create(model="auto", messages=msgs, temperature=0, max_tokens=8, stream=True)
-    assert "".join(c.choices[0].delta.content or "" for c in stream if c.choices) == whole.choices[0].message.content
     mix = whole.model_extra["mix"]
     ids = {a["path"].rsplit("/", 1)[-1][:-5]: a["id"] for a in httpx.get(f"{patched}/lora-adapters").json()}
     direct = httpx.post(
