@@ -26,6 +26,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator, TextIO
 
+from loramux.base_model import cache_dir
 from loramux.errors import LoramuxError
 from loramux.native import fetch_llama
 
@@ -36,10 +37,6 @@ STAMP = ".loramux-build"
 
 class ServerBuildError(LoramuxError):
     """The patched llama-server could not be built; the message says what to do."""
-
-
-def loramux_home() -> Path:
-    return Path(os.environ.get("LORAMUX_HOME") or Path.home() / ".cache" / "loramux")
 
 
 def patch_id(sources_key: str) -> str:
@@ -109,7 +106,7 @@ def build_llama_server(*, force: bool = False, jobs: int | None = None, log: Tex
     objects are kept). CMake's and the compiler's output goes to ``log``.
     """
     lib_dir = _library_dir()
-    home = loramux_home()
+    home = cache_dir()
     try:
         sources = fetch_llama.prepare(home / "native")
     except (fetch_llama.FetchError, OSError) as exc:
