@@ -32,6 +32,7 @@ LORAMUX_ERR_UNAPPLIED = -12
 
 # Registration flags.
 LORAMUX_REGISTER_MUL_MAT_ID = 1  # host buffers take the device form (ggml_mul_mat_id) too
+LORAMUX_MAX_SLOTS = 4096  # slot ids of one pool: 0..LORAMUX_MAX_SLOTS-1
 
 # Routing modes (enum loramux_route_mode).
 LORAMUX_ROUTE_FIXED = 0
@@ -49,6 +50,11 @@ _PROTOTYPES: dict[str, tuple[list[Any], Any]] = {
     # int32_t loramux_register_adapters(struct llama_context * ctx, struct llama_adapter_lora ** adapters,
     #                                   int32_t n_adapters, int32_t max_active, int32_t flags);
     "loramux_register_adapters": ([llama_context_p, llama_adapter_lora_pp, ctypes.c_int32, ctypes.c_int32, ctypes.c_int32], ctypes.c_int32),
+    # int32_t loramux_init_pool(struct llama_context * ctx, int32_t max_active, int32_t flags);
+    "loramux_init_pool": ([llama_context_p, ctypes.c_int32, ctypes.c_int32], ctypes.c_int32),
+    # int32_t loramux_set_slots(struct llama_context * ctx, int32_t n, const int32_t * slots,
+    #                           struct llama_adapter_lora ** adapters);
+    "loramux_set_slots": ([llama_context_p, ctypes.c_int32, ctypes.POINTER(ctypes.c_int32), llama_adapter_lora_pp], ctypes.c_int32),
     # int32_t loramux_unregister(struct llama_context * ctx);
     "loramux_unregister": ([llama_context_p], ctypes.c_int32),
     # int32_t loramux_n_adapters(const struct llama_context * ctx);
@@ -131,6 +137,14 @@ def loramux_api_version() -> int:
 
 def loramux_register_adapters(ctx, adapters, n_adapters: int, max_active: int, flags: int = 0) -> int:
     return lib().loramux_register_adapters(ctx, adapters, n_adapters, max_active, flags)
+
+
+def loramux_init_pool(ctx, max_active: int, flags: int = 0) -> int:
+    return lib().loramux_init_pool(ctx, max_active, flags)
+
+
+def loramux_set_slots(ctx, n: int, slots, adapters) -> int:
+    return lib().loramux_set_slots(ctx, n, slots, adapters)
 
 
 def loramux_unregister(ctx) -> int:

@@ -6,7 +6,8 @@
 >>> mixer.clear(0)                                                 # sequence 0: base model
 
 Registration copies the adapters into stacked tensors once (and makes the next decode reserve
-the scheduler once); setting a mix is a write into a host table read at the next decode:
+the scheduler once); :meth:`SeqMixer.fill` and :meth:`SeqMixer.remove` change one adapter's slot
+(reading that adapter only); setting a mix is a write into a host table read at the next decode:
 no scheduler rebuild, and graph reuse keeps working. Each call checks the library's status code
 and raises a loramux error that names the offending input.
 """
@@ -14,7 +15,6 @@ and raises a loramux error that names the offending input.
 from __future__ import annotations
 
 import ctypes
-import math
 import re
 from dataclasses import dataclass
 from typing import Iterable, Mapping, Sequence
@@ -23,11 +23,12 @@ import numpy as np
 
 from loramux.errors import LoramuxError, MixError, RuntimeLoadError
 from loramux.native import _bindings as B
+from loramux.token_routing import ROUTING_MODES
 
 MixInput = Mapping[str, float] | Iterable[tuple[str, float]] | None
 
-# routing mode names -> enum loramux_route_mode
-ROUTE_MODES = {"arrow": B.LORAMUX_ROUTE_ARROW, "spectr": B.LORAMUX_ROUTE_SPECTR}
+# routing mode names (loramux.token_routing's table) -> enum loramux_route_mode
+ROUTE_MODES = dict(zip(ROUTING_MODES, (B.LORAMUX_ROUTE_ARROW, B.LORAMUX_ROUTE_SPECTR)))
 
 
 @dataclass(frozen=True)
@@ -52,34 +53,47 @@ def _address(ptr) -> int:
 
 
 class SeqMixer:
-    """Owns the registration of named adapters on one llama_context (``llama_context *``).
+    """Owns the pool of named adapter slots registered on one llama_context (``llama_context *``).
 
-    ``adapters`` maps names to ``llama_adapter_lora *`` loaded on the context's model, in pool
-    order (ids 0..n-1). The adapters must outlive the mixer (token-embedding LoRAs are read from
-    them at decode time); call :meth:`close` (or drop the context) before freeing them.
+    ``adapters`` maps names to ``llama_adapter_lora *`` loaded on the context's model: registered
+    at once in slots 0..n-1 (``max_active`` clamped to n), or, when empty, an empty pool that
+    :meth:`fill` and :meth:`remove` change one adapter at a time (each change reads only the
+    adapters it puts in; the other slots are copied inside the library). Token-embedding LoRAs are
+    read from their adapters at decode time: such an adapter must outlive its slot.
     ``device_form``: host buffers also take the form device buffers use (``ggml_mul_mat_id``), so
     the CPU runs (and tests check) what CUDA runs.
     """
 
     def __init__(
-        self, ctx_ptr, adapters: Mapping[str, object] | Sequence[tuple[str, object]], *, max_active: int = 3, device_form: bool = False
+        self,
+        ctx_ptr,
+        adapters: Mapping[str, object] | Sequence[tuple[str, object]] = (),
+        *,
+        max_active: int = 3,
+        device_form: bool = False,
     ) -> None:
         pairs = list(adapters.items()) if isinstance(adapters, Mapping) else list(adapters)
-        if not pairs:
-            raise LoramuxError("SeqMixer needs at least one adapter")
         if max_active < 1:
             raise LoramuxError(f"max_active must be >= 1, got {max_active}")
         names = [n for n, _ in pairs]
         if len(set(names)) != len(names):
             raise LoramuxError(f"adapter names must be unique, got {names}")
         self._ctx = ctx_ptr
-        self.names: tuple[str, ...] = tuple(names)
-        self._ids = {n: i for i, n in enumerate(names)}
-        arr = (ctypes.c_void_p * len(pairs))(*[_address(p) for _, p in pairs])
+        self._slots: list[str | None] = []  # slot id -> name (None: empty)
+        self._ids: dict[str, int] = {}
+        self._closed = True
         flags = B.LORAMUX_REGISTER_MUL_MAT_ID if device_form else 0
-        rc = B.loramux_register_adapters(ctx_ptr, ctypes.cast(arr, B.llama_adapter_lora_pp), len(pairs), max_active, flags)
+        if pairs:
+            arr = (ctypes.c_void_p * len(pairs))(*[_address(p) for _, p in pairs])
+            rc = B.loramux_register_adapters(ctx_ptr, ctypes.cast(arr, B.llama_adapter_lora_pp), len(pairs), max_active, flags)
+            self._slots = list(names)
+        else:
+            rc = B.loramux_init_pool(ctx_ptr, max_active, flags)
         if rc != B.LORAMUX_OK:
-            raise RuntimeLoadError(f"loramux could not register adapters {', '.join(names)}: {self._named(B.reason(rc))} (code {rc})")
+            raise RuntimeLoadError(
+                f"loramux could not register adapters {', '.join(names) or '(an empty pool)'}: {self._named(B.reason(rc))} (code {rc})"
+            )
+        self._ids = {n: i for i, n in enumerate(names)}
         self.max_active = B.loramux_max_active(ctx_ptr)
         if self.max_active < 1:
             rc = B.loramux_unregister(ctx_ptr)
@@ -90,12 +104,63 @@ class SeqMixer:
             )
         self._closed = False
 
-    def _named(self, text: str) -> str:
-        """The library's reason with each "adapter N" (a pool id) given its name."""
+    @property
+    def names(self) -> tuple[str, ...]:
+        """The adapters in their slots, in slot order."""
+        return tuple(n for n in self._slots if n is not None)
+
+    @property
+    def slots(self) -> dict[str, int]:
+        """Each adapter's slot id (the id its mixes use)."""
+        return dict(self._ids)
+
+    def fill(self, adapters: Mapping[str, object]) -> None:
+        """Put each named adapter into a free slot, in one library call that reads only these
+        adapters. Names must be new; raises RuntimeLoadError (naming adapter and tensor) and
+        changes nothing when the library refuses one."""
+        self._check_open()
+        taken = [n for n in adapters if n in self._ids]
+        if taken:
+            raise LoramuxError(f"adapters {', '.join(taken)} already have a slot; remove them first")
+        free = (i for i in [*(i for i, n in enumerate(self._slots) if n is None), *range(len(self._slots), B.LORAMUX_MAX_SLOTS)])
+        planned = {name: next(free) for name in adapters}
+        if planned and max(planned.values()) >= B.LORAMUX_MAX_SLOTS:
+            raise LoramuxError(f"a pool holds at most {B.LORAMUX_MAX_SLOTS} adapters")
+        self._set_slots({planned[n]: (n, _address(p)) for n, p in adapters.items()})
+
+    def remove(self, names: Iterable[str]) -> None:
+        """Take the named adapters out of their slots (no sequence may have them in its mix)."""
+        self._check_open()
+        self._set_slots({self.adapter_id(n): (n, None) for n in names})
+
+    def _set_slots(self, changes: Mapping[int, tuple[str, int | None]]) -> None:
+        if not changes:
+            return
+        slots = (ctypes.c_int32 * len(changes))(*changes)
+        ptrs = (ctypes.c_void_p * len(changes))(*[p for _, p in changes.values()])
+        rc = B.loramux_set_slots(self._ctx, len(changes), slots, ctypes.cast(ptrs, B.llama_adapter_lora_pp))
+        if rc != B.LORAMUX_OK:
+            slot_names = dict(enumerate(self._slots)) | {i: n for i, (n, _) in changes.items()}
+            why = self._named(B.reason(rc), slot_names)
+            what = ", ".join(f"{'put' if p else 'take out'} {n!r}" for n, p in changes.values())
+            raise RuntimeLoadError(f"loramux could not {what}: {why} (code {rc})")
+        for slot, (name, ptr) in changes.items():
+            self._slots.extend([None] * (slot + 1 - len(self._slots)))
+            self._slots[slot] = name if ptr is not None else None
+            if ptr is None:
+                self._ids.pop(name, None)
+            else:
+                self._ids[name] = slot
+        while self._slots and self._slots[-1] is None:
+            self._slots.pop()
+
+    def _named(self, text: str, slots: Mapping[int, str | None] | None = None) -> str:
+        """The library's reason with each "adapter N" (a slot id) given its name (from ``slots``, else the pool's)."""
+        names = dict(enumerate(self._slots)) if slots is None else slots
 
         def name(m: re.Match) -> str:
-            i = int(m.group(1))
-            return f"adapter {self.names[i]!r}" if 0 <= i < len(self.names) else m.group(0)
+            found = names.get(int(m.group(1)))
+            return f"adapter {found!r}" if found is not None else m.group(0)
 
         return re.sub(r"\badapter (\d+)\b", name, text)
 
@@ -111,7 +176,8 @@ class SeqMixer:
 
     @property
     def n_adapters(self) -> int:
-        return len(self.names)
+        """Slot ids in use (the last filled slot + 1): the length :meth:`set_weights` takes."""
+        return len(self._slots)
 
     def adapter_id(self, name: str) -> int:
         try:
@@ -142,7 +208,7 @@ class SeqMixer:
             self._raise(rc, seq_id, ids, weights, _names)
 
     def set_weights(self, seq_id: int, weights: Sequence[float]) -> None:
-        """Set sequence ``seq_id``'s mix from one weight per registered adapter (dense form)."""
+        """Set sequence ``seq_id``'s mix from one weight per slot id (dense form; 0 for empty slots)."""
         self._check_open()
         c_w = (ctypes.c_float * max(len(weights), 1))(*weights)
         rc = B.loramux_set_seq_weights(self._ctx, int(seq_id), c_w, len(weights))
@@ -166,7 +232,7 @@ class SeqMixer:
         n = B.loramux_get_seq_mix(self._ctx, int(seq_id), cap, c_ids, c_w)
         if n < 0:
             self._raise(n, seq_id, [], [], None)
-        return {self.names[c_ids[j]]: float(c_w[j]) for j in range(n)}
+        return {self._slots[c_ids[j]]: float(c_w[j]) for j in range(n)}
 
     # --- per-token routing -------------------------------------------------------------------
     def set_routing(self, seq_id: int, mode: str, k: int, temperature: float = 1.0) -> None:
@@ -177,13 +243,7 @@ class SeqMixer:
         self._check_open()
         if mode not in ROUTE_MODES:
             raise MixError(f"sequence {seq_id}: routing mode {mode!r} is not one of {', '.join(ROUTE_MODES)}")
-        if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= self.max_active:
-            raise MixError(
-                f"sequence {seq_id}: {mode} top-k {k!r} must be an integer in [1, max_active={self.max_active}]; "
-                "register the pool with a larger max_active for more"
-            )
-        if mode == "arrow" and not (math.isfinite(temperature) and temperature > 0):
-            raise MixError(f"sequence {seq_id}: Arrow temperature {temperature!r} must be a finite number > 0")
+        # k in [1, max_active] and Arrow's temperature are checked by the library, once (its reason names the value)
         rc = B.loramux_set_seq_routing(self._ctx, int(seq_id), ROUTE_MODES[mode], int(k), float(temperature))
         if rc != B.LORAMUX_OK:
             self._raise(rc, seq_id, [], [], None)
@@ -216,7 +276,7 @@ class SeqMixer:
         got = B.loramux_get_prototypes(self._ctx, name, protos.size, ids, protos.ctypes.data_as(B.c_float_p), ctypes.byref(n_in))
         if got != n:
             raise LoramuxError(f"loramux returned {got} prototypes for weight {weight!r}, expected {n}: {B.reason(got)}")
-        return tuple(self.names[ids[i]] for i in range(n)), protos
+        return tuple(self._slots[ids[i]] for i in range(n)), protos
 
     def record(self, on: bool) -> None:
         """Start (True) or stop recording the per-token choices of routed sequences; clears the record."""
@@ -241,7 +301,7 @@ class SeqMixer:
         return [self._choice(modules, cols, ids, w, i, k) for i in range(n)]
 
     def _choice(self, modules, cols, ids, w, i: int, k: int) -> TokenChoice:
-        picked = [(self.names[ids[i * k + j]], float(w[i * k + j])) for j in range(k) if ids[i * k + j] >= 0]
+        picked = [(self._slots[ids[i * k + j]], float(w[i * k + j])) for j in range(k) if ids[i * k + j] >= 0]
         return TokenChoice(modules[cols[0][i]], int(cols[1][i]), int(cols[2][i]), tuple(n for n, _ in picked), tuple(x for _, x in picked))
 
     def close(self) -> None:
@@ -253,7 +313,7 @@ class SeqMixer:
                 raise LoramuxError(f"loramux could not unregister adapters {', '.join(self.names)}: {B.reason(rc)} (code {rc})")
 
     def _raise(self, rc: int, seq_id: int, ids: Sequence[int], weights: Sequence[float], names: Sequence[str] | None) -> None:
-        label = list(names) if names is not None else [self.names[i] if 0 <= i < self.n_adapters else str(i) for i in ids]
+        label = list(names) if names is not None else [self._slots[i] or str(i) if 0 <= i < self.n_adapters else str(i) for i in ids]
         mix = ", ".join(f"{n}={w:g}" for n, w in zip(label, weights)) or "(empty)"
         why = self._named(B.reason(rc))
         if rc == B.LORAMUX_ERR_BAD_SEQ_ID:

@@ -140,7 +140,7 @@ def test_unknown_names_in_a_request_list_the_known_ones(pool, converted_dir):
 def test_close_frees_adapters_and_refuses_later_requests(base_model, converted_dir):
     p = AdapterPool(base_model, **CTX)
     p.load(converted_dir / "navigate.gguf")
-    handle = p._handles["navigate"]
+    handle = p.held()["navigate"]
     p.create_completion("Hi", mix={"navigate": 1.0}, temperature=0, max_tokens=1)
     p.close()
     p.close()
@@ -161,7 +161,7 @@ def test_unload_frees_an_adapter_and_refuses_it_in_new_requests(base_model, conv
     with AdapterPool(base_model, **CTX) as p:
         p.load(converted_dir / "navigate.gguf")
         p.load(converted_dir / "snarks.gguf")
-        handle = p._handles["navigate"]
+        handle = p.held()["navigate"]
         p.unload("navigate")
         assert handle.freed and p.names == ["snarks"]
         with pytest.raises(MixError, match="'navigate'.*known adapters: snarks"):

@@ -59,8 +59,7 @@ def test_probe_captures_the_tensors_llama_cpp_computes(pool):
     tokens = pool.tokenize("not ( True ) and ( False ) is", add_bos=True)
     base = pool.logits(tokens, Mix(), path="context")
     for mix in (Mix(), Mix({"boolean_expressions": 1.0, "dyck_languages": 1.0})):
-        adapters = [(n, pool.adapters[n].gguf_path, w) for n, w in mix.items()]
-        got = pool.probe().capture(tokens, ["result_norm", "result_output", "attn_norm-29"], adapters=adapters, all_logits=True)
+        got = pool.hidden_states(tokens, ["result_norm", "result_output", "attn_norm-29"], mix=mix, all_logits=True)
         assert got["attn_norm-29"].shape == (len(tokens), table.shape[1])
         np.testing.assert_allclose(q8_0_round(got["result_norm"]) @ table.T, got["result_output"], rtol=0, atol=1e-3)
         want = pool.logits(tokens, mix, path="context")

@@ -24,7 +24,10 @@
 extern "C" {
 #endif
 
-#define LORAMUX_API_VERSION 4
+#define LORAMUX_API_VERSION 5
+
+// Highest number of adapter slots of one pool (slot ids 0..LORAMUX_MAX_SLOTS-1).
+#define LORAMUX_MAX_SLOTS 4096
 
 enum loramux_status {
     LORAMUX_OK                       =   0,
@@ -77,10 +80,29 @@ LLAMA_API int32_t loramux_register_adapters(
         int32_t                      max_active,
         int32_t                      flags);
 
+// Register an empty pool of adapter slots on ctx (replacing any earlier registration), with at most
+// `max_active` adapters per sequence and `flags` as loramux_register_adapters. Adapters are then
+// put into slots, and taken out, with loramux_set_slots.
+LLAMA_API int32_t loramux_init_pool(struct llama_context * ctx, int32_t max_active, int32_t flags);
+
+// Put adapters[i] into slot slots[i] (an id in [0, LORAMUX_MAX_SLOTS); the id mixes use), or clear
+// the slot where adapters[i] is NULL, for i in [0, n). Only these adapters are read, stacked and
+// prepared for routing: every other slot's stacked matrices and routing data are copied from the
+// current pool, and every sequence keeps its mix and routing. A slot in some sequence's fixed mix
+// cannot change (LORAMUX_ERR_BAD_ARG: clear that mix first). An adapter must stay loaded while its
+// slot is filled only when it has a token-embedding LoRA (read at decode time). loramux_register_adapters(
+// ctx, adapters, n, ...) is loramux_init_pool followed by filling slots 0..n-1 (with max_active
+// clamped to n). The next decode reserves the scheduler once. A failing call changes nothing.
+LLAMA_API int32_t loramux_set_slots(
+        struct llama_context       * ctx,
+        int32_t                      n,
+        const int32_t              * slots,
+        struct llama_adapter_lora ** adapters);
+
 // Drop the registered pool (all sequences go back to the base model).
 LLAMA_API int32_t loramux_unregister(struct llama_context * ctx);
 
-// Number of registered adapters (0 when none), and max_active (0 when none).
+// Number of slot ids in use (the last filled slot + 1; 0 when none), and max_active (0 when no pool).
 LLAMA_API int32_t loramux_n_adapters(const struct llama_context * ctx);
 LLAMA_API int32_t loramux_max_active(const struct llama_context * ctx);
 
@@ -100,7 +122,7 @@ LLAMA_API int32_t loramux_set_seq_mix(
         const int32_t        * ids,
         const float          * weights);
 
-// Same, from a dense vector of n_weights == n_adapters weights (one per pool adapter).
+// Same, from a dense vector of n_weights == n_adapters weights (one per slot id; 0 for empty slots).
 LLAMA_API int32_t loramux_set_seq_weights(
         struct llama_context * ctx,
         llama_seq_id           seq_id,

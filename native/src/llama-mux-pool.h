@@ -35,6 +35,7 @@ struct llama_mux_module {
     bool    cpu   = false; // host buffers: applied with the fused CPU kernel (unless registered with LORAMUX_REGISTER_MUL_MAT_ID)
     int64_t n_in  = 0;
     int64_t r_max = 0;
+    std::vector<int32_t> rank; // [n_sub] each stacked adapter's own rank (<= r_max)
     const struct llama_mux * mux = nullptr; // the pool (the fused op records its choices there)
 
     // routing data, host copies (always): proto [n_sub][n_in] f32, gate_m [n_sub][r_max][r_max] f32
@@ -81,12 +82,14 @@ struct llama_mux_embd {
 };
 
 struct llama_mux {
-    int32_t  n_adapters = 0;
+    int32_t  n_adapters = 0; // slot ids 0..n_adapters-1 (the last one filled)
     int32_t  k          = 1; // max active adapters per sequence
     uint32_t n_seq_max  = 0;
     bool     force_mul_mat_id = false; // LORAMUX_REGISTER_MUL_MAT_ID: host buffers take the device form
 
-    std::vector<llama_adapter_lora *> adapters;
+    // slot id -> filled; ids past the end are empty. The adapters themselves are read only while
+    // their slot is filled; a token-embedding LoRA's tensors are read at decode time (embd below)
+    std::vector<uint8_t> filled;
 
     std::unordered_map<std::string, llama_mux_module> modules; // by base weight name
     std::vector<llama_mux_group> groups;

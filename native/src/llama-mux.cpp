@@ -23,6 +23,7 @@
 #include <cstring>
 #include <cstdlib>
 #include <map>
+#include <memory>
 #include <mutex>
 #include <stdexcept>
 #include <string>
@@ -507,11 +508,27 @@ static bool mux_tensor_to_f32(const ggml_tensor * t, std::vector<float> & out) {
 }
 
 //
-// registration, in four steps: check the pool, plan the stacks, allocate them, fill them
+// registration: a pool of adapter slots. Every change (loramux_register_adapters, loramux_set_slots)
+// builds the next pool from the current one: the slots it does not touch are copied from the
+// current stacks and routing data (no adapter is read again, no eigen-decomposition redone); only
+// the adapters put into slots are read, scaled and prepared. Steps: check, collect, plan, allocate,
+// fill; only a complete pool replaces the current one.
 //
 
-// base weight name -> (pool id, lora weight), in a deterministic order
-using mux_by_name = std::map<std::string, std::vector<std::pair<int32_t, llama_adapter_lora_weight *>>>;
+// one (adapted weight, pool adapter) pair of the next pool: read from a new adapter (lw), or
+// copied from the current pool's stacks (old, old_sub)
+struct mux_src {
+    int32_t id      = -1;
+    int64_t r       = 0;
+    bool    f32     = false; // the source's A is f32 (the stack stays f32 only when every A is)
+    float   scale   = 1.0f;
+    const llama_adapter_lora_weight * lw = nullptr;
+    const llama_mux_module * old = nullptr;
+    int32_t old_sub = -1;
+};
+
+// base weight name -> its sources, by pool id (a deterministic order)
+using mux_by_name = std::map<std::string, std::vector<mux_src>>;
 
 struct mux_plan {
     std::string name;
@@ -521,20 +538,38 @@ struct mux_plan {
     ggml_backend_buffer_type_t buft;
 };
 
-static int32_t mux_check_pool(const llama_model * model, llama_adapter_lora ** adapters, int32_t n_adapters) {
-    for (int32_t i = 0; i < n_adapters; ++i) {
-        if (!adapters[i]) {
-            return mux_fail(LORAMUX_ERR_NULL_ARG, mux_adapter_label(i) + " is NULL");
+// one slot change: put `adapter` in `slot`, or clear it (adapter NULL)
+struct mux_change {
+    int32_t slot;
+    llama_adapter_lora * adapter;
+};
+
+static int32_t mux_check_changes(const llama_model * model, const llama_mux * cur, const std::vector<mux_change> & changes) {
+    for (size_t i = 0; i < changes.size(); ++i) {
+        const auto & [slot, adapter] = changes[i];
+        if (slot < 0 || slot >= LORAMUX_MAX_SLOTS) {
+            return mux_fail(LORAMUX_ERR_BAD_ADAPTER_ID, "slot " + std::to_string(slot) + " is outside [0, " + std::to_string(LORAMUX_MAX_SLOTS) + ")");
         }
-        if (adapters[i]->model != model) {
-            return mux_fail(LORAMUX_ERR_INCOMPATIBLE_ADAPTER, mux_adapter_label(i) + " was loaded for another model than this context's");
+        for (size_t j = 0; j < i; ++j) {
+            if (changes[j].slot == slot) {
+                return mux_fail(LORAMUX_ERR_DUPLICATE_ADAPTER, "slot " + std::to_string(slot) + " is changed twice in one call");
+            }
+            if (adapter && changes[j].adapter == adapter) {
+                return mux_fail(LORAMUX_ERR_DUPLICATE_ADAPTER, mux_adapter_label(slot) + " is the same adapter as " + mux_adapter_label(changes[j].slot));
+            }
         }
-        if (!adapters[i]->alora_invocation_tokens.empty()) {
-            return mux_fail(LORAMUX_ERR_INCOMPATIBLE_ADAPTER, mux_adapter_label(i) + " is an activated LoRA (aLoRA): per-sequence mixes cannot apply its invocation tokens");
+        if (adapter && adapter->model != model) {
+            return mux_fail(LORAMUX_ERR_INCOMPATIBLE_ADAPTER, mux_adapter_label(slot) + " was loaded for another model than this context's");
         }
-        for (int32_t j = 0; j < i; ++j) {
-            if (adapters[j] == adapters[i]) {
-                return mux_fail(LORAMUX_ERR_DUPLICATE_ADAPTER, mux_adapter_label(i) + " is the same adapter as " + mux_adapter_label(j));
+        if (adapter && !adapter->alora_invocation_tokens.empty()) {
+            return mux_fail(LORAMUX_ERR_INCOMPATIBLE_ADAPTER, mux_adapter_label(slot) + " is an activated LoRA (aLoRA): per-sequence mixes cannot apply its invocation tokens");
+        }
+        for (uint32_t s = 0; cur && s < cur->n_seq_max; ++s) { // a running mix must not change under its sequence
+            for (int32_t j = 0; j < cur->seq_n[s]; ++j) {
+                if (cur->seq_ids[(size_t) s * cur->k + j] == slot) {
+                    return mux_fail(LORAMUX_ERR_BAD_ARG, mux_adapter_label(slot) + " is in the mix of sequence " + std::to_string(s) +
+                                                         ": clear that sequence's mix before changing the slot");
+                }
             }
         }
     }
@@ -589,20 +624,54 @@ static int32_t mux_check_weight(const llama_model * model, int32_t id, const std
     return LORAMUX_OK;
 }
 
-static int32_t mux_collect(const llama_model * model, llama_mux & mux, mux_by_name & by_name) {
-    for (int32_t i = 0; i < mux.n_adapters; ++i) {
-        for (auto & [name, lw] : mux.adapters[i]->ab_map) {
-            const int32_t rc = mux_check_weight(model, i, name, lw);
+static bool mux_changed(const std::vector<mux_change> & changes, int32_t id) {
+    return std::any_of(changes.begin(), changes.end(), [id](const mux_change & c) { return c.slot == id; });
+}
+
+// the sources of the next pool: the current pool's untouched slots, then the new adapters
+static int32_t mux_collect(const llama_model * model, const llama_mux * cur, const std::vector<mux_change> & changes, llama_mux & mux,
+                           mux_by_name & by_name) {
+    if (cur) {
+        for (const auto & [name, m] : cur->modules) {
+            const llama_mux_group & grp = cur->groups[m.group];
+            for (int32_t sub = 0; sub < grp.n_sub; ++sub) {
+                const int32_t id = grp.members[sub];
+                if (!mux_changed(changes, id)) {
+                    mux_src src;
+                    src.id = id, src.r = m.rank[sub], src.f32 = m.a->type == GGML_TYPE_F32, src.old = &m, src.old_sub = sub;
+                    by_name[name].push_back(src);
+                }
+            }
+        }
+        for (const auto & em : cur->embd) {
+            if (!mux_changed(changes, em.pool_id)) {
+                mux.embd.push_back(em);
+            }
+        }
+    }
+    for (const auto & [id, adapter] : changes) {
+        if (!adapter) {
+            continue; // a cleared slot
+        }
+        for (auto & [name, lw] : adapter->ab_map) {
+            const int32_t rc = mux_check_weight(model, id, name, lw);
             if (rc != LORAMUX_OK) {
                 return rc;
             }
             if (mux_ends_with(name, "token_embd.weight")) {
-                mux.embd.push_back({ i, lw.a, lw.b, lw.get_scale(mux.adapters[i]->alpha, 1.0f) });
-            } else {
-                by_name[name].push_back({ i, &lw });
+                mux.embd.push_back({ id, lw.a, lw.b, lw.get_scale(adapter->alpha, 1.0f) });
+                continue;
             }
+            mux_src src;
+            src.id = id, src.r = lw.b->ne[0], src.f32 = lw.a->type == GGML_TYPE_F32, src.lw = &lw;
+            src.scale = lw.get_scale(adapter->alpha, 1.0f);
+            by_name[name].push_back(src);
         }
     }
+    for (auto & [name, srcs] : by_name) {
+        std::sort(srcs.begin(), srcs.end(), [](const mux_src & a, const mux_src & b) { return a.id < b.id; });
+    }
+    std::sort(mux.embd.begin(), mux.embd.end(), [](const llama_mux_embd & a, const llama_mux_embd & b) { return a.pool_id < b.pool_id; });
     return LORAMUX_OK;
 }
 
@@ -625,24 +694,26 @@ static int32_t mux_group_of(llama_mux & mux, std::map<std::vector<int32_t>, int3
     return group;
 }
 
-static int32_t mux_plan_stacks(llama_mux & mux, mux_by_name & by_name, std::vector<mux_plan> & plans) {
+static int32_t mux_plan_stacks(llama_mux & mux, const mux_by_name & by_name, std::vector<mux_plan> & plans) {
     std::map<std::vector<int32_t>, int32_t> group_of;
-    for (auto & [name, entries] : by_name) {
+    for (const auto & [name, srcs] : by_name) {
         std::vector<int32_t> members;
         int64_t r_max = 0;
         bool all_f32 = true;
-        for (auto & [id, lw] : entries) {
-            members.push_back(id);
-            r_max = std::max<int64_t>(r_max, lw->b->ne[0]);
-            all_f32 = all_f32 && lw->a->type == GGML_TYPE_F32;
+        for (const auto & s : srcs) {
+            members.push_back(s.id);
+            r_max = std::max<int64_t>(r_max, s.r);
+            all_f32 = all_f32 && s.f32;
         }
-        const ggml_tensor * a0 = entries[0].second->a;
+        const mux_src & s0 = srcs[0];
+        const ggml_tensor * a0 = s0.lw ? s0.lw->a : s0.old->a;
+        const int64_t n_out = s0.lw ? s0.lw->b->ne[1] : (s0.old->cpu ? s0.old->b->ne[0] : s0.old->b->ne[1]);
         ggml_backend_buffer_type_t buft = a0->buffer ? ggml_backend_buffer_get_type(a0->buffer) : nullptr;
         if (!buft) {
-            return mux_fail(LORAMUX_ERR_INCOMPATIBLE_ADAPTER, mux_tensor_label(entries[0].first, name) + ": its lora_a has no backend buffer");
+            return mux_fail(LORAMUX_ERR_INCOMPATIBLE_ADAPTER, mux_tensor_label(s0.id, name) + ": its lora_a has no backend buffer");
         }
         const int32_t group = mux_group_of(mux, group_of, members);
-        plans.push_back({ name, group, a0->ne[0], entries[0].second->b->ne[1], r_max, all_f32 ? GGML_TYPE_F32 : GGML_TYPE_F16, buft });
+        plans.push_back({ name, group, a0->ne[0], n_out, r_max, all_f32 ? GGML_TYPE_F32 : GGML_TYPE_F16, buft });
     }
     return LORAMUX_OK;
 }
@@ -668,6 +739,7 @@ static int32_t mux_alloc_stacks(llama_mux & mux, const std::vector<mux_plan> & p
         m.cpu   = ggml_backend_buft_is_host(p.buft) && !force_id;
         m.n_in  = p.n_in;
         m.r_max = p.r_max;
+        m.rank.assign(mux.groups[p.group].n_sub, 0);
         m.mux   = &mux;
         m.a = ggml_new_tensor_3d(c, p.type_a, p.n_in, p.r_max, n_slices);
         // the fused op's B is stored like A (f16 unless every source is f32): half the memory of
@@ -697,96 +769,218 @@ static int32_t mux_alloc_stacks(llama_mux & mux, const std::vector<mux_plan> & p
     return LORAMUX_OK;
 }
 
-// a stacked tensor from its f32 host copy (converted to f16 when the tensor is f16)
-static void mux_set_stack(ggml_tensor * t, const std::vector<float> & host) {
-    if (t->type == GGML_TYPE_F32) {
-        ggml_backend_tensor_set(t, host.data(), 0, ggml_nbytes(t));
-        return;
+// one stacked tensor's bytes on the host, in the tensor's own type (f16 or f32): the tensor's own
+// memory when its buffer is a host buffer, else a staging copy (uploaded by flush())
+struct mux_staging {
+    ggml_tensor * t;
+    ggml_type type;
+    std::vector<uint8_t> copy_;
+    uint8_t * data;
+
+    // `read`: start from the tensor's bytes (else zeros)
+    mux_staging(ggml_tensor * t, bool read) : t(t), type(t->type) {
+        if (t->buffer && ggml_backend_buffer_is_host(t->buffer)) {
+            data = (uint8_t *) t->data;
+            if (!read) {
+                memset(data, 0, ggml_nbytes(t));
+            }
+            return;
+        }
+        copy_.assign(ggml_nbytes(t), 0);
+        data = copy_.data();
+        if (read) {
+            ggml_backend_tensor_get(t, data, 0, copy_.size());
+        }
     }
-    std::vector<ggml_fp16_t> half(host.size());
-    ggml_fp32_to_fp16_row(host.data(), half.data(), (int64_t) host.size());
-    ggml_backend_tensor_set(t, half.data(), 0, ggml_nbytes(t));
+
+    void flush() {
+        if (!copy_.empty()) {
+            ggml_backend_tensor_set(t, copy_.data(), 0, copy_.size());
+        }
+    }
+
+    // n elements from f32 at element offset `at`
+    void put(size_t at, const float * src, int64_t n) {
+        if (type == GGML_TYPE_F32) {
+            memcpy(data + at * sizeof(float), src, (size_t) n * sizeof(float));
+        } else {
+            ggml_fp32_to_fp16_row(src, (ggml_fp16_t *) data + at, n);
+        }
+    }
+
+    // n elements from another staging's element offset `from` (converted when the types differ)
+    void copy(size_t at, const mux_staging & src, size_t from, int64_t n, std::vector<float> & tmp) {
+        const size_t es = ggml_type_size(type);
+        if (src.type == type) {
+            memcpy(data + at * es, src.data + from * es, (size_t) n * es);
+            return;
+        }
+        tmp.resize(n);
+        if (src.type == GGML_TYPE_F32) {
+            memcpy(tmp.data(), src.data + from * sizeof(float), (size_t) n * sizeof(float));
+        } else {
+            ggml_fp16_to_fp32_row((const ggml_fp16_t *) src.data + from, tmp.data(), n);
+        }
+        put(at, tmp.data(), n);
+    }
+};
+
+// the current pool's stacks of one weight, read back from their buffers once
+struct mux_old_stacks {
+    const llama_mux_module * m = nullptr;
+    std::unique_ptr<mux_staging> a, b;
+    std::vector<float> basis;
+
+    void read(const llama_mux_module * old) {
+        if (m == old) {
+            return;
+        }
+        m = old;
+        a = std::make_unique<mux_staging>(old->a, true);
+        b = std::make_unique<mux_staging>(old->b, true);
+        if (old->basis_t) {
+            basis.resize(ggml_nelements(old->basis_t));
+            ggml_backend_tensor_get(old->basis_t, basis.data(), 0, ggml_nbytes(old->basis_t));
+        }
+    }
+};
+
+// a kept slot: its A, B, prototype, gate and basis rows copied from the current pool (ranks re-padded)
+static void mux_copy_slot(llama_mux_module & m, const mux_src & s, int64_t sub, int64_t n_out, mux_staging & a, mux_staging & b,
+                          mux_old_stacks & old, std::vector<float> & tmp) {
+    const llama_mux_module & o = *s.old;
+    old.read(&o);
+    const int64_t n_in = m.n_in, R = m.r_max, oR = o.r_max, os = s.old_sub;
+    for (int64_t j = 0; j < s.r; ++j) {
+        a.copy((size_t) (sub * R + j) * n_in, *old.a, (size_t) (os * oR + j) * n_in, n_in, tmp);
+        if (m.cpu) { // [n_out, r_max, n_sub]: one row of n_out per rank index
+            b.copy((size_t) (sub * R + j) * n_out, *old.b, (size_t) (os * oR + j) * n_out, n_out, tmp);
+        }
+    }
+    if (!m.cpu) { // [r_max, n_out, n_sub] f32: r values per output
+        for (int64_t out = 0; out < n_out; ++out) {
+            b.copy((size_t) (sub * n_out + out) * R, *old.b, (size_t) (os * n_out + out) * oR, s.r, tmp);
+        }
+        for (int64_t i = 0; i < s.r; ++i) {
+            std::copy_n(old.basis.data() + (size_t) (os * oR + i) * n_in, n_in, m.basis.data() + (size_t) (sub * R + i) * n_in);
+        }
+    }
+    std::copy_n(o.proto.data() + (size_t) os * n_in, n_in, m.proto.data() + (size_t) sub * n_in);
+    for (int64_t i = 0; i < s.r; ++i) {
+        std::copy_n(o.gate_m.data() + (size_t) (os * oR + i) * oR, s.r, m.gate_m.data() + (size_t) (sub * R + i) * R);
+    }
 }
 
-// zero padding beyond each adapter's rank and in the last slice, alpha/r folded into B
-static int32_t mux_fill_stack(llama_mux & mux, const mux_plan & p, const mux_by_name & by_name) {
-    llama_mux_module & m = mux.modules.at(p.name);
-    const int64_t n_sub = mux.groups[p.group].n_sub;
-    m.proto.assign((size_t) n_sub * p.n_in, 0.0f);
-    m.gate_m.assign((size_t) n_sub * p.r_max * p.r_max, 0.0f);
-    std::vector<float> b_scaled;
-    const int64_t n_slices = mux.groups[p.group].n_sub + 1;
-    std::vector<float> a_host((size_t) p.n_in * p.r_max * n_slices, 0.0f);
-    std::vector<float> b_host((size_t) p.r_max * p.n_out * n_slices, 0.0f);
-    std::vector<float> a, b;
-    for (const auto & [id, lw] : by_name.at(p.name)) {
-        const int64_t sub   = mux.groups[p.group].sub_of[id];
-        const int64_t r     = lw->b->ne[0];
-        const float   scale = lw->get_scale(mux.adapters[id]->alpha, 1.0f);
-        if (!mux_tensor_to_f32(lw->a, a) || !mux_tensor_to_f32(lw->b, b)) { // a [n_in, r], b [r, n_out]
-            return mux_fail(LORAMUX_ERR_INCOMPATIBLE_ADAPTER, mux_tensor_label(id, p.name) + ": cannot be read as float");
-        }
-        std::copy(a.begin(), a.end(), a_host.data() + (size_t) sub * p.n_in * p.r_max);
-        float * b_dst = b_host.data() + (size_t) sub * p.r_max * p.n_out;
-        b_scaled.resize(b.size());
-        for (int64_t o = 0; o < p.n_out; ++o) {
-            for (int64_t j = 0; j < r; ++j) {
-                // mul_mat_id layout [r_max, n_out]; the CPU kernel's transposed [n_out, r_max]
-                b_scaled[o * r + j] = b[o * r + j] * scale;
-                b_dst[m.cpu ? j * p.n_out + o : o * p.r_max + j] = b_scaled[o * r + j];
+// a new slot: its A and alpha/r-scaled B read from the adapter, its routing data prepared
+static int32_t mux_read_slot(llama_mux_module & m, const mux_src & s, const std::string & name, int64_t n_sub, int64_t sub, int64_t n_out,
+                             mux_staging & a_st, mux_staging & b_st) {
+    std::vector<float> a, b; // a [n_in, r], b [r, n_out]
+    if (!mux_tensor_to_f32(s.lw->a, a) || !mux_tensor_to_f32(s.lw->b, b)) {
+        return mux_fail(LORAMUX_ERR_INCOMPATIBLE_ADAPTER, mux_tensor_label(s.id, name) + ": cannot be read as float");
+    }
+    const int64_t r = s.r, R = m.r_max;
+    a_st.put((size_t) sub * m.n_in * R, a.data(), (int64_t) a.size());
+    std::vector<float> b_scaled(b.size());
+    std::vector<float> row((size_t) std::max(n_out, r));
+    for (int64_t i = 0; i < (int64_t) b.size(); ++i) {
+        b_scaled[i] = b[i] * s.scale;
+    }
+    if (m.cpu) { // transposed: [n_out, r_max] per slice
+        for (int64_t j = 0; j < r; ++j) {
+            for (int64_t o = 0; o < n_out; ++o) {
+                row[o] = b_scaled[o * r + j];
             }
+            b_st.put((size_t) (sub * R + j) * n_out, row.data(), n_out);
         }
-        if (!llama_mux_route_prepare(m, n_sub, sub, a, b_scaled, r, p.n_out)) {
-            return mux_fail(LORAMUX_ERR_INTERNAL, mux_tensor_label(id, p.name) + ": the eigen-decomposition for its routing prototypes did not converge");
+    } else {
+        for (int64_t o = 0; o < n_out; ++o) {
+            b_st.put((size_t) (sub * n_out + o) * R, b_scaled.data() + o * r, r);
         }
     }
-    mux_set_stack(m.a, a_host);
-    mux_set_stack(m.b, b_host);
-    if (m.proto_t) {
-        ggml_backend_tensor_set(m.proto_t, m.proto.data(), 0, ggml_nbytes(m.proto_t));
-        ggml_backend_tensor_set(m.basis_t, m.basis.data(), 0, ggml_nbytes(m.basis_t));
-        std::vector<float>().swap(m.basis); // only the device copy is used
+    if (!llama_mux_route_prepare(m, n_sub, sub, a, b_scaled, r, n_out)) {
+        return mux_fail(LORAMUX_ERR_INTERNAL, mux_tensor_label(s.id, name) + ": the eigen-decomposition for its routing prototypes did not converge");
     }
     return LORAMUX_OK;
 }
 
-static int32_t mux_register(llama_context * ctx, llama_adapter_lora ** adapters, int32_t n_adapters, int32_t max_active, int32_t flags) {
-    if (!ctx || !adapters) {
-        return mux_fail(LORAMUX_ERR_NULL_ARG, "loramux_register_adapters: ctx or adapters is NULL");
+// zero padding beyond each adapter's rank and in the last slice (empty slots select it)
+static int32_t mux_fill_stack(llama_mux & mux, const mux_plan & p, const std::vector<mux_src> & srcs) {
+    llama_mux_module & m = mux.modules.at(p.name);
+    const int64_t n_sub = mux.groups[p.group].n_sub;
+    m.proto.assign((size_t) n_sub * p.n_in, 0.0f);
+    m.gate_m.assign((size_t) n_sub * p.r_max * p.r_max, 0.0f);
+    if (!m.cpu) {
+        m.basis.assign((size_t) n_sub * p.r_max * p.n_in, 0.0f);
     }
-    if (n_adapters < 1 || max_active < 1) {
-        return mux_fail(LORAMUX_ERR_BAD_ARG, "loramux_register_adapters: n_adapters and max_active must be >= 1");
+    mux_staging a(m.a, false), b(m.b, false);
+    mux_old_stacks old;
+    std::vector<float> tmp;
+    for (int64_t sub = 0; sub < n_sub; ++sub) {
+        const mux_src & s = srcs[sub];
+        m.rank[sub] = (int32_t) s.r;
+        if (s.old) {
+            mux_copy_slot(m, s, sub, p.n_out, a, b, old, tmp);
+        } else {
+            const int32_t rc = mux_read_slot(m, s, p.name, n_sub, sub, p.n_out, a, b);
+            if (rc != LORAMUX_OK) {
+                return rc;
+            }
+        }
     }
-    if (flags & ~LORAMUX_REGISTER_MUL_MAT_ID) {
-        return mux_fail(LORAMUX_ERR_BAD_ARG, "loramux_register_adapters: unknown flags " + std::to_string(flags));
+    a.flush();
+    b.flush();
+    if (m.proto_t) {
+        ggml_backend_tensor_set(m.proto_t, m.proto.data(), 0, ggml_nbytes(m.proto_t));
+        ggml_backend_tensor_set(m.basis_t, m.basis.data(), 0, ggml_nbytes(m.basis_t));
+        std::vector<float>().swap(m.basis); // only the device copy is used (and read back by the next change)
     }
+    return LORAMUX_OK;
+}
+
+// the next pool: the current one (or none) with `changes` applied; set on ctx only when complete
+static int32_t mux_rebuild(llama_context * ctx, const llama_mux * cur, int32_t k, int32_t flags, const std::vector<mux_change> & changes) {
     const llama_model * model = &ctx->get_model();
-    int32_t rc = mux_check_pool(model, adapters, n_adapters);
+    int32_t rc = mux_check_changes(model, cur, changes);
     if (rc != LORAMUX_OK) {
         return rc;
     }
     auto mux = std::make_shared<llama_mux>();
-    mux->n_adapters = n_adapters;
-    mux->k          = std::min(max_active, n_adapters);
+    mux->k          = k;
     mux->n_seq_max  = ctx->n_seq_max();
     mux->force_mul_mat_id = (flags & LORAMUX_REGISTER_MUL_MAT_ID) != 0;
-    mux->adapters.assign(adapters, adapters + n_adapters);
-    mux->seq_n.assign(mux->n_seq_max, 0);
-    mux->seq_ids.assign((size_t) mux->n_seq_max * mux->k, 0);
-    mux->seq_w.assign((size_t) mux->n_seq_max * mux->k, 0.0f);
-    mux->seq_mode.assign(mux->n_seq_max, LLAMA_MUX_FIXED);
-    mux->seq_rk.assign(mux->n_seq_max, 0);
-    mux->seq_inv_t.assign(mux->n_seq_max, 0.0f);
+    mux->filled = cur ? cur->filled : std::vector<uint8_t>();
+    for (const auto & c : changes) {
+        if ((size_t) c.slot >= mux->filled.size()) {
+            mux->filled.resize((size_t) c.slot + 1, 0);
+        }
+        mux->filled[c.slot] = c.adapter != nullptr;
+    }
+    while (!mux->filled.empty() && !mux->filled.back()) {
+        mux->filled.pop_back(); // slot ids past the last filled one are free
+    }
+    mux->n_adapters = (int32_t) mux->filled.size();
+    if (cur) { // the sequences keep their mixes and routing (no changed slot is in a mix: checked)
+        mux->seq_n = cur->seq_n, mux->seq_ids = cur->seq_ids, mux->seq_w = cur->seq_w;
+        mux->seq_mode = cur->seq_mode, mux->seq_rk = cur->seq_rk, mux->seq_inv_t = cur->seq_inv_t;
+        mux->record.on = cur->record.on;
+    } else {
+        mux->seq_n.assign(mux->n_seq_max, 0);
+        mux->seq_ids.assign((size_t) mux->n_seq_max * mux->k, 0);
+        mux->seq_w.assign((size_t) mux->n_seq_max * mux->k, 0.0f);
+        mux->seq_mode.assign(mux->n_seq_max, LLAMA_MUX_FIXED);
+        mux->seq_rk.assign(mux->n_seq_max, 0);
+        mux->seq_inv_t.assign(mux->n_seq_max, 0.0f);
+    }
 
     mux_by_name by_name;
     std::vector<mux_plan> plans;
-    if ((rc = mux_collect(model, *mux, by_name)) != LORAMUX_OK ||
+    if ((rc = mux_collect(model, cur, changes, *mux, by_name)) != LORAMUX_OK ||
         (rc = mux_plan_stacks(*mux, by_name, plans)) != LORAMUX_OK ||
         (rc = mux_alloc_stacks(*mux, plans)) != LORAMUX_OK) {
         return rc;
     }
     for (const auto & p : plans) {
-        if ((rc = mux_fill_stack(*mux, p, by_name)) != LORAMUX_OK) {
+        if ((rc = mux_fill_stack(*mux, p, by_name.at(p.name))) != LORAMUX_OK) {
             return rc;
         }
     }
@@ -794,10 +988,59 @@ static int32_t mux_register(llama_context * ctx, llama_adapter_lora ** adapters,
     for (auto & buf : mux->bufs) {
         bytes += ggml_backend_buffer_get_size(buf.get());
     }
-    LLAMA_LOG_INFO("%s: loramux pool of %d adapters, max %d active per sequence: %zu modules in %zu groups, %zu embedding LoRAs, %.2f MiB\n",
-            __func__, n_adapters, mux->k, mux->modules.size(), mux->groups.size(), mux->embd.size(), bytes / 1024.0 / 1024.0);
-    ctx->set_mux(std::move(mux)); // only a complete pool replaces the old one
+    LLAMA_LOG_INFO("%s: loramux pool of %d slots, max %d active per sequence: %zu modules in %zu groups, %zu embedding LoRAs, %.2f MiB\n",
+            __func__, mux->n_adapters, mux->k, mux->modules.size(), mux->groups.size(), mux->embd.size(), bytes / 1024.0 / 1024.0);
+    ctx->set_mux(std::move(mux)); // only a complete pool replaces the current one
     return LORAMUX_OK;
+}
+
+static int32_t mux_check_pool_args(llama_context * ctx, int32_t max_active, int32_t flags, const char * fn) {
+    if (!ctx) {
+        return mux_fail(LORAMUX_ERR_NULL_ARG, std::string(fn) + ": ctx is NULL");
+    }
+    if (max_active < 1) {
+        return mux_fail(LORAMUX_ERR_BAD_ARG, std::string(fn) + ": max_active must be >= 1");
+    }
+    if (flags & ~LORAMUX_REGISTER_MUL_MAT_ID) {
+        return mux_fail(LORAMUX_ERR_BAD_ARG, std::string(fn) + ": unknown flags " + std::to_string(flags));
+    }
+    return LORAMUX_OK;
+}
+
+static int32_t mux_register(llama_context * ctx, llama_adapter_lora ** adapters, int32_t n_adapters, int32_t max_active, int32_t flags) {
+    int32_t rc = mux_check_pool_args(ctx, max_active, flags, "loramux_register_adapters");
+    if (rc != LORAMUX_OK) {
+        return rc;
+    }
+    if (!adapters || n_adapters < 1) {
+        return mux_fail(adapters ? LORAMUX_ERR_BAD_ARG : LORAMUX_ERR_NULL_ARG, "loramux_register_adapters: needs n_adapters >= 1 adapters");
+    }
+    std::vector<mux_change> changes;
+    for (int32_t i = 0; i < n_adapters; ++i) {
+        if (!adapters[i]) {
+            return mux_fail(LORAMUX_ERR_NULL_ARG, mux_adapter_label(i) + " is NULL");
+        }
+        changes.push_back({ i, adapters[i] });
+    }
+    return mux_rebuild(ctx, nullptr, std::min(max_active, n_adapters), flags, changes);
+}
+
+static int32_t mux_set_slots(llama_context * ctx, int32_t n, const int32_t * slots, llama_adapter_lora ** adapters) {
+    if (!ctx || (n > 0 && (!slots || !adapters))) {
+        return mux_fail(LORAMUX_ERR_NULL_ARG, "loramux_set_slots: ctx, slots or adapters is NULL");
+    }
+    const llama_mux * cur = mux_of_ctx(ctx);
+    if (!cur) {
+        return mux_fail(LORAMUX_ERR_NOT_REGISTERED, "loramux_set_slots: no pool on this context (loramux_init_pool first)");
+    }
+    if (n < 1) {
+        return mux_fail(LORAMUX_ERR_BAD_ARG, "loramux_set_slots: n must be >= 1");
+    }
+    std::vector<mux_change> changes;
+    for (int32_t i = 0; i < n; ++i) {
+        changes.push_back({ slots[i], adapters[i] });
+    }
+    return mux_rebuild(ctx, cur, cur->k, cur->force_mul_mat_id ? LORAMUX_REGISTER_MUL_MAT_ID : 0, changes);
 }
 
 //
@@ -833,6 +1076,17 @@ const char * loramux_last_error(void) {
 
 int32_t loramux_register_adapters(llama_context * ctx, llama_adapter_lora ** adapters, int32_t n_adapters, int32_t max_active, int32_t flags) {
     return mux_guard(__func__, [&] { return mux_register(ctx, adapters, n_adapters, max_active, flags); });
+}
+
+int32_t loramux_init_pool(llama_context * ctx, int32_t max_active, int32_t flags) {
+    return mux_guard(__func__, [&] {
+        const int32_t rc = mux_check_pool_args(ctx, max_active, flags, "loramux_init_pool");
+        return rc != LORAMUX_OK ? rc : mux_rebuild(ctx, nullptr, max_active, flags, {});
+    });
+}
+
+int32_t loramux_set_slots(llama_context * ctx, int32_t n, const int32_t * slots, llama_adapter_lora ** adapters) {
+    return mux_guard(__func__, [&] { return mux_set_slots(ctx, n, slots, adapters); });
 }
 
 int32_t loramux_unregister(llama_context * ctx) {
@@ -892,8 +1146,9 @@ static int32_t mux_check_seq(const llama_context * ctx, llama_seq_id seq_id, lla
 static int32_t mux_check_mix(const llama_mux & mux, int32_t n, const int32_t * ids, const float * weights) {
     int32_t n_active = 0;
     for (int32_t j = 0; j < n; ++j) {
-        if (ids[j] < 0 || ids[j] >= mux.n_adapters) {
-            return mux_fail(LORAMUX_ERR_BAD_ADAPTER_ID, "adapter id " + std::to_string(ids[j]) + " is outside [0, " + std::to_string(mux.n_adapters) + ")");
+        if (ids[j] < 0 || ids[j] >= mux.n_adapters || !mux.filled[ids[j]]) {
+            return mux_fail(LORAMUX_ERR_BAD_ADAPTER_ID, "adapter id " + std::to_string(ids[j]) + (ids[j] < 0 || ids[j] >= mux.n_adapters ?
+                    " is outside [0, " + std::to_string(mux.n_adapters) + ")" : " is an empty slot"));
         }
         if (!std::isfinite(weights[j])) {
             return mux_fail(LORAMUX_ERR_BAD_WEIGHT, mux_adapter_label(ids[j]) + ": weight is NaN or infinite");
@@ -961,11 +1216,15 @@ int32_t loramux_set_seq_weights(llama_context * ctx, llama_seq_id seq_id, const 
         if (n_weights != mux->n_adapters) {
             return mux_fail(LORAMUX_ERR_BAD_ARG, std::to_string(n_weights) + " weights given, the pool has " + std::to_string(mux->n_adapters) + " adapters");
         }
-        std::vector<int32_t> ids(n_weights);
+        std::vector<int32_t> ids;
+        std::vector<float> nonzero;
         for (int32_t i = 0; i < n_weights; ++i) {
-            ids[i] = i;
+            if (weights[i] != 0.0f || !std::isfinite(weights[i])) { // empty slots take weight 0
+                ids.push_back(i);
+                nonzero.push_back(weights[i]);
+            }
         }
-        return mux_set_mix(ctx, seq_id, n_weights, ids.data(), weights);
+        return mux_set_mix(ctx, seq_id, (int32_t) ids.size(), ids.data(), nonzero.data());
     });
 }
 

@@ -35,40 +35,34 @@ An adapter given by its own path is strict: it loads or raises.
 from __future__ import annotations
 
 import contextlib
-import ctypes
-import functools
 import os
 import random
 import threading
-import warnings
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
-import numpy as np
-
 from loramux import responses
-from loramux.adapter_file import check_gguf_adapter
 from loramux.adapters import (
-    PEFT_CONFIG,
     AdapterSkippedWarning,
     LoadReport,
-    PinnedFiles,
     PoolAdapter,
     SkippedAdapter,
     adapter_name,
-    cached_conversion,
     converted_adapter_path,
     find_adapter_sources,
-    is_peft_folder,
     peft_cache_key,
 )
 from loramux.base_model import default_base_model
+from loramux.base_text import BaseText, load_model
 from loramux.converters import BaseModelInfo, read_base_model
-from loramux.engine import CONTEXT, GREEDY, Engine, EngineRequest, EngineStats, RequestHandle, SamplingParams
-from loramux.errors import AdapterError, LoramuxError, RequestError, RuntimeLoadError, UnsupportedAdapterError
-from loramux.llama_runtime import LoraAdapterHandle, LoraSetStats, capture_llama_log
+from loramux.engine import Engine, EngineRequest, RequestHandle
+from loramux.errors import LoramuxError
 from loramux.mix import Mix, MixLike
-from loramux.pool_requests import PoolRequest, PoolResult, iter_results, mixes_for, sampling_from
+from loramux.pool_batch import BatchCompletions
+from loramux.pool_forced import TeacherForcing
+from loramux.pool_requests import PoolRequest, PoolResult, sampling_from
+from loramux.registry import AdapterRegistry
 from loramux.routing_report import TokenChoiceReport
 
 
@@ -83,23 +77,12 @@ def _default_threads() -> int:
     return max(1, min(8, os.cpu_count() or 1))
 
 
-def _load_model(path: Path, *, n_gpu_layers: int, use_mmap: bool, verbose: bool):
-    import llama_cpp
-    from llama_cpp import _internals, _logger
-
-    _logger.set_verbose(verbose)  # what llama_cpp.Llama(verbose=...) does: llama.cpp's log at ERROR unless verbose
-
-    params = llama_cpp.llama_model_default_params()
-    params.n_gpu_layers = n_gpu_layers
-    params.use_mmap = use_mmap
-    try:
-        with capture_llama_log(echo=verbose) as log:
-            return _internals.LlamaModel(path_model=str(path), params=params, verbose=verbose)
-    except (ValueError, RuntimeError) as exc:
-        raise RuntimeLoadError(f"llama.cpp could not load the base model {path}: {exc}; {log.reason()}") from exc
+def _engine_fact(attr: str, doc: str) -> property:
+    """A read-only property of the pool that is the engine's ``attr``."""
+    return property(lambda self: getattr(self._engine, attr), doc=doc)
 
 
-class AdapterPool:
+class AdapterPool(BatchCompletions, TeacherForcing):
     """A base GGUF loaded once, named adapters on it, and the engine that answers every request.
 
     ``n_ctx`` is the context of one request (prompt + generated tokens); ``n_seq_max`` requests
@@ -134,14 +117,12 @@ class AdapterPool:
         from loramux import native
 
         self._closed = True
-        self._handles: dict[str, LoraAdapterHandle] = {}
-        self._pinned = PinnedFiles()  # what llama.cpp reads (and reads again): copies, safe from changes on disk
-        self._adapters: dict[str, PoolAdapter] = {}
         self.base_path = Path(base) if base is not None else default_base_model()
         self.base_info: BaseModelInfo = read_base_model(self.base_path)
         self.n_threads = n_threads or _default_threads()
         self._verbose = verbose
-        self.model = _load_model(self.base_path, n_gpu_layers=n_gpu_layers, use_mmap=use_mmap, verbose=verbose)
+        self.model = load_model(self.base_path, n_gpu_layers=n_gpu_layers, use_mmap=use_mmap, verbose=verbose)
+        self.text = BaseText(self.model, self.base_path.name)
         try:
             self._engine = Engine(
                 self.model.model,
@@ -158,22 +139,25 @@ class AdapterPool:
         except Exception:
             self.model.close()
             raise
+        self.registry = AdapterRegistry(self._engine, self.model.model, self.base_path, self.base_info, verbose=verbose)
         self._closed = False
         self._probe = None
-        self._probe_lock = threading.Lock()
-        self._registry_lock = threading.RLock()
+        self._probe_lock = threading.RLock()
+        self._probe_names: tuple[str, ...] = ()  # the engine's adapters the probe holds (borrowed), set on its context
+        self._probe_handles: dict = {}
         self._seeds = random.Random(seed)
         self._seed_lock = threading.Lock()
 
-    # --- adapters ---------------------------------------------------------------------------
+    # --- adapters (the registry's) ------------------------------------------------------------
     @property
     def names(self) -> list[str]:
         """Names of the loaded adapters, sorted."""
-        return sorted(self._adapters)
+        return self.registry.names
 
     @property
     def adapters(self) -> Mapping[str, PoolAdapter]:
-        return dict(self._adapters)
+        """A snapshot of the loaded adapters by name."""
+        return self.registry.adapters
 
     def load(
         self,
@@ -186,89 +170,26 @@ class AdapterPool:
     ) -> PoolAdapter:
         """Load one adapter (a GGUF LoRA file or a PEFT folder) under ``name`` (default: from the path).
 
-        Safe while requests run. Loading the same weights under the same name again returns the
-        loaded adapter; other weights under a used name raise AdapterError. Raises AdapterError
-        subclasses for files that cannot be read or do not fit the base, RuntimeLoadError if
-        llama.cpp refuses.
+        Safe while requests run; costs this adapter only (the others are not read again). Loading
+        the same weights under the same name again returns the loaded adapter; other weights under
+        a used name raise AdapterError. Raises AdapterError subclasses for files that cannot be read
+        or do not fit the base, RuntimeLoadError if llama.cpp or loramux's library refuses.
         """
-        with self._registry_lock:
-            prepared = self._prepare(Path(source), name=name, skip_embeddings=skip_embeddings, allow_pickle=allow_pickle, outtype=outtype)
-            if isinstance(prepared, PoolAdapter):
-                return prepared
-            self._register([prepared])
-            return prepared[1]
-
-    def _prepare(self, src: Path, *, name: str | None, skip_embeddings: bool, allow_pickle: bool, outtype: str):
-        """The loaded PoolAdapter of these weights, or (handle, info) of a new one not registered yet."""
         self._check_open()
-        if not src.exists():
-            raise AdapterError(f"adapter {src} does not exist")
-        name = name or adapter_name(src)
-        Mix({name: 1.0})  # the name must be usable in a mix
-        gguf_path = self._gguf_for(src, outtype=outtype, skip_embeddings=skip_embeddings, allow_pickle=allow_pickle)
-        facts = check_gguf_adapter(gguf_path, self.base_info, name=name)
-        existing = self._adapters.get(name)
-        if existing is not None:
-            if existing.sha256 == facts.sha256:
-                return existing
-            raise AdapterError(
-                f"adapter name {name!r} is already used for other weights ({existing.source}); "
-                f"a name is never reused for different weights: load {src} under another name"
-            )
-        pinned = self._pinned.pin(gguf_path, facts.sha256, name)
-        try:
-            handle = self._engine.call(
-                lambda: LoraAdapterHandle(self.model.model, pinned, name, verbose=self._verbose, adapts_embeddings=facts.adapts_embeddings)
-            )
-        except BaseException:
-            self._pinned.unpin(pinned)
-            raise
-        info = PoolAdapter(
-            name=name,
-            source=src,
-            gguf_path=gguf_path,
-            sha256=facts.sha256,
-            from_peft=src.is_dir(),
-            skip_embeddings=bool(src.is_dir() and skip_embeddings),
-            n_modules=facts.n_modules,
-            ranks=facts.ranks,
-        )
-        return handle, info
+        return self.registry.load(Path(source), name=name, skip_embeddings=skip_embeddings, allow_pickle=allow_pickle, outtype=outtype)
 
-    def _register(self, new: list[tuple[LoraAdapterHandle, PoolAdapter]]) -> None:
-        """Register the pool grown by ``new`` on the engine (one registration for all of them)."""
-        handles = dict(self._handles) | {info.name: h for h, info in new}
-        try:
-            self._engine.set_adapters(handles)
-        except Exception:
-            for h, _ in new:
-                self._engine.call(h.free)
-            self._engine.set_adapters(self._handles)
-            raise
-        self._handles = handles
-        self._adapters = self._adapters | {info.name: info for _, info in new}
-
-    def _gguf_for(self, src: Path, *, outtype: str, skip_embeddings: bool, allow_pickle: bool) -> Path:
-        if not src.is_dir():
-            return src
-        if not is_peft_folder(src):
-            raise AdapterError(f"{src} is a folder without {PEFT_CONFIG}: not a PEFT adapter (use load_adapters for folders of adapters)")
-        gguf_path = converted_adapter_path(src, self.base_info, outtype=outtype, skip_embeddings=skip_embeddings)
-        if not gguf_path.is_file():  # the converter writes atomically: a file here is whole
-            cached_conversion(src, self.base_path, gguf_path, outtype=outtype, skip_embeddings=skip_embeddings, allow_pickle=allow_pickle)
-        return gguf_path
+    def held(self):
+        """What the engine holds of each loaded adapter, by name: read-only
+        :class:`~loramux.engine.context.HeldAdapter` views (slot, tensors loaded, freed)."""
+        self._check_open()
+        return self._engine.held()
 
     def unload(self, name: str) -> None:
         """Unload adapter ``name``: new requests cannot use it at once; running ones finish with it,
         then it is freed. Blocks until it is freed."""
         self._check_open()
-        with self._registry_lock:
-            if name not in self._adapters:
-                raise AdapterError(f"adapter {name!r} is not loaded (loaded: {', '.join(self.names) or 'none'})")
-            handle = self._handles[name]
-            self._handles = {n: h for n, h in self._handles.items() if n != name}
-            self._adapters = {n: a for n, a in self._adapters.items() if n != name}
-            self._engine.retire_adapter(name, self._handles, lambda: (handle.free(), self._pinned.unpin(handle.path)))
+        self._probe_let_go(name)
+        self.registry.unload(name)
 
     def load_adapters(
         self,
@@ -279,95 +200,28 @@ class AdapterPool:
         progress: Callable[[int, int], None] | None = None,
     ) -> LoadReport:
         """Load adapters from files, PEFT folders and folders of those; see the module docstring for skips."""
+        self._check_open()
         if isinstance(paths, (str, os.PathLike)):
             paths = [paths]
-        sources: list[tuple[Path, bool]] = []
-        for p in paths:
-            found, scanned = find_adapter_sources(p)
-            sources.extend((s, scanned) for s in found)
-        report, new = LoadReport(), []
-        with self._registry_lock:
-            try:
-                for i, (src, scanned) in enumerate(sources):
-                    self._load_into(report, new, src, scanned, skip_embeddings=skip_embeddings, allow_pickle=allow_pickle)
-                    if progress:
-                        progress(i + 1, len(sources))
-            except BaseException:
-                for h, _ in new:
-                    self._engine.call(h.free)
-                raise
-            if new:
-                self._register(new)  # one registration for the whole folder
-        return report
-
-    def _load_into(self, report: LoadReport, new: list, src: Path, scanned: bool, **kwargs: Any) -> None:
-        try:
-            prepared = self._prepare(src, name=None, outtype="f16", **kwargs)
-        except UnsupportedAdapterError as exc:
-            if not scanned:
-                raise
-            skipped = SkippedAdapter(adapter_name(src), src, str(exc))
-            report.skipped.append(skipped)
-            warnings.warn(f"skipped adapter {skipped.name!r}: {exc}", AdapterSkippedWarning, stacklevel=3)
-            return
-        if isinstance(prepared, PoolAdapter):
-            report.loaded.append(prepared)
-        elif any(info.name == prepared[1].name for _, info in new):
-            self._engine.call(prepared[0].free)
-            raise AdapterError(f"two adapters named {prepared[1].name!r} in one load ({src}); rename one")
-        else:
-            new.append(prepared)
-            report.loaded.append(prepared[1])
+        return self.registry.load_many(paths, skip_embeddings=skip_embeddings, allow_pickle=allow_pickle, progress=progress)
 
     # --- mixes and engine facts -----------------------------------------------------------------
     def resolve_mix(self, mix: MixLike) -> Mix:
         """Validate ``mix`` (a Mix, mapping, ``"name=w,..."`` or routing-mode string, or None) against the
         loaded adapters (a routed mix, ``"arrow"`` / ``"spectr"``, routes among all of them)."""
-        return Mix.coerce(mix).check_known(self._adapters)
+        return self.registry.resolve_mix(mix)
 
-    @property
-    def batch_slots(self) -> int:
-        """How many requests decode together (``n_seq_max``)."""
-        return self._engine.n_seq_max
-
-    @property
-    def n_ctx(self) -> int:
-        """The context of one request (prompt + generated tokens)."""
-        return self._engine.n_ctx
-
-    @property
-    def n_batch(self) -> int:
-        """The most tokens one ``llama_decode`` takes (the limit of :meth:`logits` and :meth:`token_choices`)."""
-        return min(self._engine.cx.n_batch, self._engine.n_ctx)
-
-    @property
-    def native(self) -> bool:
-        """True when narrow mixes run per sequence (``loramux.native.available()``)."""
-        return self._engine.native
-
-    @property
-    def max_active(self) -> int:
-        return self._engine.max_active
-
-    @property
-    def stats(self) -> EngineStats:
-        """The engine's counters (decode steps, sequences per decode, prefix-cache hits, ...)."""
-        return self._engine.stats
-
-    @property
-    def running(self) -> int:
-        """Requests decoding now."""
-        return self._engine.n_running
-
-    @property
-    def waiting(self) -> int:
-        """Requests waiting for a sequence."""
-        return self._engine.n_waiting
-
-    @property
-    def lora_stats(self) -> LoraSetStats:
-        """How often a mix was set on the whole context (``llama_set_adapters_lora``)."""
-        return self._engine.cx.lora.stats
+    batch_slots = _engine_fact("n_seq_max", "How many requests decode together (``n_seq_max``).")
+    n_ctx = _engine_fact("n_ctx", "The context of one request (prompt + generated tokens).")
+    n_batch = _engine_fact("n_batch", "The most tokens one ``llama_decode`` takes (the limit of :meth:`logits`, :meth:`token_choices`).")
+    native = _engine_fact("native", "True when narrow mixes run per sequence (``loramux.native.available()``).")
+    max_active = _engine_fact("max_active", "The most adapters a per-sequence mix holds.")
+    stats = _engine_fact(
+        "stats", "The engine's counters (:class:`EngineStats`: decode steps, sequences per decode, prefix-cache hits, ...)."
+    )
+    running = _engine_fact("n_running", "Requests decoding now.")
+    waiting = _engine_fact("n_waiting", "Requests waiting for a sequence.")
+    lora_stats = _engine_fact("lora_stats", "How often a mix was set on the whole context (:class:`LoraSetStats`).")
 
     def path_for(self, mix: MixLike) -> str:
         """``"native"`` (per-sequence) or ``"context"`` (one mix per decode): how ``mix`` would run.
@@ -376,24 +230,22 @@ class AdapterPool:
 
     # --- requests ----------------------------------------------------------------------------
     def engine_request(self, req: PoolRequest) -> EngineRequest:
-        """Tokenize ``req`` the way llama-cpp-python does (chat: the base model's template) and validate its mix."""
+        """Tokenize ``req`` the way llama-cpp-python does (chat: the base model's template) and validate its mix;
+        every other field is checked by :class:`EngineRequest` itself."""
         mix = self.resolve_mix(req.mix)
-        stop = tuple(req.stop)
-        if req.messages is not None:
-            fmt = self.chat_format(req.messages)
-            tokens = self.tokenize(fmt.prompt, add_bos=not fmt.added_special)
-            extra = fmt.stop if isinstance(fmt.stop, list) else [fmt.stop] if fmt.stop else []
-            stop += tuple(s for s in extra if s)
-        elif isinstance(req.prompt, str):
-            tokens = self.tokenize(req.prompt, add_bos=True) if req.prompt else [self.model.token_bos()]
-        else:
-            tokens = [int(t) for t in req.prompt]
+        tokens, template_stops = self.text.prompt_of(req.prompt, req.messages)
         sampling = req.sampling
         if sampling.seed is None and not sampling.greedy:
             with self._seed_lock:
-                sampling = SamplingParams(**{**sampling.__dict__, "seed": self._seeds.randint(0, 2**32 - 1)})
+                sampling = replace(sampling, seed=self._seeds.randint(0, 2**32 - 1))
         return EngineRequest(
-            tokens, mix=mix, sampling=sampling, max_tokens=req.max_tokens, stop=stop, logprobs=req.logprobs, request_id=req.request_id
+            tokens,
+            mix=mix,
+            sampling=sampling,
+            max_tokens=req.max_tokens,
+            stop=tuple(req.stop) + template_stops,
+            logprobs=req.logprobs,
+            request_id=req.request_id,
         )
 
     def submit(self, req: PoolRequest, *, loop=None) -> RequestHandle:
@@ -458,93 +310,36 @@ class AdapterPool:
         )
         return self._respond(req, chat=True, stream=stream)
 
-    def iter_results(self, requests: Sequence[PoolRequest], *, window: int | None = None) -> Iterator[tuple[int, PoolResult]]:
-        """Answer many requests, each under its own mix, decoded together; yield ``(index, result)``
-        as each ends. All are validated before any runs; at most ``window`` (default
-        ``2 * n_seq_max``) are in the engine at a time (``window=1``: one after another)."""
-        self._check_open()
-        engine_requests = [self.engine_request(r) for r in requests]
-        return iter_results(engine_requests, self._engine.submit, window=window or 2 * self.batch_slots)
-
-    def generate(self, requests: Sequence[PoolRequest], *, window: int | None = None) -> list[PoolResult]:
-        """Answer many requests, each under its own mix, decoded together; results in request order."""
-        results = dict(self.iter_results(list(requests), window=window))
-        return [results[i] for i in range(len(results))]
-
-    def create_completions(
-        self,
-        prompts: Sequence[str | list[int]],
-        *,
-        mixes: Sequence[MixLike] | None = None,
-        mix: MixLike = None,
-        max_tokens: int = 16,
-        stop: str | list[str] | None = None,
-        **sampling: Any,
-    ) -> list[dict]:
-        """Text completions of many prompts (``mixes[i]`` for prompt i, or one ``mix`` for all), batched;
-        greedy unless sampling keywords say otherwise. OpenAI-style dicts as :meth:`create_completion`."""
-        params = sampling_from(sampling, chat=False, default=GREEDY)
-        reqs = [
-            PoolRequest(prompt=p, mix=m, max_tokens=max_tokens, stop=stop or (), sampling=params)
-            for p, m in zip(prompts, mixes_for(prompts, mixes, mix))
-        ]
-        return [r.as_dict(str(self.base_path), chat=False) for r in self.generate(reqs)]
-
-    def create_chat_completions(
-        self,
-        conversations: Sequence[Sequence[Mapping[str, Any]]],
-        *,
-        mixes: Sequence[MixLike] | None = None,
-        mix: MixLike = None,
-        max_tokens: int = 256,
-        stop: str | list[str] | None = None,
-        **sampling: Any,
-    ) -> list[dict]:
-        """Chat completions of many conversations (``mixes[i]`` for conversation i), batched; greedy by default."""
-        params = sampling_from(sampling, chat=True, default=GREEDY)
-        reqs = [
-            PoolRequest(messages=[dict(m) for m in c], mix=m, max_tokens=max_tokens, stop=stop or (), sampling=params)
-            for c, m in zip(conversations, mixes_for(conversations, mixes, mix))
-        ]
-        return [r.as_dict(str(self.base_path), chat=True) for r in self.generate(reqs)]
-
     def clear_prefix_cache(self) -> None:
         """Forget the cached K/V of ended requests (benchmarks: every prompt is read whole)."""
         self._check_open()
         self._engine.clear_prefix_cache()
 
-    # --- tokens, templates, logits ---------------------------------------------------------------
+    # --- tokens, templates (the base model's BaseText), probe, logits -----------------------------
     def tokenize(self, text: str, *, add_bos: bool = False, special: bool = True) -> list[int]:
         """Tokens of ``text`` with the base model's tokenizer."""
         self._check_open()
-        return self.model.tokenize(text.encode("utf-8"), add_bos=add_bos, special=special)
+        return self.text.tokenize(text, add_bos=add_bos, special=special)
 
     def detokenize(self, tokens: Sequence[int]) -> str:
-        return self.model.detokenize(list(tokens), special=True).decode("utf-8", errors="replace")
+        return self.text.detokenize(tokens)
 
     def piece(self, token: int) -> str:
-        """The text of one token (llama-cpp-python's ``token_to_piece`` returns its whole buffer, NUL padding included)."""
-        import llama_cpp
-
-        buf = ctypes.create_string_buffer(64)
-        vocab = llama_cpp.llama_model_get_vocab(self.model.model)
-        n = llama_cpp.llama_token_to_piece(vocab, int(token), buf, len(buf), 0, True)
-        if n < 0:  # the buffer is too small: -n bytes are needed
-            buf = ctypes.create_string_buffer(-n)
-            n = llama_cpp.llama_token_to_piece(vocab, int(token), buf, len(buf), 0, True)
-        if n < 0:
-            raise LoramuxError(f"llama.cpp could not turn token {token} into text")
-        return buf.raw[:n].decode("utf-8", errors="replace")
+        """The text of one token."""
+        return self.text.piece(token)
 
     def token_eos(self) -> int:
         return self.model.token_eos()
 
-    @property
-    def n_layer(self) -> int:
-        """The base model's number of layers."""
-        import llama_cpp
+    n_layer = property(lambda self: self.text.n_layer, doc="The base model's number of layers.")
 
-        return int(llama_cpp.llama_model_n_layer(self.model.model))
+    def chat_prompt(self, messages: Sequence[Mapping[str, Any]]) -> str:
+        """The prompt text the base model's chat template makes of ``messages`` (with the generation prompt)."""
+        return self.text.chat_format(messages).prompt
+
+    def chat_format(self, messages: Sequence[Mapping[str, Any]]):
+        """llama-cpp-python's formatting of ``messages`` (``.prompt``, ``.stop``, ``.added_special``)."""
+        return self.text.chat_format(messages)
 
     def probe(self):
         """The pool's :class:`loramux.probe.HiddenProbe` (created on first use, freed with the pool)."""
@@ -556,66 +351,6 @@ class AdapterPool:
                 self._probe = HiddenProbe(self.model.model, n_ctx=self.n_ctx, n_threads=self.n_threads)
             return self._probe
 
-    def chat_prompt(self, messages: Sequence[Mapping[str, Any]]) -> str:
-        """The prompt text the base model's chat template makes of ``messages`` (with the generation prompt)."""
-        return self.chat_format(messages).prompt
-
-    def chat_format(self, messages: Sequence[Mapping[str, Any]]):
-        """llama-cpp-python's formatting of ``messages`` with the base model's chat template
-        (``.prompt``, ``.stop``, ``.added_special``), as its chat completion uses it."""
-        try:
-            return self._chat_formatter(messages=[dict(m) for m in messages])
-        except Exception as exc:  # jinja2 errors: a message without content, a role the template refuses
-            raise RequestError(f"the chat template of {self.base_path.name} cannot format these messages: {exc}") from exc
-
-    @functools.cached_property
-    def _chat_formatter(self):
-        from llama_cpp import llama_chat_format
-
-        template = self.model.metadata().get("tokenizer.chat_template")
-        if not template:
-            raise LoramuxError(f"base model {self.base_path.name} has no chat template (tokenizer.chat_template)")
-        return llama_chat_format.Jinja2ChatFormatter(
-            template=template,
-            eos_token=self.model.detokenize([self.model.token_eos()], special=True).decode(),
-            bos_token=self.model.detokenize([self.model.token_bos()], special=True).decode(),
-        )
-
-    def logits(self, tokens: Sequence[int], mix: MixLike = None, *, path: str = CONTEXT) -> np.ndarray:
-        """Teacher-forced logits (n_tokens, n_vocab) of ``tokens`` decoded alone in one batch under ``mix``.
-
-        ``path="context"`` (default): the mix set on the whole context, exactly what stock
-        llama.cpp computes; ``"native"``: as a per-sequence mix. At most ``n_batch`` tokens.
-        """
-        self._check_open()
-        return self._engine.logits(tokens, self.resolve_mix(mix), path=path)
-
-    def token_choices(self, prompt: str | Sequence[int], mix: MixLike) -> TokenChoiceReport:
-        """What per-token routing chose for every token of ``prompt`` at every adapted weight.
-
-        ``prompt`` (text, tokenized with BOS as :meth:`create_completion` does, or token ids, at
-        most ``n_batch``) is teacher-forced alone in one batch under the routed ``mix`` (``"arrow"``,
-        ``"spectr:k=3"``, ``Mix.arrow(k=2)``, ...) on the engine's thread, between two steps of the
-        running requests, with the native record on. Needs the native library's fused CPU op (the
-        device form does not record) and loaded adapters; a fixed mix is a MixError."""
-        self._check_open()
-        resolved = self.resolve_mix(mix)
-        tokens = self.tokenize(prompt, add_bos=True) if isinstance(prompt, str) else [int(t) for t in prompt]
-        choices = self._engine.token_choices(tokens, resolved)
-        return TokenChoiceReport(resolved, tuple(tokens), tuple(self.piece(t) for t in tokens), tuple(choices))
-
-    def score(self, items: Sequence[Any]) -> list[float]:
-        """Mean target cross-entropy of each :class:`loramux.engine.scoring.ScoreItem` (tokens, n_prompt, mix).
-
-        Items with different mixes are decoded together, as many per ``llama_decode`` as fit in
-        ``n_batch`` tokens and the free sequences; every mix must run per sequence (native library,
-        at most ``max_active`` adapters)."""
-        from loramux.engine.scoring import ScoreItem
-
-        self._check_open()
-        resolved = [ScoreItem(tuple(i.tokens), i.n_prompt, self.resolve_mix(i.mix)) for i in items]
-        return self._engine.score(resolved)
-
     # --- lifetime ----------------------------------------------------------------------------------
     def _check_open(self) -> None:
         if self._closed:
@@ -626,12 +361,10 @@ class AdapterPool:
         if self._closed:
             return
         self._closed = True
-        self._engine.close()
         if self._probe is not None:
-            self._probe.close()
-        for handle in self._handles.values():
-            handle.free()
-        self._pinned.close()
+            self._probe.close()  # first: its context holds borrowed handles
+        self._engine.close()  # frees the context, then every adapter handle (the engine owns them)
+        self.registry.close()
         self.model.close()
 
     def __enter__(self) -> "AdapterPool":
@@ -645,7 +378,7 @@ class AdapterPool:
             self.close()
 
     def __repr__(self) -> str:
-        state = "closed" if self._closed else f"{len(self._adapters)} adapters, {'native' if self.native else 'stock'}"
+        state = "closed" if self._closed else f"{len(self.registry.names)} adapters, {'native' if self.native else 'stock'}"
         return f"AdapterPool({self.base_path.name}, {state})"
 
 

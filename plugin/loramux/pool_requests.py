@@ -16,7 +16,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Iterator, Mapping, Sequence
 
 from loramux import responses
-from loramux.engine import Finished, SamplingParams
+from loramux.engine import GREEDY, Finished, SamplingParams
 from loramux.errors import LoramuxError, RequestError
 from loramux.mix import MixLike
 
@@ -55,9 +55,10 @@ def sampling_from(kwargs: Mapping[str, Any], *, chat: bool, default: SamplingPar
 class PoolRequest:
     """One request: ``prompt`` (text or token ids) or chat ``messages``, its mix, limits and sampling.
 
-    ``max_tokens=None``: until an end-of-generation token or the end of the context. ``stop``
-    strings end generation (the text is cut before them); the model's end-of-generation tokens
-    always do. ``sampling`` defaults to greedy.
+        ``max_tokens=None``: until an end-of-generation token or the end of the context. ``stop``
+        strings end generation (the text is cut before them); the model's end-of-generation tokens
+        always do. ``sampling`` defaults to greedy, as :class:`~loramux.engine.EngineRequest`'s; every
+    field is checked once, by the engine's request types when the pool builds the engine request.
     """
 
     prompt: str | Sequence[int] | None = None
@@ -65,15 +66,13 @@ class PoolRequest:
     mix: MixLike = None
     max_tokens: int | None = 16
     stop: Sequence[str] = ()
-    sampling: SamplingParams = field(default_factory=lambda: SamplingParams(temperature=0.0))
+    sampling: SamplingParams = GREEDY
     logprobs: int | None = None
     request_id: Any = None
 
     def __post_init__(self) -> None:
         if (self.prompt is None) == (self.messages is None):
             raise LoramuxError("a PoolRequest takes exactly one of prompt= or messages=")
-        if self.max_tokens is not None and self.max_tokens < 1:
-            raise RequestError(f"max_tokens must be >= 1, got {self.max_tokens}")
         if isinstance(self.stop, str):
             self.stop = (self.stop,)
 

@@ -4,8 +4,9 @@
 sampling) whose graph evaluation callback (``cb_eval``) copies out the tensors asked for by
 name, e.g. ``attn_norm-29`` (the input of layer 29's q/k/v projections, after the RMSNorm),
 ``l_out-15`` (the residual stream after layer 15) or ``result_norm`` (the final norm). The pass
-can run with adapters set on the context (stock ``llama_set_adapters_lora``), so the captured
-tensors are the ones the mixed model really computes. Routers use it: retrieval embeds prompts
+can run with adapters set on the context (stock ``llama_set_adapters_lora``; the engine's own
+adapter handles, borrowed for the pass), so the captured tensors are the ones the mixed model
+really computes. Routers use it: retrieval embeds prompts
 with it, LoGo reads q_proj's input with it.
 
 With an evaluation callback set, llama.cpp's scheduler computes the graph as views between the
@@ -28,7 +29,7 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 
 from loramux.errors import LoramuxError, RuntimeLoadError
-from loramux.llama_runtime import ContextLoraState, LoraAdapterHandle
+from loramux.llama_runtime import ContextLoraState
 
 GGML_TYPE_F32 = 0
 
@@ -97,7 +98,6 @@ class HiddenProbe:
         self._batch = lc.llama_batch_init(n_batch, 0, 1)
         self._mem = lc.llama_get_memory(self.ctx)
         self._lora = ContextLoraState(self.ctx)
-        self._handles: dict[Path, LoraAdapterHandle] = {}
 
     # --- the callback (runs inside llama_decode, on this thread) -----------------------------
     def _on_tensor(self, ptr: int, ask: bool, user_data: Any) -> bool:
@@ -119,24 +119,15 @@ class HiddenProbe:
         self._tensor_get(ptr, out.ctypes.data, 0, out.nbytes)
         return out
 
-    # --- adapters ------------------------------------------------------------------------------
-    def _handle(self, path: Path, name: str) -> LoraAdapterHandle:
-        handle = self._handles.get(path)
-        if handle is None:
-            handle = self._handles[path] = LoraAdapterHandle(self._model, path, name)
-        return handle
-
-    def _set_adapters(self, adapters: Iterable[tuple[str, Path, float]]) -> None:
-        self._lora.apply([(self._handle(Path(p), n), float(s)) for n, p, s in adapters])
-
     # --- a pass -----------------------------------------------------------------------------
     def capture(
-        self, tokens: Sequence[int], names: Iterable[str], *, adapters: Iterable[tuple[str, Path, float]] = (), all_logits: bool = False
+        self, tokens: Sequence[int], names: Iterable[str], *, adapters: Iterable[tuple[Any, float]] = (), all_logits: bool = False
     ) -> dict[str, np.ndarray]:
         """Decode ``tokens`` (from position 0, alone) and return each named tensor, rows = tokens.
 
-        ``adapters``: ``(name, gguf_path, scale)`` set on the probe context for this pass (stock
-        llama.cpp; the probe loads its own copy of each once); empty: the base model. ``all_logits``: ask for every token's output (so ``result_norm`` has a row per token);
+        ``adapters``: ``(LoraAdapterHandle, scale)`` pairs set on the probe context (stock
+        llama.cpp), loaded while they stay set: the engine's own handles, borrowed
+        (:meth:`loramux.AdapterPool.hidden_states` does that); empty: the base model. ``all_logits``: ask for every token's output (so ``result_norm`` has a row per token);
         otherwise only the last token's. Raises LoramuxError when a name was never computed.
         """
         tokens = [int(t) for t in tokens]
@@ -144,7 +135,7 @@ class HiddenProbe:
             raise LoramuxError(f"probe: a pass takes 1 to {self.n_ctx} tokens, got {len(tokens)}")
         names = set(names)
         with self._lock:
-            self._set_adapters(adapters)
+            self._lora.apply(list(adapters))
             self._want, self._got, self._error = names, {}, None
             try:
                 self._decode(tokens, all_logits)
@@ -173,17 +164,20 @@ class HiddenProbe:
             if rc != 0:
                 raise LoramuxError(f"probe: llama_decode failed with code {rc} on {len(chunk)} tokens")
 
+    def drop_adapters(self) -> None:
+        """Set no adapter on the probe's context (before the handles it holds are given back)."""
+        with self._lock:
+            if self.ctx:
+                self._lora.apply([])
+
     def close(self) -> None:
-        """Free the context, then the probe's own adapter copies. Idempotent."""
+        """Free the context. Idempotent."""
         with self._lock:
             if self.ctx:
                 self._lora.clear()
                 self._lc.llama_batch_free(self._batch)
                 self._lc.llama_free(self.ctx)
                 self.ctx = None
-            for handle in self._handles.values():
-                handle.free()
-            self._handles.clear()
 
 
 def layer_index(n_layer: int, layer: int) -> int:

@@ -73,6 +73,11 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="serve --adapters through loramux's patched llama-server (built once: loramux llama-server build), "
         "started here as a child on loopback with this router in front; stopped with this command",
     )
+    _engine_options(p)
+    p.set_defaults(run=run)
+
+
+def _engine_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--host", default=None, help="address to listen on (default: 127.0.0.1; others need --api-key)")
     p.add_argument("--port", type=int, default=None, help="port (default: 8080)")
     p.add_argument("--api-key", default=None, help="require Authorization: Bearer KEY on every route but /health")
@@ -98,7 +103,6 @@ def register(sub: argparse._SubParsersAction) -> None:
         default=None,
         help="load PEFT adapters with an embedding LoRA the base cannot take without that part",
     )
-    p.set_defaults(run=run)
 
 
 def settings_from(args: argparse.Namespace):

@@ -15,6 +15,7 @@ from __future__ import annotations
 import ctypes
 import os
 import time
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 import numpy as np
@@ -27,6 +28,33 @@ if TYPE_CHECKING:  # pragma: no cover
     from loramux.native.mixer import TokenChoice
 
 
+@dataclass(frozen=True)
+class HeldAdapter:
+    """A read-only view of one adapter the engine holds: its name, pinned file, slot in the
+    per-sequence pool (None without the native library) and whether its llama.cpp tensors are
+    loaded now (released after entering a slot, unless a context-level mix or its token-embedding
+    LoRA needs them) or freed for good."""
+
+    _handle: Any
+    slot: int | None
+
+    @property
+    def name(self) -> str:
+        return self._handle.name
+
+    @property
+    def path(self):
+        return self._handle.path
+
+    @property
+    def loaded(self) -> bool:
+        return self._handle.loaded
+
+    @property
+    def freed(self) -> bool:
+        return self._handle.freed
+
+
 class EngineContext:
     """One llama.cpp context of a model, with per-sequence and context-level mixes."""
 
@@ -36,10 +64,10 @@ class EngineContext:
         *,
         n_seq_max: int,
         n_ctx: int,
-        n_batch: int,
-        n_threads: int,
-        max_active: int,
-        native: bool,
+        n_batch: int = 512,
+        n_threads: int = 2,
+        max_active: int = 3,
+        native: bool = False,
         flash_attn: bool = False,
         device_form: bool = False,
     ) -> None:
@@ -73,12 +101,18 @@ class EngineContext:
         self._mem = lc.llama_get_memory(self.ctx)
         self.lora = ContextLoraState(self.ctx)
         self.context_mix = Mix()
-        self.handles: dict[str, Any] = {}
+        self.handles: dict[str, Any] = {}  # every adapter handle of the engine: this context owns them
+        self.borrowed: dict[str, int] = {}  # name -> borrows (the probe's passes): kept loaded, not removed
         self.mixer = None
-        # max_active of the registered pool, 0 when none: what Engine.submit checks routed mixes
-        # against from the caller's thread. Updated only once a registration is complete, so a
-        # routed request arriving while the engine thread re-registers is judged by a whole pool,
-        # never by the moment between two registrations (it is admitted on the engine thread after).
+        if native:
+            from loramux.native.mixer import SeqMixer
+
+            self.mixer = SeqMixer(self.ctx, max_active=max_active, device_form=device_form)  # an empty pool of slots
+        self.max_active_native = self.mixer.max_active if self.mixer is not None else 0
+        # max_active of the pool, 0 while it holds no adapter: what Engine.submit checks routed
+        # mixes against from the caller's thread. Updated only once a change is complete, so a
+        # routed request arriving while the engine thread changes the pool is judged by a whole
+        # pool, never by the moment in between (it is admitted on the engine thread after).
         self.routable_k = 0
         self._piece = ctypes.create_string_buffer(64)
 
@@ -114,35 +148,65 @@ class EngineContext:
                 f"{max_active}, or open the pool with max_active >= {routing.k} (loramux CLI: --max-active {routing.k})"
             )
 
-    def register(self, handles: Mapping[str, Any]) -> None:
-        """Register exactly ``handles`` (name -> LoraAdapterHandle) for per-sequence mixes.
+    def add_adapters(self, handles: Mapping[str, Any]) -> None:
+        """Take ownership of ``handles`` (name -> LoraAdapterHandle) and put them into the pool.
 
-        With the native library the registration copies the adapters' tensors; the handles are
-        then released (memory held once), except token-embedding LoRAs (read at decode time) and
-        those of the context-level mix; :meth:`set_context_mix` loads them again when needed."""
-        from loramux.native.mixer import SeqMixer
+        With the native library each goes into a slot of the per-sequence pool; only these
+        adapters are read (the library copies the other slots). Their native tensors are then
+        released (memory held once) unless they adapt the token embeddings (read at decode time);
+        :meth:`set_context_mix` loads them again when a wide mix needs them. On failure the
+        handles are freed and nothing changes."""
+        handles = dict(handles)
+        try:
+            if self.mixer is not None and handles:
+                for h in handles.values():
+                    h.ensure()
+                self.mixer.fill({n: h.ptr for n, h in handles.items()})
+        except BaseException:
+            for h in handles.values():
+                h.free()
+            raise
+        self.handles |= handles
+        self.routable_k = self.max_active_native if self.handles else 0
+        self._release_unused()
 
-        if any(n not in handles for n in self.context_mix):
+    def held(self) -> dict[str, HeldAdapter]:
+        """What this context holds, by name (a snapshot; safe from any thread)."""
+        slots = self.mixer.slots if self.mixer is not None else {}
+        return {n: HeldAdapter(h, slots.get(n)) for n, h in dict(self.handles).items()}
+
+    def remove_adapter(self, name: str) -> None:
+        """Take ``name`` out of the pool (no sequence may use it) and free its handle."""
+        if name in self.context_mix:
             self.set_context_mix(Mix())
         if self.mixer is not None:
-            self.mixer.close()
-            self.mixer = None
-        self.handles = dict(handles)
-        try:
-            if self.native and self.handles:
-                for h in self.handles.values():
-                    h.ensure()
-                handles = {n: h.ptr for n, h in self.handles.items()}
-                self.mixer = SeqMixer(self.ctx, handles, max_active=self.max_active, device_form=self.device_form)
-                self._release_unused()
-        finally:
-            self.routable_k = self.mixer.max_active if self.mixer is not None else 0
+            self.mixer.remove([name])
+        self.handles.pop(name).free()
+        self.routable_k = self.max_active_native if self.handles else 0
+
+    def borrow(self, names) -> dict[str, Any]:
+        """The handles of ``names``, loaded and kept so until :meth:`give_back` (another context,
+        the probe's, sets them; the engine neither releases nor removes them meanwhile)."""
+        missing = [n for n in names if n not in self.handles]
+        if missing:
+            raise MixError(f"adapters {', '.join(missing)} are not loaded (loaded: {', '.join(sorted(self.handles)) or 'none'})")
+        for n in names:
+            self.handles[n].ensure()
+            self.borrowed[n] = self.borrowed.get(n, 0) + 1
+        return {n: self.handles[n] for n in names}
+
+    def give_back(self, names) -> None:
+        for n in names:
+            self.borrowed[n] -= 1
+            if not self.borrowed[n]:
+                del self.borrowed[n]
+        self._release_unused()
 
     def _release_unused(self) -> None:
         if self.mixer is None:
             return
         for name, h in self.handles.items():
-            if not h.adapts_embeddings and name not in self.context_mix:
+            if not h.adapts_embeddings and name not in self.context_mix and name not in self.borrowed:
                 h.release()
 
     def set_seq_mix(self, seq_id: int, mix: Mix) -> None:
@@ -233,6 +297,7 @@ class EngineContext:
         return bool(self._lc.llama_vocab_is_eog(self.vocab, token))
 
     def close(self) -> None:
+        """Free the context, then every adapter handle (adapters are freed before their model). Idempotent."""
         if self.ctx:
             if self.mixer is not None:
                 self.mixer.close()
@@ -242,6 +307,9 @@ class EngineContext:
             self._lc.llama_batch_free(self.batch)
             self._lc.llama_free(self.ctx)
             self.ctx = None
+        for handle in self.handles.values():
+            handle.free()
+        self.handles = {}
 
 
-__all__ = ["EngineContext"]
+__all__ = ["EngineContext", "HeldAdapter"]

@@ -20,7 +20,7 @@ when the registered adapters change, and an adapter is unloaded only once no rou
 or waits (they all use it). A routed request running while adapters are loaded routes among the
 new set from the next step on.
 
-Adapter registration changes (:meth:`Engine.set_adapters`), teacher-forced logits and routing
+Adapter pool changes (:meth:`Engine.add_adapters`, :meth:`Engine.retire_adapter`), teacher-forced logits and routing
 records (:meth:`Engine.token_choices`) run as jobs on the scheduler thread between two steps, so
 nothing native changes under a running decode.
 """
@@ -34,18 +34,17 @@ from concurrent.futures import Future
 from typing import Any, Callable, Mapping
 
 from loramux.engine.context import EngineContext
+from loramux.engine.forced import RETRY as _RETRY
+from loramux.engine.forced import ForcedJobs
 from loramux.engine.request import EngineRequest, RequestHandle
 from loramux.engine.sampling import SequenceSampler
-from loramux.engine.scoring import plan_batches, score_batch
-from loramux.engine.slots import CONTEXT, NATIVE, Slot, best_slot
+from loramux.engine.slots import CONTEXT, NATIVE, GroupTurns, Slot, best_slot
 from loramux.engine.stats import EngineStats
 from loramux.engine.step import StepBuilder, accept_token
 from loramux.engine.text import StopText
-from loramux.errors import ContextLengthError, LoramuxError, MixError, QueueFullError, RequestCancelled
+from loramux.errors import LoramuxError, MixError, QueueFullError, RequestCancelled
 from loramux.mix import Mix
-from loramux.token_routing import ROUTING_MODES
 
-_RETRY = object()  # a job returns this to run again after the next step
 # The scheduler thread hands every token to the caller's thread (a stream, the server's event loop)
 # and takes the GIL back after each llama_decode: with Python's default 5 ms switch interval each
 # hand-off can wait a whole interval (measured: one HTTP stream 67 -> 90 tokens/s at 0.5 ms).
@@ -66,7 +65,7 @@ def _tune_switch_interval() -> None:
         sys.setswitchinterval(wanted)
 
 
-class Engine:
+class Engine(ForcedJobs):
     """Continuous batching of every request on one context of a model (``llama_model *``).
 
     ``n_ctx`` is the context of one sequence (prompt + generated tokens of one request); the
@@ -75,33 +74,12 @@ class Engine:
     """
 
     def __init__(
-        self,
-        model_ptr,
-        *,
-        n_seq_max: int = 8,
-        n_ctx: int = 2048,
-        n_batch: int = 512,
-        n_threads: int = 2,
-        max_active: int = 3,
-        native: bool = False,
-        max_queue: int = 256,
-        fair_steps: int = 8,
-        flash_attn: bool = False,
-        device_form: bool = False,
+        self, model_ptr, *, n_seq_max: int = 8, n_ctx: int = 2048, max_queue: int = 256, fair_steps: int = 8, **context: Any
     ) -> None:
+        """``context``: :class:`EngineContext`'s options (n_batch, n_threads, max_active, native, flash_attn, device_form)."""
         if n_seq_max < 1 or n_ctx < 8 or max_queue < 1:
             raise LoramuxError(f"engine needs n_seq_max >= 1, n_ctx >= 8, max_queue >= 1 (got {n_seq_max}, {n_ctx}, {max_queue})")
-        self.cx = EngineContext(
-            model_ptr,
-            n_seq_max=n_seq_max,
-            n_ctx=n_ctx,
-            n_batch=n_batch,
-            n_threads=n_threads,
-            max_active=max_active,
-            native=native,
-            flash_attn=flash_attn,
-            device_form=device_form,
-        )
+        self.cx = EngineContext(model_ptr, n_seq_max=n_seq_max, n_ctx=n_ctx, **context)
         self.n_ctx, self.n_seq_max, self.max_queue, self.fair_steps = n_ctx, n_seq_max, max_queue, fair_steps
         self.stats = EngineStats()
         self._slots = [Slot(i) for i in range(n_seq_max)]
@@ -110,8 +88,7 @@ class Engine:
         self._cv = threading.Condition()
         self._closing = False
         self._order = 0
-        self._group: Mix | None = None
-        self._group_steps = 0
+        self._turns = GroupTurns(fair_steps)
         _tune_switch_interval()
         self._thread = threading.Thread(target=self._run, name="loramux-engine", daemon=True)
         self._thread.start()
@@ -133,6 +110,20 @@ class Engine:
     def n_waiting(self) -> int:
         return len(self._waiting)
 
+    @property
+    def n_batch(self) -> int:
+        """The most tokens one ``llama_decode`` takes (logits(), token_choices())."""
+        return min(self.cx.n_batch, self.n_ctx)
+
+    @property
+    def lora_stats(self):
+        """How often a mix was set on the whole context (:class:`~loramux.llama_runtime.LoraSetStats`)."""
+        return self.cx.lora.stats
+
+    def held(self):
+        """The adapters the engine holds, by name (:class:`~loramux.engine.context.HeldAdapter` views)."""
+        return self.cx.held()
+
     def path_for(self, mix: Mix) -> str:
         """``"native"`` when ``mix`` runs as a per-sequence mix, ``"context"`` when set on the whole context."""
         return NATIVE if self.cx.per_sequence(mix) else CONTEXT
@@ -141,14 +132,7 @@ class Engine:
         """Queue ``request``; it joins the batch at the next step with a free sequence. Raises
         ContextLengthError when it cannot fit one sequence, RequestError for a token id outside the
         vocabulary, QueueFullError when the queue is full."""
-        n = len(request.tokens)
-        if n + (1 if request.max_tokens is None else request.max_tokens) > self.n_ctx:
-            raise ContextLengthError(
-                f"request {request.request_id!r}: the prompt has {n} tokens"
-                + ("" if request.max_tokens is None else f" and asks for {request.max_tokens} more")
-                + f", but a sequence holds at most {self.n_ctx} (n_ctx); shorten the prompt or lower max_tokens"
-            )
-        request.check_vocabulary(self.cx.n_vocab)
+        request.check_limits(n_ctx=self.n_ctx, n_vocab=self.cx.n_vocab)
         self.cx.check_routable(request.mix)  # a routed mix that cannot run is refused here, never run as the base model
         handle = RequestHandle(request, loop)
         with self._cv:
@@ -174,22 +158,33 @@ class Engine:
             self._cv.notify()
         return fut.result()
 
-    def set_adapters(self, handles: Mapping[str, Any]) -> None:
-        """Register exactly these adapters (name -> LoraAdapterHandle) between two steps; running
-        requests keep their mixes. Cached K/V of adapters no longer registered is dropped."""
-        self.call(lambda: self._set_adapters(dict(handles)))
+    def add_adapters(self, handles: Mapping[str, Any]) -> None:
+        """Put new adapters (name -> LoraAdapterHandle) into the pool between two steps; the engine
+        owns the handles from here on (freed on failure). Running requests keep their mixes; only
+        these adapters are read. Routed K/V (computed over the old set) is dropped."""
+        self.call(lambda: self._change_pool(lambda: self.cx.add_adapters(handles), removed=None))
 
-    def retire_adapter(self, name: str, handles: Mapping[str, Any], then: Callable[[], None]) -> None:
-        """Once no running or waiting request uses ``name``: register ``handles`` (without it) and call ``then``."""
+    def retire_adapter(self, name: str, then: Callable[[], None]) -> None:
+        """Once no running or waiting request uses ``name``: take it out of the pool, free it, call ``then``."""
 
         def job():
-            if any(name in h.request.mix or h.request.mix.token_routing is not None for h in self._users()):
+            if name in self.cx.borrowed or any(name in h.request.mix or h.request.mix.token_routing is not None for h in self._users()):
                 return _RETRY
-            self._set_adapters(dict(handles))
+            self._change_pool(lambda: self.cx.remove_adapter(name), removed=name)
             then()
             return None
 
         self.call(job)
+
+    def borrow(self, names) -> dict[str, Any]:
+        """The handles of ``names`` (name -> LoraAdapterHandle), loaded and neither released nor
+        retired until :meth:`give_back`: for passes on another context (the probe's)."""
+        names = list(names)
+        return self.call(lambda: self.cx.borrow(names))
+
+    def give_back(self, names) -> None:
+        names = list(names)
+        self.call(lambda: self.cx.give_back(names))
 
     def clear_prefix_cache(self) -> None:
         """Forget the K/V that ended requests left in their sequences (the next prompts are read whole)."""
@@ -201,41 +196,6 @@ class Engine:
                     slot.forget_kv()
 
         self.call(job)
-
-    def logits(self, tokens, mix: Mix, *, path: str = CONTEXT):
-        """Teacher-forced logits (n, n_vocab) of ``tokens`` under ``mix``, decoded alone in one batch.
-
-        ``path="context"``: the mix set on the whole context, llama.cpp's stock numerics;
-        ``"native"``: as a per-sequence mix (needs the native library and a narrow mix)."""
-        tokens = self._one_batch("logits()", tokens)
-        return self.call(lambda: self._logits_job(tokens, mix, path))
-
-    def token_choices(self, tokens, mix: Mix) -> list:
-        """Teacher-force ``tokens`` alone in one batch under routed ``mix`` and return the
-        :class:`~loramux.native.mixer.TokenChoice` of every token at every adapted weight."""
-        tokens = self._one_batch("token_choices()", tokens)
-        if mix.token_routing is None:
-            raise MixError(f"token choices are recorded for routed mixes ({', '.join(ROUTING_MODES)}); {mix} is not one")
-        self.cx.check_routable(mix)
-        return self.call(lambda: self._choices_job(tokens, mix))
-
-    def _one_batch(self, what: str, tokens) -> list[int]:
-        tokens = [int(t) for t in tokens]
-        if not 0 < len(tokens) <= min(self.cx.n_batch, self.n_ctx):
-            raise LoramuxError(f"{what} takes 1 to {min(self.cx.n_batch, self.n_ctx)} tokens in one batch, got {len(tokens)}")
-        return tokens
-
-    def score(self, items) -> list[float]:
-        """Mean target NLL of each :class:`~loramux.engine.scoring.ScoreItem`, many mixes per decode.
-
-        Every mix must run per sequence (native library, at most ``max_active`` adapters)."""
-        for item in items:
-            if not self.cx.per_sequence(item.mix):
-                raise LoramuxError(
-                    f"scoring needs per-sequence mixes; {item.mix} is not one (native library in use: "
-                    f"{self.native}; at most max_active={self.max_active} adapters)"
-                )
-        return self.call(lambda: self._score_job(list(items)))
 
     def close(self) -> None:
         """Cancel what is running or waiting, stop the thread, free the context. Idempotent."""
@@ -363,21 +323,8 @@ class Engine:
             self._release(slot, keep_kv=False)
 
     # --- one step -------------------------------------------------------------------------
-    def _pick_group(self) -> tuple[Mix | None, list[Slot]]:
-        groups: dict[Mix | None, list[Slot]] = {}
-        for slot in sorted(self._running(), key=lambda s: s.order):
-            groups.setdefault(slot.group, []).append(slot)
-        if not groups:
-            return None, []
-        stay = self._group in groups and (len(groups) == 1 or self._group_steps < self.fair_steps)
-        if not stay:
-            others = [g for g in groups if g != self._group] or list(groups)
-            self._group, self._group_steps = others[0], 0
-        self._group_steps += 1
-        return self._group, groups[self._group]
-
     def _step(self) -> None:
-        group, slots = self._pick_group()
+        group, slots = self._turns.pick(self._running())
         if not slots:
             return
         self.cx.set_context_mix(group or Mix())
@@ -398,65 +345,13 @@ class Engine:
                 self._release(slot, keep_kv=True)
 
     # --- jobs -------------------------------------------------------------------------------
-    def _set_adapters(self, handles: dict[str, Any]) -> None:
-        for slot in self._slots:  # K/V of removed adapters, and routed K/V (computed over the old set), is stale
+    def _change_pool(self, change: Callable[[], None], *, removed: str | None) -> None:
+        for slot in self._slots:  # K/V of a removed adapter, and routed K/V (computed over the old set), is stale
             kv = slot.kv_mix
-            if kv is not None and not slot.busy and (kv.token_routing is not None or any(n not in handles for n in kv)):
+            if kv is not None and not slot.busy and (kv.token_routing is not None or (removed is not None and removed in kv)):
                 self.cx.keep_prefix(slot.seq_id, 0)
                 slot.forget_kv()
-        self.cx.register(handles)
-        for slot in self._running():
-            if slot.group is None:
-                try:
-                    self.cx.set_seq_mix(slot.seq_id, slot.handle.request.mix)
-                except MixError as exc:  # a routed request whose pool is gone: it fails, the others run on
-                    slot.handle._fail(exc)
-                    self._release(slot, keep_kv=False)
-
-    def _score_job(self, items: list):
-        free = [s for s in self._slots if not s.busy]
-        if not free:
-            return _RETRY
-        self.cx.set_context_mix(Mix())
-        losses: list[float] = []
-        for batch in plan_batches(items, self.cx.n_batch, len(free)):
-            losses += score_batch(self.cx, free, [items[i] for i in batch])
-        return losses
-
-    def _choices_job(self, tokens: list[int], mix: Mix):
-        free = [s for s in self._slots if not s.busy]
-        if not free:
-            return _RETRY
-        slot = min(free, key=lambda s: s.last_used)
-        self.cx.keep_prefix(slot.seq_id, 0)
-        slot.forget_kv()
-        self.cx.set_context_mix(Mix())
-        self.cx.set_seq_mix(slot.seq_id, mix)
-        try:
-            return self.cx.decode_recorded(slot.seq_id, tokens)
-        finally:
-            self.cx.set_seq_mix(slot.seq_id, Mix())
-            self.cx.keep_prefix(slot.seq_id, 0)
-
-    def _logits_job(self, tokens: list[int], mix: Mix, path: str):
-        free = [s for s in self._slots if not s.busy]
-        if not free:
-            return _RETRY
-        if path == NATIVE and not self.cx.per_sequence(mix):
-            raise LoramuxError(
-                f"mix {mix} cannot run as a per-sequence mix (native library in use: {self.native}; "
-                f"at most max_active={self.max_active} adapters)"
-            )
-        slot = min(free, key=lambda s: s.last_used)
-        self.cx.keep_prefix(slot.seq_id, 0)
-        slot.forget_kv()
-        self.cx.set_context_mix(Mix() if path == NATIVE else mix)
-        self.cx.set_seq_mix(slot.seq_id, mix if path == NATIVE else Mix())
-        try:
-            return self.cx.decode_all_logits(slot.seq_id, tokens)
-        finally:
-            self.cx.set_seq_mix(slot.seq_id, Mix())
-            self.cx.keep_prefix(slot.seq_id, 0)
+        change()
 
 
 __all__ = ["Engine"]

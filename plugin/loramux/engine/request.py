@@ -15,11 +15,15 @@ import threading
 from dataclasses import dataclass, field
 from typing import Any, AsyncIterator, Collection, Iterator, Sequence
 
-from loramux.engine.sampling import SamplingParams
-from loramux.errors import RequestCancelled, RequestError
+from loramux.engine.sampling import GREEDY, SamplingParams
+from loramux.errors import ContextLengthError, RequestCancelled, RequestError
 from loramux.mix import Mix
 
 _ids = itertools.count()
+
+
+def _is_whole(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 @dataclass
@@ -28,7 +32,7 @@ class EngineRequest:
 
     tokens: Sequence[int]
     mix: Mix = field(default_factory=Mix)
-    sampling: SamplingParams = field(default_factory=SamplingParams)
+    sampling: SamplingParams = GREEDY  # the one default of every request type (PoolRequest too)
     max_tokens: int | None = 16
     stop: Sequence[str] = ()
     stop_tokens: Collection[int] | None = None  # None: the model's end-of-generation tokens
@@ -39,21 +43,34 @@ class EngineRequest:
         self.tokens = [int(t) for t in self.tokens]
         if not self.tokens:
             raise RequestError(f"request {self.request_id!r}: the prompt is empty")
-        if self.max_tokens is not None and self.max_tokens < 1:
-            raise RequestError(f"request {self.request_id!r}: max_tokens must be >= 1, got {self.max_tokens}")
-        if self.logprobs is not None and not 0 <= self.logprobs <= 20:
-            raise RequestError(f"request {self.request_id!r}: logprobs must be between 0 and 20, got {self.logprobs}")
+        if self.max_tokens is not None and not (_is_whole(self.max_tokens) and self.max_tokens >= 1):
+            raise RequestError(
+                f"request {self.request_id!r}: max_tokens must be a whole number >= 1, got {self.max_tokens!r}", param="max_tokens"
+            )
+        if self.logprobs is not None and not (_is_whole(self.logprobs) and 0 <= self.logprobs <= 20):
+            raise RequestError(
+                f"request {self.request_id!r}: logprobs must be a whole number from 0 to 20, got {self.logprobs!r}", param="logprobs"
+            )
         if isinstance(self.stop, str):
             self.stop = (self.stop,)
         self.mix = Mix.coerce(self.mix)
         if self.request_id is None:
             self.request_id = f"req-{next(_ids)}"
 
-    def check_vocabulary(self, n_vocab: int) -> None:
-        """Prompt token ids and ``logit_bias`` ids must lie in ``0 .. n_vocab - 1``.
+    def check_limits(self, *, n_ctx: int, n_vocab: int) -> None:
+        """The checks that need the engine's model and context (the rest ran at construction):
+        the prompt plus ``max_tokens`` must fit one sequence of ``n_ctx`` tokens (ContextLengthError),
+        and prompt and ``logit_bias`` token ids must lie in ``0 .. n_vocab - 1``.
 
         llama.cpp refuses a batch holding an unknown token as a whole, which would fail every
         request decoding in that step; so an id outside the vocabulary is refused before the batch."""
+        n = len(self.tokens)
+        if n + (1 if self.max_tokens is None else self.max_tokens) > n_ctx:
+            raise ContextLengthError(
+                f"request {self.request_id!r}: the prompt has {n} tokens"
+                + ("" if self.max_tokens is None else f" and asks for {self.max_tokens} more")
+                + f", but a sequence holds at most {n_ctx} (n_ctx); shorten the prompt or lower max_tokens"
+            )
         for param, ids in (("prompt", self.tokens), ("logit_bias", self.sampling.logit_bias)):
             bad = [t for t in ids if not 0 <= t < n_vocab]
             if bad:

@@ -25,9 +25,59 @@ from loramux.errors import RequestError
 PENALTY_LAST_N = 64  # llama_cpp.Llama(last_n_tokens_size=64), the window the penalties look at
 
 
+INT32_MAX = 2**31 - 1  # top_k is a C int in llama.cpp
+_REAL = ("temperature", "top_p", "min_p", "typical_p", "repeat_penalty", "frequency_penalty", "presence_penalty")
+_WHOLE = ("top_k", "penalty_last_n", "seed")  # seed may also be None (a fresh draw)
+_RANGES = {
+    "temperature": lambda v: v >= 0,
+    "top_k": lambda v: abs(v) <= INT32_MAX,
+    "top_p": lambda v: 0.0 <= v <= 1.0,
+    "min_p": lambda v: 0.0 <= v <= 1.0,
+    "typical_p": lambda v: 0.0 < v <= 1.0,
+    "repeat_penalty": lambda v: v > 0,
+    "penalty_last_n": lambda v: v >= 0,
+}
+
+
+def _real(name: str, value) -> float:
+    """A finite real number (not a bool), or a RequestError naming ``name``."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise RequestError(f"sampling parameter {name} must be a number, got {value!r}", param=name)
+    try:
+        real = float(value)
+    except OverflowError:
+        real = math.inf
+    if not math.isfinite(real):
+        raise RequestError(f"sampling parameter {name} must be a finite number, got {value!r}", param=name)
+    return real
+
+
+def _whole(name: str, value) -> int:
+    """A whole number (an int, or a float without a fraction; not a bool), or a RequestError naming ``name``."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or (isinstance(value, float) and not value.is_integer()):
+        raise RequestError(f"sampling parameter {name} must be a whole number, got {value!r}", param=name)
+    return int(value)
+
+
+def _bias(raw) -> dict[int, float]:
+    """``logit_bias`` as ``{token id: finite bias}`` (the ids are checked against the vocabulary at Engine.submit)."""
+    if not isinstance(raw, Mapping):
+        raise RequestError("logit_bias must be a mapping {token id: bias}", param="logit_bias")
+    try:
+        bias = {int(k): _real("logit_bias", v) for k, v in raw.items()}
+    except (TypeError, ValueError, OverflowError):
+        raise RequestError("logit_bias maps token ids to numbers", param="logit_bias") from None
+    except RequestError:
+        raise RequestError("logit_bias maps token ids to finite numbers", param="logit_bias") from None
+    return bias
+
+
 @dataclass(frozen=True)
 class SamplingParams:
-    """How a request picks its tokens (llama-cpp-python's names and defaults for completions)."""
+    """How a request picks its tokens (llama-cpp-python's names and defaults for completions).
+
+    Every type and range is checked here, once, for every front end: a bad value is a
+    RequestError whose ``param`` names the field (the server's 400 carries it)."""
 
     temperature: float = 0.8
     top_k: int = 40
@@ -42,28 +92,16 @@ class SamplingParams:
     logit_bias: Mapping[int, float] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        checks = {
-            "temperature": self.temperature >= 0,
-            "top_p": 0.0 <= self.top_p <= 1.0,
-            "min_p": 0.0 <= self.min_p <= 1.0,
-            "typical_p": 0.0 < self.typical_p <= 1.0,
-            "repeat_penalty": self.repeat_penalty > 0,
-            "penalty_last_n": self.penalty_last_n >= 0,
-        }
-        for name, ok in checks.items():
+        for name in _REAL:
+            object.__setattr__(self, name, _real(name, getattr(self, name)))
+        for name in _WHOLE:
             value = getattr(self, name)
-            if not ok or (isinstance(value, float) and not math.isfinite(value)):
-                raise RequestError(f"sampling parameter {name}={value!r} is out of range")
-        for name in ("frequency_penalty", "presence_penalty"):
-            if not math.isfinite(getattr(self, name)):
-                raise RequestError(f"sampling parameter {name} must be finite")
-        bias = {}
-        for tok, b in dict(self.logit_bias or {}).items():
-            try:
-                bias[int(tok)] = float(b)
-            except (TypeError, ValueError):
-                raise RequestError(f"logit_bias: {tok!r}: {b!r} is not a token id and a number") from None
-        object.__setattr__(self, "logit_bias", bias)
+            if value is not None or name != "seed":
+                object.__setattr__(self, name, _whole(name, value))
+        for name, ok in _RANGES.items():
+            if not ok(getattr(self, name)):
+                raise RequestError(f"sampling parameter {name}={getattr(self, name)!r} is out of range", param=name)
+        object.__setattr__(self, "logit_bias", _bias(self.logit_bias))
 
     @property
     def greedy(self) -> bool:
@@ -97,7 +135,7 @@ class SequenceSampler:
 
     def _build(self, p: SamplingParams, n_vocab: int) -> None:
         lc = self._lc
-        if p.logit_bias:  # ids checked at Engine.submit (EngineRequest.check_vocabulary)
+        if p.logit_bias:  # ids checked at Engine.submit (EngineRequest.check_limits)
             arr = (lc.llama_logit_bias * len(p.logit_bias))()
             for i, (tok, bias) in enumerate(p.logit_bias.items()):
                 arr[i].token, arr[i].bias = tok, bias

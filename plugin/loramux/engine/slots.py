@@ -88,4 +88,28 @@ def best_slot(free: Sequence[Slot], prompt: Sequence[int], mix: Mix, path: str) 
     return min(free, key=lambda s: (s.kv_mix is not None, s.last_used)), 0
 
 
-__all__ = ["CONTEXT", "NATIVE", "Slot", "best_slot", "common_prefix"]
+class GroupTurns:
+    """Which group of running slots decodes next: slots sharing one context-level mix form a group
+    (``slot.group``; None: every per-sequence slot). The current group keeps the turn for
+    ``fair_steps`` steps while others wait, then the next one in arrival order takes it."""
+
+    def __init__(self, fair_steps: int) -> None:
+        self.fair_steps = fair_steps
+        self.group: Mix | None = None
+        self.steps = 0
+
+    def pick(self, running: list[Slot]) -> tuple[Mix | None, list[Slot]]:
+        groups: dict[Mix | None, list[Slot]] = {}
+        for slot in sorted(running, key=lambda s: s.order):
+            groups.setdefault(slot.group, []).append(slot)
+        if not groups:
+            return None, []
+        stay = self.group in groups and (len(groups) == 1 or self.steps < self.fair_steps)
+        if not stay:
+            others = [g for g in groups if g != self.group] or list(groups)
+            self.group, self.steps = others[0], 0
+        self.steps += 1
+        return self.group, groups[self.group]
+
+
+__all__ = ["CONTEXT", "NATIVE", "GroupTurns", "Slot", "best_slot", "common_prefix"]

@@ -99,19 +99,19 @@ class LogoRouter:
             self._factors[key] = lora_factors(entry.gguf_path, self.tensor)
         return self._factors[key]
 
-    def _active(self, names: list[str]) -> list[tuple[str, Path, float]]:
+    def _active(self, names: list[str]) -> Mix:
         mode = self.settings["active"]
         if mode == "base":
-            return []
+            return Mix()
         weight = 1.0 if mode == "all" else 1.0 / len(names)
-        return [(n, self.pool.adapters[n].gguf_path, weight) for n in names]
+        return Mix(dict.fromkeys(names, weight))
 
     def query(self, prompt: str) -> np.ndarray:
         """x: the module's input at the last prompt token, under the active adapter set."""
         names = list(self.pool.names)
         text = self.pool.chat_prompt([{"role": "user", "content": str(prompt)}]) if self.settings["template"] == "chat" else str(prompt)
         ids = self.pool.tokenize(text, add_bos=self.settings["template"] == "raw", special=True)[-self.pool.n_ctx :]
-        rows = self.pool.probe().capture(ids, [self.input_name], adapters=self._active(names))[self.input_name]
+        rows = self.pool.hidden_states(ids, [self.input_name], mix=self._active(names))[self.input_name]
         return rows[-1].astype(np.float64)
 
     def scores(self, prompt: str) -> dict[str, float]:

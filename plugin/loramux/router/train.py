@@ -384,6 +384,34 @@ def _training_record(
     }
 
 
+def _router_names(adapters: str | os.PathLike | Iterable[str]) -> list[str]:
+    names = adapter_names_in(adapters) if isinstance(adapters, (str, os.PathLike)) else sorted(set(adapters))
+    if not names:
+        raise RouterError("a router needs at least one adapter to route to")
+    Mix({n: 1.0 for n in names})  # every name must be usable in a mix (raises MixError naming the bad one)
+    return names
+
+
+def _log_none_outcome(labels, config: TrainConfig, log: Callable[[str], None] | None) -> None:
+    if labels.none_outcome and log:
+        counts = labels.none_counts
+        log(
+            f"'none of these' outcome: {sum(counts.values())} rows from {len(counts)} task(s) without an adapter "
+            f"(at most {config.none_per_task} each): {', '.join(sorted(counts))}"
+        )
+
+
+def _export(model, metadata: RouterMetadata, out: str | os.PathLike | None, timings: dict[str, float]) -> Path | None:
+    from loramux.router.export import export_router
+
+    if out is None:
+        return None
+    t = time.perf_counter()
+    path = export_router(model.fold(), metadata, out)
+    timings["export"] = time.perf_counter() - t
+    return path
+
+
 def train_router(
     base: str | os.PathLike,
     adapters: str | os.PathLike | Iterable[str],
@@ -401,22 +429,13 @@ def train_router(
     ``progress(stage, done, total)`` is called while tokenizing and per epoch; ``log`` gets one-line notes.
     """
     from loramux.converters import read_base_model
-    from loramux.router.export import export_router
 
     start = time.perf_counter()
     timings: dict[str, float] = {}
-    names = adapter_names_in(adapters) if isinstance(adapters, (str, os.PathLike)) else sorted(set(adapters))
-    if not names:
-        raise RouterError("a router needs at least one adapter to route to")
-    Mix({n: 1.0 for n in names})  # every name must be usable in a mix (raises MixError naming the bad one)
+    names = _router_names(adapters)
     info = read_base_model(base)
     labels = _label_rows(names, rows, config.none_per_task)
-    if labels.none_outcome and log:
-        counts = labels.none_counts
-        log(
-            f"'none of these' outcome: {sum(counts.values())} rows from {len(counts)} task(s) without an adapter "
-            f"(at most {config.none_per_task} each): {', '.join(sorted(counts))}"
-        )
+    _log_none_outcome(labels, config, log)
 
     t = time.perf_counter()
     seqs, check_seqs = _tokenize(base, FeatureRecipe(max_tokens=config.max_tokens), labels.rows, check_rows or {}, progress)
@@ -438,11 +457,7 @@ def train_router(
         selection=selection,
         training=_training_record(config, labels, n_train, n_val, model, loss, validation, checks),
     )
-    path = None
-    if out is not None:
-        t = time.perf_counter()
-        path = export_router(model.fold(), metadata, out)
-        timings["export"] = time.perf_counter() - t
+    path = _export(model, metadata, out, timings)
     return TrainResult(
         model=model,
         metadata=metadata,

@@ -7,18 +7,15 @@ is computed and that loramux does not compute are refused with 400, never ignore
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Any, Mapping
 
 from loramux.errors import LoramuxError
 from loramux.pool_requests import SAMPLING_KEYS, PoolRequest, sampling_from
-from loramux.server.errors import APIError
+from loramux.server.errors import APIError, from_loramux
 
 SAMPLING_FIELDS = SAMPLING_KEYS  # the pool's own list: a request means the same through either door
 REFUSED = ("tools", "tool_choice", "functions", "function_call", "grammar", "json_schema", "suffix")
-WHOLE_FIELDS = ("top_k", "seed")  # whole numbers (the rest of SAMPLING_FIELDS are real numbers)
-INT32_MAX = 2**31 - 1  # top_k is a C int in llama.cpp
 
 
 @dataclass
@@ -40,39 +37,6 @@ def _refuse_unsupported(body: Mapping[str, Any]) -> None:
             raise APIError(400, f"{key}={body.get(key)!r}: loramux answers one choice per request (n=1)", param=key)
     if body.get("echo"):
         raise APIError(400, "echo is not supported by loramux", param="echo")
-
-
-def _number(key: str, value: Any) -> float | int:
-    """A sampling field's value checked as llama.cpp takes it (a finite number; a whole one for top_k, seed)."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise APIError(400, f"{key} must be a number, got {value!r}", param=key)
-    if key in WHOLE_FIELDS:
-        if isinstance(value, float) and not value.is_integer():  # also NaN and infinities
-            raise APIError(400, f"{key} must be a whole number, got {value!r}", param=key)
-        value = int(value)
-        if key == "top_k" and abs(value) > INT32_MAX:
-            raise APIError(400, f"top_k={value} is out of range (|top_k| <= {INT32_MAX})", param=key)
-        return value
-    try:
-        real = float(value)
-    except OverflowError:
-        real = math.inf
-    if not math.isfinite(real):
-        raise APIError(400, f"{key} must be a finite number, got {value!r}", param=key)
-    return real
-
-
-def _logit_bias(raw: Any) -> dict[int, float]:
-    """``logit_bias`` as ``{token id: finite bias}`` (the ids are checked against the vocabulary later)."""
-    if not isinstance(raw, Mapping):
-        raise APIError(400, "logit_bias must be an object {token id: bias}", param="logit_bias")
-    try:
-        bias = {int(k): float(v) for k, v in raw.items() if not isinstance(v, bool)}
-    except (TypeError, ValueError, OverflowError):
-        raise APIError(400, "logit_bias maps token ids to numbers", param="logit_bias") from None
-    if len(bias) != len(raw) or not all(math.isfinite(b) for b in bias.values()):
-        raise APIError(400, "logit_bias maps token ids to finite numbers", param="logit_bias")
-    return bias
 
 
 def text_field(value: Any, param: str) -> str:
@@ -98,15 +62,11 @@ def _stops(body: Mapping[str, Any]) -> tuple[str, ...]:
 def _common(body: Mapping[str, Any], *, chat: bool) -> dict[str, Any]:
     _refuse_unsupported(body)
     given: dict[str, Any] = {k: body[k] for k in SAMPLING_FIELDS if body.get(k) is not None}
-    for key in given:
-        given[key] = _logit_bias(given[key]) if key == "logit_bias" else _number(key, given[key])
-    try:
+    try:  # types and ranges are the engine's request checks (SamplingParams, EngineRequest), not copied here
         sampling = sampling_from(given, chat=chat)
     except LoramuxError as exc:
-        raise APIError(400, str(exc)) from None
+        raise from_loramux(exc) from None
     max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
-    if max_tokens is not None and (not isinstance(max_tokens, int) or isinstance(max_tokens, bool) or max_tokens < 1):
-        raise APIError(400, f"max_tokens must be a whole number >= 1, got {max_tokens!r}", param="max_tokens")
     return {"sampling": sampling, "stop": _stops(body), "max_tokens": max_tokens}
 
 

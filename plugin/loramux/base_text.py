@@ -1,0 +1,127 @@
+"""The base model as llama-cpp-python loads it, and its text side: tokens, pieces, chat template.
+
+:func:`load_model` loads a GGUF with llama-cpp-python's ``_internals.LlamaModel`` (the owner class
+of a ``llama_model *`` that ``llama_cpp.Llama`` itself uses), after checking that the installed
+llama-cpp-python is the version whose private layout loramux was written against.
+:class:`BaseText` tokenizes, turns tokens into text, formats chat messages with the model's own
+template exactly as ``llama_cpp.Llama.create_chat_completion`` does, and turns a
+:class:`~loramux.pool_requests.PoolRequest`'s prompt or messages into prompt tokens and stops.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import importlib.metadata
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+from loramux.errors import LoramuxError, RequestError, RuntimeLoadError
+from loramux.llama_runtime import capture_llama_log
+
+# the llama-cpp-python whose private members (_internals, _logger) loramux reads (pinned in pyproject.toml)
+LLAMA_CPP_PYTHON_VERSION = "0.3.36"
+
+
+def check_llama_cpp_python() -> None:
+    """Raise RuntimeLoadError unless the installed llama-cpp-python is the pinned version."""
+    try:
+        found = importlib.metadata.version("llama-cpp-python")
+    except importlib.metadata.PackageNotFoundError:
+        found = None
+    if found != LLAMA_CPP_PYTHON_VERSION:
+        raise RuntimeLoadError(
+            f"loramux reads llama-cpp-python {LLAMA_CPP_PYTHON_VERSION}'s internals, but {found or 'no llama-cpp-python'} "
+            f"is installed; install llama-cpp-python=={LLAMA_CPP_PYTHON_VERSION} (scripts/setup.sh does)"
+        )
+
+
+def load_model(path: Path, *, n_gpu_layers: int, use_mmap: bool, verbose: bool):
+    """The base GGUF at ``path`` as a ``llama_cpp._internals.LlamaModel`` (RuntimeLoadError with llama.cpp's reason)."""
+    import llama_cpp
+
+    check_llama_cpp_python()
+    from llama_cpp import _internals, _logger
+
+    _logger.set_verbose(verbose)  # what llama_cpp.Llama(verbose=...) does: llama.cpp's log at ERROR unless verbose
+    params = llama_cpp.llama_model_default_params()
+    params.n_gpu_layers = n_gpu_layers
+    params.use_mmap = use_mmap
+    try:
+        with capture_llama_log(echo=verbose) as log:
+            return _internals.LlamaModel(path_model=str(path), params=params, verbose=verbose)
+    except (ValueError, RuntimeError) as exc:
+        raise RuntimeLoadError(f"llama.cpp could not load the base model {path}: {exc}; {log.reason()}") from exc
+
+
+class BaseText:
+    """Tokens and text of the base model ``model`` (a ``LlamaModel``) named ``name`` in messages."""
+
+    def __init__(self, model, name: str) -> None:
+        self.model = model
+        self.name = name
+
+    def tokenize(self, text: str, *, add_bos: bool = False, special: bool = True) -> list[int]:
+        """Tokens of ``text`` with the base model's tokenizer."""
+        return self.model.tokenize(text.encode("utf-8"), add_bos=add_bos, special=special)
+
+    def detokenize(self, tokens: Sequence[int]) -> str:
+        return self.model.detokenize(list(tokens), special=True).decode("utf-8", errors="replace")
+
+    def piece(self, token: int) -> str:
+        """The text of one token (llama-cpp-python's ``token_to_piece`` returns its whole buffer, NUL padding included)."""
+        import llama_cpp
+
+        buf = ctypes.create_string_buffer(64)
+        vocab = llama_cpp.llama_model_get_vocab(self.model.model)
+        n = llama_cpp.llama_token_to_piece(vocab, int(token), buf, len(buf), 0, True)
+        if n < 0:  # the buffer is too small: -n bytes are needed
+            buf = ctypes.create_string_buffer(-n)
+            n = llama_cpp.llama_token_to_piece(vocab, int(token), buf, len(buf), 0, True)
+        if n < 0:
+            raise LoramuxError(f"llama.cpp could not turn token {token} into text")
+        return buf.raw[:n].decode("utf-8", errors="replace")
+
+    @property
+    def n_layer(self) -> int:
+        """The base model's number of layers."""
+        import llama_cpp
+
+        return int(llama_cpp.llama_model_n_layer(self.model.model))
+
+    def chat_format(self, messages: Sequence[Mapping[str, Any]]):
+        """llama-cpp-python's formatting of ``messages`` with the base model's chat template
+        (``.prompt``, ``.stop``, ``.added_special``), as its chat completion uses it."""
+        try:
+            return self._chat_formatter(messages=[dict(m) for m in messages])
+        except Exception as exc:  # jinja2 errors: a message without content, a role the template refuses
+            raise RequestError(f"the chat template of {self.name} cannot format these messages: {exc}", param="messages") from exc
+
+    @functools.cached_property
+    def _chat_formatter(self):
+        from llama_cpp import llama_chat_format
+
+        template = self.model.metadata().get("tokenizer.chat_template")
+        if not template:
+            raise LoramuxError(f"base model {self.name} has no chat template (tokenizer.chat_template)")
+        return llama_chat_format.Jinja2ChatFormatter(
+            template=template,
+            eos_token=self.detokenize([self.model.token_eos()]),
+            bos_token=self.detokenize([self.model.token_bos()]),
+        )
+
+    def prompt_of(
+        self, prompt: str | Sequence[int] | None, messages: Sequence[Mapping[str, Any]] | None
+    ) -> tuple[list[int], tuple[str, ...]]:
+        """Prompt tokens and extra stop strings of a request, tokenized as llama-cpp-python does:
+        chat ``messages`` through the template (its stop strings added), text with BOS, ids as given."""
+        if messages is not None:
+            fmt = self.chat_format(messages)
+            extra = fmt.stop if isinstance(fmt.stop, list) else [fmt.stop] if fmt.stop else []
+            return self.tokenize(fmt.prompt, add_bos=not fmt.added_special), tuple(s for s in extra if s)
+        if isinstance(prompt, str):
+            return (self.tokenize(prompt, add_bos=True) if prompt else [self.model.token_bos()]), ()
+        return [int(t) for t in prompt or ()], ()
+
+
+__all__ = ["LLAMA_CPP_PYTHON_VERSION", "BaseText", "check_llama_cpp_python", "load_model"]
