@@ -1,8 +1,9 @@
 """The cost of loading and unloading one adapter, against the size of the pool it joins.
 
 Each adapter load puts one adapter into a slot of the native pool: the library reads that adapter
-only and copies the other slots' stacked matrices (a memory copy, no re-read, no new
-eigen-decomposition). This measures, side by side in one run and interleaved round by round:
+only and writes it into free slices of the stacks (in place), or, when they have no room for it,
+builds the next pool by copying the other slots' stacked matrices (no re-read, no new
+eigen-decomposition). The last column counts which way each pool's changes went. This measures, side by side in one run and interleaved round by round:
 
 - ``load``: ``AdapterPool.load`` of one converted GGUF into a pool of N adapters (N = 3, and
   every fixture but the one loaded: 21 of 22);
@@ -89,24 +90,25 @@ def main() -> None:
             for _ in range(args.repeats):
                 for n, pool in pools.items():  # interleaved: machine noise hits every size alike
                     runs[n].append(one_round(pool, files[LOADED], tokens))
+            changes = {n: (p.stats.pool_rebuilt, p.stats.pool_in_place) for n, p in pools.items()}
         finally:
             for pool in pools.values():
                 pool.close()
-    report(runs, args)
+    report(runs, changes, args)
 
 
-def report(runs: dict[int, list[dict[str, float]]], args) -> None:
+def report(runs: dict[int, list[dict[str, float]]], changes: dict[int, tuple[int, int]], args) -> None:
     keys = ("load", "unload", "first decode")
     table = {n: {k: (statistics.median(r[k] for r in rs), min(r[k] for r in rs)) for k in keys} for n, rs in runs.items()}
     print(f"one adapter ({LOADED}) into a pool of N, {args.repeats} rounds; median (min) ms")
-    print(f"{'N':>4}  " + "  ".join(f"{k:>18}" for k in keys))
+    print(f"{'N':>4}  " + "  ".join(f"{k:>18}" for k in keys) + "  pool changes: rebuilt / in place")
     for n, row in table.items():
-        print(f"{n:>4}  " + "  ".join(f"{row[k][0]:>9.1f} ({row[k][1]:>6.1f})" for k in keys))
+        print(f"{n:>4}  " + "  ".join(f"{row[k][0]:>9.1f} ({row[k][1]:>6.1f})" for k in keys) + f"  {changes[n][0]} / {changes[n][1]}")
     small, large = min(table), max(table)
     ratios = {k: table[large][k][0] / table[small][k][0] for k in keys if table[small][k][0] > 0}
     print(f"median of N={large} / N={small}: " + ", ".join(f"{k} {v:.2f}x" for k, v in ratios.items()))
     if args.json:
-        args.json.write_text(json.dumps({"runs": {str(n): rs for n, rs in runs.items()}, "ratios": ratios}, indent=1))
+        args.json.write_text(json.dumps({"runs": {str(n): rs for n, rs in runs.items()}, "ratios": ratios, "changes": changes}, indent=1))
 
 
 if __name__ == "__main__":

@@ -55,6 +55,8 @@ _PROTOTYPES: dict[str, tuple[list[Any], Any]] = {
     # int32_t loramux_set_slots(struct llama_context * ctx, int32_t n, const int32_t * slots,
     #                           struct llama_adapter_lora ** adapters);
     "loramux_set_slots": ([llama_context_p, ctypes.c_int32, ctypes.POINTER(ctypes.c_int32), llama_adapter_lora_pp], ctypes.c_int32),
+    # int32_t loramux_pool_changes(const struct llama_context * ctx, int32_t * n_rebuilt, int32_t * n_in_place);
+    "loramux_pool_changes": ([llama_context_p, ctypes.POINTER(ctypes.c_int32), ctypes.POINTER(ctypes.c_int32)], ctypes.c_int32),
     # int32_t loramux_unregister(struct llama_context * ctx);
     "loramux_unregister": ([llama_context_p], ctypes.c_int32),
     # int32_t loramux_n_adapters(const struct llama_context * ctx);
@@ -145,6 +147,10 @@ def loramux_init_pool(ctx, max_active: int, flags: int = 0) -> int:
 
 def loramux_set_slots(ctx, n: int, slots, adapters) -> int:
     return lib().loramux_set_slots(ctx, n, slots, adapters)
+
+
+def loramux_pool_changes(ctx, n_rebuilt, n_in_place) -> int:
+    return lib().loramux_pool_changes(ctx, n_rebuilt, n_in_place)
 
 
 def loramux_unregister(ctx) -> int:

@@ -114,6 +114,15 @@ class SeqMixer:
         """Each adapter's slot id (the id its mixes use)."""
         return dict(self._ids)
 
+    def changes(self) -> tuple[int, int]:
+        """``(rebuilt, in_place)``: how the pool's slot changes were made (``loramux_pool_changes``)."""
+        self._check_open()
+        rebuilt, in_place = ctypes.c_int32(), ctypes.c_int32()
+        rc = B.loramux_pool_changes(self._ctx, ctypes.byref(rebuilt), ctypes.byref(in_place))
+        if rc != B.LORAMUX_OK:
+            raise LoramuxError(f"loramux could not report its pool changes: {B.reason(rc)} (code {rc})")
+        return rebuilt.value, in_place.value
+
     def fill(self, adapters: Mapping[str, object]) -> None:
         """Put each named adapter into a free slot, in one library call that reads only these
         adapters. Names must be new; raises RuntimeLoadError (naming adapter and tensor) and

@@ -103,3 +103,31 @@ def test_the_probe_borrows_the_engines_adapters_reads_no_file_per_pass_and_lets_
     assert "causal_judgement" not in pool.held() and not pool.held()["navigate"].loaded  # given back, released
     base = pool.hidden_states(tokens, ["attn_norm-29"])["attn_norm-29"]
     assert not np.array_equal(base, first)
+
+
+def test_one_adapter_goes_into_a_free_slice_in_place_and_computes_what_a_fresh_pool_computes(base_model, converted_dir):
+    """A pool keeps free slices; an adapter whose weights and ranks fit is written into them alone,
+    and an unloaded one leaves a free slice (its stale rows stay, so per-token routing must skip
+    it). Both give, bit for bit, the logits of a pool registered in one go with the same adapters."""
+    tokens = None
+    with AdapterPool(base_model, n_ctx=256, n_seq_max=2, max_active=3) as p:
+        if not p.native:
+            native_missing("adapter slots are the native pool's")
+        p.load_adapters([converted_dir / f"{n}.gguf" for n in FIRST])
+        tokens = p.tokenize(PROMPT, add_bos=True)
+        assert (p.stats.pool_rebuilt, p.stats.pool_in_place) == (1, 0)
+        p.load(converted_dir / "boolean_expressions.gguf")  # q/k/v/o r=8: the q/v and k/o stacks have room
+        assert (p.stats.pool_rebuilt, p.stats.pool_in_place) == (1, 1)
+        fixed = p.logits(tokens, {"boolean_expressions": 1.0, "navigate": 0.5}, path="native")
+        p.unload("snarks")  # in place: snarks' slices become free slices, rows left as they were
+        assert (p.stats.pool_rebuilt, p.stats.pool_in_place) == (1, 2)
+        routed = p.logits(tokens, "arrow:k=2", path="native")
+        chosen = {a for c in p.token_choices(tokens, "spectr:k=2").choices for a in c.adapters}
+        assert chosen and chosen <= set(p.names), chosen
+    with AdapterPool(base_model, n_ctx=256, n_seq_max=2, max_active=3) as fresh:
+        fresh.load_adapters([converted_dir / f"{n}.gguf" for n in ("navigate", "causal_judgement", "boolean_expressions")])
+        assert np.array_equal(fixed, fresh.logits(tokens, {"boolean_expressions": 1.0, "navigate": 0.5}, path="native"))
+        want = fresh.logits(tokens, "arrow:k=2", path="native")
+        assert np.array_equal(routed, want), f"max |diff| {np.abs(routed - want).max()}"
+        # the oracle tells routings apart: k=1 routes to fewer adapters than k=2
+        assert not np.array_equal(want, fresh.logits(tokens, "arrow:k=1", path="native"))

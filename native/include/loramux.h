@@ -99,6 +99,14 @@ LLAMA_API int32_t loramux_set_slots(
         const int32_t              * slots,
         struct llama_adapter_lora ** adapters);
 
+// How the pool's slot changes were made since loramux_init_pool / loramux_register_adapters: by
+// building the next pool (copying the untouched slots) or in place. A pool made by
+// loramux_init_pool keeps free slices in host-buffer stacks (a quarter more, at least one per
+// group), so that one adapter put into a slot (loramux_set_slots with n == 1) whose weights the
+// pool already stacks, at a rank within theirs, is written into them alone, and a cleared slot
+// becomes a free slice; anything else is a rebuild.
+LLAMA_API int32_t loramux_pool_changes(const struct llama_context * ctx, int32_t * n_rebuilt, int32_t * n_in_place);
+
 // Drop the registered pool (all sequences go back to the base model).
 LLAMA_API int32_t loramux_unregister(struct llama_context * ctx);
 

@@ -49,10 +49,13 @@ struct llama_mux_module {
 
 // A set of pool adapters that share the same stacked layout (all modules adapted by exactly
 // those adapters): maps pool ids to their index in the stacks.
+// A group may hold free slices (members -1): spare room that loramux_set_slots fills in place (host
+// buffers of a pool made with loramux_init_pool only); routing skips them.
 struct llama_mux_group {
     std::vector<int32_t> sub_of;  // [n_adapters] -> index in the stack, or -1
-    std::vector<int32_t> members; // [n_sub] -> pool id
-    int32_t n_sub = 0;
+    std::vector<int32_t> members; // [n_sub] -> pool id, or -1 for a free slice
+    int32_t n_sub     = 0;        // slices, free ones included (the all-zero slice is index n_sub)
+    int32_t n_members = 0;        // slices holding an adapter
 };
 
 // Routing modes of a sequence (enum loramux_route_mode): fixed mix, Arrow, SpectR.
@@ -86,6 +89,9 @@ struct llama_mux {
     int32_t  k          = 1; // max active adapters per sequence
     uint32_t n_seq_max  = 0;
     bool     force_mul_mat_id = false; // LORAMUX_REGISTER_MUL_MAT_ID: host buffers take the device form
+    bool     spare_slices     = false; // made by loramux_init_pool: host-buffer groups keep free slices to fill in place
+    int32_t  n_rebuilt        = 0;     // slot changes that built the next pool (loramux_pool_changes)
+    int32_t  n_in_place       = 0;     // slot changes written into the current pool's free slices
 
     // slot id -> filled; ids past the end are empty. The adapters themselves are read only while
     // their slot is filled; a token-embedding LoRA's tensors are read at decode time (embd below)

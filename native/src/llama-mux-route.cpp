@@ -239,7 +239,7 @@ void llama_mux_route_token(const llama_mux_module & m, const llama_mux_cpu_args 
     const llama_mux_group & grp = mux.groups[m.group];
     const int64_t n_sub = grp.n_sub, r_max = args.r_max, n_in = args.n_in;
     const int32_t mode  = (int32_t) route_row[0];
-    const int64_t k     = std::min<int64_t>((int64_t) route_row[1], n_sub);
+    const int64_t k     = std::min<int64_t>((int64_t) route_row[1], grp.n_members);
     const float   inv_t = route_row[2];
 
     thread_local std::vector<float>   score, t_all;
@@ -250,7 +250,9 @@ void llama_mux_route_token(const llama_mux_module & m, const llama_mux_cpu_args 
         t_all.resize((size_t) n_sub * r_max);
     }
     for (int64_t e = 0; e < n_sub; ++e) {
-        if (mode == LLAMA_MUX_ARROW) {
+        if (grp.members[e] < 0) {
+            score[e] = -INFINITY; // a free slice is never chosen (k <= n_members)
+        } else if (mode == LLAMA_MUX_ARROW) {
             score[e] = std::fabs(llama_mux_dot_f32(m.proto.data() + (size_t) e * n_in, xin, n_in));
         } else { // ||Q_e^T x|| / sqrt(r_e) = ||M_e (A_e x)|| (M_e per rank), and A_e x is kept for the chosen adapters
             float * t = t_all.data() + (size_t) e * r_max;

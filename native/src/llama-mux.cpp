@@ -636,7 +636,7 @@ static int32_t mux_collect(const llama_model * model, const llama_mux * cur, con
             const llama_mux_group & grp = cur->groups[m.group];
             for (int32_t sub = 0; sub < grp.n_sub; ++sub) {
                 const int32_t id = grp.members[sub];
-                if (!mux_changed(changes, id)) {
+                if (id >= 0 && !mux_changed(changes, id)) {
                     mux_src src;
                     src.id = id, src.r = m.rank[sub], src.f32 = m.a->type == GGML_TYPE_F32, src.old = &m, src.old_sub = sub;
                     by_name[name].push_back(src);
@@ -675,8 +675,15 @@ static int32_t mux_collect(const llama_model * model, const llama_mux * cur, con
     return LORAMUX_OK;
 }
 
-// the group of pool adapters `members` (created on first use)
-static int32_t mux_group_of(llama_mux & mux, std::map<std::vector<int32_t>, int32_t> & group_of, const std::vector<int32_t> & members) {
+// free slices a group of n adapters keeps for in-place loads (pools made by loramux_init_pool,
+// host buffers only: the device form's routing has no way to skip a free slice)
+static int32_t mux_spare(int32_t n) {
+    return std::max(1, (n + 3) / 4);
+}
+
+// the group of pool adapters `members` (created on first use), with `spare` free slices after them
+static int32_t mux_group_of(llama_mux & mux, std::map<std::vector<int32_t>, int32_t> & group_of, const std::vector<int32_t> & members,
+                            int32_t spare) {
     auto it = group_of.find(members);
     if (it != group_of.end()) {
         return it->second;
@@ -689,12 +696,26 @@ static int32_t mux_group_of(llama_mux & mux, std::map<std::vector<int32_t>, int3
         gr.sub_of[members[s]] = (int32_t) s;
     }
     gr.members = members;
-    gr.n_sub = (int32_t) members.size();
+    gr.members.resize(members.size() + spare, -1);
+    gr.n_sub     = (int32_t) gr.members.size();
+    gr.n_members = (int32_t) members.size();
     mux.groups.push_back(std::move(gr));
     return group;
 }
 
 static int32_t mux_plan_stacks(llama_mux & mux, const mux_by_name & by_name, std::vector<mux_plan> & plans) {
+    // spare slices only where every weight of a group sits in a host buffer and takes the fused op
+    std::map<std::vector<int32_t>, bool> all_host;
+    for (const auto & [name, srcs] : by_name) {
+        std::vector<int32_t> members;
+        for (const auto & s : srcs) {
+            members.push_back(s.id);
+        }
+        const ggml_tensor * a0 = srcs[0].lw ? srcs[0].lw->a : srcs[0].old->a;
+        const bool host = a0->buffer && ggml_backend_buft_is_host(ggml_backend_buffer_get_type(a0->buffer)) && !mux.force_mul_mat_id;
+        auto it = all_host.emplace(members, host).first;
+        it->second = it->second && host;
+    }
     std::map<std::vector<int32_t>, int32_t> group_of;
     for (const auto & [name, srcs] : by_name) {
         std::vector<int32_t> members;
@@ -712,7 +733,8 @@ static int32_t mux_plan_stacks(llama_mux & mux, const mux_by_name & by_name, std
         if (!buft) {
             return mux_fail(LORAMUX_ERR_INCOMPATIBLE_ADAPTER, mux_tensor_label(s0.id, name) + ": its lora_a has no backend buffer");
         }
-        const int32_t group = mux_group_of(mux, group_of, members);
+        const int32_t spare = mux.spare_slices && all_host.at(members) ? mux_spare((int32_t) members.size()) : 0;
+        const int32_t group = mux_group_of(mux, group_of, members, spare);
         plans.push_back({ name, group, a0->ne[0], n_out, r_max, all_f32 ? GGML_TYPE_F32 : GGML_TYPE_F16, buft });
     }
     return LORAMUX_OK;
@@ -915,7 +937,7 @@ static int32_t mux_fill_stack(llama_mux & mux, const mux_plan & p, const std::ve
     mux_staging a(m.a, false), b(m.b, false);
     mux_old_stacks old;
     std::vector<float> tmp;
-    for (int64_t sub = 0; sub < n_sub; ++sub) {
+    for (int64_t sub = 0; sub < (int64_t) srcs.size(); ++sub) { // members first; free slices stay zero
         const mux_src & s = srcs[sub];
         m.rank[sub] = (int32_t) s.r;
         if (s.old) {
@@ -938,7 +960,7 @@ static int32_t mux_fill_stack(llama_mux & mux, const mux_plan & p, const std::ve
 }
 
 // the next pool: the current one (or none) with `changes` applied; set on ctx only when complete
-static int32_t mux_rebuild(llama_context * ctx, const llama_mux * cur, int32_t k, int32_t flags, const std::vector<mux_change> & changes) {
+static int32_t mux_rebuild(llama_context * ctx, const llama_mux * cur, int32_t k, int32_t flags, bool spare, const std::vector<mux_change> & changes) {
     const llama_model * model = &ctx->get_model();
     int32_t rc = mux_check_changes(model, cur, changes);
     if (rc != LORAMUX_OK) {
@@ -948,6 +970,7 @@ static int32_t mux_rebuild(llama_context * ctx, const llama_mux * cur, int32_t k
     mux->k          = k;
     mux->n_seq_max  = ctx->n_seq_max();
     mux->force_mul_mat_id = (flags & LORAMUX_REGISTER_MUL_MAT_ID) != 0;
+    mux->spare_slices = spare;
     mux->filled = cur ? cur->filled : std::vector<uint8_t>();
     for (const auto & c : changes) {
         if ((size_t) c.slot >= mux->filled.size()) {
@@ -959,6 +982,8 @@ static int32_t mux_rebuild(llama_context * ctx, const llama_mux * cur, int32_t k
         mux->filled.pop_back(); // slot ids past the last filled one are free
     }
     mux->n_adapters = (int32_t) mux->filled.size();
+    mux->n_rebuilt  = (cur ? cur->n_rebuilt : 0) + (changes.empty() ? 0 : 1);
+    mux->n_in_place = cur ? cur->n_in_place : 0;
     if (cur) { // the sequences keep their mixes and routing (no changed slot is in a mix: checked)
         mux->seq_n = cur->seq_n, mux->seq_ids = cur->seq_ids, mux->seq_w = cur->seq_w;
         mux->seq_mode = cur->seq_mode, mux->seq_rk = cur->seq_rk, mux->seq_inv_t = cur->seq_inv_t;
@@ -994,6 +1019,181 @@ static int32_t mux_rebuild(llama_context * ctx, const llama_mux * cur, int32_t k
     return LORAMUX_OK;
 }
 
+//
+// in place: one slot filled into a free slice of every stack it needs, or one slot cleared (host
+// buffers of a pool made with loramux_init_pool): only that adapter's rows are written
+//
+
+static constexpr int32_t MUX_NOT_IN_PLACE = 1; // the change needs a rebuild
+
+// one weight of the adapter going in: its rows, staged in the stacks' types, and its routing data
+struct mux_slot_rows {
+    llama_mux_module * m = nullptr;
+    int32_t sub = -1; // the free slice of m's group it goes into
+    int64_t r = 0;
+    std::vector<uint8_t> a, b; // [r_max rows][n_in] and [r_max rows][n_out] (zero beyond r)
+    std::vector<float> proto, gate_m;
+};
+
+// f32 values as bytes of type t (f16 or f32)
+static std::vector<uint8_t> mux_bytes_of(ggml_type t, const std::vector<float> & v) {
+    std::vector<uint8_t> out(v.size() * ggml_type_size(t));
+    if (t == GGML_TYPE_F32) {
+        memcpy(out.data(), v.data(), out.size());
+    } else {
+        ggml_fp32_to_fp16_row(v.data(), (ggml_fp16_t *) out.data(), (int64_t) v.size());
+    }
+    return out;
+}
+
+// whether module m takes an adapter weight of rank r and A type t in place, and which free slice
+static int32_t mux_free_slice(const llama_mux & mux, const llama_mux_module & m, int64_t r, ggml_type t) {
+    const llama_mux_group & grp = mux.groups[m.group];
+    if (!m.cpu || r > m.r_max || (m.a->type == GGML_TYPE_F32 && t != GGML_TYPE_F32)) {
+        return -1;
+    }
+    for (int32_t sub = 0; sub < grp.n_sub; ++sub) {
+        if (grp.members[sub] < 0) {
+            return sub;
+        }
+    }
+    return -1;
+}
+
+// read, scale and prepare one weight of the adapter going in, as rows of m's stacks
+static int32_t mux_stage_rows(llama_mux_module & m, int32_t id, const std::string & name, const llama_adapter_lora_weight & lw, float scale,
+                              mux_slot_rows & rows) {
+    std::vector<float> a, b;
+    if (!mux_tensor_to_f32(lw.a, a) || !mux_tensor_to_f32(lw.b, b)) {
+        return mux_fail(LORAMUX_ERR_INCOMPATIBLE_ADAPTER, mux_tensor_label(id, name) + ": cannot be read as float");
+    }
+    const int64_t r = lw.b->ne[0], R = m.r_max, n_in = m.n_in, n_out = m.b->ne[0];
+    std::vector<float> b_scaled(b.size()), bt((size_t) R * n_out, 0.0f), at((size_t) R * n_in, 0.0f);
+    for (size_t i = 0; i < b.size(); ++i) {
+        b_scaled[i] = b[i] * scale;
+    }
+    for (int64_t j = 0; j < r; ++j) {
+        std::copy_n(a.data() + j * n_in, n_in, at.data() + j * n_in);
+        for (int64_t o = 0; o < n_out; ++o) {
+            bt[(size_t) j * n_out + o] = b_scaled[o * r + j];
+        }
+    }
+    llama_mux_module one; // the routing data of this adapter alone (one slice)
+    one.n_in = n_in, one.r_max = R, one.cpu = true;
+    one.proto.assign((size_t) n_in, 0.0f);
+    one.gate_m.assign((size_t) R * R, 0.0f);
+    if (!llama_mux_route_prepare(one, 1, 0, a, b_scaled, r, n_out)) {
+        return mux_fail(LORAMUX_ERR_INTERNAL, mux_tensor_label(id, name) + ": the eigen-decomposition for its routing prototypes did not converge");
+    }
+    rows.m = &m, rows.r = r, rows.a = mux_bytes_of(m.a->type, at), rows.b = mux_bytes_of(m.b->type, bt);
+    rows.proto = std::move(one.proto), rows.gate_m = std::move(one.gate_m);
+    return LORAMUX_OK;
+}
+
+// the groups of the modules the adapter goes into, with it in each one's free slice (a group splits
+// when the adapter adapts only some of its weights); returns the new group of each old group
+static std::map<int32_t, int32_t> mux_groups_with(llama_mux & mux, const std::vector<mux_slot_rows> & staged, int32_t id) {
+    std::map<int32_t, int32_t> moved;
+    for (const auto & rows : staged) {
+        const int32_t g = rows.m->group;
+        if (moved.count(g)) {
+            continue;
+        }
+        llama_mux_group gr = mux.groups[g];
+        gr.sub_of[id] = rows.sub;
+        gr.members[rows.sub] = id;
+        gr.n_members += 1;
+        moved[g] = (int32_t) mux.groups.size();
+        mux.groups.push_back(std::move(gr));
+    }
+    return moved;
+}
+
+static int32_t mux_fill_in_place(llama_context * ctx, llama_mux & mux, int32_t id, llama_adapter_lora * adapter) {
+    if ((size_t) id < mux.filled.size() && mux.filled[id]) {
+        return MUX_NOT_IN_PLACE; // replacing an adapter: rebuild
+    }
+    std::vector<mux_slot_rows> staged;
+    std::vector<llama_mux_embd> embd;
+    for (auto & [name, lw] : adapter->ab_map) {
+        int32_t rc = mux_check_weight(&ctx->get_model(), id, name, lw);
+        if (rc != LORAMUX_OK) {
+            return rc;
+        }
+        if (mux_ends_with(name, "token_embd.weight")) {
+            embd.push_back({ id, lw.a, lw.b, lw.get_scale(adapter->alpha, 1.0f) });
+            continue;
+        }
+        auto it = mux.modules.find(name);
+        const int32_t free = it == mux.modules.end() ? -1 : mux_free_slice(mux, it->second, lw.b->ne[0], lw.a->type);
+        if (free < 0) {
+            return MUX_NOT_IN_PLACE; // a weight new to the pool, a larger rank, an f32 stack, or no free slice
+        }
+        staged.emplace_back();
+        staged.back().sub = free;
+        if ((rc = mux_stage_rows(it->second, id, name, lw, lw.get_scale(adapter->alpha, 1.0f), staged.back())) != LORAMUX_OK) {
+            return rc;
+        }
+    }
+    // commit: nothing above changed the pool
+    if ((size_t) id >= mux.filled.size()) {
+        mux.filled.resize((size_t) id + 1, 0);
+        mux.n_adapters = (int32_t) mux.filled.size();
+        for (auto & gr : mux.groups) {
+            gr.sub_of.resize(mux.filled.size(), -1);
+        }
+    }
+    mux.filled[id] = 1;
+    const std::map<int32_t, int32_t> moved = mux_groups_with(mux, staged, id);
+    for (auto & rows : staged) {
+        llama_mux_module & m = *rows.m;
+        const int64_t R = m.r_max, n_in = m.n_in, sub = rows.sub;
+        ggml_backend_tensor_set(m.a, rows.a.data(), (size_t) sub * rows.a.size(), rows.a.size());
+        ggml_backend_tensor_set(m.b, rows.b.data(), (size_t) sub * rows.b.size(), rows.b.size());
+        std::copy(rows.proto.begin(), rows.proto.end(), m.proto.begin() + (size_t) sub * n_in);
+        std::copy(rows.gate_m.begin(), rows.gate_m.end(), m.gate_m.begin() + (size_t) sub * R * R);
+        m.rank[sub] = (int32_t) rows.r;
+        m.group = moved.at(m.group);
+    }
+    mux.embd.insert(mux.embd.end(), embd.begin(), embd.end());
+    std::sort(mux.embd.begin(), mux.embd.end(), [](const llama_mux_embd & a, const llama_mux_embd & b) { return a.pool_id < b.pool_id; });
+    return LORAMUX_OK;
+}
+
+static int32_t mux_clear_in_place(llama_mux & mux, int32_t id) {
+    for (const auto & [name, m] : mux.modules) {
+        const llama_mux_group & gr = mux.groups[m.group];
+        if ((size_t) id < gr.sub_of.size() && gr.sub_of[id] >= 0 && !m.cpu) {
+            return MUX_NOT_IN_PLACE; // the device form's routing cannot skip a free slice
+        }
+    }
+    for (auto & gr : mux.groups) {
+        if ((size_t) id < gr.sub_of.size() && gr.sub_of[id] >= 0) {
+            gr.members[gr.sub_of[id]] = -1; // a free slice: routing skips it, the next fill writes it whole
+            gr.sub_of[id] = -1;
+            gr.n_members -= 1;
+        }
+    }
+    mux.embd.erase(std::remove_if(mux.embd.begin(), mux.embd.end(), [id](const llama_mux_embd & e) { return e.pool_id == id; }), mux.embd.end());
+    if ((size_t) id < mux.filled.size()) {
+        mux.filled[id] = 0;
+    }
+    return LORAMUX_OK;
+}
+
+// one slot changed in place when the pool allows it: OK, MUX_NOT_IN_PLACE, or a failure (nothing changed)
+static int32_t mux_change_in_place(llama_context * ctx, llama_mux & mux, const mux_change & change) {
+    if (!mux.spare_slices || mux.force_mul_mat_id) {
+        return MUX_NOT_IN_PLACE;
+    }
+    const int32_t rc = change.adapter ? mux_fill_in_place(ctx, mux, change.slot, change.adapter) : mux_clear_in_place(mux, change.slot);
+    if (rc == LORAMUX_OK) {
+        mux.n_in_place += 1;
+        ctx->set_mux(ctx->mux); // the graphs change shape (groups, inputs): reserve once at the next decode
+    }
+    return rc;
+}
+
 static int32_t mux_check_pool_args(llama_context * ctx, int32_t max_active, int32_t flags, const char * fn) {
     if (!ctx) {
         return mux_fail(LORAMUX_ERR_NULL_ARG, std::string(fn) + ": ctx is NULL");
@@ -1022,7 +1222,7 @@ static int32_t mux_register(llama_context * ctx, llama_adapter_lora ** adapters,
         }
         changes.push_back({ i, adapters[i] });
     }
-    return mux_rebuild(ctx, nullptr, std::min(max_active, n_adapters), flags, changes);
+    return mux_rebuild(ctx, nullptr, std::min(max_active, n_adapters), flags, false, changes);
 }
 
 static int32_t mux_set_slots(llama_context * ctx, int32_t n, const int32_t * slots, llama_adapter_lora ** adapters) {
@@ -1040,7 +1240,16 @@ static int32_t mux_set_slots(llama_context * ctx, int32_t n, const int32_t * slo
     for (int32_t i = 0; i < n; ++i) {
         changes.push_back({ slots[i], adapters[i] });
     }
-    return mux_rebuild(ctx, cur, cur->k, cur->force_mul_mat_id ? LORAMUX_REGISTER_MUL_MAT_ID : 0, changes);
+    if (n == 1) { // one adapter in or out: in place when the pool has room for it
+        int32_t rc = mux_check_changes(&ctx->get_model(), cur, changes);
+        if (rc == LORAMUX_OK) {
+            rc = mux_change_in_place(ctx, *mux_of_ctx(ctx), changes[0]);
+        }
+        if (rc != MUX_NOT_IN_PLACE) {
+            return rc;
+        }
+    }
+    return mux_rebuild(ctx, cur, cur->k, cur->force_mul_mat_id ? LORAMUX_REGISTER_MUL_MAT_ID : 0, cur->spare_slices, changes);
 }
 
 //
@@ -1081,7 +1290,7 @@ int32_t loramux_register_adapters(llama_context * ctx, llama_adapter_lora ** ada
 int32_t loramux_init_pool(llama_context * ctx, int32_t max_active, int32_t flags) {
     return mux_guard(__func__, [&] {
         const int32_t rc = mux_check_pool_args(ctx, max_active, flags, "loramux_init_pool");
-        return rc != LORAMUX_OK ? rc : mux_rebuild(ctx, nullptr, max_active, flags, {});
+        return rc != LORAMUX_OK ? rc : mux_rebuild(ctx, nullptr, max_active, flags, true, {});
     });
 }
 
@@ -1110,6 +1319,21 @@ int32_t loramux_n_adapters(const llama_context * ctx) {
 int32_t loramux_max_active(const llama_context * ctx) {
     const llama_mux * mux = mux_of_ctx(ctx);
     return mux ? mux->k : 0;
+}
+
+int32_t loramux_pool_changes(const llama_context * ctx, int32_t * n_rebuilt, int32_t * n_in_place) {
+    return mux_guard(__func__, [&] {
+        const llama_mux * mux = mux_of_ctx(ctx);
+        if (!ctx || !n_rebuilt || !n_in_place) {
+            return mux_fail(LORAMUX_ERR_NULL_ARG, "loramux_pool_changes: ctx, n_rebuilt or n_in_place is NULL");
+        }
+        if (!mux) {
+            return mux_fail(LORAMUX_ERR_NOT_REGISTERED, "loramux_pool_changes: no pool is registered on this context");
+        }
+        *n_rebuilt  = mux->n_rebuilt;
+        *n_in_place = mux->n_in_place;
+        return (int32_t) LORAMUX_OK;
+    });
 }
 
 int32_t loramux_check_applied(const llama_context * ctx) {
@@ -1335,15 +1559,21 @@ int32_t loramux_get_prototypes(const llama_context * ctx, const char * name, int
         if (n_in) {
             *n_in = (int32_t) m.n_in;
         }
-        if ((int64_t) capacity < grp.n_sub * m.n_in) {
-            return (int32_t) grp.n_sub;
+        if ((int64_t) capacity < grp.n_members * m.n_in) {
+            return (int32_t) grp.n_members;
         }
         if (!ids || !protos) {
             return mux_fail(LORAMUX_ERR_NULL_ARG, "ids or protos is NULL");
         }
-        std::copy(grp.members.begin(), grp.members.end(), ids);
-        std::copy(m.proto.begin(), m.proto.end(), protos);
-        return (int32_t) grp.n_sub;
+        int32_t n = 0;
+        for (int32_t sub = 0; sub < grp.n_sub; ++sub) { // free slices left out
+            if (grp.members[sub] >= 0) {
+                ids[n] = grp.members[sub];
+                std::copy_n(m.proto.data() + (size_t) sub * m.n_in, m.n_in, protos + (size_t) n * m.n_in);
+                ++n;
+            }
+        }
+        return n;
     });
 }
 

@@ -352,6 +352,8 @@ class Engine(ForcedJobs):
                 self.cx.keep_prefix(slot.seq_id, 0)
                 slot.forget_kv()
         change()
+        if self.cx.mixer is not None:
+            self.stats.pool_rebuilt, self.stats.pool_in_place = self.cx.mixer.changes()
 
 
 __all__ = ["Engine"]

@@ -22,6 +22,8 @@ class EngineStats:
     step_sequences: int = 0  # sum over steps of the sequences in that step
     max_step_sequences: int = 0
     last_step_sequences: int = 0
+    pool_rebuilt: int = 0  # adapter pool changes that built the next native pool (the others copied inside the library)
+    pool_in_place: int = 0  # adapter pool changes written into free slices of the native pool
 
     def record_step(self, n_tokens: int, n_sequences: int, seconds: float) -> None:
         self.steps += 1
