@@ -16,6 +16,7 @@ from typing import Iterator, Mapping, Sequence
 
 import numpy as np
 
+from loramux import llama_batch
 from loramux.errors import LoramuxError
 
 
@@ -52,17 +53,8 @@ def loaded_model(base: str, adapter_paths: Mapping[str, str]) -> Iterator[tuple[
 
 
 def new_context(model_ptr, *, n_seq_max: int, n_ctx: int, n_batch: int = 512, n_threads: int = 2):
-    """A fresh llama_context on ``model_ptr`` with a unified K/V cache (free with llama_free)."""
-    import llama_cpp
-
-    p = llama_cpp.llama_context_default_params()
-    p.n_ctx, p.n_batch, p.n_ubatch, p.n_seq_max = n_ctx, n_batch, n_batch, n_seq_max
-    p.kv_unified = True
-    p.n_threads = p.n_threads_batch = n_threads
-    ctx = llama_cpp.llama_init_from_model(model_ptr, p)
-    if not ctx:
-        raise LoramuxError(f"llama.cpp could not create a context (n_seq_max={n_seq_max}, n_ctx={n_ctx})")
-    return ctx
+    """A fresh llama_context on ``model_ptr`` with a unified K/V cache of ``n_ctx`` cells in all (free with llama_free)."""
+    return llama_batch.new_context(model_ptr, n_ctx=n_ctx, n_seq_max=n_seq_max, n_batch=n_batch, n_threads=n_threads, kv_unified=True)
 
 
 def set_stock_adapters(ctx, adapters: Sequence[tuple[object, float]]) -> None:
@@ -94,34 +86,27 @@ def decode_forced(ctx, seqs: Sequence[ForcedSequence], *, interleave_prompts: bo
     mem = llama_cpp.llama_get_memory(ctx)
     llama_cpp.llama_memory_clear(mem, True)
     n_prefill = sum(len(s.prompt) for s in seqs)
-    batch = llama_cpp.llama_batch_init(max(n_prefill, len(seqs)), 0, 1)
+    batch = llama_batch.TokenBatch(max(n_prefill, len(seqs)))
     out = [[] for _ in seqs]
     try:
         if interleave_prompts:
             order = [(i, p) for p in range(max(len(s.prompt) for s in seqs)) for i, s in enumerate(seqs) if p < len(s.prompt)]
         else:
             order = [(i, p) for i, s in enumerate(seqs) for p in range(len(s.prompt))]
-        rows = []
-        for k, (i, p) in enumerate(order):
-            last = p == len(seqs[i].prompt) - 1
-            _put(batch, k, seqs[i].prompt[p], p, i, last)
-            if last:
-                rows.append((i, k))
-        batch.n_tokens = len(order)
-        _decode(ctx, batch)
-        for i, k in rows:
-            out[i].append(_logits(ctx, k, n_vocab))
-        n_steps = max(len(s.forced) for s in seqs)
-        for t in range(n_steps):
+        last = [p == len(seqs[i].prompt) - 1 for i, p in order]
+        batch.set([seqs[i].prompt[p] for i, p in order], [p for _, p in order], [i for i, _ in order], last)
+        batch.decode(ctx)
+        for k, (i, _) in enumerate(order):
+            if last[k]:
+                out[i].append(_logits(ctx, k, n_vocab))
+        for t in range(max(len(s.forced) for s in seqs)):
             live = [i for i, s in enumerate(seqs) if t < len(s.forced)]
-            for k, i in enumerate(live):
-                _put(batch, k, seqs[i].forced[t], len(seqs[i].prompt) + t, i, True)
-            batch.n_tokens = len(live)
-            _decode(ctx, batch)
+            batch.set([seqs[i].forced[t] for i in live], [len(seqs[i].prompt) + t for i in live], live, True)
+            batch.decode(ctx)
             for k, i in enumerate(live):
                 out[i].append(_logits(ctx, k, n_vocab))
     finally:
-        llama_cpp.llama_batch_free(batch)
+        batch.close()
     return [np.stack(o) for o in out]
 
 
@@ -136,41 +121,22 @@ def greedy_alone(ctx, prompt: Sequence[int], n_steps: int) -> tuple[list[int], n
     n_vocab = llama_cpp.llama_vocab_n_tokens(llama_cpp.llama_model_get_vocab(model))
     mem = llama_cpp.llama_get_memory(ctx)
     llama_cpp.llama_memory_clear(mem, True)
-    batch = llama_cpp.llama_batch_init(max(len(prompt), 1), 0, 1)
+    batch = llama_batch.TokenBatch(max(len(prompt), 1))
     try:
-        for p, tok in enumerate(prompt):
-            _put(batch, p, tok, p, 0, p == len(prompt) - 1)
-        batch.n_tokens = len(prompt)
-        _decode(ctx, batch)
+        batch.set(prompt, range(len(prompt)), 0, [p == len(prompt) - 1 for p in range(len(prompt))])
+        batch.decode(ctx)
         row = _logits(ctx, len(prompt) - 1, n_vocab)
         for t in range(n_steps):
             logits.append(row)
             tok = int(np.argmax(row))
             tokens.append(tok)
-            _put(batch, 0, tok, len(prompt) + t, 0, True)
-            batch.n_tokens = 1
-            _decode(ctx, batch)
+            batch.set([tok], [len(prompt) + t], 0, True)
+            batch.decode(ctx)
             row = _logits(ctx, 0, n_vocab)
         logits.append(row)
     finally:
-        llama_cpp.llama_batch_free(batch)
+        batch.close()
     return tokens, np.stack(logits)
-
-
-def _put(b, i: int, token: int, pos: int, seq: int, logits: bool) -> None:
-    b.token[i] = int(token)
-    b.pos[i] = pos
-    b.n_seq_id[i] = 1
-    b.seq_id[i][0] = seq
-    b.logits[i] = logits
-
-
-def _decode(ctx, batch) -> None:
-    import llama_cpp
-
-    rc = llama_cpp.llama_decode(ctx, batch)
-    if rc != 0:
-        raise LoramuxError(f"llama_decode failed with code {rc} on a batch of {batch.n_tokens} tokens")
 
 
 def _logits(ctx, i: int, n_vocab: int) -> np.ndarray:

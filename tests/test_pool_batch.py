@@ -22,7 +22,7 @@ import sys
 import numpy as np
 import pytest
 
-from loramux.errors import ContextLengthError, LoramuxError, MixError
+from loramux.errors import ContextLengthError, LoramuxError, MixError, RequestError
 from loramux.pool import PoolRequest
 
 from conftest import BATCH_ADAPTERS, BATCH_MIXES, FIXTURES, GAP_FLOOR, ROOT, batch_conversations, native_missing, open_batch_pool
@@ -129,8 +129,10 @@ def test_batch_errors_name_the_input(pool):
         pool.create_completions(["a"], mixes=[None], mix={"navigate": 1.0})
     with pytest.raises(LoramuxError, match="exactly one of prompt= or messages="):
         PoolRequest()
-    with pytest.raises(LoramuxError, match="max_tokens"):
-        PoolRequest(prompt="a", max_tokens=0)
+    for bad in (0, 2.5, True):  # checked once, by the engine's request type, whichever door it came through
+        with pytest.raises(RequestError, match="max_tokens must be a whole number >= 1") as refused:
+            pool.generate([PoolRequest(prompt="a", max_tokens=bad)])
+        assert refused.value.param == "max_tokens"
     with pytest.raises(LoramuxError, match="unsupported keyword.*grammar"):
         pool.create_completions(["a"], grammar="root ::= x")
 

@@ -218,22 +218,16 @@ def decode_logits(ctx_ptr, tokens: Sequence[int], n_vocab: int) -> np.ndarray:
     mem = llama_cpp.llama_get_memory(ctx_ptr)
     if mem is not None:
         llama_cpp.llama_memory_clear(mem, True)
-    batch = llama_cpp.llama_batch_init(n, 0, 1)
+    from loramux.llama_batch import TokenBatch
+
+    batch = TokenBatch(n)
     try:
-        batch.n_tokens = n
-        for i, tok in enumerate(tokens):
-            batch.token[i] = int(tok)
-            batch.pos[i] = i
-            batch.n_seq_id[i] = 1
-            batch.seq_id[i][0] = 0
-            batch.logits[i] = True
-        rc = llama_cpp.llama_decode(ctx_ptr, batch)
-        if rc != 0:
-            raise LoramuxError(f"llama_decode failed with code {rc} on a batch of {n} tokens")
+        batch.set(tokens, range(n), 0, True)
+        batch.decode(ctx_ptr)
         ptr = llama_cpp.llama_get_logits(ctx_ptr)
         return np.ctypeslib.as_array(ptr, shape=(n * n_vocab,)).reshape(n, n_vocab).copy()
     finally:
-        llama_cpp.llama_batch_free(batch)
+        batch.close()
 
 
 __all__ = [

@@ -29,6 +29,7 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 
 from loramux.errors import LoramuxError, RuntimeLoadError
+from loramux.llama_batch import TokenBatch, new_context
 from loramux.llama_runtime import ContextLoraState
 
 GGML_TYPE_F32 = 0
@@ -86,16 +87,9 @@ class HiddenProbe:
         self._tensor_get = _tensor_get_function()
         # llama_cpp's own prototype (bool (*)(ggml_tensor *, bool ask, void *)), kept alive with the context
         self._callback = lc.ggml_backend_sched_eval_callback(self._on_tensor)
-        params = lc.llama_context_default_params()
-        params.n_ctx, params.n_batch, params.n_ubatch, params.n_seq_max = n_ctx, n_batch, n_batch, 1
-        params.n_threads = params.n_threads_batch = n_threads
-        params.cb_eval = self._callback
-        params.cb_eval_user_data = None
-        self.ctx = lc.llama_init_from_model(model_ptr, params)
-        if not self.ctx:
-            raise RuntimeLoadError(f"llama.cpp could not create the probe context ({n_ctx} tokens)")
+        self.ctx = new_context(model_ptr, n_ctx=n_ctx, n_batch=n_batch, n_threads=n_threads, cb_eval=self._callback)
         self.n_ctx, self.n_batch = n_ctx, n_batch
-        self._batch = lc.llama_batch_init(n_batch, 0, 1)
+        self._batch = TokenBatch(n_batch)
         self._mem = lc.llama_get_memory(self.ctx)
         self._lora = ContextLoraState(self.ctx)
 
@@ -151,18 +145,11 @@ class HiddenProbe:
             return {k: np.concatenate(v, axis=0) for k, v in self._got.items()}
 
     def _decode(self, tokens: list[int], all_logits: bool) -> None:
-        b = self._batch
         for start in range(0, len(tokens), self.n_batch):
             chunk = tokens[start : start + self.n_batch]
-            for i, tok in enumerate(chunk):
-                pos = start + i
-                b.token[i], b.pos[i], b.n_seq_id[i] = tok, pos, 1
-                b.seq_id[i][0] = 0
-                b.logits[i] = all_logits or pos == len(tokens) - 1
-            b.n_tokens = len(chunk)
-            rc = self._lc.llama_decode(self.ctx, b)
-            if rc != 0:
-                raise LoramuxError(f"probe: llama_decode failed with code {rc} on {len(chunk)} tokens")
+            pos = np.arange(start, start + len(chunk))
+            self._batch.set(chunk, pos, 0, all_logits or pos == len(tokens) - 1)
+            self._batch.decode(self.ctx)
 
     def drop_adapters(self) -> None:
         """Set no adapter on the probe's context (before the handles it holds are given back)."""
@@ -175,7 +162,7 @@ class HiddenProbe:
         with self._lock:
             if self.ctx:
                 self._lora.clear()
-                self._lc.llama_batch_free(self._batch)
+                self._batch.close()
                 self._lc.llama_free(self.ctx)
                 self.ctx = None
 

@@ -14,13 +14,13 @@ from __future__ import annotations
 
 import ctypes
 import os
-import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 import numpy as np
 
-from loramux.errors import LoramuxError, MixError, RuntimeLoadError
+from loramux.errors import LoramuxError, MixError
+from loramux.llama_batch import TokenBatch, new_context
 from loramux.llama_runtime import ContextLoraState
 from loramux.mix import Mix
 
@@ -78,26 +78,20 @@ class EngineContext:
         self.model = model_ptr
         self.vocab = lc.llama_model_get_vocab(model_ptr)
         self.n_vocab = lc.llama_vocab_n_tokens(self.vocab)
-        params = lc.llama_context_default_params()
-        params.n_ctx = n_seq_max * n_ctx
-        params.n_batch = params.n_ubatch = n_batch
-        params.n_seq_max = n_seq_max
-        # one K/V stream per sequence (as llama-server -np N): a sequence attends over its own cells
-        # only; a unified cache makes every token attend over every sequence's cells (masked), which
-        # at 32 sequences cost 2-5x the decode time. $LORAMUX_KV_UNIFIED=1 turns the unified cache on.
-        params.kv_unified = os.environ.get("LORAMUX_KV_UNIFIED", "") == "1"
-        # llama_cpp.Llama's default (flash_attn=False), so that a request means what it means there
-        params.flash_attn_type = lc.LLAMA_FLASH_ATTN_TYPE_ENABLED if flash_attn else lc.LLAMA_FLASH_ATTN_TYPE_DISABLED
-        params.n_threads = params.n_threads_batch = n_threads
-        self.ctx = lc.llama_init_from_model(model_ptr, params)
-        if not self.ctx:
-            raise RuntimeLoadError(
-                f"llama.cpp could not create a context of {n_seq_max} sequences x {n_ctx} tokens; lower n_seq_max or n_ctx"
-            )
+        # one K/V stream per sequence (as llama-server -np N) unless $LORAMUX_KV_UNIFIED=1 (llama_batch.new_context)
+        self.ctx = new_context(
+            model_ptr,
+            n_ctx=n_seq_max * n_ctx,
+            n_seq_max=n_seq_max,
+            n_batch=n_batch,
+            n_threads=n_threads,
+            flash_attn=flash_attn,
+            kv_unified=os.environ.get("LORAMUX_KV_UNIFIED", "") == "1",
+        )
         self.n_batch = n_batch
         self.native = native
         self.max_active = max_active
-        self.batch = lc.llama_batch_init(n_batch, 0, 1)
+        self.batch = TokenBatch(n_batch)
         self._mem = lc.llama_get_memory(self.ctx)
         self.lora = ContextLoraState(self.ctx)
         self.context_mix = Mix()
@@ -238,21 +232,9 @@ class EngineContext:
         if not self._lc.llama_memory_seq_rm(self._mem, seq_id, n, -1):
             raise LoramuxError(f"llama.cpp could not free the K/V of sequence {seq_id} from position {n}")
 
-    def put(self, i: int, token: int, pos: int, seq_id: int, logits: bool) -> None:
-        b = self.batch
-        b.token[i], b.pos[i], b.n_seq_id[i], b.logits[i] = token, pos, 1, logits
-        b.seq_id[i][0] = seq_id
-
-    def decode(self, n: int) -> float:
-        """Decode the first ``n`` entries of the batch; return the seconds it took."""
-        self.batch.n_tokens = n
-        start = time.perf_counter()
-        rc = self._lc.llama_decode(self.ctx, self.batch)
-        seconds = time.perf_counter() - start
-        if rc != 0:
-            raise LoramuxError(
-                f"llama_decode failed with code {rc} on a batch of {n} tokens (1: no room in the K/V cache; lower n_seq_max or n_ctx)"
-            )
+    def decode(self) -> float:
+        """Decode the rows set in :attr:`batch`; return the seconds it took."""
+        seconds = self.batch.decode(self.ctx)
         if self.mixer is not None:
             self.mixer.check_applied()  # an adapted weight the graph could not apply is an error, never skipped
         return seconds
@@ -265,9 +247,8 @@ class EngineContext:
 
     def decode_all_logits(self, seq_id: int, tokens: Sequence[int]) -> np.ndarray:
         """Decode ``tokens`` as sequence ``seq_id`` from position 0 in one batch; every row's logits."""
-        for i, tok in enumerate(tokens):
-            self.put(i, tok, i, seq_id, True)
-        self.decode(len(tokens))
+        self.batch.set(tokens, range(len(tokens)), seq_id, True)
+        self.decode()
         return np.stack([self.logits_row(i).copy() for i in range(len(tokens))])
 
     def decode_recorded(self, seq_id: int, tokens: Sequence[int]) -> list["TokenChoice"]:
@@ -277,9 +258,8 @@ class EngineContext:
             raise MixError("recording routing choices needs a registered pool: load adapters first")
         self.mixer.record(True)
         try:
-            for i, tok in enumerate(tokens):  # logits on every row: the last layer then computes every token
-                self.put(i, tok, i, seq_id, True)
-            self.decode(len(tokens))
+            self.batch.set(tokens, range(len(tokens)), seq_id, True)  # logits on every row: the last layer computes every token
+            self.decode()
             return [c for c in self.mixer.take_choices() if c.seq_id == seq_id]
         finally:
             self.mixer.record(False)
@@ -304,7 +284,7 @@ class EngineContext:
                 self.mixer = None
                 self.routable_k = 0
             self.lora.clear()
-            self._lc.llama_batch_free(self.batch)
+            self.batch.close()
             self._lc.llama_free(self.ctx)
             self.ctx = None
         for handle in self.handles.values():

@@ -36,7 +36,7 @@ from typing import Any, Callable, Mapping
 from loramux.engine.context import EngineContext
 from loramux.engine.forced import RETRY as _RETRY
 from loramux.engine.forced import ForcedJobs
-from loramux.engine.request import EngineRequest, RequestHandle
+from loramux.engine.request import EngineRequest, RequestHandle, one_wakeup_per_loop
 from loramux.engine.sampling import SequenceSampler
 from loramux.engine.slots import CONTEXT, NATIVE, GroupTurns, Slot, best_slot
 from loramux.engine.stats import EngineStats
@@ -337,12 +337,13 @@ class Engine(ForcedJobs):
         for slot in slots:
             slot.handle.steps += 1
             slot.handle.max_step_sequences = max(slot.handle.max_step_sequences, batch.n_sequences)
-        for slot, row in rows:
-            finished = accept_token(self.cx, slot, row, self.stats)
-            if finished is not None:
-                slot.handle._finish(finished)
-                self.stats.finished += 1
-                self._release(slot, keep_kv=True)
+        with one_wakeup_per_loop():  # the step's tokens reach each event loop in one hand-off
+            for slot, row in rows:
+                finished = accept_token(self.cx, slot, row, self.stats)
+                if finished is not None:
+                    slot.handle._finish(finished)
+                    self.stats.finished += 1
+                    self._release(slot, keep_kv=True)
 
     # --- jobs -------------------------------------------------------------------------------
     def _change_pool(self, change: Callable[[], None], *, removed: str | None) -> None:

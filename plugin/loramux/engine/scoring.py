@@ -58,22 +58,24 @@ def plan_batches(items: Sequence[ScoreItem], n_batch: int, n_seqs: int) -> list[
 
 def score_batch(cx, slots, items: Sequence[ScoreItem]) -> list[float]:
     """Score ``items`` (all fitting at once) on sequences ``slots``; the sequences are left empty."""
-    rows: list[list[int]] = []
-    n = 0
+    rows: list[range] = []
+    tokens: list[int] = []
+    pos: list[int] = []
+    seq: list[int] = []
+    want: list[bool] = []
     try:
         for slot, item in zip(slots, items):
             cx.keep_prefix(slot.seq_id, 0)
             slot.forget_kv()
             cx.set_seq_mix(slot.seq_id, item.mix)
-            first = []
-            for pos, tok in enumerate(item.tokens):
-                want = item.n_prompt - 1 <= pos < len(item.tokens) - 1
-                cx.put(n, tok, pos, slot.seq_id, want)
-                if want:
-                    first.append(n)
-                n += 1
-            rows.append(first)
-        cx.decode(n)
+            n, t = len(tokens), len(item.tokens)  # logits where a target token is predicted
+            rows.append(range(n + item.n_prompt - 1, n + t - 1))
+            tokens += item.tokens
+            pos += range(t)
+            seq += [slot.seq_id] * t
+            want += [item.n_prompt - 1 <= p < t - 1 for p in range(t)]
+        cx.batch.set(tokens, pos, seq, want)
+        cx.decode()
         return [mean_nll(np.stack([cx.logits_row(r) for r in idx]), item.tokens[item.n_prompt :]) for idx, item in zip(rows, items)]
     finally:
         for slot in slots[: len(items)]:

@@ -21,7 +21,7 @@ if TYPE_CHECKING:  # pragma: no cover
 
 
 class StepBuilder:
-    """The batch of one step, built from the running slots of one group."""
+    """The batch of one step, built from the running slots of one group (written once, as arrays)."""
 
     def __init__(self, cx: "EngineContext") -> None:
         self.cx = cx
@@ -32,31 +32,43 @@ class StepBuilder:
     def n_sequences(self) -> int:
         return len(self._seqs)
 
-    def _add(self, slot: Slot, token: int, logits: bool) -> None:
-        self.cx.put(self.n, token, len(slot.fed), slot.seq_id, logits)
-        slot.fed.append(token)
-        self._seqs.add(slot.seq_id)
-        self.n += 1
-
     def fill(self, slots: Sequence[Slot]) -> list[tuple[Slot, int]]:
         """Fill the batch; return (slot, batch row) of every row whose logits will be sampled."""
         rows: list[tuple[Slot, int]] = []
+        tokens: list[int] = []
+        pos: list[int] = []
+        seq: list[int] = []
+        logits: list[bool] = []
         for slot in slots:
             if slot.pending is not None:
-                rows.append((slot, self.n))
-                self._add(slot, slot.pending, True)
+                rows.append((slot, len(tokens)))
+                tokens.append(slot.pending)
+                pos.append(len(slot.fed))
+                seq.append(slot.seq_id)
+                logits.append(True)
+                slot.fed.append(slot.pending)
                 slot.pending = None
         for slot in sorted(slots, key=lambda s: s.order):
-            take = min(slot.prompt_left, self.cx.n_batch - self.n)
-            for _ in range(take):
-                last = len(slot.fed) + 1 == len(slot.prompt)
-                if last:
-                    rows.append((slot, self.n))
-                self._add(slot, slot.prompt[len(slot.fed)], last)
+            take = min(slot.prompt_left, self.cx.n_batch - len(tokens))
+            if take <= 0:
+                continue
+            start = len(slot.fed)
+            chunk = slot.prompt[start : start + take]
+            last = start + take == len(slot.prompt)
+            tokens += chunk
+            pos += range(start, start + take)
+            seq += [slot.seq_id] * take
+            logits += [False] * (take - 1) + [last]
+            if last:
+                rows.append((slot, len(tokens) - 1))
+            slot.fed += chunk
+        self._seqs = set(seq)
+        self.n = len(tokens)
+        self.cx.batch.set(tokens, pos, seq, logits)
         return rows
 
     def decode(self) -> float:
-        return self.cx.decode(self.n)
+        return self.cx.decode()
 
 
 def log_probs(logits: np.ndarray, token: int, top: int) -> tuple[float, dict[int, float]]:
