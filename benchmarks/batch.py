@@ -185,20 +185,11 @@ class Bench:
         teacher.set_stock_adapters(ctx, [(self.adapters[a], w) for a, w in (mix or {}).items()])
 
     def prefill(self, ctx, batch, seqs: list[int], prompts) -> dict[int, int]:
-        from loramux.native import teacher
-
-        k = 0
-        rows = {}
-        for s in seqs:
-            p = prompts[s]
-            for i, t in enumerate(p):
-                teacher._put(batch, k, t, i, s, i == len(p) - 1)
-                if i == len(p) - 1:
-                    rows[s] = k
-                k += 1
-        batch.n_tokens = k
-        teacher._decode(ctx, batch)
-        return {s: int(np.argmax(self.logits(ctx, i))) for s, i in rows.items()}
+        rows = [(t, i, s, i == len(prompts[s]) - 1) for s in seqs for i, t in enumerate(prompts[s])]
+        batch.set(*map(list, zip(*rows)))
+        batch.decode(ctx)
+        last = {s: k for k, (_, _, s, end) in enumerate(rows) if end}
+        return {s: int(np.argmax(self.logits(ctx, i))) for s, i in last.items()}
 
     def logits(self, ctx, i):
         from loramux.native import teacher
@@ -206,12 +197,8 @@ class Bench:
         return teacher._logits(ctx, i, self.n_vocab)  # a NULL row raises, naming it
 
     def step(self, ctx, batch, seqs, nxt, pos) -> None:
-        from loramux.native import teacher
-
-        for k, s in enumerate(seqs):
-            teacher._put(batch, k, nxt[s], pos, s, True)
-        batch.n_tokens = len(seqs)
-        teacher._decode(ctx, batch)
+        batch.set([nxt[s] for s in seqs], [pos] * len(seqs), list(seqs), True)
+        batch.decode(ctx)
         for k, s in enumerate(seqs):
             nxt[s] = int(np.argmax(self.logits(ctx, k)))
 
@@ -219,7 +206,9 @@ class Bench:
         """Prefill (untimed), then time ``steps`` greedy steps; returns tokens/s over all sequences."""
         lc = self.lc
         n_seq = sum(len(g) for _, g in groups)
-        batch = lc.llama_batch_init(max(512, n_seq * self.args.prompt_tokens), 0, 1)
+        from loramux.llama_batch import TokenBatch
+
+        batch = TokenBatch(max(512, n_seq * self.args.prompt_tokens))
         try:
             lc.llama_memory_clear(lc.llama_get_memory(ctx), True)
             nxt = {}
@@ -237,7 +226,7 @@ class Bench:
                 pos += 1
             dt = time.perf_counter() - t0
         finally:
-            lc.llama_batch_free(batch)
+            batch.close()
         return n_seq * self.args.steps / dt
 
     def measure(self, n: int) -> dict:
@@ -307,7 +296,9 @@ class Bench:
         # stock: one sequence, alternate between two mixes before every decode vs keep one mix
         lc = self.lc
         prompt = {0: self.prompts[0]}
-        batch = lc.llama_batch_init(512, 0, 1)
+        from loramux.llama_batch import TokenBatch
+
+        batch = TokenBatch(512)
         try:
 
             def decode_ms(ctx, change, native):
@@ -332,7 +323,7 @@ class Bench:
             self.stock(ctx_stock, None)
             mixer.clear(0)
         finally:
-            lc.llama_batch_free(batch)
+            batch.close()
         return {
             "set_seq_mix_c_call_us": round(c_call_us, 3),
             "set_seq_mix_python_us": round(py_us, 2),

@@ -86,7 +86,7 @@ def _worker_capture(out: Path, adapter_dir: Path, form: str) -> None:
     import llama_cpp as lc
 
     from loramux.base_model import default_base_model
-    from loramux.native import teacher
+    from loramux.llama_batch import TokenBatch, new_context
     from loramux.native.mixer import SeqMixer
     from loramux.probe import _GgmlTensor, _tensor_get_function
 
@@ -115,22 +115,14 @@ def _worker_capture(out: Path, adapter_dir: Path, form: str) -> None:
         return True
 
     callback = lc.ggml_backend_sched_eval_callback(on_tensor)
-    p = lc.llama_context_default_params()
-    p.n_ctx, p.n_batch, p.n_ubatch, p.n_seq_max, p.kv_unified = 1024, 512, 512, 4, True
-    p.n_threads = p.n_threads_batch = 1
-    p.cb_eval, p.cb_eval_user_data = callback, None
-    ctx = lc.llama_init_from_model(model, p)
+    ctx = new_context(model, n_ctx=1024, n_seq_max=4, n_threads=1, kv_unified=True, cb_eval=callback)
     mixer = SeqMixer(ctx, adapters, max_active=3, device_form=form == "mul_mat_id")
     for s, mix in enumerate(MIXES):
         mixer.set(s, mix)
-    batch = lc.llama_batch_init(n_rows, 0, 1)
-    k = 0
-    for s, toks in enumerate(prompts):
-        for i, tok in enumerate(toks):
-            teacher._put(batch, k, tok, i, s, i == len(toks) - 1)
-            k += 1
-    batch.n_tokens = n_rows
-    teacher._decode(ctx, batch)
+    batch = TokenBatch(n_rows)
+    rows = [(tok, i, s, i == len(toks) - 1) for s, toks in enumerate(prompts) for i, tok in enumerate(toks)]
+    batch.set(*map(list, zip(*rows)))
+    batch.decode(ctx)
     arrays = {"rows_seq": rows_seq, "errors": np.array(errors or [""])}
     for name, (x, term) in got.items():
         arrays[f"x:{name}"], arrays[f"term:{name}"] = x, term

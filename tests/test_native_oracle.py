@@ -209,20 +209,18 @@ def _case_exact_f32(res, ctx, mixer, adapters, seqs) -> None:
 
 def _decode_with_mix_changes(ctx, mixer, prompt, forced) -> int:
     """Decode ``forced`` one token per step, changing the sequence's mix before every step."""
-    import llama_cpp
-
+    from loramux.llama_batch import TokenBatch
     from loramux.native import teacher
 
     teacher.decode_forced(ctx, [teacher.ForcedSequence(prompt, [])])
-    batch = llama_cpp.llama_batch_init(1, 0, 1)
+    batch = TokenBatch(1)
     try:
         for t, tok in enumerate(forced):
             mixer.set(0, {POOL[t % len(POOL)]: 0.5, POOL[(t + 1) % len(POOL)]: 0.5})
-            teacher._put(batch, 0, tok, len(prompt) + t, 0, True)
-            batch.n_tokens = 1
-            teacher._decode(ctx, batch)
+            batch.set([tok], [len(prompt) + t], 0, True)
+            batch.decode(ctx)
     finally:
-        llama_cpp.llama_batch_free(batch)
+        batch.close()
     return len(forced)
 
 

@@ -111,7 +111,7 @@ def _worker_capture(out: Path, adapter_dir: Path, form: str) -> None:
     import llama_cpp as lc
 
     from loramux.base_model import default_base_model
-    from loramux.native import teacher
+    from loramux.llama_batch import TokenBatch, new_context
     from loramux.native.mixer import SeqMixer
     from loramux.probe import _GgmlTensor, _tensor_get_function
 
@@ -143,19 +143,18 @@ def _worker_capture(out: Path, adapter_dir: Path, form: str) -> None:
         return True
 
     callback = lc.ggml_backend_sched_eval_callback(on_tensor)
-    p = lc.llama_context_default_params()
-    p.n_ctx, p.n_batch, p.n_ubatch, p.n_seq_max, p.kv_unified = 1024, 512, 512, 4, True
-    p.n_threads = p.n_threads_batch = 1
-    p.cb_eval, p.cb_eval_user_data = callback, None
-    ctx = lc.llama_init_from_model(model, p)
+    ctx = new_context(model, n_ctx=1024, n_seq_max=4, n_threads=1, kv_unified=True, cb_eval=callback)
     mixer = SeqMixer(ctx, adapters, max_active=MAX_ACTIVE, device_form=form == "mul_mat_id")
     _set_routes(mixer)
     refusal = _start_record(mixer)
-    batch = lc.llama_batch_init(n_rows, 0, 1)
-    for k, (s, i) in enumerate(zip(rows_seq, rows_pos)):
-        teacher._put(batch, k, prompts[s][i], int(i), int(s), bool(i == len(prompts[s]) - 1))
-    batch.n_tokens = n_rows
-    teacher._decode(ctx, batch)
+    batch = TokenBatch(n_rows)
+    batch.set(
+        [prompts[s][i] for s, i in zip(rows_seq, rows_pos)],
+        rows_pos,
+        rows_seq,
+        [i == len(prompts[s]) - 1 for s, i in zip(rows_seq, rows_pos)],
+    )
+    batch.decode(ctx)
     arrays = {"rows_seq": rows_seq, "rows_pos": rows_pos, "errors": np.array(errors or [""]), "record_refusal": np.array(refusal)} | got
     if not refusal:
         _save_record(arrays, mixer)

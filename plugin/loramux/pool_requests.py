@@ -43,8 +43,6 @@ def sampling_from(kwargs: Mapping[str, Any], *, chat: bool, default: SamplingPar
         raise RequestError(f"unsupported keyword(s) {', '.join(unknown)}; loramux takes {', '.join(SAMPLING_KEYS)}")
     base = default or (CHAT_DEFAULTS if chat else COMPLETION_DEFAULTS)
     given = {k: v for k, v in kwargs.items() if v is not None}
-    if "logit_bias" in given:
-        given["logit_bias"] = dict(given["logit_bias"])
     try:
         return replace(base, **given)
     except TypeError as exc:

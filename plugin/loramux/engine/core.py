@@ -339,7 +339,12 @@ class Engine(ForcedJobs):
             slot.handle.max_step_sequences = max(slot.handle.max_step_sequences, batch.n_sequences)
         with one_wakeup_per_loop():  # the step's tokens reach each event loop in one hand-off
             for slot, row in rows:
-                finished = accept_token(self.cx, slot, row, self.stats)
+                try:
+                    finished = accept_token(self.cx, slot, row, self.stats)
+                except Exception as exc:  # this request's sampling or text failed: it alone fails
+                    slot.handle._fail(exc if isinstance(exc, LoramuxError) else LoramuxError(f"sampling failed: {exc}"))
+                    self._release(slot, keep_kv=False)
+                    continue
                 if finished is not None:
                     slot.handle._finish(finished)
                     self.stats.finished += 1
