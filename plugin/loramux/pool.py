@@ -8,7 +8,9 @@
 ...         mix={"boolean_expressions": 1.0}, temperature=0)
 ...     out["choices"][0]["message"]["content"], out["mix"]
 
-The pool is the adapter registry plus a llama-cpp-python shaped front end. Every request, single
+The pool is a llama-cpp-python shaped front end over an :class:`~loramux.registry.AdapterRegistry`
+(which adapters, from which files), the base model's text side (:class:`~loramux.base_text.BaseText`)
+and one engine, which owns every adapter handle (:meth:`AdapterPool.held`). Every request, single
 or batched, streamed or not, from any thread or from asyncio, goes through the pool's one
 :class:`~loramux.engine.Engine`: one llama.cpp context, continuous batching, each request under
 its own mix (per sequence with the native library, else one mix per decode), sampled by
@@ -21,9 +23,10 @@ token picks its own adapters among all loaded ones at every adapted weight, insi
 
 Adapters are addressed by name (a GGUF file's stem, a PEFT folder's name); a name is never
 reused for different weights. PEFT folders are converted once into a cache
-(:mod:`loramux.adapters`). Loading and unloading adapters while requests run is safe: the
-engine registers the new set between two decode steps, running requests keep their mixes, and
-an unloaded adapter is freed once no running request uses it.
+(:mod:`loramux.adapters`). Loading and unloading adapters while requests run is safe and costs
+that adapter only: the engine puts it into (or takes it out of) one slot of its pool between two
+decode steps, running requests keep their mixes, and an unloaded adapter is freed once no running
+request uses it.
 
 Folders of adapters: an adapter the runtime cannot express (``UnsupportedAdapterError``, e.g.
 an embedding LoRA on a base with a tied output projection, such as the word_sorting fixture)
