@@ -131,6 +131,43 @@ def test_a_23rd_adapter_added_at_run_time_is_routed_to_without_retraining(base_m
         assert all(router.route(p).top1 != NEW_TASK for p in prompts)
 
 
+def test_a_logo_route_does_not_hold_up_a_running_stream(pool):
+    """LoGo's prefill runs on the probe's own context, beside the engine: a stream decoding meanwhile
+    never waits for the whole pass (borrowing the adapters costs it at most a step or two)."""
+    import threading
+    import time
+
+    from loramux.router.logo import LogoRouter
+
+    router = LogoRouter(pool, options="k=2")
+    rows = load_rows("dev", {"navigate", "snarks", "hyperbaton"}, limit_per_task=4)
+    long_prompt = " ".join(r["input"] for r in rows)[:3000]
+    router.route(long_prompt)  # warm: the probe's context exists and holds its adapters
+    start = time.perf_counter()
+    router.route(long_prompt)
+    alone = time.perf_counter() - start
+    ban = {pool.token_eos(): -1e9, **{t: -1e9 for t in pool.tokenize("<|im_end|>", special=True)}}
+    stamps: list[float] = []
+
+    def stream() -> None:
+        for _ in pool.create_completion("Count: 1, 2, 3,", max_tokens=80, temperature=0, logit_bias=ban, stream=True):
+            stamps.append(time.perf_counter())
+
+    reader = threading.Thread(target=stream)
+    reader.start()
+    while len(stamps) < 10:
+        time.sleep(0.005)
+    t0 = time.perf_counter()
+    router.route(long_prompt)
+    t1 = time.perf_counter()
+    reader.join()
+    gaps = np.diff(stamps)
+    steady = float(np.median([g for a, g in zip(stamps, gaps) if a > t1 + 0.05] or gaps))
+    during = [g for a, g in zip(stamps, gaps) if t0 <= a + g and a <= t1]
+    assert alone > 8 * steady, f"the pass ({alone:.3f} s) is too short against a step ({steady:.3f} s) for a stall to show"
+    assert during and max(during) < alone / 2, f"a stream token waited {max(during):.3f} s during a {alone:.3f} s LoGo pass"
+
+
 def test_logo_scores_are_the_adapters_own_output_norms(pool):
     from loramux.router.logo import LogoRouter, lora_factors
 
