@@ -133,8 +133,8 @@ def test_batch_errors_name_the_input(pool):
         with pytest.raises(RequestError, match="max_tokens must be a whole number >= 1") as refused:
             pool.generate([PoolRequest(prompt="a", max_tokens=bad)])
         assert refused.value.param == "max_tokens"
-    with pytest.raises(LoramuxError, match="unsupported keyword.*grammar"):
-        pool.create_completions(["a"], grammar="root ::= x")
+    with pytest.raises(LoramuxError, match="unsupported keyword.*mirostat"):
+        pool.create_completions(["a"], mirostat_mode=2)
 
 
 def test_an_adapter_loaded_after_a_batch_joins_the_next_one(native_pool, shared_dir):

@@ -87,6 +87,34 @@ def test_openai_client_chat_streamed_and_not_under_a_named_adapter(client):
     assert roles[0] == "assistant" and usage.completion_tokens == whole.usage.completion_tokens
 
 
+def test_structured_outputs_through_the_openai_client_streamed_and_not(client, server):
+    """The official client's ``parse`` with a pydantic model, a raw json_schema streamed and not,
+    llama-server's ``json_schema`` field, and a grammar that does not parse (a 400 naming it)."""
+    from typing import Literal
+
+    import pydantic
+
+    class Verdict(pydantic.BaseModel):
+        answer: Literal["True", "False"]
+
+    parsed = client.chat.completions.parse(
+        model="boolean_expressions", messages=chat("not ( True ) and ( True ) is"), response_format=Verdict, temperature=0, max_tokens=32
+    )
+    assert isinstance(parsed.choices[0].message.parsed, Verdict)
+    colors = {"type": "array", "items": {"enum": ["red", "green", "blue"]}, "minItems": 2, "maxItems": 3}
+    raw = {"type": "json_schema", "json_schema": {"name": "colors", "schema": colors}}
+    kw = dict(model="navigate", messages=chat("Name two colors."), response_format=raw, temperature=0, max_tokens=32)
+    whole = client.chat.completions.create(**kw).choices[0].message.content
+    streamed = "".join(c.choices[0].delta.content or "" for c in client.chat.completions.create(**kw, stream=True) if c.choices)
+    assert streamed == whole and 2 <= len(json.loads(whole)) <= 3 and set(json.loads(whole)) <= {"red", "green", "blue"}
+    r = httpx.post(
+        f"{server}/v1/completions", json={"prompt": "Colors:", "json_schema": colors, "max_tokens": 32, "temperature": 0}, timeout=120
+    )
+    assert r.status_code == 200 and set(json.loads(r.json()["choices"][0]["text"])) <= {"red", "green", "blue"}
+    bad = httpx.post(f"{server}/v1/completions", json={"prompt": "hi", "grammar": "root ::= (", "max_tokens": 2}, timeout=60)
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "grammar", bad.text
+
+
 def test_openai_client_completions_with_a_body_mix_and_a_named_mix(client):
     out = client.completions.create(
         model="loramux",

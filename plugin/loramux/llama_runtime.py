@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -44,12 +45,22 @@ class LlamaLog:
         return text or "llama.cpp gave no reason (run with verbose=True to see its log)"
 
 
+_CAPTURE_LOCK = threading.RLock()  # llama.cpp has one log callback per process: one capture at a time
+
+
 @contextlib.contextmanager
 def capture_llama_log(*, echo: bool = False) -> Iterator[LlamaLog]:
     """Collect llama.cpp WARN/ERROR log lines during the block (``echo``: also print every line to stderr),
-    then restore llama-cpp-python's logger."""
+    then restore llama-cpp-python's logger. Captures from several threads take turns."""
     import llama_cpp
     from llama_cpp import _logger
+
+    with _CAPTURE_LOCK, _captured(llama_cpp, _logger, echo) as log:
+        yield log
+
+
+@contextlib.contextmanager
+def _captured(llama_cpp, _logger, echo: bool) -> Iterator[LlamaLog]:
 
     log = LlamaLog()
 

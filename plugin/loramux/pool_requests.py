@@ -19,6 +19,7 @@ from loramux import responses
 from loramux.engine import GREEDY, Finished, SamplingParams
 from loramux.errors import LoramuxError, RequestError
 from loramux.mix import MixLike
+from loramux.structured import grammar_for
 
 SAMPLING_KEYS = (
     "temperature",
@@ -31,6 +32,8 @@ SAMPLING_KEYS = (
     "presence_penalty",
     "seed",
     "logit_bias",
+    "grammar",  # GBNF text (llama.cpp's grammar sampler)
+    "response_format",  # OpenAI's: text, json_object, json_schema (turned into a grammar)
 )
 COMPLETION_DEFAULTS = SamplingParams()  # llama_cpp.Llama.create_completion's defaults
 CHAT_DEFAULTS = SamplingParams(temperature=0.2)  # ... and create_chat_completion's
@@ -43,6 +46,12 @@ def sampling_from(kwargs: Mapping[str, Any], *, chat: bool, default: SamplingPar
         raise RequestError(f"unsupported keyword(s) {', '.join(unknown)}; loramux takes {', '.join(SAMPLING_KEYS)}")
     base = default or (CHAT_DEFAULTS if chat else COMPLETION_DEFAULTS)
     given = {k: v for k, v in kwargs.items() if v is not None}
+    if "response_format" in given:
+        if "grammar" in given:
+            raise RequestError("give grammar or response_format, not both", param="grammar")
+        grammar = grammar_for(given.pop("response_format"))
+        if grammar is not None:
+            given["grammar"] = grammar
     try:
         return replace(base, **given)
     except TypeError as exc:

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 import numpy as np
 
+from loramux.engine.sampling import grammar_sampler
 from loramux.errors import LoramuxError, MixError
 from loramux.llama_batch import TokenBatch, new_context
 from loramux.llama_runtime import ContextLoraState
@@ -119,6 +120,10 @@ class EngineContext:
             self.check_routable(mix)
             return True
         return self.native and (not mix or (self.mixer is not None and len(mix) <= self.max_active))
+
+    def check_grammar(self, grammar: str) -> None:
+        """RequestError (``param`` grammar, llama.cpp's reason) unless GBNF ``grammar`` parses on this vocabulary."""
+        self._lc.llama_sampler_free(grammar_sampler(self.vocab, grammar))
 
     def check_routable(self, mix: Mix) -> None:
         """Raise MixError (saying what to do) unless routed ``mix`` can run: the native library, a

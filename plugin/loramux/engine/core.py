@@ -133,6 +133,8 @@ class Engine(ForcedJobs):
         ContextLengthError when it cannot fit one sequence, RequestError for a token id outside the
         vocabulary, QueueFullError when the queue is full."""
         request.check_limits(n_ctx=self.n_ctx, n_vocab=self.cx.n_vocab)
+        if request.sampling.grammar is not None:  # parsed here, so that a bad one never reaches a step
+            self.cx.check_grammar(request.sampling.grammar)
         self.cx.check_routable(request.mix)  # a routed mix that cannot run is refused here, never run as the base model
         handle = RequestHandle(request, loop)
         with self._cv:
@@ -288,7 +290,7 @@ class Engine(ForcedJobs):
                 )
         path = self.path_for(req.mix)
         slot, reuse = best_slot(free, req.tokens, req.mix, path)
-        sampler = SequenceSampler(req.sampling, self.cx.n_vocab)
+        sampler = SequenceSampler(req.sampling, self.cx.n_vocab, self.cx.vocab)
         self.cx.keep_prefix(slot.seq_id, reuse)
         self.cx.set_seq_mix(slot.seq_id, req.mix if path == NATIVE else Mix())
         slot.fed = slot.fed[:reuse]

@@ -90,6 +90,7 @@ class SamplingParams:
     penalty_last_n: int = PENALTY_LAST_N
     seed: int | None = None
     logit_bias: Mapping[int, float] = field(default_factory=dict)
+    grammar: str | None = None  # GBNF (llama.cpp's grammar format), root rule "root"; checked at Engine.submit
 
     def __post_init__(self) -> None:
         for name in _REAL:
@@ -102,6 +103,8 @@ class SamplingParams:
             if not ok(getattr(self, name)):
                 raise RequestError(f"sampling parameter {name}={getattr(self, name)!r} is out of range", param=name)
         object.__setattr__(self, "logit_bias", _bias(self.logit_bias))
+        if self.grammar is not None and (not isinstance(self.grammar, str) or not self.grammar.strip()):
+            raise RequestError(f"grammar must be GBNF text, got {self.grammar!r}", param="grammar")
 
     @property
     def greedy(self) -> bool:
@@ -111,10 +114,24 @@ class SamplingParams:
 GREEDY = SamplingParams(temperature=0.0)
 
 
+def grammar_sampler(vocab, grammar: str):
+    """llama.cpp's grammar sampler of GBNF ``grammar`` (root rule ``root``) on ``vocab``; RequestError
+    naming ``grammar``, with llama.cpp's reason, when it does not parse."""
+    import llama_cpp as lc
+
+    from loramux.llama_runtime import capture_llama_log
+
+    with capture_llama_log() as log:
+        sampler = lc.llama_sampler_init_grammar(vocab, grammar.encode("utf-8"), b"root")
+    if not sampler:
+        raise RequestError(f"grammar does not parse as GBNF with a rule 'root': {log.reason()}", param="grammar")
+    return sampler
+
+
 class SequenceSampler:
     """One llama.cpp sampler chain (``llama_sampler *``) for one request; free it with :meth:`close`."""
 
-    def __init__(self, params: SamplingParams, n_vocab: int) -> None:
+    def __init__(self, params: SamplingParams, n_vocab: int, vocab=None) -> None:
         import llama_cpp as lc
 
         self._lc = lc
@@ -123,7 +140,7 @@ class SequenceSampler:
         if not self._chain:
             raise RequestError("llama.cpp could not create a sampler chain")
         try:
-            self._build(params, n_vocab)
+            self._build(params, n_vocab, vocab)
         except Exception:
             self.close()
             raise
@@ -133,7 +150,7 @@ class SequenceSampler:
             raise RequestError("llama.cpp could not create a sampler of the chain")
         self._lc.llama_sampler_chain_add(self._chain, sampler)
 
-    def _build(self, p: SamplingParams, n_vocab: int) -> None:
+    def _build(self, p: SamplingParams, n_vocab: int, vocab) -> None:
         lc = self._lc
         if p.logit_bias:  # ids checked at Engine.submit (EngineRequest.check_limits)
             arr = (lc.llama_logit_bias * len(p.logit_bias))()
@@ -141,6 +158,8 @@ class SequenceSampler:
                 arr[i].token, arr[i].bias = tok, bias
             self._add(lc.llama_sampler_init_logit_bias(n_vocab, len(p.logit_bias), arr))
         self._add(lc.llama_sampler_init_penalties(n_vocab, p.penalty_last_n, p.repeat_penalty, p.frequency_penalty, p.presence_penalty))
+        if p.grammar is not None:  # after the penalties, as llama-cpp-python's chain; accepted tokens advance it
+            self._add(grammar_sampler(vocab, p.grammar))
         if p.greedy:
             self._add(lc.llama_sampler_init_greedy())
             return
@@ -168,4 +187,4 @@ class SequenceSampler:
             pass
 
 
-__all__ = ["GREEDY", "PENALTY_LAST_N", "SamplingParams", "SequenceSampler"]
+__all__ = ["GREEDY", "PENALTY_LAST_N", "SamplingParams", "SequenceSampler", "grammar_sampler"]

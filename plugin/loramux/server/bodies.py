@@ -15,7 +15,7 @@ from loramux.pool_requests import SAMPLING_KEYS, PoolRequest, sampling_from
 from loramux.server.errors import APIError, from_loramux
 
 SAMPLING_FIELDS = SAMPLING_KEYS  # the pool's own list: a request means the same through either door
-REFUSED = ("tools", "tool_choice", "functions", "function_call", "grammar", "json_schema", "suffix")
+REFUSED = ("tools", "tool_choice", "functions", "function_call", "suffix")
 
 
 @dataclass
@@ -29,9 +29,6 @@ def _refuse_unsupported(body: Mapping[str, Any]) -> None:
     for key in REFUSED:
         if body.get(key) not in (None, [], {}):
             raise APIError(400, f"{key!r} is not supported by loramux", param=key)
-    rf = body.get("response_format")
-    if rf not in (None, {}) and not (isinstance(rf, Mapping) and rf.get("type") == "text"):
-        raise APIError(400, "response_format other than text is not supported by loramux", param="response_format")
     for key in ("n", "best_of"):
         if body.get(key) not in (None, 1):
             raise APIError(400, f"{key}={body.get(key)!r}: loramux answers one choice per request (n=1)", param=key)
@@ -62,6 +59,10 @@ def _stops(body: Mapping[str, Any]) -> tuple[str, ...]:
 def _common(body: Mapping[str, Any], *, chat: bool) -> dict[str, Any]:
     _refuse_unsupported(body)
     given: dict[str, Any] = {k: body[k] for k in SAMPLING_FIELDS if body.get(k) is not None}
+    if body.get("json_schema") is not None:  # llama-server's field: a schema the answer must validate against
+        if "response_format" in given:
+            raise APIError(400, "give response_format or json_schema, not both", param="json_schema")
+        given["response_format"] = {"type": "json_schema", "json_schema": {"schema": body["json_schema"]}}
     try:  # types and ranges are the engine's request checks (SamplingParams, EngineRequest), not copied here
         sampling = sampling_from(given, chat=chat)
     except LoramuxError as exc:

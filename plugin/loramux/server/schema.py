@@ -76,6 +76,19 @@ SAMPLING: dict[str, Any] = {
     "seed": {"type": "integer"},
     "logit_bias": {"type": "object", "additionalProperties": NUMBER, "description": "{token id: bias}"},
     "stop": {"oneOf": [{"type": "string"}, STRINGS]},
+    "grammar": {"type": "string", "description": "GBNF (llama.cpp's grammar format) with a rule 'root'"},
+    "json_schema": {"type": "object", "description": "llama-server's field: a JSON schema the answer validates against"},
+    "response_format": {
+        "type": "object",
+        "required": ["type"],
+        "properties": {
+            "type": {"enum": ["text", "json_object", "json_schema"]},
+            "json_schema": {
+                "type": "object",
+                "properties": {"name": {"type": "string"}, "schema": {"type": "object"}, "strict": {"type": "boolean"}},
+            },
+        },
+    },
     "stream": {"type": "boolean"},
     "stream_options": {"type": "object", "properties": {"include_usage": {"type": "boolean"}}},
     "n": {"type": "integer", "enum": [1]},
