@@ -16,9 +16,12 @@ reproducible whatever else is in the batch, because each sequence has its own ch
 
 from __future__ import annotations
 
+import ctypes
 import math
 from dataclasses import dataclass, field
 from typing import Mapping
+
+import numpy as np
 
 from loramux.errors import RequestError
 
@@ -136,6 +139,8 @@ class SequenceSampler:
 
         self._lc = lc
         self.params = params
+        self._grammar = None  # kept out of the chain: checked on the chosen token first (sample)
+        self._n_vocab = n_vocab
         self._chain = lc.llama_sampler_chain_init(lc.llama_sampler_chain_default_params())
         if not self._chain:
             raise RequestError("llama.cpp could not create a sampler chain")
@@ -158,8 +163,10 @@ class SequenceSampler:
                 arr[i].token, arr[i].bias = tok, bias
             self._add(lc.llama_sampler_init_logit_bias(n_vocab, len(p.logit_bias), arr))
         self._add(lc.llama_sampler_init_penalties(n_vocab, p.penalty_last_n, p.repeat_penalty, p.frequency_penalty, p.presence_penalty))
-        if p.grammar is not None:  # after the penalties, as llama-cpp-python's chain; accepted tokens advance it
-            self._add(grammar_sampler(vocab, p.grammar))
+        if p.grammar is not None:  # applied after the penalties, as in llama-cpp-python's chain (see sample)
+            self._grammar = grammar_sampler(vocab, p.grammar)
+            self._cand = np.zeros(n_vocab, dtype=[("id", "<i4"), ("logit", "<f4"), ("p", "<f4")])
+            self._one = np.zeros(1, dtype=self._cand.dtype)
         if p.greedy:
             self._add(lc.llama_sampler_init_greedy())
             return
@@ -172,13 +179,53 @@ class SequenceSampler:
         self._add(lc.llama_sampler_init_dist(seed))
 
     def sample(self, ctx, index: int) -> int:
-        """Sample from the logits of batch row ``index`` of ``ctx``'s last decode, and accept the token."""
-        return int(self._lc.llama_sampler_sample(self._chain, ctx, index))
+        """Sample from the logits of batch row ``index`` of ``ctx``'s last decode, and accept the token.
+
+        With a grammar, as llama.cpp's common sampler does: the chain chooses a token from every
+        candidate; the grammar checks that one token; only when it rejects it does the grammar run
+        over the whole vocabulary and the chain choose again among what it allows. The grammar
+        and the chain then accept the token."""
+        lc = self._lc
+        if self._grammar is None:
+            return int(lc.llama_sampler_sample(self._chain, ctx, index))
+        ptr = lc.llama_get_logits_ith(ctx, index)
+        if not ptr:
+            raise RequestError(f"llama.cpp has no logits for batch row {index}")
+        logits = np.ctypeslib.as_array(ptr, shape=(self._n_vocab,))
+        token = self._choose(logits, grammar_first=False)
+        self._one["id"], self._one["logit"] = token, logits[token]
+        if np.isneginf(self._apply(self._grammar, self._one)["logit"][0]):  # rejected
+            token = self._choose(logits, grammar_first=True)
+        lc.llama_sampler_accept(self._grammar, token)
+        lc.llama_sampler_accept(self._chain, token)
+        return token
+
+    def _choose(self, logits: np.ndarray, *, grammar_first: bool) -> int:
+        """The chain's choice among all candidates (after the grammar's mask with ``grammar_first``)."""
+        self._cand["id"] = np.arange(self._n_vocab, dtype=np.int32)
+        self._cand["logit"], self._cand["p"] = logits, 0.0
+        if grammar_first:
+            self._apply(self._grammar, self._cand)
+        return self._apply(self._chain, self._cand, selected=True)
+
+    def _apply(self, sampler, cand: np.ndarray, *, selected: bool = False):
+        """``llama_sampler_apply`` over the candidates ``cand`` (in place); the selected token id, or ``cand``."""
+        lc = self._lc
+        arr = lc.llama_token_data_array(ctypes.cast(cand.ctypes.data, ctypes.POINTER(lc.llama_token_data)), len(cand), -1, False)
+        lc.llama_sampler_apply(sampler, ctypes.byref(arr))
+        if not selected:
+            return cand
+        if not 0 <= arr.selected < arr.size:
+            raise RequestError("llama.cpp's sampler chain selected no token")
+        return int(arr.data[arr.selected].id)  # where the chain left it (it may sort or shrink the array)
 
     def close(self) -> None:
         if self._chain:
             self._lc.llama_sampler_free(self._chain)
             self._chain = None
+        if self._grammar:
+            self._lc.llama_sampler_free(self._grammar)
+            self._grammar = None
 
     def __del__(self) -> None:
         try:
