@@ -131,8 +131,9 @@ class SeqMixer:
         taken = [n for n in adapters if n in self._ids]
         if taken:
             raise LoramuxError(f"adapters {', '.join(taken)} already have a slot; remove them first")
-        free = (i for i in [*(i for i, n in enumerate(self._slots) if n is None), *range(len(self._slots), B.LORAMUX_MAX_SLOTS)])
-        planned = {name: next(free) for name in adapters}
+        end = len(self._slots)  # the freed slots first, then new ones after the last
+        free = [i for i, n in enumerate(self._slots) if n is None] + list(range(end, end + len(adapters)))
+        planned = dict(zip(adapters, free))
         if planned and max(planned.values()) >= B.LORAMUX_MAX_SLOTS:
             raise LoramuxError(f"a pool holds at most {B.LORAMUX_MAX_SLOTS} adapters")
         self._set_slots({planned[n]: (n, _address(p)) for n, p in adapters.items()})

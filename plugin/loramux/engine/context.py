@@ -75,7 +75,6 @@ class EngineContext:
         import llama_cpp as lc
 
         self._lc = lc
-        self.device_form = device_form  # host buffers take the device form too (SeqMixer's device_form)
         self.model = model_ptr
         self.vocab = lc.llama_model_get_vocab(model_ptr)
         self.n_vocab = lc.llama_vocab_n_tokens(self.vocab)
@@ -166,7 +165,7 @@ class EngineContext:
                 h.free()
             raise
         self.handles |= handles
-        self.routable_k = self.max_active_native if self.handles else 0
+        self._publish_routable()
         self._release_unused()
 
     def held(self) -> dict[str, HeldAdapter]:
@@ -181,6 +180,10 @@ class EngineContext:
         if self.mixer is not None:
             self.mixer.remove([name])
         self.handles.pop(name).free()
+        self._publish_routable()
+
+    def _publish_routable(self) -> None:
+        """The pool's max_active for routed requests, once a change is complete (0 while it holds no adapter)."""
         self.routable_k = self.max_active_native if self.handles else 0
 
     def borrow(self, names) -> dict[str, Any]:

@@ -80,7 +80,7 @@ class Engine(ForcedJobs):
         if n_seq_max < 1 or n_ctx < 8 or max_queue < 1:
             raise LoramuxError(f"engine needs n_seq_max >= 1, n_ctx >= 8, max_queue >= 1 (got {n_seq_max}, {n_ctx}, {max_queue})")
         self.cx = EngineContext(model_ptr, n_seq_max=n_seq_max, n_ctx=n_ctx, **context)
-        self.n_ctx, self.n_seq_max, self.max_queue, self.fair_steps = n_ctx, n_seq_max, max_queue, fair_steps
+        self.n_ctx, self.n_seq_max, self.max_queue = n_ctx, n_seq_max, max_queue
         self.stats = EngineStats()
         self._slots = [Slot(i) for i in range(n_seq_max)]
         self._waiting: deque[RequestHandle] = deque()
