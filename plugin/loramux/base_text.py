@@ -18,6 +18,7 @@ from typing import Any, Mapping, Sequence
 
 from loramux.errors import LoramuxError, RequestError, RuntimeLoadError
 from loramux.llama_runtime import capture_llama_log
+from loramux.tools import ToolUse, render
 
 # the llama-cpp-python whose private members (_internals, _logger) loramux reads (pinned in pyproject.toml)
 LLAMA_CPP_PYTHON_VERSION = "0.3.36"
@@ -69,7 +70,11 @@ class BaseText:
         return self.model.detokenize(list(tokens), special=True).decode("utf-8", errors="replace")
 
     def piece(self, token: int) -> str:
-        """The text of one token (llama-cpp-python's ``token_to_piece`` returns its whole buffer, NUL padding included)."""
+        """The text of one token (invalid UTF-8, part of a character, as U+FFFD)."""
+        return self.token_bytes(token).decode("utf-8", errors="replace")
+
+    def token_bytes(self, token: int) -> bytes:
+        """The bytes of one token (llama-cpp-python's ``token_to_piece`` returns its whole buffer, NUL padding included)."""
         import llama_cpp
 
         buf = ctypes.create_string_buffer(64)
@@ -80,7 +85,16 @@ class BaseText:
             n = llama_cpp.llama_token_to_piece(vocab, int(token), buf, len(buf), 0, True)
         if n < 0:
             raise LoramuxError(f"llama.cpp could not turn token {token} into text")
-        return buf.raw[:n].decode("utf-8", errors="replace")
+        return buf.raw[:n]
+
+    @property
+    def n_vocab(self) -> int:
+        return int(self.model.n_vocab())
+
+    @property
+    def chat_template(self) -> str:
+        """The base model's chat template (Jinja; empty when it has none)."""
+        return self.model.metadata().get("tokenizer.chat_template", "")
 
     @property
     def n_layer(self) -> int:
@@ -89,11 +103,14 @@ class BaseText:
 
         return int(llama_cpp.llama_model_n_layer(self.model.model))
 
-    def chat_format(self, messages: Sequence[Mapping[str, Any]]):
+    def chat_format(self, messages: Sequence[Mapping[str, Any]], tool_use: ToolUse | None = None):
         """llama-cpp-python's formatting of ``messages`` with the base model's chat template
-        (``.prompt``, ``.stop``, ``.added_special``), as its chat completion uses it."""
+        (``.prompt``, ``.stop``, ``.added_special``), as its chat completion uses it; with the tools of
+        ``tool_use``, and tool messages, natively or in the fallback format (:func:`loramux.tools.render`)."""
         try:
-            return self._chat_formatter(messages=[dict(m) for m in messages])
+            return render(self._chat_formatter, [dict(m) for m in messages], tool_use)
+        except RequestError:
+            raise
         except Exception as exc:  # jinja2 errors: a message without content, a role the template refuses
             raise RequestError(f"the chat template of {self.name} cannot format these messages: {exc}", param="messages") from exc
 
@@ -111,12 +128,12 @@ class BaseText:
         )
 
     def prompt_of(
-        self, prompt: str | Sequence[int] | None, messages: Sequence[Mapping[str, Any]] | None
+        self, prompt: str | Sequence[int] | None, messages: Sequence[Mapping[str, Any]] | None, tool_use: ToolUse | None = None
     ) -> tuple[list[int], tuple[str, ...]]:
         """Prompt tokens and extra stop strings of a request, tokenized as llama-cpp-python does:
-        chat ``messages`` through the template (its stop strings added), text with BOS, ids as given."""
+        chat ``messages`` (and tools) through the template (its stop strings added), text with BOS, ids as given."""
         if messages is not None:
-            fmt = self.chat_format(messages)
+            fmt = self.chat_format(messages, tool_use)
             extra = fmt.stop if isinstance(fmt.stop, list) else [fmt.stop] if fmt.stop else []
             return self.tokenize(fmt.prompt, add_bos=not fmt.added_special), tuple(s for s in extra if s)
         if isinstance(prompt, str):
@@ -124,4 +141,33 @@ class BaseText:
         return [int(t) for t in prompt or ()], ()
 
 
-__all__ = ["LLAMA_CPP_PYTHON_VERSION", "BaseText", "check_llama_cpp_python", "load_model"]
+class TextSide:
+    """The pool's text methods (a mixin of :class:`~loramux.AdapterPool`): its :class:`BaseText` ``self.text``."""
+
+    def tokenize(self, text: str, *, add_bos: bool = False, special: bool = True) -> list[int]:
+        """Tokens of ``text`` with the base model's tokenizer."""
+        self._check_open()
+        return self.text.tokenize(text, add_bos=add_bos, special=special)
+
+    def detokenize(self, tokens: Sequence[int]) -> str:
+        return self.text.detokenize(tokens)
+
+    def piece(self, token: int) -> str:
+        """The text of one token."""
+        return self.text.piece(token)
+
+    def token_eos(self) -> int:
+        return self.text.model.token_eos()
+
+    n_layer = property(lambda self: self.text.n_layer, doc="The base model's number of layers.")
+
+    def chat_prompt(self, messages: Sequence[Mapping[str, Any]]) -> str:
+        """The prompt text the base model's chat template makes of ``messages`` (with the generation prompt)."""
+        return self.text.chat_format(messages).prompt
+
+    def chat_format(self, messages: Sequence[Mapping[str, Any]]):
+        """llama-cpp-python's formatting of ``messages`` (``.prompt``, ``.stop``, ``.added_special``)."""
+        return self.text.chat_format(messages)
+
+
+__all__ = ["LLAMA_CPP_PYTHON_VERSION", "BaseText", "TextSide", "check_llama_cpp_python", "load_model"]

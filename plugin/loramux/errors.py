@@ -29,7 +29,12 @@ class RequestError(LoramuxError, ValueError):
 
 
 class ContextLengthError(RequestError):
-    """The prompt (plus the tokens asked for) does not fit the context of one sequence."""
+    """The prompt (plus the tokens asked for) does not fit the context of one sequence:
+    ``n_prompt_tokens`` asked for a sequence of ``n_ctx`` tokens (llama-server reports both)."""
+
+    def __init__(self, message: str = "", *, n_prompt_tokens: int = 0, n_ctx: int = 0, param: str | None = None) -> None:
+        super().__init__(message, param=param)
+        self.n_prompt_tokens, self.n_ctx = n_prompt_tokens, n_ctx
 
 
 class QueueFullError(LoramuxError):

@@ -57,7 +57,7 @@ from loramux.adapters import (
     peft_cache_key,
 )
 from loramux.base_model import default_base_model
-from loramux.base_text import BaseText, load_model
+from loramux.base_text import BaseText, TextSide, load_model
 from loramux.converters import BaseModelInfo, read_base_model
 from loramux.engine import Engine, EngineRequest, RequestHandle
 from loramux.errors import LoramuxError
@@ -85,7 +85,7 @@ def _engine_fact(attr: str, doc: str) -> property:
     return property(lambda self: getattr(self._engine, attr), doc=doc)
 
 
-class AdapterPool(BatchCompletions, TeacherForcing):
+class AdapterPool(TextSide, BatchCompletions, TeacherForcing):
     """A base GGUF loaded once, named adapters on it, and the engine that answers every request.
 
     ``n_ctx`` is the context of one request (prompt + generated tokens); ``n_seq_max`` requests
@@ -236,11 +236,10 @@ class AdapterPool(BatchCompletions, TeacherForcing):
         """Tokenize ``req`` the way llama-cpp-python does (chat: the base model's template) and validate its mix;
         every other field is checked by :class:`EngineRequest` itself."""
         mix = self.resolve_mix(req.mix)
-        tokens, template_stops = self.text.prompt_of(req.prompt, req.messages)
+        tokens, template_stops = self.text.prompt_of(req.prompt, req.messages, req.tool_use)
         sampling = req.sampling
         if sampling.seed is None and not sampling.greedy:
-            with self._seed_lock:
-                sampling = replace(sampling, seed=self._seeds.randint(0, 2**32 - 1))
+            sampling = replace(sampling, seed=self._draw_seed())
         return EngineRequest(
             tokens,
             mix=mix,
@@ -256,10 +255,26 @@ class AdapterPool(BatchCompletions, TeacherForcing):
         self._check_open()
         return self._engine.submit(self.engine_request(req), loop=loop)
 
+    def submit_choices(self, req: PoolRequest, n: int = 1, *, loop=None) -> list[RequestHandle]:
+        """Queue ``n`` choices of ``req`` (OpenAI's ``n``): one prompt read once under one mix, its K/V
+        copied to the other choices' sequences. Each choice samples with its own chain: with a given
+        seed, choice ``i`` draws with ``seed + i``; without one, each gets a seed of its own."""
+        self._check_open()
+        first = self.engine_request(req)
+        seed, given = first.sampling.seed, req.sampling.seed is not None  # seed None: greedy, every choice the same
+        seeds = [seed if seed is None else (seed + i) % 2**32 if given else self._draw_seed() for i in range(1, n)]
+        return self._engine.submit_choices([first] + [replace(first, sampling=replace(first.sampling, seed=s)) for s in seeds], loop=loop)
+
+    def _draw_seed(self) -> int:
+        with self._seed_lock:
+            return self._seeds.randint(0, 2**32 - 1)
+
     def _respond(self, req: PoolRequest, *, chat: bool, stream: bool, extra: Mapping[str, Any] | None = None):
         handle = self.submit(req)
-        shape = responses.Shape(chat=chat, model=str(self.base_path), extra={"mix": handle.request.mix.to_json(), **(extra or {})})
-        piece = None if chat or req.logprobs is None else self.piece
+        shape = responses.Shape(
+            chat=chat, model=str(self.base_path), extra={"mix": handle.request.mix.to_json(), **(extra or {})}, tool_use=req.tool_use
+        )
+        piece = None if req.logprobs is None else self.piece
         if not stream:
             return responses.whole(shape, _cancel_on_exit(handle), piece)
         return responses.chunks(shape, _cancel_on_exit(handle), piece=piece)
@@ -297,12 +312,19 @@ class AdapterPool(BatchCompletions, TeacherForcing):
         max_tokens: int | None = None,
         stop: str | list[str] | None = None,
         stream: bool = False,
+        tools: Sequence[Mapping[str, Any]] | None = None,
+        tool_choice: Any = None,
+        logprobs: bool = False,
+        top_logprobs: int | None = None,
         **sampling: Any,
     ):
         """Chat completion through the base model's chat template, as ``llama_cpp.Llama.create_chat_completion``.
 
         Sampling keywords as :meth:`create_completion` (chat defaults: ``temperature=0.2``).
-        ``max_tokens=None``: until an end-of-turn token or the end of the context.
+        ``max_tokens=None``: until an end-of-turn token or the end of the context. ``tools`` and
+        ``tool_choice`` as OpenAI's (:mod:`loramux.tools`): calls come back as ``message.tool_calls``
+        (streamed: ``delta.tool_calls``) with ``finish_reason`` ``"tool_calls"``. ``logprobs=True``
+        (with ``top_logprobs`` alternatives) gives OpenAI's ``choices[].logprobs.content``.
         """
         req = PoolRequest(
             messages=[dict(m) for m in messages],
@@ -310,6 +332,9 @@ class AdapterPool(BatchCompletions, TeacherForcing):
             max_tokens=max_tokens,
             stop=stop or (),
             sampling=sampling_from(sampling, chat=True),
+            tools=tools,
+            tool_choice=tool_choice,
+            logprobs=(top_logprobs or 0) if logprobs else None,
         )
         return self._respond(req, chat=True, stream=stream)
 
@@ -318,32 +343,7 @@ class AdapterPool(BatchCompletions, TeacherForcing):
         self._check_open()
         self._engine.clear_prefix_cache()
 
-    # --- tokens, templates (the base model's BaseText), probe, logits -----------------------------
-    def tokenize(self, text: str, *, add_bos: bool = False, special: bool = True) -> list[int]:
-        """Tokens of ``text`` with the base model's tokenizer."""
-        self._check_open()
-        return self.text.tokenize(text, add_bos=add_bos, special=special)
-
-    def detokenize(self, tokens: Sequence[int]) -> str:
-        return self.text.detokenize(tokens)
-
-    def piece(self, token: int) -> str:
-        """The text of one token."""
-        return self.text.piece(token)
-
-    def token_eos(self) -> int:
-        return self.model.token_eos()
-
-    n_layer = property(lambda self: self.text.n_layer, doc="The base model's number of layers.")
-
-    def chat_prompt(self, messages: Sequence[Mapping[str, Any]]) -> str:
-        """The prompt text the base model's chat template makes of ``messages`` (with the generation prompt)."""
-        return self.text.chat_format(messages).prompt
-
-    def chat_format(self, messages: Sequence[Mapping[str, Any]]):
-        """llama-cpp-python's formatting of ``messages`` (``.prompt``, ``.stop``, ``.added_special``)."""
-        return self.text.chat_format(messages)
-
+    # --- probe -----------------------------------------------------------------------------------
     def probe(self):
         """The pool's :class:`loramux.probe.HiddenProbe` (created on first use, freed with the pool)."""
         self._check_open()

@@ -20,6 +20,8 @@ from loramux.engine import GREEDY, Finished, SamplingParams
 from loramux.errors import LoramuxError, RequestError
 from loramux.mix import MixLike
 from loramux.structured import grammar_for
+from loramux.tools import ToolUse, constrain
+from loramux.tools import tool_use as tool_use_of
 
 SAMPLING_KEYS = (
     "temperature",
@@ -66,6 +68,9 @@ class PoolRequest:
         strings end generation (the text is cut before them); the model's end-of-generation tokens
         always do. ``sampling`` defaults to greedy, as :class:`~loramux.engine.EngineRequest`'s; every
     field is checked once, by the engine's request types when the pool builds the engine request.
+    ``tools`` / ``tool_choice`` (OpenAI's, chat only) are checked here (:func:`loramux.tools.tool_use`);
+    ``tool_use`` is what they mean (None: a plain answer), and a required or named ``tool_choice``
+    puts its call grammar into ``sampling.grammar`` here, as ``response_format`` does in :func:`sampling_from`.
     """
 
     prompt: str | Sequence[int] | None = None
@@ -76,12 +81,19 @@ class PoolRequest:
     sampling: SamplingParams = GREEDY
     logprobs: int | None = None
     request_id: Any = None
+    tools: Sequence[Mapping[str, Any]] | None = None
+    tool_choice: Any = None
+    tool_use: ToolUse | None = field(default=None, init=False, repr=False)
 
     def __post_init__(self) -> None:
         if (self.prompt is None) == (self.messages is None):
             raise LoramuxError("a PoolRequest takes exactly one of prompt= or messages=")
         if isinstance(self.stop, str):
             self.stop = (self.stop,)
+        self.tool_use = tool_use_of(self.tools, self.tool_choice, chat=self.messages is not None)
+        grammar = constrain(self.sampling.grammar, self.tool_use)
+        if grammar != self.sampling.grammar:
+            self.sampling = replace(self.sampling, grammar=grammar)
 
 
 @dataclass

@@ -74,11 +74,16 @@ def register(sub: argparse._SubParsersAction) -> None:
         "started here as a child on loopback with this router in front; stopped with this command",
     )
     _engine_options(p)
+    _client_options(p)
     p.set_defaults(run=run)
 
 
 def _engine_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--host", default=None, help="address to listen on (default: 127.0.0.1; others need --api-key)")
+    p.add_argument(
+        "--host",
+        default=None,
+        help="address(es) to listen on, comma-separated (default: 127.0.0.1; non-loopback ones need --api-key)",
+    )
     p.add_argument("--port", type=int, default=None, help="port (default: 8080)")
     p.add_argument("--api-key", default=None, help="require Authorization: Bearer KEY on every route but /health")
     p.add_argument("--n-seq-max", type=int, default=None, help="requests decoded together (default: 8)")
@@ -105,6 +110,32 @@ def _engine_options(p: argparse.ArgumentParser) -> None:
     )
 
 
+def _client_options(p: argparse.ArgumentParser) -> None:
+    """What a client meets: its model names, CORS, the defaults of requests that leave a field out."""
+    p.add_argument("--alias", dest="model_id", default=None, help="the base model's id in /v1/models and answers (default: loramux)")
+    p.add_argument(
+        "--unknown-model",
+        choices=("base", "error"),
+        default=None,
+        help='a request whose "model" names nothing loaded: "base" answers as with no model (llama-server\'s way; '
+        'the header X-Loramux-Unknown-Model says so; the default), "error" answers 404 (vLLM\'s way)',
+    )
+    p.add_argument(
+        "--cors",
+        default=None,
+        metavar="ORIGINS",
+        help='allow browsers on these origins (comma-separated, or "*") to call the API (default: no CORS headers)',
+    )
+    p.add_argument(
+        "--n-predict",
+        type=int,
+        default=None,
+        help="max_tokens of requests that give none (default: 16 for completions, until the end for chat; -1: until the end)",
+    )
+    p.add_argument("--temp", dest="temperature", type=float, default=None, help="temperature of requests that give none")
+    p.add_argument("--seed", type=int, default=None, help="seed of requests that give none")
+
+
 def settings_from(args: argparse.Namespace):
     from loramux.server.settings import merge, read_config
 
@@ -126,8 +157,14 @@ def settings_from(args: argparse.Namespace):
             "max_active",
             "skip_embeddings",
             "llama_server",
+            "model_id",
+            "unknown_model",
+            "n_predict",
+            "temperature",
+            "seed",
         )
     }
+    flags["cors"] = [o.strip() for o in args.cors.split(",") if o.strip()] if args.cors else None
     flags["flash_attn"] = None if args.flash_attn is None else args.flash_attn == "on"
     return merge(config, flags)
 
@@ -170,5 +207,30 @@ def _serve(uvicorn, app, settings) -> None:
     import signal
 
     signal.signal(signal.SIGTERM, _exit_after_shutdown)
-    print(f"loramux serve: listening on http://{settings.host}:{settings.port}", file=sys.stderr, flush=True)
-    uvicorn.run(app, host=settings.host, port=settings.port, log_level="warning", timeout_graceful_shutdown=5)
+    sockets = [_bound_socket(host, settings.port) for host in settings.hosts]
+    for host in settings.hosts:
+        print(f"loramux serve: listening on http://{_url_host(host)}:{settings.port}", file=sys.stderr, flush=True)
+    config = uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=5)
+    uvicorn.Server(config).run(sockets=sockets)
+
+
+def _url_host(host: str) -> str:
+    return f"[{host}]" if ":" in host else host
+
+
+def _bound_socket(host: str, port: int):
+    """A listening TCP socket on ``host:port`` (IPv4 or IPv6, names resolved), as uvicorn would bind it."""
+    import socket
+
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
+        sock = socket.socket(family, kind, proto)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if family == socket.AF_INET6:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        sock.bind(address)
+    except OSError as exc:
+        raise LoramuxError(f"cannot listen on {_url_host(host)}:{port}: {exc}") from None
+    sock.listen(2048)
+    sock.set_inheritable(True)
+    return sock

@@ -240,6 +240,10 @@ class EngineContext:
         if not self._lc.llama_memory_seq_rm(self._mem, seq_id, n, -1):
             raise LoramuxError(f"llama.cpp could not free the K/V of sequence {seq_id} from position {n}")
 
+    def copy_sequence(self, src: int, dst: int) -> None:
+        """Make ``dst``'s K/V a copy of ``src``'s (``dst`` empty before; the copy lands at the next decode)."""
+        self._lc.llama_memory_seq_cp(self._mem, src, dst, -1, -1)
+
     def decode(self) -> float:
         """Decode the rows set in :attr:`batch`; return the seconds it took."""
         seconds = self.batch.decode(self.ctx)

@@ -31,18 +31,17 @@ import threading
 import time
 from collections import deque
 from concurrent.futures import Future
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, Sequence
 
+from loramux.engine.admission import Admission
 from loramux.engine.context import EngineContext
 from loramux.engine.forced import RETRY as _RETRY
 from loramux.engine.forced import ForcedJobs
-from loramux.engine.request import EngineRequest, RequestHandle, one_wakeup_per_loop
-from loramux.engine.sampling import SequenceSampler
-from loramux.engine.slots import CONTEXT, NATIVE, GroupTurns, Slot, best_slot
+from loramux.engine.request import EngineRequest, RequestHandle, check_choices, one_wakeup_per_loop
+from loramux.engine.slots import CONTEXT, NATIVE, GroupTurns, Slot, share_prompts
 from loramux.engine.stats import EngineStats
 from loramux.engine.step import StepBuilder, accept_token
-from loramux.engine.text import StopText
-from loramux.errors import LoramuxError, MixError, QueueFullError, RequestCancelled
+from loramux.errors import LoramuxError, QueueFullError, RequestCancelled
 from loramux.mix import Mix
 
 # The scheduler thread hands every token to the caller's thread (a stream, the server's event loop)
@@ -65,7 +64,7 @@ def _tune_switch_interval() -> None:
         sys.setswitchinterval(wanted)
 
 
-class Engine(ForcedJobs):
+class Engine(Admission, ForcedJobs):
     """Continuous batching of every request on one context of a model (``llama_model *``).
 
     ``n_ctx`` is the context of one sequence (prompt + generated tokens of one request); the
@@ -132,21 +131,29 @@ class Engine(ForcedJobs):
         """Queue ``request``; it joins the batch at the next step with a free sequence. Raises
         ContextLengthError when it cannot fit one sequence, RequestError for a token id outside the
         vocabulary, QueueFullError when the queue is full."""
-        request.check_limits(n_ctx=self.n_ctx, n_vocab=self.cx.n_vocab)
-        if request.sampling.grammar is not None:  # parsed here, so that a bad one never reaches a step
-            self.cx.check_grammar(request.sampling.grammar)
-        self.cx.check_routable(request.mix)  # a routed mix that cannot run is refused here, never run as the base model
-        handle = RequestHandle(request, loop)
+        return self.submit_choices([request], loop=loop)[0]
+
+    def submit_choices(self, requests: Sequence[EngineRequest], *, loop=None) -> list[RequestHandle]:
+        """Queue the choices of one request (same prompt and mix; their own samplers): they start
+        together, one sequence reads the prompt and the others copy its K/V (:func:`share_prompts`)."""
+        check_choices(requests, self.n_seq_max)
+        for request in requests:
+            request.check_limits(n_ctx=self.n_ctx, n_vocab=self.cx.n_vocab)
+            if request.sampling.grammar is not None:  # parsed here, so that a bad one never reaches a step
+                self.cx.check_grammar(request.sampling.grammar)
+        self.cx.check_routable(requests[0].mix)  # a routed mix that cannot run is refused here, never run as the base model
+        handles = [RequestHandle(r, loop) for r in requests]
+        handles[0].choices = handles[1:]
         with self._cv:
             if self._closing:
                 raise LoramuxError("the engine is closed")
             if len(self._waiting) >= self.max_queue:
                 self.stats.rejected += 1
                 raise QueueFullError(f"{len(self._waiting)} requests are waiting (max_queue={self.max_queue}); retry later")
-            self._waiting.append(handle)
-            self.stats.submitted += 1
+            self._waiting.append(handles[0])
+            self.stats.submitted += len(handles)
             self._cv.notify()
-        return handle
+        return handles
 
     def call(self, job: Callable[[], Any]) -> Any:
         """Run ``job`` on the scheduler thread between two steps and return its result."""
@@ -264,54 +271,7 @@ class Engine(ForcedJobs):
             slot.handle._fail(err)
             slot.end_request()
 
-    # --- admission and release ---------------------------------------------------------------
-    def _admit(self) -> None:
-        while True:
-            free = [s for s in self._slots if not s.busy]
-            with self._cv:
-                if not free or not self._waiting:
-                    return
-                handle = self._waiting.popleft()
-            if handle.cancelled:
-                self.stats.cancelled += 1
-                handle._fail(handle._cancelled_error())
-                continue
-            try:
-                self._start(handle, free)
-            except Exception as exc:
-                handle._fail(exc)
-
-    def _start(self, handle: RequestHandle, free: list[Slot]) -> None:
-        req = handle.request
-        for name in req.mix:
-            if name not in self.cx.handles:
-                raise MixError(
-                    f"request {req.request_id!r}: adapter {name!r} is not loaded (loaded: {', '.join(sorted(self.cx.handles)) or 'none'})"
-                )
-        path = self.path_for(req.mix)
-        slot, reuse = best_slot(free, req.tokens, req.mix, path)
-        sampler = SequenceSampler(req.sampling, self.cx.n_vocab, self.cx.vocab)
-        self.cx.keep_prefix(slot.seq_id, reuse)
-        self.cx.set_seq_mix(slot.seq_id, req.mix if path == NATIVE else Mix())
-        slot.fed = slot.fed[:reuse]
-        slot.kv_mix, slot.kv_path = req.mix, path
-        slot.handle, slot.sampler, slot.text = handle, sampler, StopText(req.stop)
-        slot.prompt, slot.out, slot.pending, slot.cached = list(req.tokens), [], None, reuse
-        slot.group = None if path == NATIVE else req.mix
-        slot.limit = req.max_tokens if req.max_tokens is not None else self.n_ctx - len(req.tokens)
-        slot.order, self._order = self._order, self._order + 1
-        handle.joined_step = self.stats.steps
-        self.stats.prefix_hit_tokens += reuse
-        self.stats.prompt_tokens += len(req.tokens)
-
-    def _release(self, slot: Slot, *, keep_kv: bool) -> None:
-        if not keep_kv:
-            self.cx.keep_prefix(slot.seq_id, 0)
-            slot.forget_kv()
-        self.cx.set_seq_mix(slot.seq_id, Mix())
-        slot.last_used = self.stats.steps
-        slot.end_request()
-
+    # --- release ---------------------------------------------------------------------------
     def _reap_cancelled(self) -> None:
         for slot in self._running():
             if slot.handle.cancelled:
@@ -330,6 +290,7 @@ class Engine(ForcedJobs):
         if not slots:
             return
         self.cx.set_context_mix(group or Mix())
+        share_prompts(self.cx, slots)
         batch = StepBuilder(self.cx)
         rows = batch.fill(slots)
         if not rows and batch.n == 0:

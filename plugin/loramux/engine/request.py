@@ -70,7 +70,9 @@ class EngineRequest:
             raise ContextLengthError(
                 f"request {self.request_id!r}: the prompt has {n} tokens"
                 + ("" if self.max_tokens is None else f" and asks for {self.max_tokens} more")
-                + f", but a sequence holds at most {n_ctx} (n_ctx); shorten the prompt or lower max_tokens"
+                + f", but a sequence holds at most {n_ctx} (n_ctx); shorten the prompt or lower max_tokens",
+                n_prompt_tokens=n,
+                n_ctx=n_ctx,
             )
         for param, ids in (("prompt", self.tokens), ("logit_bias", self.sampling.logit_bias)):
             bad = [t for t in ids if not 0 <= t < n_vocab]
@@ -79,6 +81,17 @@ class EngineRequest:
                     f"request {self.request_id!r}: {param} holds token ids outside the vocabulary (0..{n_vocab - 1}): {bad[:5]}",
                     param=param,
                 )
+
+
+def check_choices(requests, n_seq_max: int) -> None:
+    """The choices of one request: 1 to ``n_seq_max`` of them (they run at once), one prompt, one mix."""
+    if not 1 <= len(requests) <= n_seq_max:
+        raise RequestError(
+            f"n={len(requests)} choices: they decode together, one sequence each, so at most {n_seq_max} (n_seq_max)", param="n"
+        )
+    first = requests[0]
+    if any(list(r.tokens) != list(first.tokens) or r.mix != first.mix for r in requests[1:]):
+        raise RequestError("the choices of one request share its prompt and mix")
 
 
 @dataclass(frozen=True)
@@ -103,6 +116,7 @@ class Finished:
     cached_tokens: int  # prompt tokens whose K/V came from the prefix cache (same mix)
     mix: Mix
     path: str  # "native" (per-sequence mix) or "context" (one mix per decode)
+    stop_word: str = ""  # the stop string that ended it ("" for a token or the length)
 
     @property
     def completion_tokens(self) -> int:
@@ -152,6 +166,7 @@ class RequestHandle:
         self.joined_step: int | None = None  # the engine's decode step at which the request joined
         self.steps = 0  # decode steps of its group while it ran
         self.max_step_sequences = 0  # most sequences in one of those decodes (others' included)
+        self.choices: list[RequestHandle] = []  # the other choices of this request (n > 1), started with it
 
     # --- engine side ------------------------------------------------------------------------
     def _put(self, item: Any) -> None:

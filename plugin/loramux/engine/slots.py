@@ -41,6 +41,9 @@ class Slot:
     limit: int = 0  # most tokens to generate
     cached: int = 0  # prompt tokens reused from the prefix cache
     order: int = 0
+    # --- choices of one request (n > 1): one slot reads the prompt, the others copy its K/V ---
+    waits_for: "Slot | None" = field(default=None, repr=False)  # the slot reading this one's prompt
+    followers: list["Slot"] = field(default_factory=list, repr=False)  # slots waiting for this one's prompt
 
     @property
     def busy(self) -> bool:
@@ -48,13 +51,23 @@ class Slot:
 
     @property
     def prompt_left(self) -> int:
-        return len(self.prompt) - len(self.fed) if not self.out and self.pending is None else 0
+        """Prompt tokens to feed now: none while waiting for a leader's K/V; a leader stops one short
+        of its prompt until its followers have copied that K/V (then all read the last token together)."""
+        if self.waits_for is not None or self.out or self.pending is not None:
+            return 0
+        return len(self.prompt) - len(self.fed) - (1 if self.followers else 0)
 
     def forget_kv(self) -> None:
         self.kv_mix, self.fed = None, []
 
     def end_request(self) -> None:
-        """Drop the running request's state (the K/V stays, for the prefix cache)."""
+        """Drop the running request's state (the K/V stays, for the prefix cache). Followers of this
+        slot read their prompt themselves from now on; a follower leaves its leader's list."""
+        for f in self.followers:
+            f.waits_for = None
+        if self.waits_for is not None:
+            self.waits_for.followers.remove(self)
+        self.followers, self.waits_for = [], None
         if self.sampler is not None:
             self.sampler.close()
         self.handle = self.sampler = self.text = self.group = None
@@ -88,6 +101,19 @@ def best_slot(free: Sequence[Slot], prompt: Sequence[int], mix: Mix, path: str) 
     return min(free, key=lambda s: (s.kv_mix is not None, s.last_used)), 0
 
 
+def share_prompts(cx, slots: Sequence[Slot]) -> None:
+    """Give each leader's followers the K/V of its prompt but the last token, once it has read it
+    (``cx.copy_sequence``): the choices of one request then read only that last token each."""
+    for leader in slots:
+        if not leader.followers or len(leader.fed) != len(leader.prompt) - 1:
+            continue
+        for f in leader.followers:
+            if leader.fed:
+                cx.copy_sequence(leader.seq_id, f.seq_id)
+            f.fed, f.cached, f.waits_for = list(leader.fed), len(leader.fed), None
+        leader.followers = []
+
+
 class GroupTurns:
     """Which group of running slots decodes next: slots sharing one context-level mix form a group
     (``slot.group``; None: every per-sequence slot). The current group keeps the turn for
@@ -112,4 +138,4 @@ class GroupTurns:
         return self.group, groups[self.group]
 
 
-__all__ = ["CONTEXT", "NATIVE", "GroupTurns", "Slot", "best_slot", "common_prefix"]
+__all__ = ["CONTEXT", "NATIVE", "GroupTurns", "Slot", "best_slot", "common_prefix", "share_prompts"]

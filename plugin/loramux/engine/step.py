@@ -90,6 +90,7 @@ def finished_result(slot: Slot, reason: str, tail: str) -> Finished:
         cached_tokens=slot.cached,
         mix=req.mix,
         path=NATIVE if slot.group is None else CONTEXT,
+        stop_word=slot.text.stop_word,
     )
 
 

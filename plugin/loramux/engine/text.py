@@ -22,6 +22,7 @@ class StopText:
         self.text = ""  # decoded text, up to the stop string once one is found
         self.released = 0  # characters of self.text given out by feed()/finish()
         self.stopped = False  # a stop string was found (self.text ends before it)
+        self.stop_word = ""  # the stop string that was found
 
     def _held_back(self) -> int:
         """Characters at the end of self.text that begin some stop string."""
@@ -39,7 +40,7 @@ class StopText:
             return ""
         start = max(0, len(self.text) - max((len(s) for s in self.stops), default=0))
         self.text += self._decoder.decode(piece)
-        cut = min((i for i in (self.text.find(s, start) for s in self.stops) if i >= 0), default=-1)
+        cut, self.stop_word = min(((i, s) for s in self.stops if (i := self.text.find(s, start)) >= 0), default=(-1, ""))
         if cut >= 0:
             self.text = self.text[:cut]
             self.stopped = True

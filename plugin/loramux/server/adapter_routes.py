@@ -122,7 +122,8 @@ async def lora_adapters(request: Request) -> list[dict[str, Any]]:
 
 
 @router.post("/lora-adapters", **schema.SCALES)
-async def set_lora_scales(request: Request) -> list[dict[str, Any]]:
+async def set_lora_scales(request: Request) -> dict[str, Any]:
+    """llama-server's: the default scales of requests that name no mix; answers ``{"success": true}``."""
     state = request.app.state.loramux
     try:
         body = await request.json()
@@ -130,7 +131,7 @@ async def set_lora_scales(request: Request) -> list[dict[str, Any]]:
         raise APIError(400, "the request body is not valid JSON") from None
     mix = state.lora.mix_of(body, field_name="body")
     state.lora.default_scales = mix.to_dict()
-    return await lora_adapters(request)
+    return {"success": True}
 
 
 __all__ = ["allowed_path", "load_refused", "router"]

@@ -25,12 +25,14 @@ from starlette.routing import Match
 from loramux import __version__
 from loramux.errors import LoramuxError
 from loramux.server import metrics
+from loramux.server.bodies import RequestDefaults
+from loramux.server.cors import CORS
 from loramux.server.errors import REQUEST_ID_HEADER, APIError, from_loramux, request_id_of
 from loramux.server.selection import LoraTable, MixSelector
 from loramux.server.settings import ServeSettings
 from loramux.token_routing import ROUTING_MODES
 
-OPEN_PATHS = ("/health",)
+OPEN_PATHS = ("/health", "/v1/health")
 
 
 @dataclass
@@ -44,6 +46,12 @@ class ServerState:
     http: metrics.HttpCounter = field(default_factory=metrics.HttpCounter)
     upstream: Any = None  # the hook's UpstreamClient
     upstream_pool: dict[str, Any] | None = None  # the hook: /props "loramux" of a patched upstream, None for stock
+
+    @property
+    def defaults(self) -> RequestDefaults:
+        """What requests that leave a field out get (--n-predict, --temp, --seed)."""
+        s = self.settings
+        return RequestDefaults(max_tokens=s.n_predict, temperature=s.temperature, seed=s.seed)
 
 
 def pool_state(settings: ServeSettings, pool, router=None) -> ServerState:
@@ -60,6 +68,7 @@ def pool_state(settings: ServeSettings, pool, router=None) -> ServerState:
         route=router.route if router is not None else None,
         base_names=("base", pool.base_path.name, pool.base_path.stem),
         routing_modes=ROUTING_MODES if pool.native else (),
+        unknown_model=settings.unknown_model,
     )
     return ServerState(settings=settings, pool=pool, selector=selector, lora=lora)
 
@@ -82,13 +91,14 @@ def create_app(state: ServerState, *, routers=None, on_close=None) -> FastAPI:
     app.state.loramux = state
     _install_handlers(app, state)
     if routers is None:
-        from loramux.server import adapter_routes, openai_routes
+        from loramux.server import adapter_routes, llama_routes, openai_routes
 
-        routers = [openai_routes.router, adapter_routes.router]
+        routers = [openai_routes.router, llama_routes.router, adapter_routes.router]
     for r in routers:
         app.include_router(r)
 
     @app.get("/health")
+    @app.get("/v1/health")
     async def health() -> dict[str, str]:
         return {"status": "ok"}
 
@@ -125,6 +135,8 @@ def _install_handlers(app: FastAPI, state: ServerState) -> None:
         return JSONResponse(err.body(), status_code=400)
 
     app.add_middleware(AuthAndCount, state=state)
+    if state.settings.cors:  # outermost: preflights are answered before the API key is asked for
+        app.add_middleware(CORS, origins=state.settings.cors)
 
 
 def route_label(app, scope) -> str:

@@ -13,9 +13,15 @@ from typing import Any, Mapping
 from loramux.errors import LoramuxError
 from loramux.pool_requests import SAMPLING_KEYS, PoolRequest, sampling_from
 from loramux.server.errors import APIError, from_loramux
+from loramux.server.llama_fields import translate
 
 SAMPLING_FIELDS = SAMPLING_KEYS  # the pool's own list: a request means the same through either door
-REFUSED = ("tools", "tool_choice", "functions", "function_call", "suffix")
+REFUSED = ("functions", "function_call", "suffix")  # functions / function_call: OpenAI's old names of tools
+TOOL_MESSAGE_FIELDS = ("tool_calls", "tool_call_id", "name")  # kept on messages, rendered by loramux.tools
+MAX_TOP_LOGPROBS = 20  # OpenAI's limit
+
+
+MAX_N = 16  # choices of one request (each takes a sequence of the engine)
 
 
 @dataclass
@@ -23,17 +29,36 @@ class ParsedBody:
     request: PoolRequest
     stream: bool
     include_usage: bool
+    n: int = 1  # choices, decoded together from one prompt under one mix
+
+
+@dataclass(frozen=True)
+class RequestDefaults:
+    """What a request that leaves a field out gets (the server's --n-predict, --temp, --seed)."""
+
+    max_tokens: int | None = None  # -1: until the end of the context; None: OpenAI's defaults
+    temperature: float | None = None
+    seed: int | None = None
 
 
 def _refuse_unsupported(body: Mapping[str, Any]) -> None:
     for key in REFUSED:
         if body.get(key) not in (None, [], {}):
-            raise APIError(400, f"{key!r} is not supported by loramux", param=key)
-    for key in ("n", "best_of"):
-        if body.get(key) not in (None, 1):
-            raise APIError(400, f"{key}={body.get(key)!r}: loramux answers one choice per request (n=1)", param=key)
+            hint = " (use tools and tool_choice)" if key.startswith("function") else ""
+            raise APIError(400, f"{key!r} is not supported by loramux{hint}", param=key)
+    if body.get("best_of") not in (None, 1, body.get("n")):
+        raise APIError(400, f"best_of={body.get('best_of')!r}: loramux returns every choice it generates (give n)", param="best_of")
     if body.get("echo"):
         raise APIError(400, "echo is not supported by loramux", param="echo")
+
+
+def _choices(body: Mapping[str, Any]) -> int:
+    n = body.get("n", 1)
+    if n is None:
+        return 1
+    if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= MAX_N:
+        raise APIError(400, f"n must be a whole number from 1 to {MAX_N}, got {n!r}", param="n")
+    return n
 
 
 def text_field(value: Any, param: str) -> str:
@@ -56,9 +81,22 @@ def _stops(body: Mapping[str, Any]) -> tuple[str, ...]:
     return tuple(text_field(s, "stop") for s in stop)
 
 
-def _common(body: Mapping[str, Any], *, chat: bool) -> dict[str, Any]:
+def _max_tokens(body: Mapping[str, Any], default: int | None, *, chat: bool) -> int | None:
+    """OpenAI's max_completion_tokens / max_tokens (llama-server's n_predict); -1: until the end of the context."""
+    given = body.get("max_completion_tokens", body.get("max_tokens"))
+    if given is None:  # the server's default, else OpenAI's: 16 for completions, no limit for chat
+        given = default if default is not None else (-1 if chat else 16)
+    if given == -1 and not isinstance(given, bool):
+        return None
+    return given  # its type and range: EngineRequest's checks
+
+
+def _common(body: Mapping[str, Any], *, chat: bool, defaults: RequestDefaults) -> dict[str, Any]:
     _refuse_unsupported(body)
     given: dict[str, Any] = {k: body[k] for k in SAMPLING_FIELDS if body.get(k) is not None}
+    for key in ("temperature", "seed"):
+        if key not in given and getattr(defaults, key) is not None:
+            given[key] = getattr(defaults, key)
     if body.get("json_schema") is not None:  # llama-server's field: a schema the answer must validate against
         if "response_format" in given:
             raise APIError(400, "give response_format or json_schema, not both", param="json_schema")
@@ -67,8 +105,7 @@ def _common(body: Mapping[str, Any], *, chat: bool) -> dict[str, Any]:
         sampling = sampling_from(given, chat=chat)
     except LoramuxError as exc:
         raise from_loramux(exc) from None
-    max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
-    return {"sampling": sampling, "stop": _stops(body), "max_tokens": max_tokens}
+    return {"sampling": sampling, "stop": _stops(body), "max_tokens": _max_tokens(body, defaults.max_tokens, chat=chat)}
 
 
 def _stream_flags(body: Mapping[str, Any]) -> tuple[bool, bool]:
@@ -76,7 +113,9 @@ def _stream_flags(body: Mapping[str, Any]) -> tuple[bool, bool]:
     return bool(body.get("stream")), bool(isinstance(opts, Mapping) and opts.get("include_usage"))
 
 
-def completion_body(body: Mapping[str, Any]) -> ParsedBody:
+def completion_body(body: Mapping[str, Any], defaults: RequestDefaults = RequestDefaults()) -> ParsedBody:
+    """A (llama-server or OpenAI) completion body as the request the Python API makes."""
+    body = translate(body)
     prompt = body.get("prompt")
     if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
         prompt = prompt[0]
@@ -85,27 +124,52 @@ def completion_body(body: Mapping[str, Any]) -> ParsedBody:
         raise APIError(400, "prompt must be a string (or one list of token ids); one prompt per request", param="prompt")
     if isinstance(prompt, str):
         text_field(prompt, "prompt")
-    common = _common(body, chat=False)
-    if common["max_tokens"] is None:
-        common["max_tokens"] = 16  # OpenAI's and llama-cpp-python's default for completions
-    logprobs = body.get("logprobs")
-    if logprobs is not None and (not isinstance(logprobs, int) or isinstance(logprobs, bool) or not 0 <= logprobs <= 20):
-        raise APIError(400, "logprobs must be a whole number from 0 to 20", param="logprobs")
+    common = _common(body, chat=False, defaults=defaults)
+    logprobs = _top_count(body.get("logprobs", body.get("n_probs")), "logprobs" if "logprobs" in body else "n_probs")
     stream, usage = _stream_flags(body)
-    return ParsedBody(PoolRequest(prompt=prompt, logprobs=logprobs, **common), stream, usage)
+    tools = {"tools": body.get("tools"), "tool_choice": body.get("tool_choice")}  # refused by PoolRequest: tools take messages
+    return ParsedBody(PoolRequest(prompt=prompt, logprobs=logprobs, **tools, **common), stream, usage, _choices(body))
 
 
-def chat_body(body: Mapping[str, Any]) -> ParsedBody:
+def _top_count(value: Any, param: str) -> int | None:
+    """How many most likely tokens to report beside each token (None: no log-probabilities)."""
+    if value is None:
+        return None
+    if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= MAX_TOP_LOGPROBS:
+        raise APIError(400, f"{param} must be a whole number from 0 to {MAX_TOP_LOGPROBS}", param=param)
+    return value
+
+
+def _chat_logprobs(body: Mapping[str, Any]) -> int | None:
+    """OpenAI's chat ``logprobs`` (bool) and ``top_logprobs`` (0..20), or llama-server's ``n_probs``."""
+    wanted, top = body.get("logprobs"), body.get("top_logprobs")
+    if wanted is not None and not isinstance(wanted, bool):
+        raise APIError(400, "logprobs must be true or false on chat completions (top_logprobs gives how many)", param="logprobs")
+    if top is not None and not wanted:
+        raise APIError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
+    if wanted:
+        return _top_count(0 if top is None else top, "top_logprobs")
+    return _top_count(body.get("n_probs"), "n_probs")
+
+
+def chat_body(body: Mapping[str, Any], defaults: RequestDefaults = RequestDefaults()) -> ParsedBody:
+    """A chat completion body as the request the Python API makes."""
+    body = translate(body)
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages or not all(isinstance(m, Mapping) and "role" in m for m in messages):
         raise APIError(400, 'messages must be a non-empty list of {"role", "content"}', param="messages")
     for m in messages:
         text_field(m["role"], "messages[].role")
-    if body.get("logprobs"):
-        raise APIError(400, "logprobs on chat completions are not supported by loramux (use /v1/completions)", param="logprobs")
-    msgs = [{"role": m["role"], "content": _text_content(m.get("content"))} for m in messages]
+    msgs = [{"role": m["role"], "content": _text_content(m.get("content"))} | _tool_fields(m) for m in messages]
     stream, usage = _stream_flags(body)
-    return ParsedBody(PoolRequest(messages=msgs, **_common(body, chat=True)), stream, usage)
+    common = _common(body, chat=True, defaults=defaults)
+    tools = {"tools": body.get("tools"), "tool_choice": body.get("tool_choice")}  # checked by PoolRequest (loramux.tools)
+    return ParsedBody(PoolRequest(messages=msgs, logprobs=_chat_logprobs(body), **tools, **common), stream, usage, _choices(body))
+
+
+def _tool_fields(m: Mapping[str, Any]) -> dict[str, Any]:
+    """A message's tool fields (an assistant's ``tool_calls``, a tool result's ``tool_call_id``), checked where rendered."""
+    return {k: m[k] for k in TOOL_MESSAGE_FIELDS if m.get(k) is not None}
 
 
 def _text_content(content: Any) -> str:
@@ -127,4 +191,4 @@ def prompt_text(req: PoolRequest) -> str:
     return req.prompt if isinstance(req.prompt, str) else ""
 
 
-__all__ = ["ParsedBody", "chat_body", "completion_body", "prompt_text", "text_field"]
+__all__ = ["ParsedBody", "RequestDefaults", "chat_body", "completion_body", "prompt_text", "text_field"]

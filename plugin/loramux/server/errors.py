@@ -16,6 +16,7 @@ from loramux.errors import (
 )
 
 RETRY_AFTER_S = 1
+CONTEXT_ERROR_TYPE = "exceed_context_size_error"  # llama-server's error type for a prompt over the context
 REQUEST_ID_HEADER = "X-Request-Id"
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._:/+=-]{1,128}")
 
@@ -32,13 +33,15 @@ class APIError(Exception):
         code: str | None = None,
         param: str | None = None,
         headers: dict[str, str] | None = None,
+        fields: dict[str, Any] | None = None,
     ) -> None:
         super().__init__(message)
         self.status, self.message, self.type, self.code, self.param = status, message, type, code, param
         self.headers = headers or {}
+        self.fields = fields or {}  # more members of "error" (llama-server's n_prompt_tokens, n_ctx)
 
     def body(self) -> dict[str, Any]:
-        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code} | self.fields}
 
 
 def model_not_found(model: str, known: list[str]) -> APIError:
@@ -59,8 +62,15 @@ def from_loramux(exc: LoramuxError, *, param: str | None = None) -> APIError:
     request field a context-length error points at (default ``messages``)."""
     if isinstance(exc, QueueFullError):
         return APIError(429, str(exc), type="rate_limit_error", code="queue_full", headers={"Retry-After": str(RETRY_AFTER_S)})
-    if isinstance(exc, ContextLengthError):
-        return APIError(400, str(exc), code="context_length_exceeded", param=param or "messages")
+    if isinstance(exc, ContextLengthError):  # llama-server's type and fields, OpenAI's code
+        return APIError(
+            400,
+            str(exc),
+            type=CONTEXT_ERROR_TYPE,
+            code="context_length_exceeded",
+            param=param or "messages",
+            fields={"n_prompt_tokens": exc.n_prompt_tokens, "n_ctx": exc.n_ctx},
+        )
     if isinstance(exc, MixError):
         return APIError(400, str(exc), code="invalid_mix", param="mix")
     if isinstance(exc, RequestError):

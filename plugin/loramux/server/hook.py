@@ -135,6 +135,7 @@ def build_hook_app(settings: ServeSettings) -> FastAPI:
         lora=table,
         route=route,
         routing_modes=ROUTING_MODES if pool is not None else (),
+        unknown_model=settings.unknown_model,
     )
     state = ServerState(
         settings=settings,

@@ -13,20 +13,22 @@ import asyncio
 import json
 import time
 import traceback
-from typing import Any, AsyncIterator
+from dataclasses import dataclass
+from typing import Any, AsyncIterator, Callable
 
 from fastapi import APIRouter, Request
-from fastapi.responses import StreamingResponse
+from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
 from loramux import responses
-from loramux.engine import RequestHandle
+from loramux.engine import Finished, RequestHandle
 from loramux.errors import LoramuxError
 from loramux.server import schema
-from loramux.server.bodies import chat_body, completion_body, prompt_text
+from loramux.server.bodies import ParsedBody, chat_body, completion_body, prompt_text
 from loramux.server.errors import APIError, from_loramux, request_id_of
 
 router = APIRouter()
+UNKNOWN_MODEL_HEADER = "X-Loramux-Unknown-Model"  # the model name a request gave that names nothing here (answered as no model)
 
 
 async def json_body(request: Request) -> dict[str, Any]:
@@ -40,6 +42,7 @@ async def json_body(request: Request) -> dict[str, Any]:
 
 
 @router.get("/v1/models")
+@router.get("/models")
 async def models(request: Request) -> dict[str, Any]:
     state = request.app.state.loramux
     now = int(time.time())
@@ -55,54 +58,121 @@ async def completions(request: Request):
 
 
 @router.post("/v1/chat/completions", **schema.CHAT_GENERATION)
+@router.post("/chat/completions", include_in_schema=False)
 async def chat_completions(request: Request):
     return await _answer(request, chat=True)
 
 
-async def _answer(request: Request, *, chat: bool):
+@dataclass
+class Submitted:
+    """A request the engine runs: its parsed body, its handles (one per choice), and what its answers share."""
+
+    parsed: ParsedBody
+    handles: list[RequestHandle]
+    extra: dict[str, Any]  # mix, mix_source, routing: every answer and chunk carries them
+    headers: dict[str, str]
+
+
+async def submit(request: Request, body: dict[str, Any], *, chat: bool) -> Submitted:
+    """Parse ``body``, select its mix and submit it (``n`` handles for ``n`` choices); errors as 4xx."""
     state = request.app.state.loramux
-    body = await json_body(request)
-    parsed = (chat_body if chat else completion_body)(body)
+    parsed = (chat_body if chat else completion_body)(body, state.defaults)
     parsed.request.request_id = request_id_of(request)
     # a router may run a forward pass (LoGo, hidden-state retrieval): off the event loop, so streams go on
     selection = await run_in_threadpool(state.selector.select, body, lambda: prompt_text(parsed.request))
     parsed.request.mix = selection.mix
     try:
-        handle = state.pool.submit(parsed.request, loop=asyncio.get_running_loop())
+        handles = state.pool.submit_choices(parsed.request, parsed.n, loop=asyncio.get_running_loop())
     except LoramuxError as exc:
         raise from_loramux(exc, param=None if chat else "prompt") from None
-    extra: dict[str, Any] = {"mix": handle.request.mix.to_json(), "mix_source": selection.source}
+    extra: dict[str, Any] = {"mix": handles[0].request.mix.to_json(), "mix_source": selection.source}
     if selection.routing is not None:
         extra["routing"] = selection.routing
-    shape = responses.Shape(chat=chat, model=str(body.get("model") or state.settings.model_id), extra=extra)
+    headers = {UNKNOWN_MODEL_HEADER: str(body.get("model"))} if selection.source == "unknown_model" else {}
+    return Submitted(parsed, handles, extra, headers)
+
+
+async def _answer(request: Request, *, chat: bool):
+    state = request.app.state.loramux
+    body = await json_body(request)
+    sub = await submit(request, body, chat=chat)
+    parsed = sub.parsed
+    shape = responses.Shape(
+        chat=chat, model=str(body.get("model") or state.settings.model_id), extra=sub.extra, tool_use=parsed.request.tool_use
+    )
     piece = state.pool.piece if parsed.request.logprobs is not None else None
     if parsed.stream:
-        shaper = responses.StreamShaper(shape, include_usage=parsed.include_usage, piece=piece)
+        shapers = [responses.StreamShaper(shape, piece=piece, index=i) for i in range(len(sub.handles))]
         # starlette's StreamingResponse watches for the client's disconnect and then closes _sse
         return StreamingResponse(
-            _sse(handle, shaper), media_type="text/event-stream", headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+            _sse(sub.handles, shapers, shape if parsed.include_usage else None),
+            media_type="text/event-stream",
+            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"} | sub.headers,
         )
-    events = await _collect(handle, request)
-    return responses.whole(shape, events, piece)
+    events = await collect(sub.handles, request)
+    return JSONResponse(responses.whole_choices(shape, events, piece), headers=sub.headers)
 
 
-async def _collect(handle: RequestHandle, request: Request) -> list:
-    watcher = asyncio.create_task(_watch_disconnect(handle, request))
-    events = []
+async def collect(handles: list[RequestHandle], request: Request, on_token: Callable[[], None] | None = None) -> list[list]:
+    """The events of every choice, whole (``on_token`` is called as each token comes); the client
+    going away cancels them all."""
+    watcher = asyncio.create_task(_watch_disconnect(handles, request))
+    events: list[list] = [[] for _ in handles]
     try:
-        async for ev in handle:
-            events.append(ev)
+        async for i, ev in merged(handles):
+            events[i].append(ev)
+            if on_token is not None and not isinstance(ev, Finished):
+                on_token()
     except LoramuxError as exc:
         raise from_loramux(exc) from None
     finally:
         watcher.cancel()
+        cancel_unfinished(handles)
     return events
 
 
-async def _watch_disconnect(handle: RequestHandle, request: Request) -> None:
-    while not handle.done:
-        if await request.is_disconnected():
+def cancel_unfinished(handles: list[RequestHandle]) -> None:
+    for handle in handles:
+        if not handle.done:  # the client went away (or the task was cancelled): free its sequence now
             handle.cancel()
+
+
+async def merged(handles: list[RequestHandle]) -> AsyncIterator[tuple[int, Any]]:
+    """``(choice index, event)`` of every handle as they come; the first error is raised."""
+    if len(handles) == 1:
+        async for ev in handles[0]:
+            yield 0, ev
+        return
+    inbox: asyncio.Queue = asyncio.Queue()
+
+    async def pump(i: int, handle: RequestHandle) -> None:
+        try:
+            async for ev in handle:
+                await inbox.put((i, ev))
+            await inbox.put((i, None))
+        except Exception as exc:
+            await inbox.put((i, exc))
+
+    tasks = [asyncio.create_task(pump(i, h)) for i, h in enumerate(handles)]
+    try:
+        left = len(handles)
+        while left:
+            i, ev = await inbox.get()
+            if isinstance(ev, Exception):
+                raise ev
+            if ev is None:
+                left -= 1
+            else:
+                yield i, ev
+    finally:
+        for task in tasks:
+            task.cancel()
+
+
+async def _watch_disconnect(handles: list[RequestHandle], request: Request) -> None:
+    while not all(h.done for h in handles):
+        if await request.is_disconnected():
+            cancel_unfinished(handles)
             return
         await asyncio.sleep(0.05)
 
@@ -112,13 +182,21 @@ def sse_event(data: str) -> bytes:
     return f"data: {data}\n\n".encode()
 
 
-async def _sse(handle: RequestHandle, shaper: responses.StreamShaper) -> AsyncIterator[bytes]:
+async def _sse(
+    handles: list[RequestHandle], shapers: list[responses.StreamShaper], usage_shape: responses.Shape | None
+) -> AsyncIterator[bytes]:
+    fins: dict[int, Finished] = {}
     try:
-        for chunk in shaper.first():
-            yield sse_event(json.dumps(chunk))
-        async for ev in handle:
-            for chunk in shaper.on_event(ev):
+        for shaper in shapers:
+            for chunk in shaper.first():
                 yield sse_event(json.dumps(chunk))
+        async for i, ev in merged(handles):
+            if isinstance(ev, Finished):
+                fins[i] = ev
+            for chunk in shapers[i].on_event(ev):
+                yield sse_event(json.dumps(chunk))
+        if usage_shape is not None:
+            yield sse_event(json.dumps(responses.usage_chunk(usage_shape, [fins[i] for i in sorted(fins)])))
         yield sse_event("[DONE]")
     except LoramuxError as exc:  # after the headers went out: the error is the stream's last event
         yield sse_event(json.dumps(from_loramux(exc).body()))
@@ -126,8 +204,7 @@ async def _sse(handle: RequestHandle, shaper: responses.StreamShaper) -> AsyncIt
         traceback.print_exc()
         yield sse_event(json.dumps(APIError(500, f"internal error: {type(exc).__name__}: {exc}", type="server_error").body()))
     finally:
-        if not handle.done:  # the client went away (or the task was cancelled): free its sequence now
-            handle.cancel()
+        cancel_unfinished(handles)
 
 
-__all__ = ["json_body", "router"]
+__all__ = ["UNKNOWN_MODEL_HEADER", "Submitted", "collect", "json_body", "merged", "router", "sse_event", "submit"]

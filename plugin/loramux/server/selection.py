@@ -7,6 +7,9 @@
 3. ``model``: ``"auto"`` (the router picks the mix from the prompt), a routing mode (``"arrow"``,
    ``"arrow:k=2,T=0.5"``, ``"spectr"``, ...: every token routed among all adapters), an adapter
    name (that adapter at weight 1), a named mix of the config, or the base model (its id, or omitted).
+   A ``model`` naming none of these is answered as if no model were given (``mix_source`` ``"unknown_model"``
+   and the header ``X-Loramux-Unknown-Model``), as llama-server ignores the name; with
+   ``--unknown-model error`` it is a 404 listing the known names (vLLM's answer).
 
 Without any of them, the default scales set with ``POST /lora-adapters`` (none: the base model).
 """
@@ -70,7 +73,7 @@ class Selection:
     """The mix a request runs under, where it came from, and the router's decision for ``auto``."""
 
     mix: Mix
-    source: str  # "mix" | "lora" | "auto" | "routed" | "adapter" | "named" | "base" | "default"
+    source: str  # "mix" | "lora" | "auto" | "routed" | "adapter" | "named" | "base" | "default" | "unknown_model"
     routing: dict[str, Any] | None = None
 
 
@@ -86,6 +89,7 @@ class MixSelector:
     route: Callable[[str], Any] | None = None  # prompt -> Routing (``.mix``, ``.to_json()``)
     base_names: tuple[str, ...] = ()
     routing_modes: tuple[str, ...] = ()
+    unknown_model: str = "base"  # "base": an unknown name runs the base model; "error": 404
 
     def models(self) -> list[str]:
         """The ids ``/v1/models`` lists: the base model, auto, named mixes, adapters, then the routing modes."""
@@ -103,7 +107,7 @@ class MixSelector:
             return Selection(self.lora.mix_of(body["lora"]), "lora")
         model = body.get("model")
         if model in (None, "", self.model_id, *self.base_names):
-            return Selection(Mix(self.lora.default_scales), "default" if self.lora.default_scales else "base")
+            return self._default()
         if not isinstance(model, str):
             raise APIError(400, "model must be a string", param="model")
         if model == AUTO:
@@ -122,7 +126,13 @@ class MixSelector:
             return Selection(self.mixes[model], "named")
         if model in self.adapters():
             return Selection(Mix({model: 1.0}), "adapter")
+        if self.unknown_model == "base":  # as no model at all (llama-server ignores the name)
+            return Selection(self._default().mix, "unknown_model")
         raise model_not_found(model, self.models())
+
+    def _default(self) -> Selection:
+        """The base model, or the default scales of ``POST /lora-adapters`` when set."""
+        return Selection(Mix(self.lora.default_scales), "default" if self.lora.default_scales else "base")
 
 
 __all__ = ["AUTO", "LoraTable", "MixSelector", "Selection"]

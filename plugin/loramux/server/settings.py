@@ -30,6 +30,7 @@ from loramux.mix import Mix
 from loramux.token_routing import DEFAULT_K, ROUTING_MODES
 
 PATH_KEYS = ("base",)
+UNKNOWN_MODEL_POLICIES = ("base", "error")
 
 
 class SettingsError(LoramuxError, ValueError):
@@ -46,7 +47,7 @@ class ServeSettings:
     router: str | None = None  # a router spec of loramux.router.registry (a bare .onnx path too)
     upstream: str | None = None
     llama_server: bool = False  # serve the adapters through loramux's patched llama-server (a child) and the hook
-    host: str = "127.0.0.1"
+    host: str = "127.0.0.1"  # one address, or several separated by commas (llama-server's --host a,b)
     port: int = 8080
     api_key: str | None = None
     n_seq_max: int = 8
@@ -57,17 +58,34 @@ class ServeSettings:
     skip_embeddings: bool = False
     flash_attn: bool = True  # llama-server's default (auto: on where supported); the library's is off
     model_id: str = "loramux"
+    unknown_model: str = "base"  # a "model" naming nothing: "base" (llama-server's answer) or "error" (404, vLLM's)
+    cors: list[str] = field(default_factory=list)  # origins allowed by CORS ("*": any); none: no CORS headers
+    n_predict: int | None = None  # max_tokens of a request that gives none (llama-server's --n-predict)
+    temperature: float | None = None  # the temperature of a request that gives none (llama-server's --temp)
+    seed: int | None = None  # the seed of requests sampled without one
+
+    @property
+    def hosts(self) -> list[str]:
+        """The addresses to listen on."""
+        return [h.strip() for h in self.host.split(",") if h.strip()]
 
     def check(self) -> "ServeSettings":
-        if not self.api_key and not is_loopback(self.host):
-            raise SettingsError(
-                f"--host {self.host} is not a loopback address: without --api-key the server listens on "
-                "loopback only (give --api-key KEY to serve other machines)"
-            )
+        if not self.hosts:
+            raise SettingsError(f"--host {self.host!r} names no address")
+        for host in self.hosts:
+            if not self.api_key and not is_loopback(host):
+                raise SettingsError(
+                    f"--host {host} is not a loopback address: without --api-key the server listens on "
+                    "loopback only (give --api-key KEY to serve other machines)"
+                )
         if not 0 <= self.port < 65536:
             raise SettingsError(f"--port {self.port} is not a port number")
-        if self.upstream is None and not self.adapters:
-            raise SettingsError("give --adapters DIR (the adapters to serve), or --upstream URL to route for a llama-server")
+        if self.unknown_model not in UNKNOWN_MODEL_POLICIES:
+            raise SettingsError(f"--unknown-model {self.unknown_model!r}: choose one of {', '.join(UNKNOWN_MODEL_POLICIES)}")
+        if self.n_predict is not None and self.n_predict < -1:
+            raise SettingsError(f"--n-predict {self.n_predict}: give a number of tokens, or -1 for no limit")
+        if self.llama_server and not self.adapters:
+            raise SettingsError("--llama-server serves --adapters: give --adapters DIR")
         if self.llama_server and self.upstream is not None:
             raise SettingsError("--llama-server starts its own llama-server: give it --adapters, not --upstream")
         for name in self.mixes:
@@ -155,4 +173,4 @@ def merge(config: Mapping[str, Any], flags: Mapping[str, Any]) -> ServeSettings:
     return ServeSettings(**values).check()
 
 
-__all__ = ["ServeSettings", "SettingsError", "is_loopback", "merge", "read_config"]
+__all__ = ["UNKNOWN_MODEL_POLICIES", "ServeSettings", "SettingsError", "is_loopback", "merge", "read_config"]

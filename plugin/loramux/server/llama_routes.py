@@ -1,0 +1,220 @@
+"""llama-server's own routes on the pool's engine: ``/completion``, ``/tokenize``, ``/detokenize``,
+``/apply-template``, ``/props``, ``/slots``.
+
+``POST /completion`` (and ``/completions``, as llama-server routes it) takes llama-server's body
+(``prompt`` text or token ids, ``n_predict``, ``n_probs``, its sampling fields; see
+:mod:`loramux.server.llama_fields`) through the same parser, mix selection and engine as
+``/v1/completions``, and answers in llama-server's shape: ``content``, ``stop``, ``stop_type``
+(``eos`` / ``limit`` / ``word``), ``tokens_predicted``, ``tokens_evaluated``, ``timings``, and
+``completion_probabilities`` when ``n_probs`` is given; streamed as ``data: {...}`` events, one per
+token, the last with ``"stop": true`` (no ``[DONE]``, as llama-server).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any, AsyncIterator, Mapping
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+
+from loramux import __version__, responses
+from loramux.engine import Finished, RequestHandle, TokenEvent
+from loramux.errors import LoramuxError
+from loramux.server.bodies import RequestDefaults, text_field
+from loramux.server.errors import APIError, from_loramux
+from loramux.server.openai_routes import cancel_unfinished, collect, json_body, merged, sse_event, submit
+
+router = APIRouter()
+
+
+@router.post("/completion")
+@router.post("/completions")
+async def completion(request: Request):
+    state = request.app.state.loramux
+    body = await json_body(request)
+    started = time.perf_counter()
+    sub = await submit(request, _with_defaults(body, state.defaults), chat=False)
+    shape = NativeShape(
+        model=str(body.get("model") or state.settings.model_id),
+        prompt=body.get("prompt"),
+        piece=state.pool.piece if sub.parsed.request.logprobs is not None else None,
+        return_tokens=bool(body.get("return_tokens")),
+        extra=sub.extra,
+        started=started,
+    )
+    if sub.parsed.stream:
+        return StreamingResponse(_native_sse(sub.handles, shape), media_type="text/event-stream", headers=sub.headers)
+    events = await collect(sub.handles, request, on_token=shape.on_token)
+    results = [shape.result(evs, i) for i, evs in enumerate(events)]
+    return JSONResponse(results[0] if len(results) == 1 else results, headers=sub.headers)
+
+
+def _with_defaults(body: Mapping[str, Any], defaults: RequestDefaults) -> dict[str, Any]:
+    """llama-server's default length: until the end of the context (``n_predict`` -1), or ``--n-predict``."""
+    out = dict(body)
+    if not any(k in out for k in ("n_predict", "max_tokens", "max_completion_tokens")):
+        out["n_predict"] = -1 if defaults.max_tokens is None else defaults.max_tokens
+    return out
+
+
+class NativeShape:
+    """What llama-server's answers of one /completion request share, and how each is built."""
+
+    def __init__(self, *, model: str, prompt: Any, piece, return_tokens: bool, extra: dict[str, Any], started: float) -> None:
+        self.model, self.prompt, self.piece, self.return_tokens = model, prompt, piece, return_tokens
+        self.extra, self.started = extra, started
+        self.first_token: float | None = None
+        self.generated = 0
+
+    def on_token(self) -> None:
+        self.first_token = self.first_token or time.perf_counter()
+
+    def partial(self, ev: TokenEvent, index: int, fin_prompt: int | None = None) -> dict[str, Any]:
+        """One streamed token, as llama-server streams it."""
+        self.on_token()
+        self.generated += 1
+        out = {"index": index, "content": ev.text, "tokens": [ev.token], "stop": False, "id_slot": -1} | self.extra
+        if self.piece is not None and ev.logprob is not None:
+            out["completion_probabilities"] = responses.chat_logprobs([ev], self.piece)["content"]
+        return out
+
+    def result(self, events: list, index: int) -> dict[str, Any]:
+        """The whole answer of one choice (streamed: the last event, with what no token event carried)."""
+        fin = next(ev for ev in events if isinstance(ev, Finished))
+        tokens = [ev for ev in events if isinstance(ev, TokenEvent)]
+        out = {
+            "index": index,
+            "content": fin.text,
+            "tokens": list(fin.tokens) if self.return_tokens else [],
+            "id_slot": -1,
+            "stop": True,
+            "model": self.model,
+            "tokens_predicted": fin.completion_tokens,
+            "tokens_evaluated": fin.prompt_tokens,
+            "prompt": self.prompt if isinstance(self.prompt, str) else "",
+            "has_new_line": "\n" in fin.text,
+            "truncated": False,
+            "stop_type": "limit" if fin.finish_reason == "length" else "word" if fin.stop_word else "eos",
+            "stopping_word": fin.stop_word,
+            "tokens_cached": fin.prompt_tokens + fin.completion_tokens,
+            "timings": self.timings(fin),
+        }
+        if self.piece is not None and tokens and tokens[0].logprob is not None:
+            out["completion_probabilities"] = responses.chat_logprobs(tokens, self.piece)["content"]
+        return out | {"path": fin.path} | self.extra
+
+    def timings(self, fin: Finished) -> dict[str, float]:
+        """llama-server's timings, measured here: prompt until the first token, then generation."""
+        now = time.perf_counter()
+        first = self.first_token or now
+        prompt_ms, predicted_ms = (first - self.started) * 1e3, (now - first) * 1e3
+        read, made = fin.prompt_tokens - fin.cached_tokens, fin.completion_tokens
+        return {
+            "cache_n": fin.cached_tokens,
+            "prompt_n": read,
+            "prompt_ms": prompt_ms,
+            "prompt_per_token_ms": prompt_ms / max(read, 1),
+            "prompt_per_second": read / prompt_ms * 1e3 if prompt_ms > 0 else 0.0,
+            "predicted_n": made,
+            "predicted_ms": predicted_ms,
+            "predicted_per_token_ms": predicted_ms / max(made, 1),
+            "predicted_per_second": made / predicted_ms * 1e3 if predicted_ms > 0 else 0.0,
+        }
+
+
+async def _native_sse(handles: list[RequestHandle], shape: NativeShape) -> AsyncIterator[bytes]:
+    events: list[list] = [[] for _ in handles]
+    try:
+        async for i, ev in merged(handles):
+            events[i].append(ev)
+            if isinstance(ev, TokenEvent):
+                if ev.text or shape.piece is not None:
+                    yield sse_event(json.dumps(shape.partial(ev, i)))
+            else:
+                yield sse_event(json.dumps(shape.result(events[i], i) | {"content": ev.tail}))
+    except LoramuxError as exc:  # after the headers went out: the error is the stream's last event
+        yield sse_event(json.dumps(from_loramux(exc).body()))
+    finally:
+        cancel_unfinished(handles)
+
+
+@router.post("/tokenize")
+async def tokenize(request: Request) -> dict[str, Any]:
+    """llama-server's ``{"content", "add_special"?, "with_pieces"?}`` -> ``{"tokens": [...]}``."""
+    state = request.app.state.loramux
+    body = await json_body(request)
+    content = text_field(body.get("content", ""), "content")
+    text = state.pool.text
+    tokens = text.tokenize(content, add_bos=bool(body.get("add_special", False)), special=bool(body.get("parse_special", True)))
+    if not body.get("with_pieces"):
+        return {"tokens": tokens}
+    return {"tokens": [{"id": t, "piece": _piece_json(text.token_bytes(t))} for t in tokens]}
+
+
+def _piece_json(piece: bytes) -> str | list[int]:
+    """A token's text, or its bytes when they are not whole UTF-8 (as llama-server answers)."""
+    try:
+        return piece.decode("utf-8")
+    except UnicodeDecodeError:
+        return list(piece)
+
+
+@router.post("/detokenize")
+async def detokenize(request: Request) -> dict[str, Any]:
+    state = request.app.state.loramux
+    body = await json_body(request)
+    tokens = body.get("tokens", [])
+    if not isinstance(tokens, list) or not all(isinstance(t, int) and not isinstance(t, bool) for t in tokens):
+        raise APIError(400, "tokens must be a list of token ids", param="tokens")
+    n_vocab = state.pool.text.n_vocab
+    bad = [t for t in tokens if not 0 <= t < n_vocab]
+    if bad:
+        raise APIError(400, f"tokens holds ids outside the vocabulary (0..{n_vocab - 1}): {bad[:5]}", param="tokens")
+    return {"content": state.pool.text.detokenize(tokens)}
+
+
+@router.post("/apply-template")
+async def apply_template(request: Request) -> dict[str, Any]:
+    """The prompt the chat template makes of a chat body's messages (and tools), as the engine reads it."""
+    from loramux.server.bodies import chat_body
+
+    state = request.app.state.loramux
+    parsed = chat_body(await json_body(request), state.defaults)
+    try:
+        return {"prompt": state.pool.text.chat_format(parsed.request.messages, parsed.request.tool_use).prompt}
+    except LoramuxError as exc:
+        raise from_loramux(exc) from None
+
+
+@router.get("/props")
+async def props(request: Request) -> dict[str, Any]:
+    """llama-server's ``/props``: slots, the context of one, the model, its chat template, defaults."""
+    state = request.app.state.loramux
+    pool, s, text = state.pool, state.settings, state.pool.text
+    params = {"seed": s.seed if s.seed is not None else -1, "n_predict": s.n_predict if s.n_predict is not None else -1}
+    if s.temperature is not None:
+        params["temperature"] = s.temperature
+    return {
+        "default_generation_settings": {"n_ctx": pool.n_ctx, "params": params},
+        "total_slots": pool.batch_slots,
+        "model_alias": s.model_id,
+        "model_path": str(pool.base_path),
+        "modalities": {"vision": False, "video": False, "audio": False},
+        "chat_template": text.chat_template,
+        "bos_token": text.detokenize([text.model.token_bos()]),
+        "eos_token": text.detokenize([text.model.token_eos()]),
+        "build_info": f"loramux {__version__}",
+        "endpoint_slots": False,
+        "endpoint_props": False,
+        "endpoint_metrics": True,
+    }
+
+
+@router.get("/slots")
+async def slots() -> None:
+    raise APIError(501, "loramux serve has no /slots endpoint: GET /metrics reports the engine's sequences", type="not_supported_error")
+
+
+__all__ = ["router"]
