@@ -265,3 +265,26 @@ def test_a_token_id_outside_the_vocabulary_fails_only_its_own_request(pool, prom
         got = events(h)
         assert got[2].finish_reason in ("length", "stop"), f"a good request ended with {got[2].finish_reason}"
         compare_with_alone(pool, pool.engine_request(r).tokens, pool.resolve_mix(r.mix), got[0], toks)
+
+
+def test_n_choices_read_the_prompt_once_and_each_equals_its_seed_alone(pool, prompts):
+    """OpenAI's ``n``: one sequence reads the prompt, the others copy its K/V (all but the last
+    prompt token) before their first step; each choice equals the same request alone with its seed."""
+    mix = MIXES[1]
+    req = PoolRequest(messages=prompts[0], mix=mix, max_tokens=STEPS, sampling=SamplingParams(temperature=0.9, seed=5))
+    pool.clear_prefix_cache()
+    got = [h.result(120) for h in pool.submit_choices(req, 3)]
+    n_prompt = got[0].prompt_tokens
+    assert [f.cached_tokens for f in got[1:]] == [n_prompt - 1, n_prompt - 1]  # copied, not read again
+    assert got[0].cached_tokens == 0
+    for i, fin in enumerate(got):
+        pool.clear_prefix_cache()
+        alone = pool.submit(
+            PoolRequest(messages=prompts[0], mix=mix, max_tokens=STEPS, sampling=SamplingParams(temperature=0.9, seed=5 + i))
+        )
+        assert alone.result(120).tokens == fin.tokens, f"choice {i}"
+    assert len({f.tokens for f in got}) > 1  # different draws (a wrong seed would be caught above)
+    pool.clear_prefix_cache()
+    cancelled = pool.submit_choices(req, 2)
+    cancelled[0].cancel()  # the leader goes away before the others copied its K/V: they read the prompt themselves
+    assert cancelled[1].result(120).tokens == got[1].tokens

@@ -135,7 +135,8 @@ def test_a_loaded_gguf_deleted_on_disk_keeps_serving_until_unloaded(server, faul
     assert again.status_code == 404 and "victim.gguf" in again.json()["error"]["message"]
     assert "victim" in [a["id"] for a in httpx.get(f"{server.url}/v1/adapters").json()["data"]]
     assert httpx.delete(f"{server.url}/v1/adapters/victim", timeout=60).json()["deleted"] is True
-    assert complete(server.url, {"model": "victim", "prompt": "x"}).status_code == 404
+    gone = complete(server.url, {"model": "victim", "prompt": "x"})  # a name no longer loaded: answered as no model
+    assert gone.status_code == 200 and gone.headers["x-loramux-unknown-model"] == "victim" and gone.json()["mix"] == {}
 
 
 def test_a_loaded_gguf_replaced_on_disk_keeps_its_loaded_weights(server, fault_dir):

@@ -13,6 +13,7 @@ from __future__ import annotations
 import ctypes
 import functools
 import importlib.metadata
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -53,6 +54,28 @@ def load_model(path: Path, *, n_gpu_layers: int, use_mmap: bool, verbose: bool):
             return _internals.LlamaModel(path_model=str(path), params=params, verbose=verbose)
     except (ValueError, RuntimeError) as exc:
         raise RuntimeLoadError(f"llama.cpp could not load the base model {path}: {exc}; {log.reason()}") from exc
+
+
+@dataclass(frozen=True)
+class ChatTurn:
+    """How chat messages end the prompt: the assistant's turn opened (``generation_prompt``, the
+    default), or the last (assistant) message continued (``continue_final``: an assistant prefill)."""
+
+    generation_prompt: bool = True
+    continue_final: bool = False
+
+
+NEW_TURN = ChatTurn()
+
+
+def continued(fmt, last: Mapping[str, Any]):
+    """``fmt`` cut right after the last message's text, so that the model continues it (vLLM's and
+    llama-server's assistant prefill): whatever the template puts after it (end of turn) goes."""
+    content = last.get("content") or ""
+    at = fmt.prompt.rfind(content) if isinstance(content, str) and content else -1
+    if at < 0:
+        raise RequestError("continue_final_message: the last message has no text that the chat template keeps", param="messages")
+    return replace(fmt, prompt=fmt.prompt[: at + len(content)])
 
 
 class BaseText:
@@ -103,12 +126,15 @@ class BaseText:
 
         return int(llama_cpp.llama_model_n_layer(self.model.model))
 
-    def chat_format(self, messages: Sequence[Mapping[str, Any]], tool_use: ToolUse | None = None):
+    def chat_format(self, messages: Sequence[Mapping[str, Any]], tool_use: ToolUse | None = None, turn: ChatTurn = NEW_TURN):
         """llama-cpp-python's formatting of ``messages`` with the base model's chat template
         (``.prompt``, ``.stop``, ``.added_special``), as its chat completion uses it; with the tools of
-        ``tool_use``, and tool messages, natively or in the fallback format (:func:`loramux.tools.render`)."""
+        ``tool_use``, and tool messages, natively or in the fallback format (:func:`loramux.tools.render`).
+        ``turn``: whether the assistant's turn is opened (the generation prompt) or its last message continued."""
         try:
-            return render(self._chat_formatter, [dict(m) for m in messages], tool_use)
+            formatter = self._chat_formatter if turn.generation_prompt and not turn.continue_final else self._chat_formatter_no_prompt
+            fmt = render(formatter, [dict(m) for m in messages], tool_use)
+            return continued(fmt, messages[-1]) if turn.continue_final else fmt
         except RequestError:
             raise
         except Exception as exc:  # jinja2 errors: a message without content, a role the template refuses
@@ -116,6 +142,13 @@ class BaseText:
 
     @functools.cached_property
     def _chat_formatter(self):
+        return self._formatter(add_generation_prompt=True)
+
+    @functools.cached_property
+    def _chat_formatter_no_prompt(self):
+        return self._formatter(add_generation_prompt=False)
+
+    def _formatter(self, *, add_generation_prompt: bool):
         from llama_cpp import llama_chat_format
 
         template = self.model.metadata().get("tokenizer.chat_template")
@@ -125,15 +158,20 @@ class BaseText:
             template=template,
             eos_token=self.detokenize([self.model.token_eos()]),
             bos_token=self.detokenize([self.model.token_bos()]),
+            add_generation_prompt=add_generation_prompt,
         )
 
     def prompt_of(
-        self, prompt: str | Sequence[int] | None, messages: Sequence[Mapping[str, Any]] | None, tool_use: ToolUse | None = None
+        self,
+        prompt: str | Sequence[int] | None,
+        messages: Sequence[Mapping[str, Any]] | None,
+        tool_use: ToolUse | None = None,
+        turn: ChatTurn = NEW_TURN,
     ) -> tuple[list[int], tuple[str, ...]]:
         """Prompt tokens and extra stop strings of a request, tokenized as llama-cpp-python does:
         chat ``messages`` (and tools) through the template (its stop strings added), text with BOS, ids as given."""
         if messages is not None:
-            fmt = self.chat_format(messages, tool_use)
+            fmt = self.chat_format(messages, tool_use, turn)
             extra = fmt.stop if isinstance(fmt.stop, list) else [fmt.stop] if fmt.stop else []
             return self.tokenize(fmt.prompt, add_bos=not fmt.added_special), tuple(s for s in extra if s)
         if isinstance(prompt, str):
@@ -170,4 +208,4 @@ class TextSide:
         return self.text.chat_format(messages)
 
 
-__all__ = ["LLAMA_CPP_PYTHON_VERSION", "BaseText", "TextSide", "check_llama_cpp_python", "load_model"]
+__all__ = ["LLAMA_CPP_PYTHON_VERSION", "NEW_TURN", "BaseText", "ChatTurn", "TextSide", "check_llama_cpp_python", "load_model"]

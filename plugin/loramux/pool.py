@@ -236,7 +236,7 @@ class AdapterPool(TextSide, BatchCompletions, TeacherForcing):
         """Tokenize ``req`` the way llama-cpp-python does (chat: the base model's template) and validate its mix;
         every other field is checked by :class:`EngineRequest` itself."""
         mix = self.resolve_mix(req.mix)
-        tokens, template_stops = self.text.prompt_of(req.prompt, req.messages, req.tool_use)
+        tokens, template_stops = self.text.prompt_of(req.prompt, req.messages, req.tool_use, req.turn)
         sampling = req.sampling
         if sampling.seed is None and not sampling.greedy:
             sampling = replace(sampling, seed=self._draw_seed())

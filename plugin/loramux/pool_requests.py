@@ -16,6 +16,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Iterator, Mapping, Sequence
 
 from loramux import responses
+from loramux.base_text import NEW_TURN, ChatTurn
 from loramux.engine import GREEDY, Finished, SamplingParams
 from loramux.errors import LoramuxError, RequestError
 from loramux.mix import MixLike
@@ -84,16 +85,35 @@ class PoolRequest:
     tools: Sequence[Mapping[str, Any]] | None = None
     tool_choice: Any = None
     tool_use: ToolUse | None = field(default=None, init=False, repr=False)
+    add_generation_prompt: bool = True
+    continue_final_message: bool | None = None  # None: continue a last assistant message (llama-server's prefill)
+    turn: ChatTurn = field(default=NEW_TURN, init=False, repr=False)
 
     def __post_init__(self) -> None:
         if (self.prompt is None) == (self.messages is None):
             raise LoramuxError("a PoolRequest takes exactly one of prompt= or messages=")
         if isinstance(self.stop, str):
             self.stop = (self.stop,)
+        if self.messages is not None:
+            self.turn = chat_turn(self.messages, self.add_generation_prompt, self.continue_final_message)
         self.tool_use = tool_use_of(self.tools, self.tool_choice, chat=self.messages is not None)
         grammar = constrain(self.sampling.grammar, self.tool_use)
         if grammar != self.sampling.grammar:
             self.sampling = replace(self.sampling, grammar=grammar)
+
+
+def chat_turn(messages: Sequence[Mapping[str, Any]], generation_prompt: Any, continue_final: Any) -> ChatTurn:
+    """How ``messages`` end the prompt: a last assistant message is continued unless
+    ``continue_final_message`` is false (then, as with other roles, the assistant's turn is opened
+    unless ``add_generation_prompt`` is false). Continuing needs a last assistant message."""
+    for name, value in (("add_generation_prompt", generation_prompt), ("continue_final_message", continue_final)):
+        if value is not None and not isinstance(value, bool):
+            raise RequestError(f"{name} must be true or false, got {value!r}", param=name)
+    last_is_assistant = bool(messages) and messages[-1].get("role") == "assistant"
+    if continue_final and not last_is_assistant:
+        raise RequestError("continue_final_message needs the last message to be the assistant's", param="continue_final_message")
+    go_on = last_is_assistant if continue_final is None else continue_final
+    return ChatTurn(generation_prompt=bool(generation_prompt) and not go_on, continue_final=go_on)
 
 
 @dataclass

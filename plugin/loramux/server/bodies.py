@@ -19,6 +19,7 @@ SAMPLING_FIELDS = SAMPLING_KEYS  # the pool's own list: a request means the same
 REFUSED = ("functions", "function_call", "suffix")  # functions / function_call: OpenAI's old names of tools
 TOOL_MESSAGE_FIELDS = ("tool_calls", "tool_call_id", "name")  # kept on messages, rendered by loramux.tools
 MAX_TOP_LOGPROBS = 20  # OpenAI's limit
+CHAT_TURN_FIELDS = ("add_generation_prompt", "continue_final_message")  # vLLM's and llama-server's
 
 
 MAX_N = 16  # choices of one request (each takes a sequence of the engine)
@@ -164,7 +165,9 @@ def chat_body(body: Mapping[str, Any], defaults: RequestDefaults = RequestDefaul
     stream, usage = _stream_flags(body)
     common = _common(body, chat=True, defaults=defaults)
     tools = {"tools": body.get("tools"), "tool_choice": body.get("tool_choice")}  # checked by PoolRequest (loramux.tools)
-    return ParsedBody(PoolRequest(messages=msgs, logprobs=_chat_logprobs(body), **tools, **common), stream, usage, _choices(body))
+    turn = {k: body[k] for k in CHAT_TURN_FIELDS if body.get(k) is not None}  # checked by PoolRequest (chat_turn)
+    req = PoolRequest(messages=msgs, logprobs=_chat_logprobs(body), **tools, **turn, **common)
+    return ParsedBody(req, stream, usage, _choices(body))
 
 
 def _tool_fields(m: Mapping[str, Any]) -> dict[str, Any]:

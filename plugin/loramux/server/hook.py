@@ -35,7 +35,7 @@ from loramux.mix import Mix
 from loramux.server.app import ServerState, create_app
 from loramux.server.bodies import chat_body, completion_body, prompt_text
 from loramux.server.errors import APIError
-from loramux.server.openai_routes import json_body
+from loramux.server.openai_routes import UNKNOWN_MODEL_HEADER, json_body
 from loramux.server.selection import LoraTable, MixSelector, Selection
 from loramux.server.settings import ServeSettings, SettingsError
 from loramux.token_routing import ROUTING_MODES
@@ -192,6 +192,8 @@ async def _forward(request: Request, path: str, *, chat: bool):
     out = {k: v for k, v in body.items() if k not in ("mix",)}
     out.update(upstream_fields(state.lora, selection.mix, patched=patched))
     headers = {MIX_HEADER: json.dumps(selection.mix.to_json())}
+    if selection.source == "unknown_model":
+        headers[UNKNOWN_MODEL_HEADER] = str(body.get("model"))
     client: httpx.AsyncClient = state.upstream
     if parsed.stream:
         upstream = await client.send(client.build_request("POST", path, json=out), stream=True)

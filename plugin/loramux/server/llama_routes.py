@@ -183,7 +183,8 @@ async def apply_template(request: Request) -> dict[str, Any]:
     state = request.app.state.loramux
     parsed = chat_body(await json_body(request), state.defaults)
     try:
-        return {"prompt": state.pool.text.chat_format(parsed.request.messages, parsed.request.tool_use).prompt}
+        req = parsed.request
+        return {"prompt": state.pool.text.chat_format(req.messages, req.tool_use, req.turn).prompt}
     except LoramuxError as exc:
         raise from_loramux(exc) from None
 
@@ -212,7 +213,7 @@ async def props(request: Request) -> dict[str, Any]:
     }
 
 
-@router.get("/slots")
+@router.get("/slots", include_in_schema=False)
 async def slots() -> None:
     raise APIError(501, "loramux serve has no /slots endpoint: GET /metrics reports the engine's sequences", type="not_supported_error")
 

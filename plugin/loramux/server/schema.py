@@ -105,11 +105,44 @@ COMPLETION = {
     },
 }
 
+TOOL = {
+    "type": "object",
+    "required": ["type", "function"],
+    "properties": {
+        "type": {"enum": ["function"]},
+        "function": {
+            "type": "object",
+            "required": ["name"],
+            "properties": {
+                "name": {"type": "string", "pattern": "^[A-Za-z0-9_.-]{1,64}$"},
+                "description": {"type": "string"},
+                "parameters": {"type": "object", "description": "a JSON schema of the arguments"},
+            },
+        },
+    },
+}
+TOOL_CALL = {
+    "type": "object",
+    "required": ["function"],
+    "properties": {
+        "id": {"type": "string"},
+        "type": {"enum": ["function"]},
+        "function": {
+            "type": "object",
+            "required": ["name"],
+            "properties": {"name": {"type": "string"}, "arguments": {"type": "string", "description": "a JSON object, as text"}},
+        },
+    },
+}
+
 MESSAGE = {
     "type": "object",
     "required": ["role"],
     "properties": {
-        "role": {"type": "string", "enum": ["system", "developer", "user", "assistant"]},
+        "role": {"type": "string", "enum": ["system", "developer", "user", "assistant", "tool"]},
+        "tool_calls": {"type": "array", "items": TOOL_CALL},
+        "tool_call_id": {"type": "string"},
+        "name": {"type": "string"},
         "content": {
             "oneOf": [
                 {"type": "string"},
@@ -130,7 +163,25 @@ MESSAGE = {
 CHAT = {
     "type": "object",
     "required": ["messages"],
-    "properties": {"messages": {"type": "array", "minItems": 1, "items": MESSAGE}, **SAMPLING},
+    "properties": {
+        "messages": {"type": "array", "minItems": 1, "items": MESSAGE},
+        "tools": {"type": "array", "items": TOOL},
+        "tool_choice": {
+            "description": 'default "auto" with tools; "required" or a named function: the answer is a call (a grammar); see docs/serve.md',
+            "oneOf": [
+                {"type": "string", "enum": ["none", "auto", "required"]},
+                {
+                    "type": "object",
+                    "required": ["type", "function"],
+                    "properties": {
+                        "type": {"enum": ["function"]},
+                        "function": {"type": "object", "required": ["name"], "properties": {"name": {"type": "string"}}},
+                    },
+                },
+            ],
+        },
+        **SAMPLING,
+    },
 }
 
 ADAPTER_LOAD = {
@@ -169,6 +220,8 @@ __all__ = [
     "MIX",
     "ROUTED_MIX",
     "SCALES",
+    "TOOL",
+    "TOOL_CALL",
     "errors",
     "json_body",
 ]
