@@ -58,6 +58,21 @@ FIXTURES = ROOT.parent / "shared" / "fixtures" / "smollm2-bbh-lora"
 DEV = ROOT.parent / "shared" / "data" / "bbh" / "dev.jsonl"
 SERVERS = ("stock", "patched", "hook", "loramux", "engine")  # engine: in this process, no HTTP
 LOADS = ("mixed", "shared", "base")
+STRUCTURED = ("json25", "json100")  # the mixed load with 25% / 100% of the requests under a JSON schema
+
+
+def answer_schema(tokens: int) -> dict:
+    """A JSON schema whose answers cannot end before ``tokens`` tokens (so every answer has the same length)."""
+    words = {"type": "array", "items": {"type": "string", "maxLength": 12}, "minItems": tokens}
+    return {"type": "object", "properties": {"words": words}, "required": ["words"]}
+
+
+def constrained(kind: str, c: int) -> bool:
+    """Whether client ``c``'s requests carry the schema in load ``kind`` (json25: every fourth client)."""
+    pct = int(kind[4:]) if kind in STRUCTURED else 0
+    return c * pct % 100 < pct
+
+
 LORA_MAX_ACTIVE = 4  # the patched server's --lora-max-active (its default): the top-3 mixes fit
 
 
@@ -91,6 +106,14 @@ def parse_args(argv=None):
         default="",
         metavar="FLAGS",
         help='more llama-server flags for the patched servers only, e.g. "--cache-ram 0" (default: none)',
+    )
+    ap.add_argument(
+        "--loads",
+        nargs="+",
+        choices=LOADS + STRUCTURED,
+        default=list(LOADS),
+        help="loads to run (default: mixed shared base); json25 / json100: the mixed load with 25%% / 100%% of the "
+        "requests carrying a JSON schema (response_format json_schema) that the answer must follow",
     )
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", type=Path, help="write every figure here")
@@ -218,7 +241,9 @@ def request_bodies(server: str, load: dict, kind: str, args, ban: dict, lora_ids
                 "stream_options": {"include_usage": True},
                 "logit_bias": ban,
             }
-            mix = load[kind][c]
+            mix = load["mixed" if kind in STRUCTURED else kind][c]
+            if constrained(kind, c):
+                body["response_format"] = {"type": "json_schema", "json_schema": {"name": "words", "schema": answer_schema(args.tokens)}}
             if server == "loramux":
                 body["mix"] = mix
             elif server == "hook":  # loramux's field; the hook writes llama-server's lora
@@ -285,6 +310,21 @@ def rss_mib(port: int) -> dict[str, float] | None:
         except (OSError, ValueError, IndexError):
             continue
     return None
+
+
+def step_counters(url: str) -> tuple[float, float]:
+    """loramux serve's (decode steps, sequences summed over them) so far, from its /metrics."""
+    values = {}
+    for line in httpx.get(f"{url}/metrics", timeout=10).text.splitlines():
+        name, _, value = line.rpartition(" ")
+        if name in ("loramux_decode_steps_total", "loramux_step_sequences_total"):
+            values[name] = float(value)
+    return values.get("loramux_decode_steps_total", 0.0), values.get("loramux_step_sequences_total", 0.0)
+
+
+def sequences_per_decode(before: tuple[float, float], after: tuple[float, float]) -> float | None:
+    steps = after[0] - before[0]
+    return round((after[1] - before[1]) / steps, 2) if steps else None
 
 
 def loramux_metrics(url: str) -> dict[str, float] | None:
@@ -366,7 +406,7 @@ def start_servers(
 def measure_n(n: int, args, base: Path, adapters: list[Path], ban: dict, log_dir: Path, patched: Path | None) -> dict:
     load = make_load([a.stem for a in adapters], n, args.seed + n, args.prompt_chars)
     http = [s for s in args.servers if s != "engine"]
-    runs: dict[str, list[dict]] = {f"{s} {k}": [] for s in http for k in LOADS}
+    runs: dict[str, list[dict]] = {f"{s} {k}": [] for s in http for k in args.loads}
     rss, metrics = {}, {}
     with ExitStack() as stack:
         urls, procs = start_servers(stack, n, args, base, adapters, log_dir, patched)
@@ -379,10 +419,13 @@ def measure_n(n: int, args, base: Path, adapters: list[Path], ban: dict, log_dir
         for s in http:  # warm-up: one short round each
             asyncio.run(run_clients(urls[s], request_bodies(s, load, "mixed", args, ban, lora_ids.get(s), window)[:2]))
         for r in range(args.runs):
-            for kind in LOADS:
+            for kind in args.loads:
                 window += 1  # every server gets the same prompts, unseen by any
                 for s in http:
+                    before = step_counters(urls[s]) if s == "loramux" else None
                     res = asyncio.run(run_clients(urls[s], request_bodies(s, load, kind, args, ban, lora_ids.get(s), window)))
+                    if before is not None:
+                        res["sequences_per_decode"] = sequences_per_decode(before, step_counters(urls[s]))
                     runs[f"{s} {kind}"].append(res)
                     print(
                         f"  N={n} run {r + 1} {s:7s} {kind:6s} {res['output_tokens_per_s']:7.1f} tok/s "
@@ -400,7 +443,8 @@ def measure_n(n: int, args, base: Path, adapters: list[Path], ban: dict, log_dir
             pool.load_adapters(adapters)
             engine_run(pool, {**load, "mixed": load["mixed"][:1]}, args, ban, 0)  # warm-up
             runs["engine mixed"] = [engine_run(pool, load, args, ban, 3 * r + 1) for r in range(args.runs)]  # the mixed windows
-    order = [f"{s} {k}" for k in LOADS for s in args.servers if f"{s} {k}" in runs]  # by load, the servers side by side
+    order = [f"{s} {k}" for k in args.loads + ["mixed"] for s in args.servers if f"{s} {k}" in runs]  # by load, side by side
+    order = list(dict.fromkeys(order))
     cells = {key: median_cell(runs[key]) for key in order}
     return {"cells": cells, "runs": runs, "rss_mib": rss, "loramux_metrics": metrics, "ratios": ratios(cells, rss)}
 
@@ -433,6 +477,17 @@ def ratios(cells: dict, rss: dict) -> dict[str, float | None]:
         "tok/s loramux mixed / loramux base": div(tps("loramux mixed"), tps("loramux base")),
         "tok/s loramux mixed / engine mixed (HTTP cost)": div(tps("loramux mixed"), tps("engine mixed")),
         "peak RSS loramux / stock": div(peak("loramux"), peak("stock")),
+        **{
+            f"tok/s {s} {k} / {s} mixed (a JSON schema on {k[4:]}% of requests)": div(tps(f"{s} {k}"), tps(f"{s} mixed"))
+            for s in ("loramux", "patched")
+            for k in STRUCTURED
+            if f"{s} {k}" in cells
+        },
+        **{
+            f"sequences per decode loramux {k}": (cells.get(f"loramux {k}") or {}).get("sequences_per_decode")
+            for k in ("mixed",) + STRUCTURED
+            if f"loramux {k}" in cells
+        },
     }
 
 

@@ -203,3 +203,78 @@ def test_a_server_without_adapters_and_with_vllm_model_names(bare_server):
     assert out["tokens_predicted"] == 3
     pre = httpx.options(bare_server + "/v1/models", headers={"Origin": ORIGIN, "Access-Control-Request-Method": "GET"})
     assert "access-control-allow-origin" not in pre.headers  # CORS is off unless --cors
+
+
+SCHEMAS = [
+    {"type": "object", "properties": {"answer": {"enum": ["True", "False"]}}, "required": ["answer"], "additionalProperties": False},
+    {"type": "array", "items": {"enum": ["red", "green", "blue"]}, "minItems": 2, "maxItems": 3},
+    {"type": "object", "properties": {"name": {"type": "string", "maxLength": 12}, "ok": {"type": "boolean"}}, "required": ["name", "ok"]},
+    {"type": "object", "properties": {"count": {"type": "integer"}, "unit": {"enum": ["m", "kg"]}}, "required": ["count", "unit"]},
+    {"enum": ["yes", "no", "maybe"]},
+]
+MIXES = [{"boolean_expressions": 1.0}, {"navigate": 0.7, "sports_understanding": 0.3}, {}, {"sports_understanding": 1.0}, MIX]
+PROMPTS = ["not ( True ) and True is", "Name some colors.", "Describe a sailor.", "How heavy is a cat?", "Is it raining?"]
+
+
+def _structured_body(i: int) -> dict:
+    schema = SCHEMAS[i % len(SCHEMAS)]
+    return {
+        "messages": [{"role": "user", "content": f"{PROMPTS[(i // 5) % len(PROMPTS)]} (case {i})"}],
+        "response_format": {"type": "json_schema", "json_schema": {"name": f"s{i % 5}", "schema": schema, "strict": True}},
+        "mix": MIXES[(i // 2) % len(MIXES)],
+        "max_tokens": 40,
+        "temperature": 0,
+    }
+
+
+def _parting_allowed(alone: dict, step: int) -> bool:
+    """The batch floor may part two greedy answers at ``step``: the alone answer's top-two raw gap is
+    at or below it, or the grammar masked the model's own first choice there (raw gaps say nothing)."""
+    from conftest import GAP_FLOOR
+
+    content = alone["choices"][0]["logprobs"]["content"]
+    if step >= len(content):
+        return False
+    top = sorted((t["logprob"] for t in content[step]["top_logprobs"]), reverse=True)
+    masked = content[step]["logprob"] < top[0]
+    return masked or len(top) < 2 or top[0] - top[1] <= GAP_FLOOR
+
+
+def _same_or_parted_at_a_tie(got: str, alone: dict, piece_tokens: list[str]) -> bool:
+    want = alone["choices"][0]["message"]["content"]
+    if got == want:
+        return True
+    prefix, step = "", 0
+    for step, tok in enumerate(piece_tokens):  # the step where the answers part
+        if not got.startswith(prefix + tok):
+            break
+        prefix += tok
+    return _parting_allowed(alone, step)
+
+
+def test_fifty_concurrent_structured_requests_validate_and_equal_each_alone(server):
+    """50 requests with different schemas and mixes through the official client at once: each answer
+    validates against its schema and equals the same request alone (parting only where the batch
+    floor allows); the negative control: the same oracle catches answers run under another mix."""
+    import concurrent.futures
+
+    jsonschema = pytest.importorskip("jsonschema")
+    client = openai.OpenAI(base_url=f"{server}/v1", api_key="unused", max_retries=0, timeout=600)
+    bodies = [_structured_body(i) for i in range(50)]
+
+    def send(body: dict) -> str:
+        extra = {"mix": body["mix"]}
+        kw = {k: body[k] for k in ("messages", "response_format", "max_tokens", "temperature")}
+        return client.chat.completions.create(model="loramux", extra_body=extra, **kw).choices[0].message.content
+
+    with concurrent.futures.ThreadPoolExecutor(50) as ex:
+        together = list(ex.map(send, bodies))
+    for body, text in zip(bodies, together):
+        jsonschema.validate(json.loads(text), body["response_format"]["json_schema"]["schema"])
+    alone = [post(server, "/v1/chat/completions", b | {"logprobs": True, "top_logprobs": 2}).json() for b in bodies]
+    pieces = [[t["token"] for t in a["choices"][0]["logprobs"]["content"]] for a in alone]
+    assert all(_same_or_parted_at_a_tie(t, a, p) for t, a, p in zip(together, alone, pieces))
+    assert sum(t == a["choices"][0]["message"]["content"] for t, a in zip(together, alone)) >= 45
+    other = [post(server, "/v1/chat/completions", b | {"mix": {"navigate": 1.0}}).json() for b in bodies[:10:2]]
+    wrong = [o["choices"][0]["message"]["content"] for o in other]
+    assert not all(_same_or_parted_at_a_tie(w, a, p) for w, a, p in zip(wrong, alone[:10:2], pieces[:10:2]))  # catches a wrong mix

@@ -180,7 +180,7 @@ def _call(obj: Any, names: Sequence[str]) -> dict[str, Any] | None:
     if isinstance(args, str):  # arguments written as a JSON string
         try:
             args = json.loads(args, strict=False)
-        except ValueError:
+        except (ValueError, RecursionError):
             return None
     if not isinstance(args, dict):
         return None
@@ -191,7 +191,7 @@ def _call(obj: Any, names: Sequence[str]) -> dict[str, Any] | None:
 def _json(text: str) -> Any:
     try:
         return json.loads(text, strict=False)  # strict=False: control characters in strings (a grammar allows them)
-    except ValueError:
+    except (ValueError, RecursionError):  # RecursionError: an answer of deeply nested brackets
         return None
 
 
