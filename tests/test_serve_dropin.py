@@ -274,7 +274,9 @@ def test_fifty_concurrent_structured_requests_validate_and_equal_each_alone(serv
     alone = [post(server, "/v1/chat/completions", b | {"logprobs": True, "top_logprobs": 2}).json() for b in bodies]
     pieces = [[t["token"] for t in a["choices"][0]["logprobs"]["content"]] for a in alone]
     assert all(_same_or_parted_at_a_tie(t, a, p) for t, a, p in zip(together, alone, pieces))
-    assert sum(t == a["choices"][0]["message"]["content"] for t, a in zip(together, alone)) >= 45
-    other = [post(server, "/v1/chat/completions", b | {"mix": {"navigate": 1.0}}).json() for b in bodies[:10:2]]
-    wrong = [o["choices"][0]["message"]["content"] for o in other]
-    assert not all(_same_or_parted_at_a_tie(w, a, p) for w, a, p in zip(wrong, alone[:10:2], pieces[:10:2]))  # catches a wrong mix
+    assert sum(t == a["choices"][0]["message"]["content"] for t, a in zip(together, alone)) >= 45  # 90% exactly equal
+    # negative control: under another mix the same requests miss the 90% bar of exact equality
+    picked = [i for i in range(50) if (i // 2) % len(MIXES) in (0, 2, 3)][:10]
+    other = [post(server, "/v1/chat/completions", bodies[i] | {"mix": {"navigate": 1.0}}).json() for i in picked]
+    same = sum(o["choices"][0]["message"]["content"] == alone[i]["choices"][0]["message"]["content"] for o, i in zip(other, picked))
+    assert same < 9, f"{same} of 10 answers under another mix equal the alone ones: the oracle cannot tell mixes apart"

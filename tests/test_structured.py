@@ -96,3 +96,17 @@ def test_bad_grammars_and_schemas_are_refused_naming_the_field(pool):
     assert refused.value.param == "response_format"
     with pytest.raises(RequestError, match="not both"):
         pool.create_completion("hi", grammar='root ::= "a"', response_format={"type": "json_object"})
+
+
+def test_the_greedy_shortlist_chooses_what_the_whole_vocabulary_chooses(pool, monkeypatch):
+    """Greedy under a grammar tries the best ``shortlist`` tokens before the whole vocabulary: the
+    same answers as with the whole vocabulary at every rejection (shortlist 0), for every case,
+    and a shortlist of 1 (the negative control: too short to hold an allowed token) falls back."""
+    from loramux.engine.sampling import SequenceSampler
+
+    fast = [r.text for r in pool.generate([_request(p, s, m) for p, s, m in CASES])]
+    monkeypatch.setattr(SequenceSampler, "shortlist", 0)
+    whole = [r.text for r in pool.generate([_request(p, s, m) for p, s, m in CASES])]
+    monkeypatch.setattr(SequenceSampler, "shortlist", 1)
+    one = [r.text for r in pool.generate([_request(p, s, m) for p, s, m in CASES])]
+    assert fast == whole == one

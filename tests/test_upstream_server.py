@@ -86,6 +86,7 @@ def run_upstream(folder: Path, unit_file: str, out: Path) -> tuple[subprocess.Co
         LORAMUX_UPSTREAM_REPORT=str(out / "report.json"),
         LLAMA_CACHE=str(folder / "tmp"),
     )
+    env.setdefault("LORAMUX_UPSTREAM_THREADS", "1")  # see launcher.py: no spinning barriers on a shared machine
     env.pop("DEBUG", None)  # upstream's DEBUG=1 passes --verbose
     cmd = [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-p", "loramux_upstream", "-c", "pytest.ini"]
     cmd += ["--rootdir", str(folder), "-q", "-rfEs", "--tb=short", f"--junitxml={out / 'junit.xml'}", f"unit/{unit_file}"]

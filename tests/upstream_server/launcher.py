@@ -14,6 +14,11 @@ translated by the table ``FLAGS`` below into ``loramux serve`` flags, and the pr
 - A flag with no translation at all exits 2 too: nothing that changes answers is dropped silently.
   Flags dropped on purpose say why in the table.
 
+``LORAMUX_UPSTREAM_THREADS=N`` adds ``--threads N`` when llama-server's command line gives none
+(tests/test_upstream_server.py sets 1: on a shared 2-core machine, llama.cpp's spinning thread
+barriers slow a 2-thread server a hundredfold while another process computes; one thread has no
+barrier, and a row of a matmul is computed by one thread either way, so answers do not change).
+
 ``LORAMUX_UPSTREAM_LENIENT=1`` drops, with a line on stderr each, the translated flags the
 installed ``loramux serve`` does not know yet: to see which tests fail for their routes and fields
 rather than at the server's start (a diagnostic, never what the test suite runs).
@@ -192,6 +197,9 @@ def translate(argv: list[str]) -> tuple[list[str], list[str]]:
             out.append(flag.target)
         elif name == "--lora":
             out += ["--adapters", value]
+    threads = os.environ.get("LORAMUX_UPSTREAM_THREADS")
+    if threads and "--threads" not in values:
+        out += ["--threads", threads]
     parallel = int(values.get("--parallel") or LLAMA_SERVER_DEFAULT_PARALLEL)
     unified = "--kv-unified" in values or "--parallel" not in values
     if "--parallel" in values:

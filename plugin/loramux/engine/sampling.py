@@ -134,6 +134,8 @@ def grammar_sampler(vocab, grammar: str):
 class SequenceSampler:
     """One llama.cpp sampler chain (``llama_sampler *``) for one request; free it with :meth:`close`."""
 
+    shortlist = 256  # greedy under a grammar: tokens tried before the whole vocabulary (0: always the whole)
+
     def __init__(self, params: SamplingParams, n_vocab: int, vocab=None) -> None:
         import llama_cpp as lc
 
@@ -195,10 +197,35 @@ class SequenceSampler:
         token = self._choose(logits, grammar_first=False)
         self._one["id"], self._one["logit"] = token, logits[token]
         if np.isneginf(self._apply(self._grammar, self._one)["logit"][0]):  # rejected
-            token = self._choose(logits, grammar_first=True)
+            allowed = self._greedy_allowed(logits) if self._shortlist_exact else None
+            token = self._choose(logits, grammar_first=True) if allowed is None else allowed
         lc.llama_sampler_accept(self._grammar, token)
         lc.llama_sampler_accept(self._chain, token)
         return token
+
+    @property
+    def _shortlist_exact(self) -> bool:
+        """Greedy without penalties: the grammar's best token is the first it allows in logit order."""
+        p = self.params
+        return self.shortlist > 0 and p.greedy and p.repeat_penalty == 1 and p.frequency_penalty == 0 and p.presence_penalty == 0
+
+    def _greedy_allowed(self, logits: np.ndarray) -> int | None:
+        """Greedy under the grammar from the ``shortlist`` best tokens (logit bias added): the first
+        the grammar allows, in the greedy sampler's order (logit, then id); None when it allows none
+        of them (then the grammar runs over the whole vocabulary). Exact: an allowed token outside
+        the shortlist has a lower logit than every token in it."""
+        z = logits
+        if self.params.logit_bias:
+            z = logits.copy()
+            for tok, bias in self.params.logit_bias.items():
+                z[tok] += bias
+        k = min(self.shortlist, self._n_vocab)
+        top = np.argpartition(-z, k - 1)[:k]
+        top = top[np.lexsort((top, -z[top]))]
+        short = self._cand[:k]
+        short["id"], short["logit"], short["p"] = top, z[top], 0.0
+        allowed = np.flatnonzero(~np.isneginf(self._apply(self._grammar, short)["logit"]))
+        return int(short["id"][allowed[0]]) if allowed.size else None
 
     def _choose(self, logits: np.ndarray, *, grammar_first: bool) -> int:
         """The chain's choice among all candidates (after the grammar's mask with ``grammar_first``)."""
