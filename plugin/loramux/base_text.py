@@ -84,6 +84,13 @@ class BaseText:
     def __init__(self, model, name: str) -> None:
         self.model = model
         self.name = name
+        self._template: str | None = None  # a chat template used instead of the model's (use_template)
+
+    def use_template(self, template: str) -> None:
+        """Format chat messages with the Jinja ``template`` instead of the model's own."""
+        self._template = template
+        for cached in ("_chat_formatter", "_chat_formatter_no_prompt"):
+            self.__dict__.pop(cached, None)
 
     def tokenize(self, text: str, *, add_bos: bool = False, special: bool = True) -> list[int]:
         """Tokens of ``text`` with the base model's tokenizer."""
@@ -116,8 +123,8 @@ class BaseText:
 
     @property
     def chat_template(self) -> str:
-        """The base model's chat template (Jinja; empty when it has none)."""
-        return self.model.metadata().get("tokenizer.chat_template", "")
+        """The chat template in use: the base model's (Jinja; empty when it has none), or the one given to use_template."""
+        return self._template if self._template is not None else self.model.metadata().get("tokenizer.chat_template", "")
 
     @property
     def n_layer(self) -> int:
@@ -151,7 +158,7 @@ class BaseText:
     def _formatter(self, *, add_generation_prompt: bool):
         from llama_cpp import llama_chat_format
 
-        template = self.model.metadata().get("tokenizer.chat_template")
+        template = self.chat_template
         if not template:
             raise LoramuxError(f"base model {self.name} has no chat template (tokenizer.chat_template)")
         return llama_chat_format.Jinja2ChatFormatter(

@@ -224,6 +224,7 @@ class AdapterPool(TextSide, BatchCompletions, TeacherForcing):
     )
     running = _engine_fact("n_running", "Requests decoding now.")
     waiting = _engine_fact("n_waiting", "Requests waiting for a sequence.")
+    busy_slots = _engine_fact("busy_slots", "For each sequence: whether a request runs in it now.")
     lora_stats = _engine_fact("lora_stats", "How often a mix was set on the whole context (:class:`LoraSetStats`).")
 
     def path_for(self, mix: MixLike) -> str:

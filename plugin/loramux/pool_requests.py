@@ -85,7 +85,7 @@ class PoolRequest:
     tools: Sequence[Mapping[str, Any]] | None = None
     tool_choice: Any = None
     tool_use: ToolUse | None = field(default=None, init=False, repr=False)
-    add_generation_prompt: bool = True
+    add_generation_prompt: bool | None = None  # None: open the assistant's turn unless a last assistant message is continued
     continue_final_message: bool | None = None  # None: continue a last assistant message (llama-server's prefill)
     turn: ChatTurn = field(default=NEW_TURN, init=False, repr=False)
 
@@ -104,16 +104,21 @@ class PoolRequest:
 
 def chat_turn(messages: Sequence[Mapping[str, Any]], generation_prompt: Any, continue_final: Any) -> ChatTurn:
     """How ``messages`` end the prompt: a last assistant message is continued unless
-    ``continue_final_message`` is false (then, as with other roles, the assistant's turn is opened
-    unless ``add_generation_prompt`` is false). Continuing needs a last assistant message."""
+    ``continue_final_message`` is false or ``add_generation_prompt`` true (then, as with other roles,
+    the assistant's turn is opened unless ``add_generation_prompt`` is false). Continuing needs a
+    last assistant message (one: two at the end are refused), and excludes ``add_generation_prompt``."""
     for name, value in (("add_generation_prompt", generation_prompt), ("continue_final_message", continue_final)):
         if value is not None and not isinstance(value, bool):
             raise RequestError(f"{name} must be true or false, got {value!r}", param=name)
     last_is_assistant = bool(messages) and messages[-1].get("role") == "assistant"
+    if last_is_assistant and len(messages) > 1 and messages[-2].get("role") == "assistant":
+        raise RequestError("two assistant messages end the conversation: one at most can be continued", param="messages")
     if continue_final and not last_is_assistant:
         raise RequestError("continue_final_message needs the last message to be the assistant's", param="continue_final_message")
-    go_on = last_is_assistant if continue_final is None else continue_final
-    return ChatTurn(generation_prompt=bool(generation_prompt) and not go_on, continue_final=go_on)
+    if continue_final and generation_prompt:
+        raise RequestError("continue_final_message and add_generation_prompt exclude each other: give one", param="continue_final_message")
+    go_on = (last_is_assistant and generation_prompt is None) if continue_final is None else continue_final
+    return ChatTurn(generation_prompt=generation_prompt is not False and not go_on, continue_final=go_on)
 
 
 @dataclass

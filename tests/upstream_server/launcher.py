@@ -92,14 +92,13 @@ FLAGS: dict[str, Flag] = {
         "the file is served as an adapter; NOTE llama-server applies --lora adapters at scale 1 to requests "
         "without a lora field, loramux at 0 (the base model) until POST /lora-adapters sets scales",
     ),
-    # needs a loramux serve flag that does not exist yet (passed under the name proposed here)
-    "--slots": Flag(False, "set", "--slots", "NEW FLAG: GET /slots served (llama-server: 501 without it)"),
-    "--no-slots": Flag(False, "set", "--no-slots", "NEW FLAG: GET /slots answers 501 not_supported_error"),
-    "--verbose": Flag(False, "set", "--verbose", 'NEW FLAG: every answer carries "__verbose" (the prompt as rendered, ...)'),
-    "--tags": _p("--tags", "NEW FLAG: the model's tags in /models"),
-    "--chat-template": _p("--chat-template", "NEW FLAG: a built-in template name (chatml, llama3, command-r, ...) or a Jinja string"),
-    "--chat-template-file": _p("--chat-template-file", "NEW FLAG: a Jinja chat template file"),
-    "--no-ui": Flag(False, "set", "--no-ui", "NEW FLAG (only with a web UI): GET / answers 404"),
+    "--slots": Flag(False, "set", "--slots", "GET /slots served"),
+    "--no-slots": Flag(False, "set", "--no-slots", "GET /slots answers 501 not_supported_error (llama-server's default)"),
+    "--verbose": Flag(False, "set", "--verbose", 'every answer carries "__verbose" (the prompt as read)'),
+    "--tags": _p("--tags", "the model's tags in /models"),
+    "--chat-template": _p("--chat-template", "a Jinja template's text (llama.cpp's built-in named templates are refused at start)"),
+    "--chat-template-file": _p("--chat-template-file", "a Jinja chat template file"),
+    "--no-ui": _drop(False, "loramux serve has no web UI to turn off"),
     # the model: always loramux's base
     "--model": Flag(True, "model", None, _MODEL),
     "--model-url": Flag(True, "model", None, _MODEL),
@@ -197,6 +196,8 @@ def translate(argv: list[str]) -> tuple[list[str], list[str]]:
             out.append(flag.target)
         elif name == "--lora":
             out += ["--adapters", value]
+    if "--cors-origins" not in values:  # llama-server's default: every origin may call it (reflected)
+        out += ["--cors", "*"]
     threads = os.environ.get("LORAMUX_UPSTREAM_THREADS")
     if threads and "--threads" not in values:
         out += ["--threads", threads]

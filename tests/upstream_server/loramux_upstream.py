@@ -8,6 +8,8 @@ without editing upstream's files:
 - ``utils.ServerPreset.load_all`` (called by the autouse session fixture of upstream's conftest.py
   to download every preset's model from the hub) becomes a no-op: the launcher serves loramux's
   embedded base model whatever the preset asks for.
+- ``ServerProcess.make_request``'s headers stay case-insensitive, as HTTP header names are
+  (upstream copies them into a plain dict; uvicorn writes names in lower case, llama-server capitalized).
 - The skip list (``skips.toml`` beside this file, or ``$LORAMUX_UPSTREAM_SKIPS``) marks its tests
   skipped with their reason (an entry is a node id, or ``file::test[*]`` for every
   parametrization). Entries that match no collected test of the files run are written to
@@ -83,6 +85,25 @@ def _neutralize_presets() -> None:
     utils = sys.modules.get("utils")
     if utils is not None and hasattr(utils, "ServerPreset"):
         utils.ServerPreset.load_all = staticmethod(lambda: None)
+    if utils is not None and hasattr(utils, "ServerProcess") and not hasattr(utils.ServerProcess, "_loramux_headers"):
+        _case_insensitive_headers(utils.ServerProcess)
+
+
+def _case_insensitive_headers(process_class) -> None:
+    """``make_request`` answers with ``dict(response.headers)``: a case-sensitive copy of headers whose
+    names HTTP defines case-insensitive (RFC 9110, 5.1). llama-server writes ``Access-Control-Allow-Origin``,
+    uvicorn writes every name in lower case: the answer keeps requests' case-insensitive mapping instead."""
+    from requests.structures import CaseInsensitiveDict
+
+    original = process_class.make_request
+
+    def make_request(self, *args, **kwargs):
+        result = original(self, *args, **kwargs)
+        result.headers = CaseInsensitiveDict(result.headers)
+        return result
+
+    process_class.make_request = make_request
+    process_class._loramux_headers = True
 
 
 def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config, items: list[pytest.Item]) -> None:

@@ -112,7 +112,16 @@ def _engine_options(p: argparse.ArgumentParser) -> None:
 
 def _client_options(p: argparse.ArgumentParser) -> None:
     """What a client meets: its model names, CORS, the defaults of requests that leave a field out."""
-    p.add_argument("--alias", dest="model_id", default=None, help="the base model's id in /v1/models and answers (default: loramux)")
+    p.add_argument(
+        "--alias",
+        default=None,
+        help="the base model's name(s) in /v1/models, comma-separated; the first in sorted order is its id (default: loramux)",
+    )
+    p.add_argument("--tags", default=None, help="the base model's tags in /v1/models, comma-separated")
+    p.add_argument("--chat-template", default=None, metavar="JINJA", help="a Jinja chat template to use instead of the model's")
+    p.add_argument("--chat-template-file", type=Path, default=None, metavar="FILE", help="the same, from a file")
+    p.add_argument("--slots", action=argparse.BooleanOptionalAction, default=None, help="serve GET /slots (default: off, 501)")
+    p.add_argument("--verbose", action="store_true", default=None, help='every answer carries "__verbose": the prompt as read')
     p.add_argument(
         "--unknown-model",
         choices=("base", "error"),
@@ -157,16 +166,31 @@ def settings_from(args: argparse.Namespace):
             "max_active",
             "skip_embeddings",
             "llama_server",
-            "model_id",
             "unknown_model",
+            "slots",
+            "verbose",
             "n_predict",
             "temperature",
             "seed",
         )
     }
-    flags["cors"] = [o.strip() for o in args.cors.split(",") if o.strip()] if args.cors else None
+    flags["cors"] = _listed(args.cors)
+    flags["tags"] = _listed(args.tags)
+    aliases = _listed(args.alias)
+    flags["model_id"], flags["aliases"] = (sorted(aliases)[0], aliases) if aliases else (None, None)
+    flags["chat_template"] = args.chat_template
+    if args.chat_template_file is not None:
+        try:
+            flags["chat_template"] = args.chat_template_file.read_text()
+        except OSError as exc:
+            raise LoramuxError(f"--chat-template-file {args.chat_template_file}: {exc}") from None
     flags["flash_attn"] = None if args.flash_attn is None else args.flash_attn == "on"
     return merge(config, flags)
+
+
+def _listed(value: str | None) -> list[str] | None:
+    """A comma-separated flag value as a list (None when not given)."""
+    return [v.strip() for v in value.split(",") if v.strip()] if value else None
 
 
 def run(args: argparse.Namespace) -> int:

@@ -106,6 +106,11 @@ class Engine(Admission, ForcedJobs):
         return sum(1 for s in self._slots if s.busy)
 
     @property
+    def busy_slots(self) -> list[bool]:
+        """For each sequence id: whether a request runs in it now."""
+        return [s.busy for s in self._slots]
+
+    @property
     def n_waiting(self) -> int:
         return len(self._waiting)
 

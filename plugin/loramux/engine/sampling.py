@@ -66,8 +66,8 @@ def _bias(raw) -> dict[int, float]:
     """``logit_bias`` as ``{token id: finite bias}`` (the ids are checked against the vocabulary at Engine.submit)."""
     if not isinstance(raw, Mapping):
         raise RequestError("logit_bias must be a mapping {token id: bias}", param="logit_bias")
-    try:
-        bias = {int(k): _real("logit_bias", v) for k, v in raw.items()}
+    try:  # -inf bans a token (llama-server's false); other values must be finite
+        bias = {int(k): (v if v == -math.inf else _real("logit_bias", v)) for k, v in raw.items()}
     except (TypeError, ValueError, OverflowError):
         raise RequestError("logit_bias maps token ids to numbers", param="logit_bias") from None
     except RequestError:

@@ -66,7 +66,7 @@ def pool_state(settings: ServeSettings, pool, router=None) -> ServerState:
         mixes=settings.mixes,
         lora=lora,
         route=router.route if router is not None else None,
-        base_names=("base", pool.base_path.name, pool.base_path.stem),
+        base_names=("base", pool.base_path.name, pool.base_path.stem, *settings.aliases),
         routing_modes=ROUTING_MODES if pool.native else (),
         unknown_model=settings.unknown_model,
     )
@@ -196,7 +196,9 @@ class AuthAndCount:
         key = self.state.settings.api_key
         if not key or request.url.path in OPEN_PATHS:
             return True
-        return hmac.compare_digest(request.headers.get("authorization", "").encode(), f"Bearer {key}".encode())
+        given = request.headers.get("authorization", "").encode()
+        bare = request.headers.get("x-api-key", "").encode()  # Anthropic's header, which llama-server takes too
+        return hmac.compare_digest(given, f"Bearer {key}".encode()) or hmac.compare_digest(bare, key.encode())
 
 
 __all__ = ["ServerState", "create_app", "pool_state"]

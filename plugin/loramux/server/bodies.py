@@ -20,6 +20,7 @@ REFUSED = ("functions", "function_call", "suffix")  # functions / function_call:
 TOOL_MESSAGE_FIELDS = ("tool_calls", "tool_call_id", "name")  # kept on messages, rendered by loramux.tools
 MAX_TOP_LOGPROBS = 20  # OpenAI's limit
 CHAT_TURN_FIELDS = ("add_generation_prompt", "continue_final_message")  # vLLM's and llama-server's
+TEXT_PART_JOIN = "\n\n"  # between the text parts of one message (llama-server's join)
 
 
 MAX_N = 16  # choices of one request (each takes a sequence of the engine)
@@ -176,13 +177,14 @@ def _tool_fields(m: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def _text_content(content: Any) -> str:
-    """A message's text (a string, or OpenAI's list of ``{"type": "text", "text"}`` parts)."""
+    """A message's text (a string, or OpenAI's list of ``{"type": "text", "text"}`` parts, joined by a
+    blank line as llama-server joins them)."""
     if content is None:
         return ""
     if isinstance(content, str):
         return text_field(content, "messages[].content")
     if isinstance(content, list) and all(isinstance(p, Mapping) and p.get("type") == "text" for p in content):
-        return text_field("".join(str(p.get("text", "")) for p in content), "messages[].content")
+        return text_field(TEXT_PART_JOIN.join(str(p.get("text", "")) for p in content), "messages[].content")
     raise APIError(400, "message content must be text (images and audio are not supported)", param="messages")
 
 

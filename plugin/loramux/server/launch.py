@@ -42,6 +42,8 @@ def build_pool_app(settings: ServeSettings) -> FastAPI:
         flash_attn=settings.flash_attn,
     )
     try:
+        if settings.chat_template is not None:
+            pool.text.use_template(settings.chat_template)
         with warnings.catch_warnings(record=True) as caught, progress_bar(desc="load adapters", unit="adapter") as bar:
             warnings.simplefilter("always", AdapterSkippedWarning)
             pool.load_adapters(settings.adapters, skip_embeddings=settings.skip_embeddings, progress=bar.update_to)

@@ -64,7 +64,10 @@ NO_EFFECT = (
     "id_slot",
     "n_keep",  # context shifting is off
     "n_cache_reuse",
-    "timings_per_token",
+    "timings_per_token",  # the routes add timings to the answer
+    "response_fields",  # /completion picks the fields of its answer
+    "return_tokens",  # /completion adds the token ids to its answer
+    "verbose",  # the routes add "__verbose" (the prompt as read) to the answer
     "return_progress",
     "t_max_prompt_ms",
     "dynatemp_exponent",
@@ -79,13 +82,30 @@ NO_EFFECT = (
 )
 REFUSED = {
     "samplers": "a custom sampler order (loramux's order is llama-cpp-python's: penalties, top-k, typical, top-p, min-p, temperature)",
-    "response_fields": "response_fields (the whole answer is returned)",
     "speculative.type": "speculative decoding",
     "lora_routing": 'lora_routing (give "mix": "arrow" or "spectr" instead)',
     "image_data": "images",
     "multimodal_data": "images and audio",
     "input_extra": "infill",
 }
+
+
+def token_bias(raw: Any, tokenize: Callable[[str], list[int]]) -> Any:
+    """llama-server's ``logit_bias`` shapes as ``{token id: bias}``: an object or a list of
+    ``[id or text, bias]`` pairs; a text biases each of its tokens; a bias of ``false`` bans the
+    token (-inf). Other values are left for the sampling checks to refuse, naming the field."""
+    pairs = raw.items() if isinstance(raw, Mapping) else raw if isinstance(raw, list) else None
+    if pairs is None or not all(isinstance(p, (list, tuple)) and len(p) == 2 for p in pairs):
+        return raw
+    out: dict[Any, Any] = {}
+    for key, bias in pairs:
+        bias = -math.inf if bias is False else bias
+        if isinstance(key, str) and not key.strip().lstrip("-").isdigit():
+            for token in tokenize(key):
+                out[token] = bias
+        else:
+            out[key] = bias
+    return out
 
 
 def translate(body: Mapping[str, Any]) -> dict[str, Any]:
@@ -111,4 +131,4 @@ def translate(body: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
-__all__ = ["NO_EFFECT", "OFF_WHEN", "REFUSED", "RENAMED", "translate"]
+__all__ = ["NO_EFFECT", "OFF_WHEN", "REFUSED", "RENAMED", "token_bias", "translate"]

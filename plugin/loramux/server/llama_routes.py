@@ -13,7 +13,6 @@ token, the last with ``"stop": true`` (no ``[DONE]``, as llama-server).
 from __future__ import annotations
 
 import json
-import time
 from typing import Any, AsyncIterator, Mapping
 
 from fastapi import APIRouter, Request
@@ -25,6 +24,7 @@ from loramux.errors import LoramuxError
 from loramux.server.bodies import RequestDefaults, text_field
 from loramux.server.errors import APIError, from_loramux
 from loramux.server.openai_routes import cancel_unfinished, collect, json_body, merged, sse_event, submit
+from loramux.server.timings import AnswerClock
 
 router = APIRouter()
 
@@ -33,22 +33,83 @@ router = APIRouter()
 @router.post("/completions")
 async def completion(request: Request):
     state = request.app.state.loramux
-    body = await json_body(request)
-    started = time.perf_counter()
-    sub = await submit(request, _with_defaults(body, state.defaults), chat=False)
-    shape = NativeShape(
-        model=str(body.get("model") or state.settings.model_id),
-        prompt=body.get("prompt"),
-        piece=state.pool.piece if sub.parsed.request.logprobs is not None else None,
-        return_tokens=bool(body.get("return_tokens")),
-        extra=sub.extra,
-        started=started,
-    )
-    if sub.parsed.stream:
-        return StreamingResponse(_native_sse(sub.handles, shape), media_type="text/event-stream", headers=sub.headers)
-    events = await collect(sub.handles, request, on_token=shape.on_token)
-    results = [shape.result(evs, i) for i, evs in enumerate(events)]
+    body = _with_defaults(await json_body(request), state.defaults)
+    prompts = native_prompts(body.get("prompt"), state.pool.text)
+    if len(prompts) > 1 and body.get("stream"):
+        raise APIError(400, "stream one prompt per request (several prompts are answered whole, as a list)", param="prompt")
+    results: list[dict[str, Any]] = []
+    for prompt in prompts:  # several prompts: each with its choices, in order, in one list
+        clock = AnswerClock()
+        sub = await submit(request, body | {"prompt": prompt}, chat=False)
+        shape = NativeShape(
+            model=str(body.get("model") or state.settings.model_id),
+            prompt=prompt,
+            piece=state.pool.piece if sub.parsed.request.logprobs is not None else None,
+            return_tokens=bool(body.get("return_tokens")),
+            extra=sub.extra,
+            clock=clock,
+        )
+        shape.settings = generation_settings(sub.handles[0].request)
+        shape.prompt = state.pool.text.detokenize(sub.handles[0].request.tokens)  # the prompt as read
+        if sub.parsed.stream:
+            return StreamingResponse(_native_sse(sub.handles, shape), media_type="text/event-stream", headers=sub.headers)
+        events = await collect(sub.handles, request, on_token=shape.on_token)
+        results += [picked(shape.result(evs, i), body.get("response_fields")) for i, evs in enumerate(events)]
     return JSONResponse(results[0] if len(results) == 1 else results, headers=sub.headers)
+
+
+def native_prompts(raw: Any, text) -> list[str | list[int]]:
+    """llama-server's prompt shapes as prompts: a string, token ids, ``{"prompt_string"}``, one
+    sequence mixing ids and strings (joined as tokens), or a list of such prompts (several)."""
+    if isinstance(raw, dict):
+        if raw.get("multimodal_data"):
+            raise APIError(400, "multimodal_data: loramux serves text models only", param="prompt")
+        return [raw.get("prompt_string", raw.get("prompt", ""))]
+    if not isinstance(raw, list) or not raw or all(isinstance(x, int) and not isinstance(x, bool) for x in raw):
+        return [raw]
+    if any(isinstance(x, (list, dict)) for x in raw) or all(isinstance(x, str) for x in raw):
+        return [p for x in raw for p in native_prompts(x, text)]
+    tokens: list[int] = []  # one sequence of ids and strings
+    for x in raw:
+        tokens += text.tokenize(x, add_bos=False) if isinstance(x, str) else [x]
+    return [tokens]
+
+
+def generation_settings(req) -> dict[str, Any]:
+    """The settings a request ran with, under llama-server's names."""
+    p = req.sampling
+    return {
+        "n_predict": -1 if req.max_tokens is None else req.max_tokens,
+        "seed": p.seed,
+        "temperature": p.temperature,
+        "top_k": p.top_k,
+        "top_p": p.top_p,
+        "min_p": p.min_p,
+        "typical_p": p.typical_p,
+        "repeat_penalty": p.repeat_penalty,
+        "repeat_last_n": p.penalty_last_n,
+        "presence_penalty": p.presence_penalty,
+        "frequency_penalty": p.frequency_penalty,
+        "n_probs": req.logprobs or 0,
+        "stop": list(req.stop),
+        "grammar": p.grammar or "",
+    }
+
+
+def picked(result: dict[str, Any], fields: Any) -> dict[str, Any]:
+    """llama-server's ``response_fields``: only those fields; ``a/b`` is ``result[a][b]`` under the key ``a/b``."""
+    if not fields:
+        return result
+    if not isinstance(fields, list) or not all(isinstance(f, str) for f in fields):
+        raise APIError(400, "response_fields must be a list of field names", param="response_fields")
+    out = {}
+    for name in fields:
+        value: Any = result
+        for part in name.split("/"):
+            value = value.get(part) if isinstance(value, dict) else None
+        if value is not None:
+            out[name] = value
+    return out
 
 
 def _with_defaults(body: Mapping[str, Any], defaults: RequestDefaults) -> dict[str, Any]:
@@ -62,14 +123,14 @@ def _with_defaults(body: Mapping[str, Any], defaults: RequestDefaults) -> dict[s
 class NativeShape:
     """What llama-server's answers of one /completion request share, and how each is built."""
 
-    def __init__(self, *, model: str, prompt: Any, piece, return_tokens: bool, extra: dict[str, Any], started: float) -> None:
+    def __init__(self, *, model: str, prompt: Any, piece, return_tokens: bool, extra: dict[str, Any], clock: AnswerClock) -> None:
         self.model, self.prompt, self.piece, self.return_tokens = model, prompt, piece, return_tokens
-        self.extra, self.started = extra, started
-        self.first_token: float | None = None
+        self.extra, self.clock = extra, clock
+        self.settings: dict[str, Any] = {}  # generation_settings of the whole answer
         self.generated = 0
 
     def on_token(self) -> None:
-        self.first_token = self.first_token or time.perf_counter()
+        self.clock.on_token()
 
     def partial(self, ev: TokenEvent, index: int, fin_prompt: int | None = None) -> dict[str, Any]:
         """One streamed token, as llama-server streams it."""
@@ -93,35 +154,18 @@ class NativeShape:
             "model": self.model,
             "tokens_predicted": fin.completion_tokens,
             "tokens_evaluated": fin.prompt_tokens,
-            "prompt": self.prompt if isinstance(self.prompt, str) else "",
+            "generation_settings": self.settings,
+            "prompt": self.prompt,
             "has_new_line": "\n" in fin.text,
             "truncated": False,
             "stop_type": "limit" if fin.finish_reason == "length" else "word" if fin.stop_word else "eos",
             "stopping_word": fin.stop_word,
             "tokens_cached": fin.prompt_tokens + fin.completion_tokens,
-            "timings": self.timings(fin),
+            "timings": self.clock.timings(fin),
         }
         if self.piece is not None and tokens and tokens[0].logprob is not None:
             out["completion_probabilities"] = responses.chat_logprobs(tokens, self.piece)["content"]
         return out | {"path": fin.path} | self.extra
-
-    def timings(self, fin: Finished) -> dict[str, float]:
-        """llama-server's timings, measured here: prompt until the first token, then generation."""
-        now = time.perf_counter()
-        first = self.first_token or now
-        prompt_ms, predicted_ms = (first - self.started) * 1e3, (now - first) * 1e3
-        read, made = fin.prompt_tokens - fin.cached_tokens, fin.completion_tokens
-        return {
-            "cache_n": fin.cached_tokens,
-            "prompt_n": read,
-            "prompt_ms": prompt_ms,
-            "prompt_per_token_ms": prompt_ms / max(read, 1),
-            "prompt_per_second": read / prompt_ms * 1e3 if prompt_ms > 0 else 0.0,
-            "predicted_n": made,
-            "predicted_ms": predicted_ms,
-            "predicted_per_token_ms": predicted_ms / max(made, 1),
-            "predicted_per_second": made / predicted_ms * 1e3 if predicted_ms > 0 else 0.0,
-        }
 
 
 async def _native_sse(handles: list[RequestHandle], shape: NativeShape) -> AsyncIterator[bytes]:
@@ -214,8 +258,28 @@ async def props(request: Request) -> dict[str, Any]:
 
 
 @router.get("/slots", include_in_schema=False)
-async def slots() -> None:
-    raise APIError(501, "loramux serve has no /slots endpoint: GET /metrics reports the engine's sequences", type="not_supported_error")
+async def slots(request: Request) -> list[dict[str, Any]]:
+    """llama-server's slot listing with ``--slots`` (the engine's sequences); else 501, as llama-server."""
+    state = request.app.state.loramux
+    if not state.settings.slots:
+        raise APIError(501, "GET /slots is off: start loramux serve with --slots", type="not_supported_error")
+    n_ctx = state.pool.n_ctx
+    return [{"id": i, "id_task": -1, "n_ctx": n_ctx, "is_processing": busy} for i, busy in enumerate(state.pool.busy_slots)]
+
+
+@router.post("/chat/completions/input_tokens")
+@router.post("/v1/chat/completions/input_tokens")
+async def input_tokens(request: Request) -> dict[str, int]:
+    """The number of prompt tokens a chat body makes (llama-server's and OpenAI's token count)."""
+    from loramux.server.bodies import chat_body
+
+    state = request.app.state.loramux
+    req = chat_body(await json_body(request), state.defaults).request
+    try:
+        tokens, _ = state.pool.text.prompt_of(None, req.messages, req.tool_use, req.turn)
+    except LoramuxError as exc:
+        raise from_loramux(exc) from None
+    return {"input_tokens": len(tokens)}
 
 
 __all__ = ["router"]

@@ -26,6 +26,8 @@ from loramux.errors import LoramuxError
 from loramux.server import schema
 from loramux.server.bodies import ParsedBody, chat_body, completion_body, prompt_text
 from loramux.server.errors import APIError, from_loramux, request_id_of
+from loramux.server.llama_fields import token_bias
+from loramux.server.timings import AnswerClock
 
 router = APIRouter()
 UNKNOWN_MODEL_HEADER = "X-Loramux-Unknown-Model"  # the model name a request gave that names nothing here (answered as no model)
@@ -46,9 +48,14 @@ async def json_body(request: Request) -> dict[str, Any]:
 async def models(request: Request) -> dict[str, Any]:
     state = request.app.state.loramux
     now = int(time.time())
+    s = state.settings
+    base = {"aliases": s.aliases or [s.model_id], "tags": s.tags}  # llama-server's fields of its model
     return {
         "object": "list",
-        "data": [{"id": m, "object": "model", "created": now, "owned_by": "loramux"} for m in state.selector.models()],
+        "data": [
+            {"id": m, "object": "model", "created": now, "owned_by": "loramux"} | (base if m == s.model_id else {})
+            for m in state.selector.models()
+        ],
     }
 
 
@@ -76,6 +83,8 @@ class Submitted:
 async def submit(request: Request, body: dict[str, Any], *, chat: bool) -> Submitted:
     """Parse ``body``, select its mix and submit it (``n`` handles for ``n`` choices); errors as 4xx."""
     state = request.app.state.loramux
+    if body.get("logit_bias") is not None:  # llama-server's shapes (pairs, texts) as token ids
+        body = body | {"logit_bias": token_bias(body["logit_bias"], lambda t: state.pool.text.tokenize(t, add_bos=False))}
     parsed = (chat_body if chat else completion_body)(body, state.defaults)
     parsed.request.request_id = request_id_of(request)
     # a router may run a forward pass (LoGo, hidden-state retrieval): off the event loop, so streams go on
@@ -95,6 +104,7 @@ async def submit(request: Request, body: dict[str, Any], *, chat: bool) -> Submi
 async def _answer(request: Request, *, chat: bool):
     state = request.app.state.loramux
     body = await json_body(request)
+    clock = AnswerClock()
     sub = await submit(request, body, chat=chat)
     parsed = sub.parsed
     shape = responses.Shape(
@@ -104,13 +114,18 @@ async def _answer(request: Request, *, chat: bool):
     if parsed.stream:
         shapers = [responses.StreamShaper(shape, piece=piece, index=i) for i in range(len(sub.handles))]
         # starlette's StreamingResponse watches for the client's disconnect and then closes _sse
+        timed = clock if body.get("timings_per_token") else None  # llama-server's timings in the last chunks
         return StreamingResponse(
-            _sse(sub.handles, shapers, shape if parsed.include_usage else None),
+            _sse(sub.handles, shapers, shape if parsed.include_usage else None, timed),
             media_type="text/event-stream",
             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"} | sub.headers,
         )
-    events = await collect(sub.handles, request)
-    return JSONResponse(responses.whole_choices(shape, events, piece), headers=sub.headers)
+    events = await collect(sub.handles, request, on_token=clock.on_token)
+    out = responses.whole_choices(shape, events, piece)
+    out["timings"] = clock.timings(*(ev for evs in events for ev in evs if isinstance(ev, Finished)))
+    if body.get("verbose") or state.settings.verbose:  # llama-server's debugging aid: the prompt as the model read it
+        out["__verbose"] = {"prompt": state.pool.text.detokenize(sub.handles[0].request.tokens)}
+    return JSONResponse(out, headers=sub.headers)
 
 
 async def collect(handles: list[RequestHandle], request: Request, on_token: Callable[[], None] | None = None) -> list[list]:
@@ -183,7 +198,10 @@ def sse_event(data: str) -> bytes:
 
 
 async def _sse(
-    handles: list[RequestHandle], shapers: list[responses.StreamShaper], usage_shape: responses.Shape | None
+    handles: list[RequestHandle],
+    shapers: list[responses.StreamShaper],
+    usage_shape: responses.Shape | None,
+    clock: AnswerClock | None = None,
 ) -> AsyncIterator[bytes]:
     fins: dict[int, Finished] = {}
     try:
@@ -193,10 +211,14 @@ async def _sse(
         async for i, ev in merged(handles):
             if isinstance(ev, Finished):
                 fins[i] = ev
+            elif clock is not None:
+                clock.on_token()
             for chunk in shapers[i].on_event(ev):
                 yield sse_event(json.dumps(chunk))
+        done = [fins[i] for i in sorted(fins)]
         if usage_shape is not None:
-            yield sse_event(json.dumps(responses.usage_chunk(usage_shape, [fins[i] for i in sorted(fins)])))
+            usage = responses.usage_chunk(usage_shape, done)
+            yield sse_event(json.dumps(usage | ({"timings": clock.timings(*done)} if clock is not None else {})))
         yield sse_event("[DONE]")
     except LoramuxError as exc:  # after the headers went out: the error is the stream's last event
         yield sse_event(json.dumps(from_loramux(exc).body()))

@@ -93,7 +93,9 @@ class MixSelector:
 
     def models(self) -> list[str]:
         """The ids ``/v1/models`` lists: the base model, auto, named mixes, adapters, then the routing modes."""
-        names = [self.model_id] + ([AUTO] if self.route else []) + sorted(self.mixes) + sorted(self.adapters()) + list(self.routing_modes)
+        adapters = sorted(self.adapters())
+        routed = list(self.routing_modes) if adapters else []  # routing needs adapters to route among
+        names = [self.model_id] + ([AUTO] if self.route else []) + sorted(self.mixes) + adapters + routed
         return list(dict.fromkeys(names))
 
     def select(self, body: Mapping[str, Any], prompt_text: Callable[[], str]) -> Selection:

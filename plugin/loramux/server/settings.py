@@ -63,6 +63,11 @@ class ServeSettings:
     n_predict: int | None = None  # max_tokens of a request that gives none (llama-server's --n-predict)
     temperature: float | None = None  # the temperature of a request that gives none (llama-server's --temp)
     seed: int | None = None  # the seed of requests sampled without one
+    aliases: list[str] = field(default_factory=list)  # more names of the base model (llama-server's --alias a,b)
+    tags: list[str] = field(default_factory=list)  # the base model's tags in /models (llama-server's --tags)
+    slots: bool = False  # GET /slots answers (llama-server's --slots); else 501
+    verbose: bool = False  # every answer carries "__verbose" (the prompt as read), as llama-server's --verbose
+    chat_template: str | None = None  # a Jinja chat template used instead of the base model's
 
     @property
     def hosts(self) -> list[str]:
@@ -80,6 +85,11 @@ class ServeSettings:
                 )
         if not 0 <= self.port < 65536:
             raise SettingsError(f"--port {self.port} is not a port number")
+        if self.chat_template is not None and "{" not in self.chat_template:
+            raise SettingsError(
+                f"--chat-template {self.chat_template!r} is not a Jinja template: loramux renders Jinja templates only "
+                "(llama.cpp's built-in named templates are C++); give the template's text or --chat-template-file FILE"
+            )
         if self.unknown_model not in UNKNOWN_MODEL_POLICIES:
             raise SettingsError(f"--unknown-model {self.unknown_model!r}: choose one of {', '.join(UNKNOWN_MODEL_POLICIES)}")
         if self.n_predict is not None and self.n_predict < -1:
