@@ -228,7 +228,7 @@ def prompt_of(load: dict, window: int, c: int, k: int, args) -> str:
 
 
 def request_bodies(server: str, load: dict, kind: str, args, ban: dict, lora_ids: dict[str, int] | None, window: int) -> list[list[dict]]:
-    n = len(load[kind])
+    n = len(load["mixed"])
     out = []
     for c in range(n):
         mine = []
