@@ -280,3 +280,20 @@ def test_fifty_concurrent_structured_requests_validate_and_equal_each_alone(serv
     other = [post(server, "/v1/chat/completions", bodies[i] | {"mix": {"navigate": 1.0}}).json() for i in picked]
     same = sum(o["choices"][0]["message"]["content"] == alone[i]["choices"][0]["message"]["content"] for o, i in zip(other, picked))
     assert same < 9, f"{same} of 10 answers under another mix equal the alone ones: the oracle cannot tell mixes apart"
+
+
+def test_how_messages_end_the_prompt(server):
+    """add_generation_prompt, continue_final_message, two assistant messages, text parts (llama-server's join)."""
+    user = {"role": "user", "content": "Hi"}
+    said = {"role": "assistant", "content": "Hello"}
+    opened = post(server, "/apply-template", {"messages": [user]}).json()["prompt"]
+    closed = post(server, "/apply-template", {"messages": [user], "add_generation_prompt": False}).json()["prompt"]
+    assert opened.startswith(closed) and opened != closed and opened.endswith("assistant\n")
+    both = post(server, "/v1/chat/completions", {"messages": [user, said], "add_generation_prompt": True, "continue_final_message": True})
+    assert both.status_code == 400 and both.json()["error"]["param"] == "continue_final_message"
+    twice = post(server, "/v1/chat/completions", {"messages": [user, said, said]})
+    assert twice.status_code == 400 and twice.json()["error"]["param"] == "messages"
+    parts = {"role": "user", "content": [{"type": "text", "text": "Wh"}, {"type": "text", "text": "ill"}]}
+    assert "Wh\n\nill" in post(server, "/apply-template", {"messages": [parts]}).json()["prompt"]
+    count = post(server, "/chat/completions/input_tokens", {"messages": [user]}).json()["input_tokens"]
+    assert count == len(post(server, "/tokenize", {"content": opened}).json()["tokens"])
