@@ -43,9 +43,8 @@ import random
 import threading
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
+from typing import Callable, Iterable, Mapping
 
-from loramux import responses
 from loramux.adapters import (
     AdapterSkippedWarning,
     LoadReport,
@@ -63,8 +62,9 @@ from loramux.engine import Engine, EngineRequest, RequestHandle
 from loramux.errors import LoramuxError
 from loramux.mix import Mix, MixLike
 from loramux.pool_batch import BatchCompletions
+from loramux.pool_completions import Completions
 from loramux.pool_forced import TeacherForcing
-from loramux.pool_requests import PoolRequest, PoolResult, sampling_from
+from loramux.pool_requests import PoolRequest, PoolResult
 from loramux.registry import AdapterRegistry
 from loramux.routing_report import TokenChoiceReport
 
@@ -85,7 +85,7 @@ def _engine_fact(attr: str, doc: str) -> property:
     return property(lambda self: getattr(self._engine, attr), doc=doc)
 
 
-class AdapterPool(TextSide, BatchCompletions, TeacherForcing):
+class AdapterPool(TextSide, Completions, BatchCompletions, TeacherForcing):
     """A base GGUF loaded once, named adapters on it, and the engine that answers every request.
 
     ``n_ctx`` is the context of one request (prompt + generated tokens); ``n_seq_max`` requests
@@ -270,75 +270,6 @@ class AdapterPool(TextSide, BatchCompletions, TeacherForcing):
         with self._seed_lock:
             return self._seeds.randint(0, 2**32 - 1)
 
-    def _respond(self, req: PoolRequest, *, chat: bool, stream: bool, extra: Mapping[str, Any] | None = None):
-        handle = self.submit(req)
-        shape = responses.Shape(
-            chat=chat, model=str(self.base_path), extra={"mix": handle.request.mix.to_json(), **(extra or {})}, tool_use=req.tool_use
-        )
-        piece = None if req.logprobs is None else self.piece
-        if not stream:
-            return responses.whole(shape, _cancel_on_exit(handle), piece)
-        return responses.chunks(shape, _cancel_on_exit(handle), piece=piece)
-
-    def create_completion(
-        self,
-        prompt: str | list[int],
-        *,
-        mix: MixLike = None,
-        max_tokens: int | None = 16,
-        stop: str | list[str] | None = None,
-        stream: bool = False,
-        logprobs: int | None = None,
-        **sampling: Any,
-    ):
-        """Text completion, as ``llama_cpp.Llama.create_completion``, under ``mix``.
-
-        Sampling keywords as llama-cpp-python's (``temperature=0.8, top_k=40, top_p=0.95,
-        min_p=0.05, typical_p=1, repeat_penalty=1, frequency_penalty=0, presence_penalty=0,
-        seed, logit_bias``); ``temperature=0`` is greedy. Returns an OpenAI-style completion dict
-        (or an iterator of chunks with ``stream=True``) with ``"mix"`` and ``"path"``.
-        """
-        req = PoolRequest(
-            prompt=prompt, mix=mix, max_tokens=max_tokens, stop=stop or (), logprobs=logprobs, sampling=sampling_from(sampling, chat=False)
-        )
-        return self._respond(req, chat=False, stream=stream)
-
-    __call__ = create_completion
-
-    def create_chat_completion(
-        self,
-        messages: Sequence[Mapping[str, Any]],
-        *,
-        mix: MixLike = None,
-        max_tokens: int | None = None,
-        stop: str | list[str] | None = None,
-        stream: bool = False,
-        tools: Sequence[Mapping[str, Any]] | None = None,
-        tool_choice: Any = None,
-        logprobs: bool = False,
-        top_logprobs: int | None = None,
-        **sampling: Any,
-    ):
-        """Chat completion through the base model's chat template, as ``llama_cpp.Llama.create_chat_completion``.
-
-        Sampling keywords as :meth:`create_completion` (chat defaults: ``temperature=0.2``).
-        ``max_tokens=None``: until an end-of-turn token or the end of the context. ``tools`` and
-        ``tool_choice`` as OpenAI's (:mod:`loramux.tools`): calls come back as ``message.tool_calls``
-        (streamed: ``delta.tool_calls``) with ``finish_reason`` ``"tool_calls"``. ``logprobs=True``
-        (with ``top_logprobs`` alternatives) gives OpenAI's ``choices[].logprobs.content``.
-        """
-        req = PoolRequest(
-            messages=[dict(m) for m in messages],
-            mix=mix,
-            max_tokens=max_tokens,
-            stop=stop or (),
-            sampling=sampling_from(sampling, chat=True),
-            tools=tools,
-            tool_choice=tool_choice,
-            logprobs=(top_logprobs or 0) if logprobs else None,
-        )
-        return self._respond(req, chat=True, stream=stream)
-
     def clear_prefix_cache(self) -> None:
         """Forget the cached K/V of ended requests (benchmarks: every prompt is read whole)."""
         self._check_open()
@@ -384,15 +315,6 @@ class AdapterPool(TextSide, BatchCompletions, TeacherForcing):
     def __repr__(self) -> str:
         state = "closed" if self._closed else f"{len(self.registry.names)} adapters, {'native' if self.native else 'stock'}"
         return f"AdapterPool({self.base_path.name}, {state})"
-
-
-def _cancel_on_exit(handle: RequestHandle) -> Iterator:
-    """The handle's events; a consumer that stops early (closes the stream) cancels the request."""
-    try:
-        yield from handle
-    finally:
-        if not handle.done:
-            handle.cancel()
 
 
 __all__ = [
