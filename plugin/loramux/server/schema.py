@@ -91,7 +91,14 @@ SAMPLING: dict[str, Any] = {
     },
     "stream": {"type": "boolean"},
     "stream_options": {"type": "object", "properties": {"include_usage": {"type": "boolean"}}},
-    "n": {"type": "integer", "enum": [1]},
+    "n": {"type": "integer", "minimum": 1, "maximum": 16, "description": "choices, decoded together from one reading of the prompt"},
+    "n_predict": {"type": "integer", "minimum": -1, "description": "llama-server's max_tokens (-1: no limit)"},
+    "n_probs": {
+        "type": "integer",
+        "minimum": 0,
+        "maximum": 20,
+        "description": "llama-server's: log-probabilities with that many alternatives",
+    },
     "user": {"type": "string"},
 }
 
@@ -166,6 +173,10 @@ CHAT = {
     "properties": {
         "messages": {"type": "array", "minItems": 1, "items": MESSAGE},
         "tools": {"type": "array", "items": TOOL},
+        "logprobs": {"type": "boolean"},
+        "top_logprobs": {"type": "integer", "minimum": 0, "maximum": 20},
+        "add_generation_prompt": {"type": "boolean"},
+        "continue_final_message": {"type": "boolean", "description": "continue the last (assistant) message"},
         "tool_choice": {
             "description": 'default "auto" with tools; "required" or a named function: the answer is a call (a grammar); see docs/serve.md',
             "oneOf": [
