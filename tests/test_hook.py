@@ -112,3 +112,16 @@ def test_the_hook_refuses_adapters_the_upstream_does_not_serve(hook):
     assert r.status_code == 400 and "does not serve: snarks" in r.json()["error"]["message"]
     r = httpx.post(f"{hook}/v1/completions", json={"prompt": "hi", "model": "snarks", "max_tokens": 2}, timeout=60)
     assert r.status_code == 200 and r.headers["x-loramux-unknown-model"] == "snarks"  # answered as no model, said so
+
+
+def test_llama_server_routes_through_the_hook(hook, upstream):
+    """llama-server's own routes in front of it: /completion with the mix selected (the same answer
+    as the upstream given that mix's lora field), the routes that involve no mix passed through."""
+    body = {"prompt": "not ( True ) and ( True ) is", "n_predict": 8, "temperature": 0}
+    via = httpx.post(f"{hook}/completion", json={**body, "model": "boolean_expressions"}, timeout=300)
+    assert via.status_code == 200 and via.json()["mix"] == {"boolean_expressions": 1.0}, via.text
+    assert via.json()["content"] == direct(upstream, "/completion", body, {"boolean_expressions": 1.0})["content"]
+    tokens = httpx.post(f"{hook}/tokenize", json={"content": "Hello world"}, timeout=60).json()
+    assert tokens == httpx.post(f"{upstream}/tokenize", json={"content": "Hello world"}, timeout=60).json()
+    assert httpx.post(f"{hook}/detokenize", json=tokens, timeout=60).json()["content"] == "Hello world"
+    assert httpx.get(f"{hook}/props", timeout=60).json()["total_slots"] == 2

@@ -149,6 +149,7 @@ def build_hook_app(settings: ServeSettings) -> FastAPI:
 
 
 @router.get("/v1/models")
+@router.get("/models")
 async def models(request: Request) -> dict[str, Any]:
     state = request.app.state.loramux
     return {"object": "list", "data": [{"id": m, "object": "model", "owned_by": "loramux"} for m in state.selector.models()]}
@@ -167,8 +168,31 @@ async def completions(request: Request):
 
 
 @router.post("/v1/chat/completions")
+@router.post("/chat/completions")
 async def chat_completions(request: Request):
     return await _forward(request, "/v1/chat/completions", chat=True)
+
+
+@router.post("/completion")
+@router.post("/completions")
+async def native_completion(request: Request):
+    """llama-server's own completion route, its mix selected as every other request's."""
+    return await _forward(request, "/completion", chat=False)
+
+
+@router.post("/tokenize")
+@router.post("/detokenize")
+@router.post("/apply-template")
+@router.post("/chat/completions/input_tokens")
+@router.get("/props")
+@router.get("/slots")
+async def passed_through(request: Request) -> Response:
+    """llama-server's routes that involve no mix, answered by the upstream as they are."""
+    state = request.app.state.loramux
+    r = await state.upstream.request(
+        request.method, request.url.path, content=await request.body(), headers={"content-type": "application/json"}
+    )
+    return Response(r.content, status_code=r.status_code, media_type=r.headers.get("content-type", "application/json"))
 
 
 async def _forward(request: Request, path: str, *, chat: bool):
