@@ -24,11 +24,18 @@ Which server when (docs/serve.md): this Python server for the Python API, adapte
 serving, and the LoGo / retrieval routers; --llama-server (loramux's patched llama-server, C++,
 with this router in front) for throughput; --upstream for a llama-server you already run.
 
+A "model" naming nothing here is answered as if none were given (header X-Loramux-Unknown-Model),
+as llama-server does; --unknown-model error answers 404, as vLLM does.
+
 Endpoints: /v1/chat/completions, /v1/completions, /v1/models, /health, /metrics,
-/v1/adapters (GET list, POST {"path"} load, DELETE /v1/adapters/NAME unload), /lora-adapters.
+/v1/adapters (GET list, POST {"path"} load, DELETE /v1/adapters/NAME unload), and llama-server's:
+/completion, /completions, /chat/completions, /models, /tokenize, /detokenize, /apply-template,
+/props, /slots (--slots), /lora-adapters. Tools, response_format, logprobs, n, assistant prefill
+and llama-server's request fields: docs/serve.md says what each does, and what is refused.
 
 Examples:
   loramux serve --adapters adapters/ --port 8080
+  loramux serve --host 127.0.0.1,::1 --cors http://localhost:5173   # no adapters yet; a browser app may call it
   curl -s localhost:8080/v1/chat/completions -d '{"model": "boolean_expressions",
        "messages": [{"role": "user", "content": "not ( True ) and True is"}]}'
   loramux serve --adapters adapters/ --llama-server --router router.onnx   # patched llama-server + router
