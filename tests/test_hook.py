@@ -121,6 +121,11 @@ def test_llama_server_routes_through_the_hook(hook, upstream):
     via = httpx.post(f"{hook}/completion", json={**body, "model": "boolean_expressions"}, timeout=300)
     assert via.status_code == 200 and via.json()["mix"] == {"boolean_expressions": 1.0}, via.text
     assert via.json()["content"] == direct(upstream, "/completion", body, {"boolean_expressions": 1.0})["content"]
+    banned = {**body, "logit_bias": [[" True", False], [28, -100]]}  # llama-server's pairs, a text banned: sent as they are
+    via = httpx.post(f"{hook}/completion", json={**banned, "model": "boolean_expressions"}, timeout=300)
+    assert (
+        via.status_code == 200 and via.json()["content"] == direct(upstream, "/completion", banned, {"boolean_expressions": 1.0})["content"]
+    )
     tokens = httpx.post(f"{hook}/tokenize", json={"content": "Hello world"}, timeout=60).json()
     assert tokens == httpx.post(f"{upstream}/tokenize", json={"content": "Hello world"}, timeout=60).json()
     assert httpx.post(f"{hook}/detokenize", json=tokens, timeout=60).json()["content"] == "Hello world"

@@ -35,6 +35,7 @@ from loramux.mix import Mix
 from loramux.server.app import ServerState, create_app
 from loramux.server.bodies import chat_body, completion_body, prompt_text
 from loramux.server.errors import APIError
+from loramux.server.llama_fields import token_bias
 from loramux.server.openai_routes import UNKNOWN_MODEL_HEADER, json_body
 from loramux.server.selection import LoraTable, MixSelector, Selection
 from loramux.server.settings import ServeSettings, SettingsError
@@ -198,7 +199,8 @@ async def passed_through(request: Request) -> Response:
 async def _forward(request: Request, path: str, *, chat: bool):
     state = request.app.state.loramux
     body = await json_body(request)
-    parsed = (chat_body if chat else completion_body)(body)  # the same checks as loramux serve
+    checked = body if body.get("logit_bias") is None else body | {"logit_bias": token_bias(body["logit_bias"], _upstream_tokenizes)}
+    parsed = (chat_body if chat else completion_body)(checked)  # the same checks as loramux serve (the body goes as sent)
     # a router may run a forward pass (LoGo, hidden-state retrieval): off the event loop, so streams go on
     selection = await run_in_threadpool(state.selector.select, body, lambda: prompt_text(parsed.request))
     patched = state.upstream_pool is not None
@@ -238,6 +240,11 @@ async def _forward(request: Request, path: str, *, chat: bool):
         if selection.routing is not None:
             answer["routing"] = selection.routing
     return JSONResponse(answer, status_code=r.status_code, headers=headers)
+
+
+def _upstream_tokenizes(text: str) -> list[int]:
+    """llama-server turns logit_bias texts into tokens itself: checked here as a valid id."""
+    return [0]
 
 
 async def _relay(upstream: httpx.Response):
