@@ -269,6 +269,16 @@ def test_python_api_required_named_and_auto(pool):
     assert "tool_calls" not in plain["choices"][0]["message"]
 
 
+def test_the_batch_call_reads_tool_calls_as_the_single_call_does(pool):
+    convs = [[{"role": "user", "content": p}] for p in PROMPTS[:2]]
+    batch = pool.create_chat_completions(convs, tools=TOOLS, tool_choice="required", max_tokens=64)
+    alone = [pool.create_chat_completion(c, tools=TOOLS, tool_choice="required", temperature=0, max_tokens=64) for c in convs]
+    for b, a in zip(batch, alone):
+        assert b["choices"][0]["finish_reason"] == "tool_calls" == a["choices"][0]["finish_reason"]
+        strip = lambda calls: [c["function"] for c in calls]  # noqa: E731  (ids are fresh per answer)
+        assert strip(b["choices"][0]["message"]["tool_calls"]) == strip(a["choices"][0]["message"]["tool_calls"])
+
+
 # --- the server, through the official openai client -------------------------------------------------------
 
 

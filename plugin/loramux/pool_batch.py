@@ -57,15 +57,26 @@ class BatchCompletions:
         mix: MixLike = None,
         max_tokens: int = 256,
         stop: str | list[str] | None = None,
+        tools: Sequence[Mapping[str, Any]] | None = None,
+        tool_choice: Any = None,
         **sampling: Any,
     ) -> list[dict]:
-        """Chat completions of many conversations (``mixes[i]`` for conversation i), batched; greedy by default."""
+        """Chat completions of many conversations (``mixes[i]`` for conversation i), batched; greedy by
+        default; ``tools`` / ``tool_choice`` for all of them, as :meth:`create_chat_completion`'s."""
         params = sampling_from(sampling, chat=True, default=GREEDY)
         reqs = [
-            PoolRequest(messages=[dict(m) for m in c], mix=m, max_tokens=max_tokens, stop=stop or (), sampling=params)
+            PoolRequest(
+                messages=[dict(m) for m in c],
+                mix=m,
+                max_tokens=max_tokens,
+                stop=stop or (),
+                sampling=params,
+                tools=tools,
+                tool_choice=tool_choice,
+            )
             for c, m in zip(conversations, mixes_for(conversations, mixes, mix))
         ]
-        return [r.as_dict(str(self.base_path), chat=True) for r in self.generate(reqs)]
+        return [r.as_dict(str(self.base_path), chat=True, tool_use=q.tool_use) for r, q in zip(self.generate(reqs), reqs)]
 
 
 __all__ = ["BatchCompletions"]

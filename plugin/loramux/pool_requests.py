@@ -149,10 +149,12 @@ class PoolResult:
             finished=fin,
         )
 
-    def as_dict(self, model: str, *, chat: bool) -> dict[str, Any]:
-        """An OpenAI-style (chat) completion dict, shaped as every other response (:mod:`loramux.responses`)."""
+    def as_dict(self, model: str, *, chat: bool, tool_use: ToolUse | None = None) -> dict[str, Any]:
+        """An OpenAI-style (chat) completion dict, shaped as every other response (:mod:`loramux.responses`);
+        ``tool_use``: the request's tools, whose calls are read out of the answer."""
         assert self.finished is not None
-        return responses.whole(responses.Shape(chat=chat, model=model, extra={"mix": self.mix}), [self.finished])
+        shape = responses.Shape(chat=chat, model=model, extra={"mix": self.mix}, tool_use=tool_use)
+        return responses.whole(shape, [self.finished])
 
 
 def mixes_for(items: Sequence[Any], mixes: Sequence[MixLike] | None, mix: MixLike) -> list[MixLike]:
