@@ -37,25 +37,37 @@ async def completion(request: Request):
     prompts = native_prompts(body.get("prompt"), state.pool.text)
     if len(prompts) > 1 and body.get("stream"):
         raise APIError(400, "stream one prompt per request (several prompts are answered whole, as a list)", param="prompt")
+    subs = await _submit_all(request, [body | {"prompt": p} for p in prompts])  # queued together: they decode together
     results: list[dict[str, Any]] = []
-    for prompt in prompts:  # several prompts: each with its choices, in order, in one list
-        clock = AnswerClock()
-        sub = await submit(request, body | {"prompt": prompt}, chat=False)
+    for sub in subs:  # several prompts: each with its choices, in order, in one list
+        first = sub.handles[0].request
         shape = NativeShape(
             model=str(body.get("model") or state.settings.model_id),
-            prompt=prompt,
+            prompt=state.pool.text.detokenize(first.tokens),  # the prompt as read
             piece=state.pool.piece if sub.parsed.request.logprobs is not None else None,
             return_tokens=bool(body.get("return_tokens")),
             extra=sub.extra,
-            clock=clock,
+            clock=AnswerClock(),
         )
-        shape.settings = generation_settings(sub.handles[0].request)
-        shape.prompt = state.pool.text.detokenize(sub.handles[0].request.tokens)  # the prompt as read
+        shape.settings = generation_settings(first)
         if sub.parsed.stream:
             return StreamingResponse(_native_sse(sub.handles, shape), media_type="text/event-stream", headers=sub.headers)
         events = await collect(sub.handles, request, on_token=shape.on_token)
         results += [picked(shape.result(evs, i), body.get("response_fields")) for i, evs in enumerate(events)]
-    return JSONResponse(results[0] if len(results) == 1 else results, headers=sub.headers)
+    return JSONResponse(results[0] if len(results) == 1 else results, headers=subs[-1].headers)
+
+
+async def _submit_all(request: Request, bodies: list[dict[str, Any]]) -> list:
+    """Submit every body (each checked); a refused one cancels those already queued."""
+    subs: list = []
+    try:
+        for one in bodies:
+            subs.append(await submit(request, one, chat=False))
+    except BaseException:
+        for sub in subs:
+            cancel_unfinished(sub.handles)
+        raise
+    return subs
 
 
 def native_prompts(raw: Any, text) -> list[str | list[int]]:
