@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 from loramux.engine import Finished, SamplingParams, TokenEvent
-from loramux.errors import QueueFullError, RequestCancelled, RequestError
+from loramux.errors import QueueFullError, RequestCancelled
 from loramux.pool import AdapterPool, PoolRequest
 
 from conftest import BATCH_ADAPTERS, BATCH_MIXES, FIXTURES, GAP_FLOOR, batch_conversations, open_batch_pool
@@ -291,12 +291,13 @@ def test_n_choices_read_the_prompt_once_and_each_equals_its_seed_alone(pool, pro
 
 
 def test_the_python_api_answers_n_choices_as_the_server_does(pool):
-    """``create_completion(n=3)``: three choices, each the request alone with ``seed + i``; a stream of
-    several choices is refused (the server streams them; the Python API streams one)."""
+    """``create_completion(n=3)``: three choices, each the request alone with ``seed + i``; streamed,
+    the chunks of each choice (by ``index``) make the same texts."""
     kw = dict(mix=MIXES[0], max_tokens=8, temperature=0.9, seed=21, logit_bias=no_eos(pool))
     out = pool.create_completion("The weather today is", n=3, **kw)
     assert [c["index"] for c in out["choices"]] == [0, 1, 2] and out["usage"]["completion_tokens"] == 24
     alone = [pool.create_completion("The weather today is", **(kw | {"seed": 21 + i}))["choices"][0]["text"] for i in range(3)]
     assert [c["text"] for c in out["choices"]] == alone
-    with pytest.raises(RequestError, match="n=1"):
-        pool.create_chat_completion([{"role": "user", "content": "hi"}], n=2, stream=True)
+    chunks = list(pool.create_completion("The weather today is", n=3, stream=True, **kw))
+    streamed = ["".join(c["choices"][0]["text"] for c in chunks if c["choices"][0]["index"] == i) for i in range(3)]
+    assert streamed == alone and sum(c["choices"][0]["finish_reason"] is not None for c in chunks) == 3

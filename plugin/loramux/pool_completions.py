@@ -8,11 +8,12 @@ request types) and answer it whole or streamed, in :mod:`loramux.responses`' sha
 
 from __future__ import annotations
 
+import queue
+import threading
 from typing import Any, Iterator, Mapping, Sequence
 
 from loramux import responses
 from loramux.engine import RequestHandle
-from loramux.errors import RequestError
 from loramux.mix import MixLike
 from loramux.pool_requests import PoolRequest, sampling_from
 
@@ -21,15 +22,15 @@ class Completions:
     """``create_completion`` / ``create_chat_completion`` of :class:`loramux.AdapterPool`."""
 
     def _respond(self, req: PoolRequest, *, chat: bool, stream: bool, n: int = 1):
-        if stream and n != 1:
-            raise RequestError("stream=True streams one choice in the Python API: give n=1 (the server streams n)", param="n")
         handles = self.submit_choices(req, n)
         shape = responses.Shape(
             chat=chat, model=str(self.base_path), extra={"mix": handles[0].request.mix.to_json()}, tool_use=req.tool_use
         )
         piece = None if req.logprobs is None else self.piece
-        if stream:
+        if stream and n == 1:
             return responses.chunks(shape, _cancel_on_exit(handles[0]), piece=piece)
+        if stream:
+            return _choice_chunks(shape, handles, piece)
         try:
             return responses.whole_choices(shape, [iter(h) for h in handles], piece)
         finally:
@@ -108,6 +109,40 @@ def _cancel_on_exit(handle: RequestHandle) -> Iterator:
     finally:
         if not handle.done:
             handle.cancel()
+
+
+def _choice_chunks(shape: responses.Shape, handles: list[RequestHandle], piece) -> Iterator[dict[str, Any]]:
+    """The chunks of several choices as their tokens come (``choices[0].index`` says whose), as the
+    server streams them; a consumer that stops early cancels them all."""
+    shapers = [responses.StreamShaper(shape, piece=piece, index=i) for i in range(len(handles))]
+    inbox: queue.SimpleQueue = queue.SimpleQueue()
+
+    def pump(i: int, handle: RequestHandle) -> None:
+        try:
+            for ev in handle:
+                inbox.put((i, ev))
+        except BaseException as exc:  # raised again in the consumer's thread
+            inbox.put((i, exc))
+        inbox.put((i, None))
+
+    for i, handle in enumerate(handles):
+        threading.Thread(target=pump, args=(i, handle), daemon=True).start()
+    try:
+        for shaper in shapers:
+            yield from shaper.first()
+        left = len(handles)
+        while left:
+            i, ev = inbox.get()
+            if isinstance(ev, BaseException):
+                raise ev
+            if ev is None:
+                left -= 1
+            else:
+                yield from shapers[i].on_event(ev)
+    finally:
+        for handle in handles:
+            if not handle.done:
+                handle.cancel()
 
 
 __all__ = ["Completions"]
