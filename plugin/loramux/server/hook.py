@@ -156,13 +156,6 @@ async def models(request: Request) -> dict[str, Any]:
     return {"object": "list", "data": [{"id": m, "object": "model", "owned_by": "loramux"} for m in state.selector.models()]}
 
 
-@router.get("/lora-adapters")
-async def lora_adapters(request: Request) -> Response:
-    state = request.app.state.loramux
-    r = await state.upstream.get("/lora-adapters")
-    return Response(r.content, status_code=r.status_code, media_type="application/json")
-
-
 @router.post("/v1/completions")
 async def completions(request: Request):
     return await _forward(request, "/v1/completions", chat=False)
@@ -187,6 +180,7 @@ async def native_completion(request: Request):
 @router.post("/chat/completions/input_tokens")
 @router.get("/props")
 @router.get("/slots")
+@router.get("/lora-adapters")
 async def passed_through(request: Request) -> Response:
     """llama-server's routes that involve no mix, answered by the upstream as they are."""
     state = request.app.state.loramux

@@ -47,9 +47,9 @@ async def completion(request: Request):
             piece=state.pool.piece if sub.parsed.request.logprobs is not None else None,
             return_tokens=bool(body.get("return_tokens")),
             extra=sub.extra,
+            settings=generation_settings(first),
             clock=AnswerClock(),
         )
-        shape.settings = generation_settings(first)
         if sub.parsed.stream:
             return StreamingResponse(_native_sse(sub.handles, shape), media_type="text/event-stream", headers=sub.headers)
         events = await collect(sub.handles, request, on_token=shape.on_token)
@@ -135,19 +135,18 @@ def _with_defaults(body: Mapping[str, Any], defaults: RequestDefaults) -> dict[s
 class NativeShape:
     """What llama-server's answers of one /completion request share, and how each is built."""
 
-    def __init__(self, *, model: str, prompt: Any, piece, return_tokens: bool, extra: dict[str, Any], clock: AnswerClock) -> None:
+    def __init__(
+        self, *, model: str, prompt: str, piece, return_tokens: bool, extra: dict[str, Any], settings: dict[str, Any], clock: AnswerClock
+    ) -> None:
         self.model, self.prompt, self.piece, self.return_tokens = model, prompt, piece, return_tokens
-        self.extra, self.clock = extra, clock
-        self.settings: dict[str, Any] = {}  # generation_settings of the whole answer
-        self.generated = 0
+        self.extra, self.settings, self.clock = extra, settings, clock  # settings: generation_settings of the answer
 
     def on_token(self) -> None:
         self.clock.on_token()
 
-    def partial(self, ev: TokenEvent, index: int, fin_prompt: int | None = None) -> dict[str, Any]:
+    def partial(self, ev: TokenEvent, index: int) -> dict[str, Any]:
         """One streamed token, as llama-server streams it."""
         self.on_token()
-        self.generated += 1
         out = {"index": index, "content": ev.text, "tokens": [ev.token], "stop": False, "id_slot": -1} | self.extra
         if self.piece is not None and ev.logprob is not None:
             out["completion_probabilities"] = responses.chat_logprobs([ev], self.piece)["content"]
