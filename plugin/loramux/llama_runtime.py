@@ -59,24 +59,42 @@ def capture_llama_log(*, echo: bool = False) -> Iterator[LlamaLog]:
         yield log
 
 
+_SINKS: list[tuple[LlamaLog, bool]] = []  # the capture in progress (the lock keeps it to one)
+_COLLECT_CALLBACK = None  # one callback for every capture, never freed (see _collect_callback)
+
+
+def _collect_callback(llama_cpp):
+    """The log callback of every capture, made once and kept for the process: llama.cpp may still call
+    a callback it read just before a capture ended (another thread's decode logging), so a callback
+    freed at the end of a capture could be called after its memory was reused (a crash, seen in CI)."""
+    global _COLLECT_CALLBACK
+    if _COLLECT_CALLBACK is None:
+
+        @llama_cpp.llama_log_callback
+        def _collect(level: int, text: bytes, user_data: ctypes.c_void_p) -> None:
+            if not _SINKS:
+                return
+            log, echo = _SINKS[-1]
+            line = text.decode("utf-8", errors="replace")
+            if level in (_LOG_WARN, _LOG_ERROR):
+                log.lines.append(line)
+            if echo:
+                sys.stderr.write(line)
+
+        _COLLECT_CALLBACK = _collect
+    return _COLLECT_CALLBACK
+
+
 @contextlib.contextmanager
 def _captured(llama_cpp, _logger, echo: bool) -> Iterator[LlamaLog]:
-
     log = LlamaLog()
-
-    @llama_cpp.llama_log_callback
-    def _collect(level: int, text: bytes, user_data: ctypes.c_void_p) -> None:
-        line = text.decode("utf-8", errors="replace")
-        if level in (_LOG_WARN, _LOG_ERROR):
-            log.lines.append(line)
-        if echo:
-            sys.stderr.write(line)
-
-    llama_cpp.llama_log_set(_collect, ctypes.c_void_p(0))
+    _SINKS.append((log, echo))
+    llama_cpp.llama_log_set(_collect_callback(llama_cpp), ctypes.c_void_p(0))
     try:
         yield log
     finally:
         llama_cpp.llama_log_set(_logger.llama_log_callback, ctypes.c_void_p(0))
+        _SINKS.pop()
 
 
 _SILENT_CALLBACK = None  # set once by silence_llama_log(); must outlive every llama.cpp object
