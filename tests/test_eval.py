@@ -137,12 +137,15 @@ def test_eval_cli_writes_the_documented_json(tmp_path, base_model, capsys):
     assert rc == 0
     printed = capsys.readouterr().out
     assert "boolean_expressions" in printed and "macro average (2 tasks)" in printed
+    assert "exact" in printed and "lenient" in printed  # both scores, side by side
     data = json.loads(out.read_text())
     assert data["mix"] == "uniform"
     assert set(data["tasks"]) == {"boolean_expressions", "navigate"}
     assert all(set(v) >= {"accuracy", "n"} and v["n"] == 2 for v in data["tasks"].values())
     assert abs(data["macro_accuracy"] - sum(v["accuracy"] for v in data["tasks"].values()) / 2) < 1e-12
+    assert abs(data["macro_accuracy_lenient"] - sum(v["accuracy_lenient"] for v in data["tasks"].values()) / 2) < 1e-12
     assert len(data["rows"]) == 4
     for r in data["rows"]:
-        assert set(r) >= {"task", "id", "answer", "correct", "mix"}
+        assert set(r) >= {"task", "id", "answer", "correct", "correct_lenient", "mix"}
+        assert r["correct_lenient"] or not r["correct"]  # an exact match is a lenient match
         assert r["mix"] == {"boolean_expressions": 0.5, "navigate": 0.5}

@@ -1,13 +1,22 @@
-"""Task accuracy of a mix policy on BBH-style rows: greedy answers, exact match after normalisation.
+"""Task accuracy of a mix policy on BBH-style rows: greedy answers, exact and lenient match.
 
 Rows are JSON lines ``{"task", "id", "input", "target"}`` (``id`` optional). Each row is asked as one
 user turn through the base model's chat template, answered greedily (temperature 0) and stopped at
-the template's end of turn; the answer is correct when it equals the target after
-:func:`normalize_answer` (whitespace runs collapsed, ends stripped, lower case).
+the template's end of turn. Every answer is scored twice, and both scores are reported side by side:
+
+- **exact** (``"correct"``, ``"accuracy"``, ``"macro_accuracy"``): the answer equals the target
+  after :func:`normalize_answer` (whitespace runs collapsed, ends stripped, lower case);
+- **lenient** (``"correct_lenient"``, ``"accuracy_lenient"``, ``"macro_accuracy_lenient"``):
+  :func:`lenient_match`, after the same normalisation: (a) trailing punctuation (``. ! , ; :``)
+  and quotes at either end are ignored on both sides; (b) for an option-letter target ``(X)``, an
+  answer whose leading option letter is X (``(X)``, ``X``, ``X)``, ``X.``, or ``(X) text``,
+  ``X) text``, ``X. text``) matches unless it names another option too. Nothing else is forgiven
+  (``yes, because ...`` does not match ``yes``); the full rule is :func:`lenient_match`'s docstring.
 
 Generation is capped per task at the longest target of that task in the data (in tokens) plus
-``TOKEN_MARGIN``: an answer longer than that cannot equal any target of its task after
-normalisation, so the cap saves time without changing a score.
+``TOKEN_MARGIN``: a longer answer cannot equal any target of its task after normalisation, so the
+cap saves time without changing the exact score. The lenient score reads the same capped answers:
+an option letter followed by its text may be cut short, which does not change its leading letter.
 
 Mix modes (``--mix MODE``) come from a small registry keyed by prefix, so other parts of loramux
 can add modes without touching the loop: :func:`register_mix_mode`. Built in:
@@ -28,6 +37,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import time
 import warnings
 from collections import Counter
@@ -47,9 +57,66 @@ TOKEN_MARGIN = 16
 REQUIRED_KEYS = ("task", "input", "target")
 
 
+_TRAILING = ".!,;:\"'` "
+_QUOTES = "\"'` "
+_OPTION = re.compile(r"\(([a-z])\)")
+_LEADING_OPTION = re.compile(r"(?:\(([a-z])\)|([a-z])[).])(?: (.*))?|([a-z])")
+# another option up front, after the leading one: "c) ...", "c. ...", or a connector and a letter ("or c", "/ (c)")
+_OPTION_UP_FRONT = re.compile(r"([a-z])[).](?: |$)|(?:or|and|&|/) ?\(?([a-z])\)?[).]?(?: |$)")
+
+
 def normalize_answer(text: str) -> str:
     """Collapse whitespace runs to one space, strip the ends, lower-case."""
     return " ".join(str(text).split()).lower()
+
+
+def _lenient_form(text: str) -> str:
+    """:func:`normalize_answer`, then trailing ``. ! , ; :`` and quotes at either end dropped."""
+    return normalize_answer(text).rstrip(_TRAILING).lstrip(_QUOTES)
+
+
+def _option_letter(answer: str) -> str | None:
+    """The leading option letter of an answer in :func:`_lenient_form`; None when it has none, or
+    names a different option too (another ``(y)`` anywhere, or ``y)``, ``y.``, ``or y``, ``/ y`` up front)."""
+    m = _LEADING_OPTION.fullmatch(answer)
+    if m is None:
+        return None
+    letter, rest = m.group(1) or m.group(2) or m.group(4), m.group(3) or ""
+    if any(other != letter for other in _OPTION.findall(rest)):
+        return None
+    up_front = _OPTION_UP_FRONT.match(rest)
+    if up_front is not None and (up_front.group(1) or up_front.group(2)) != letter:
+        return None
+    return letter
+
+
+def lenient_match(answer: str, target: str) -> bool:
+    """Whether ``answer`` matches ``target`` by the lenient rule, reported next to exact match.
+
+    The rule (``loramux eval``'s "lenient" column; the demo marks answers by it):
+
+    - both sides go through :func:`normalize_answer` (whitespace runs collapsed, lower case), and an
+      exact match is always a lenient match;
+    - (a) trailing punctuation is ignored on both sides: ``. ! , ; :`` at the end, and quotes
+      (double, single and back quotes) at either end, so ``False.`` and ``"false"`` match ``False``;
+    - (b) when the target is an option letter ``(X)``, an answer whose leading option letter is X
+      matches: ``(X)``, ``X``, ``X)``, ``X.`` alone, or ``(X) text``, ``X) text``, ``X. text`` (the
+      option followed by its text); but not when the answer names a different option too (another
+      ``(Y)`` anywhere, or ``(X) or Y``, ``(X) / Y``, ``(X) Y)`` up front); rule (b) applies
+      only to targets of the form ``(X)``;
+    - nothing else is forgiven: ``True.`` does not match ``False``; ``Bob`` does not match ``(B)``;
+      a bare letter followed by text (``B is right``) is not an option; ``yes, because ...`` does
+      not match ``yes`` (only the bare answer plus trailing punctuation, or an option letter
+      followed by its text); an empty answer (or one of punctuation only) matches only an empty
+      target.
+    """
+    if normalize_answer(answer) == normalize_answer(target):
+        return True
+    a, t = _lenient_form(answer), _lenient_form(target)
+    if not a or not t:
+        return False
+    option = _OPTION.fullmatch(t)
+    return a == t or (option is not None and _option_letter(a) == option.group(1))
 
 
 def load_rows(path: str | os.PathLike, *, tasks: Iterable[str] | None = None, limit_per_task: int | None = None) -> list[dict[str, Any]]:
@@ -282,7 +349,10 @@ for _mode in ROUTING_MODES:
 
 @dataclass
 class EvalResult:
-    """Per-row answers and per-task accuracy of one mode."""
+    """Per-row answers and per-task accuracy of one mode, exact and lenient.
+
+    Each row carries ``"correct"`` (exact match) and ``"correct_lenient"`` (:func:`lenient_match`);
+    the per-task and macro figures are computed from them."""
 
     mode: str
     rows: list[dict[str, Any]]
@@ -291,19 +361,36 @@ class EvalResult:
 
     @property
     def tasks(self) -> dict[str, dict[str, Any]]:
-        by_task: dict[str, list[bool]] = {}
+        """Per task: ``{"accuracy" (exact), "accuracy_lenient", "n"}``."""
+        by_task: dict[str, list[tuple[bool, bool]]] = {}
         for r in self.rows:
-            by_task.setdefault(r["task"], []).append(bool(r["correct"]))
-        return {t: {"accuracy": sum(v) / len(v), "n": len(v)} for t, v in sorted(by_task.items())}
+            by_task.setdefault(r["task"], []).append((bool(r["correct"]), bool(r["correct_lenient"])))
+        return {
+            t: {"accuracy": sum(e for e, _ in v) / len(v), "accuracy_lenient": sum(le for _, le in v) / len(v), "n": len(v)}
+            for t, v in sorted(by_task.items())
+        }
 
     @property
     def macro_accuracy(self) -> float:
+        """The mean over tasks of the exact-match accuracy."""
         tasks = self.tasks
         return sum(t["accuracy"] for t in tasks.values()) / len(tasks) if tasks else 0.0
 
+    @property
+    def macro_accuracy_lenient(self) -> float:
+        """The mean over tasks of the lenient-match accuracy."""
+        tasks = self.tasks
+        return sum(t["accuracy_lenient"] for t in tasks.values()) / len(tasks) if tasks else 0.0
+
     def to_json(self) -> dict[str, Any]:
-        """``{"mix", "macro_accuracy", "tasks", "rows"}`` plus the mode's and the run's extra keys."""
-        out: dict[str, Any] = {"mix": self.mode, "macro_accuracy": self.macro_accuracy, "tasks": self.tasks, "rows": self.rows}
+        """``{"mix", "macro_accuracy", "macro_accuracy_lenient", "tasks", "rows"}`` plus the mode's and the run's extra keys."""
+        out: dict[str, Any] = {
+            "mix": self.mode,
+            "macro_accuracy": self.macro_accuracy,
+            "macro_accuracy_lenient": self.macro_accuracy_lenient,
+            "tasks": self.tasks,
+            "rows": self.rows,
+        }
         for k, v in self.extra.items():
             out.setdefault(k, v)
         if self.choice_map is not None:
@@ -317,14 +404,14 @@ class EvalResult:
         return Path(path)
 
     def table(self) -> str:
-        """A per-task table and the macro average, for the terminal."""
+        """A per-task table and the macro average, for the terminal: exact and lenient accuracy side by side."""
         tasks = self.tasks
         width = max([len("task"), *map(len, tasks)]) + 2
-        lines = [f"{'task':<{width}}{'n':>5}  {'accuracy':>8}"]
-        lines += [f"{t:<{width}}{v['n']:>5}  {v['accuracy']:>8.3f}" for t, v in tasks.items()]
-        lines.append(
-            f"{'macro average (' + str(len(tasks)) + ' tasks)':<{width}}{sum(v['n'] for v in tasks.values()):>5}  {self.macro_accuracy:>8.3f}"
-        )
+        lines = [f"{'task':<{width}}{'n':>5}  {'exact':>7}  {'lenient':>7}"]
+        lines += [f"{t:<{width}}{v['n']:>5}  {v['accuracy']:>7.3f}  {v['accuracy_lenient']:>7.3f}" for t, v in tasks.items()]
+        total = sum(v["n"] for v in tasks.values())
+        macro = f"{self.macro_accuracy:>7.3f}  {self.macro_accuracy_lenient:>7.3f}"
+        lines.append(f"{'macro average (' + str(len(tasks)) + ' tasks)':<{width}}{total:>5}  {macro}")
         return "\n".join(lines)
 
 
@@ -397,9 +484,17 @@ def _answer_all(pool: Any, rows, reqs, mode: str, *, window: int | None):
         for i, out in pool.iter_results(reqs, window=window):
             row = rows[i]
             ok = normalize_answer(out.text) == normalize_answer(row["target"])
+            lenient = lenient_match(out.text, str(row["target"]))
             correct, answered = correct + ok, answered + 1
             paths[out.path] = paths.get(out.path, 0) + 1
-            results[i] = {"task": str(row["task"]), "id": row["id"], "answer": out.text, "correct": ok, "mix": out.mix}
+            results[i] = {
+                "task": str(row["task"]),
+                "id": row["id"],
+                "answer": out.text,
+                "correct": ok,
+                "correct_lenient": lenient,
+                "mix": out.mix,
+            }
             answers[i] = list(out.tokens)
             bar.update(1)
             bar.set_postfix(acc=f"{correct / answered:.3f}", refresh=False)
@@ -418,6 +513,7 @@ __all__ = [
     "REQUIRED_KEYS",
     "TOKEN_MARGIN",
     "evaluate",
+    "lenient_match",
     "load_rows",
     "make_policy",
     "mix_modes",

@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 
 from loramux.errors import LoramuxError
-from loramux.evaluate import normalize_answer
+from loramux.evaluate import lenient_match, normalize_answer
 from loramux.pool import AdapterPool
 
 # examples/ at the top of the source tree (plugin/loramux/cli/demo_cmd.py -> repository root).
@@ -35,7 +35,8 @@ def register(sub: argparse._SubParsersAction) -> None:
             "folders, converted to GGUF once and cached), build a retrieval router from the sample prompts in "
             f"examples/{SAMPLES} (one key per adapter: no training, no labels), let it choose the mix of every prompt "
             f"of examples/{PROMPTS}, and answer all of them greedily in one batch of different mixes; then the "
-            "same prompts with the base model, also in one batch. Prints each answer beside its mix, and both times."
+            "same prompts with the base model, also in one batch. Prints each answer beside its mix, marked by the lenient "
+            "match of loramux eval (the same rule for both), the counts right (lenient and exact), and both times."
         ),
     )
     p.add_argument("--base", type=Path, default=None, help="base model GGUF (default: the embedded SmolLM2-135M-Instruct Q4_1)")
@@ -62,10 +63,28 @@ def _answer_all(pool: AdapterPool, prompts: list[dict], mixes: list, max_tokens:
     return results, time.perf_counter() - start
 
 
+MARK_RULE = (
+    "answers marked by lenient match, routed and base alike: trailing punctuation and quotes ignored, a leading option "
+    "letter taken for its option; see loramux eval --help"
+)
+
+
 def _mark(answer: str, item: dict) -> str:
+    """Mark an answer "ok" or "x" by :func:`loramux.evaluate.lenient_match`, the same rule for the routed and the
+    base answers ("" when the prompt has no expected answer)."""
     if "expected" not in item:
         return ""
-    return "ok" if normalize_answer(answer) == normalize_answer(item["expected"]) else "x"
+    return "ok" if lenient_match(answer, str(item["expected"])) else "x"
+
+
+def _exact(answer: str, item: dict) -> bool:
+    return "expected" in item and normalize_answer(answer) == normalize_answer(item["expected"])
+
+
+def _counts(results: list, prompts: list[dict]) -> tuple[int, int]:
+    """How many answers are right by the demo's mark (lenient match), and how many by exact match."""
+    lenient = sum(_mark(r.text, p) == "ok" for r, p in zip(results, prompts))
+    return lenient, sum(_exact(r.text, p) for r, p in zip(results, prompts))
 
 
 def _short(text: str, width: int = 70) -> str:
@@ -74,6 +93,7 @@ def _short(text: str, width: int = 70) -> str:
 
 
 def _print(prompts: list[dict], routed: list, base: list) -> None:
+    print(f"({MARK_RULE})")
     for i, (item, r, b) in enumerate(zip(prompts, routed, base), 1):
         text = " ".join(item["prompt"].split())
         print(f"[{i}] ({item.get('task', '?')}) {text[:100]}{'...' if len(text) > 100 else ''}")
@@ -108,11 +128,12 @@ def run(args: argparse.Namespace) -> int:
         base, base_s = _answer_all(pool, prompts, [None] * len(prompts), args.max_tokens)
         _print(prompts, routed, base)
         paths = sorted({r.path for r in routed})
-        right = sum(_mark(r.text, p) == "ok" for r, p in zip(routed, prompts))
-        right_base = sum(_mark(b.text, p) == "ok" for b, p in zip(base, prompts))
+        right, exact = _counts(routed, prompts)
+        right_base, exact_base = _counts(base, prompts)
+    n = len(prompts)
     print(
-        f"\nrouted mixes: {right}/{len(prompts)} right, {len(prompts)} prompts in one batch ({', '.join(paths)} path) "
-        f"in {routed_s:.1f} s; base model: {right_base}/{len(prompts)} right in {base_s:.1f} s"
+        f"\nrouted mixes: {right}/{n} right (lenient; {exact}/{n} exact), {n} prompts in one batch ({', '.join(paths)} path) "
+        f"in {routed_s:.1f} s; base model: {right_base}/{n} right (lenient; {exact_base}/{n} exact) in {base_s:.1f} s"
     )
     print("(mixes are exact output-space sums of the adapters' deltas; the router needed no training)", file=sys.stderr)
     return 0

@@ -16,12 +16,18 @@ from loramux.evaluate import evaluate, load_rows, mix_modes
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "eval",
-        help="accuracy of a mix mode on rows {task, input, target} (greedy, exact match)",
+        help="accuracy of a mix mode on rows {task, input, target} (greedy; exact and lenient match)",
         description=(
             "Answer every row of --data as one user turn of the base model's chat template, greedily, stopping at the "
-            "end of the turn, under the mix --mix chooses for it; an answer is correct when it equals the target after "
-            "whitespace and case normalisation. Prints a per-task table and the macro average; --json writes "
-            '{"mix", "macro_accuracy", "tasks": {task: {"accuracy", "n"}}, "rows": [{"task", "id", "answer", "correct", "mix"}]}.'
+            "end of the turn, under the mix --mix chooses for it. Each answer is scored twice. exact: it equals the target "
+            "after whitespace and case normalisation. lenient (loramux.evaluate.lenient_match): after the same "
+            "normalisation, trailing punctuation (. ! , ; :) and quotes at either end are ignored on both sides, and for "
+            "an option-letter target (X) an answer whose leading option letter is X matches (written (X), X) or X., alone "
+            "or followed by the option's text, or a bare X alone), unless it names another option too; nothing else is forgiven "
+            "('yes, because ...' does not match 'yes'). Prints a per-task table with both accuracies and their macro "
+            'averages; --json writes {"mix", "macro_accuracy", "macro_accuracy_lenient", "tasks": {task: {"accuracy", '
+            '"accuracy_lenient", "n"}}, "rows": [{"task", "id", "answer", "correct", "correct_lenient", "mix"}]} '
+            "(accuracy and correct are exact match)."
         ),
         epilog=(
             "MODE: base (no adapter); oracle (the adapter named like the row's task); uniform (all loaded adapters, equal "
