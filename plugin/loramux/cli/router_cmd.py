@@ -10,6 +10,7 @@ from pathlib import Path
 
 from loramux.cli.pool_args import add_pool_arguments, open_pool
 from loramux.progress import progress_bar
+from loramux.router.retrieval import SAMPLES_PER_ADAPTER
 from loramux.router.selection import FALLBACKS, SelectionSettings
 
 _DEFAULTS = SelectionSettings()
@@ -148,7 +149,12 @@ def _add_index_parser(rsub: argparse._SubParsersAction) -> None:
     x.add_argument(
         "--data", type=Path, required=True, help="rows {task, input, ...} (JSON lines); a row belongs to the adapter named like its task"
     )
-    x.add_argument("--samples-per-adapter", type=int, default=20, help="prompts per adapter key (default: 20, LoraRetriever's)")
+    x.add_argument(
+        "--samples-per-adapter",
+        type=int,
+        default=SAMPLES_PER_ADAPTER,
+        help=f"prompts per adapter key (default: {SAMPLES_PER_ADAPTER}, chosen by cross-validation on the train split: benchmarks/retrieval_cv.py)",
+    )
     x.add_argument("--feature", default="token_meanmax", help="prompt embedding: token_meanmax (default), token_mean or hidden:L")
     x.add_argument("-o", "--output", type=Path, required=True, help="key file to write (JSON)")
     x.set_defaults(run=run_index)

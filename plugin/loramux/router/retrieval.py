@@ -1,7 +1,8 @@
 """Retrieval routing (LoraRetriever-style): each adapter has a key, the mean embedding of a few of its prompts.
 
-Keys (``loramux router index``): for every adapter, up to ``samples_per_adapter`` (default 20,
-LoraRetriever's number) unlabelled prompts of its task are embedded (:mod:`.embedding`); the
+Keys (``loramux router index``): for every adapter, up to ``samples_per_adapter`` (default 40,
+chosen by 5-fold cross-validation on the BBH train split alone among 5/10/20/40/all, with the
+feature: ``benchmarks/retrieval_cv.py``; LoraRetriever uses 20) unlabelled prompts of its task are embedded (:mod:`.embedding`); the
 embeddings are centred on the mean of all samples (the embedding space of a language model is
 anisotropic: every vector shares a large common direction, which swamps cosines), L2-normalised
 and averaged; the key is that mean, normalised again. The file stores the feature, the base
@@ -34,7 +35,7 @@ from loramux.router.selection import Routing, softmax
 
 FORMAT = "loramux-retrieval-keys"
 VERSION = 1
-SAMPLES_PER_ADAPTER = 20
+SAMPLES_PER_ADAPTER = 40  # chosen by cross-validation on train only (benchmarks/retrieval_cv.py)
 DEFAULTS: dict[str, Any] = {"k": 3, "T": 0.05, "weights": "softmax", "min_weight": 0.05}
 WEIGHT_RULES = ("softmax", "uniform")
 
