@@ -228,7 +228,7 @@ def test_evaluate_and_the_router_package_import_without_a_cycle():
 
     code = "import loramux.router, loramux.evaluate, loramux.router.registry as r; print(sorted(k.prefix for k in r.router_kinds()))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
-    assert out.strip() == "['file', 'logo', 'retrieval', 'router']"
+    assert out.strip() == "['file', 'logo', 'pooled', 'retrieval', 'router']"
 
 
 def test_the_server_routes_model_auto_with_retrieval_keys(keys, base_model, tmp_path):
@@ -263,3 +263,61 @@ def test_the_server_routes_model_auto_with_retrieval_keys(keys, base_model, tmp_
             routing = out.model_extra["routing"]
             assert routing["top1"] == task and set(routing["scores"]) == set(TASKS)
             assert out.model_extra["mix"] == routing["mix"] and len(routing["mix"]) <= 2
+
+
+def _content_span(pool, prompt: str):
+    """The request's tokens of ``prompt`` (one user turn, as evaluate() sends it) and where the prompt's text lies,
+    found from the token pieces (not by the router's own tokenization)."""
+    tokens, _ = pool.text.prompt_of(None, [{"role": "user", "content": prompt}])
+    pieces = [pool.piece(t) for t in tokens]
+    text = "".join(pieces)
+    at = text.index(prompt)
+    ends = np.cumsum([len(p) for p in pieces])
+    start = int(np.searchsorted(ends, at, side="right"))
+    end = int(np.searchsorted(ends, at + len(prompt), side="left")) + 1
+    return tokens, start, end
+
+
+def test_pooled_arrow_is_the_pooled_record_of_the_teacher_forced_prompt(pool):
+    """pooled:arrow's shares are the mean, over the prompt's own tokens, of what each token chose at every adapted
+    weight (TokenChoiceReport.shares of a teacher-forced pass; the six fixtures all adapt q and v, and some more),
+    its default scores those shares over the template tokens' shares, and its mix the top 2; pooling the
+    template's tokens too (the negative control) gives other shares."""
+    from loramux.router.pooled import EPS
+    from loramux.router.registry import open_router
+
+    prompt = load_rows("dev", {"hyperbaton"}, limit_per_task=1)[0]["input"]
+    tokens, start, end = _content_span(pool, prompt)
+    report = pool.token_choices(tokens, Mix.arrow(k=3))
+    per_token = report.shares(pool.names, ["attn_q", "attn_v"])  # (adapters, tokens), each token's column sums to 1
+    content = per_token[:, start:end].mean(axis=1)
+    template = np.delete(per_token, np.s_[start:end], axis=1).mean(axis=1)
+    assert np.abs(per_token.mean(axis=1) - content).max() > 1e-3, "the control: the template's tokens change the shares"
+    for spec, want in [("pooled:arrow:k=2,baseline=none", content), ("pooled:arrow:k=2", (content + EPS) / (template + EPS))]:
+        routing = open_router(spec, pool).route(prompt)
+        got = np.array([routing.scores.get(n, 0.0) for n in pool.names])
+        chosen = content > 0  # an adapter no content token chose has no score
+        assert np.abs(got[chosen] - want[chosen]).max() < 1e-6 and not got[~chosen].any(), spec
+        top = [pool.names[i] for i in np.argsort(-np.where(chosen, want, -1), kind="stable")[:2]]
+        assert sorted(routing.mix) == sorted(top), spec
+        i, j = (pool.names.index(n) for n in top)
+        assert routing.mix[top[0]] == pytest.approx(want[i] / (want[i] + want[j]))
+
+
+@pytest.mark.parametrize("spec", ["pooled:spectr:k=0", "pooled:nope", "pooled:spectr,T=2", "pooled:arrow:z=1"])
+def test_pooled_specs_are_checked(pool, spec):
+    from loramux.router.registry import open_router
+
+    with pytest.raises(MixError, match="pooled"):
+        open_router(spec, pool)
+
+
+def test_pooled_arrow_picks_the_task_of_a_prompt_without_samples(pool):
+    """Ten dev prompts of one fixture task: pooled:arrow (no samples, no training) puts that task's adapter first
+    for at least 8; scored by the plain shares (baseline=none, the control), the always-chosen adapters win instead."""
+    from loramux.router.registry import open_router
+
+    rows = load_rows("dev", {"hyperbaton"}, limit_per_task=10)
+    lifted, plain = open_router("pooled:arrow", pool), open_router("pooled:arrow:baseline=none", pool)
+    assert sum(lifted.route(r["input"]).top1 == "hyperbaton" for r in rows) >= 8
+    assert sum(plain.route(r["input"]).top1 == "hyperbaton" for r in rows) <= 5

@@ -12,6 +12,8 @@ Built in (each imported only when used, so this module imports nothing heavy):
   ``retrieval:KEYS,k=3,T=0.05`` or ``weights=uniform``;
 - ``logo`` / ``logo:k=3,score=norm``: LoGo, the adapters' own output norms at one layer
   (:mod:`loramux.router.logo`);
+- ``pooled:arrow`` / ``pooled:spectr[:k=3]``: per-token routing run once over the prompt and pooled into a
+  fixed top-k mix, no samples, no training (:mod:`loramux.router.pooled`);
 - ``file:MIX.json``: one fixed mix read from a file (``loramux compose`` writes one).
 
 A router is anything with ``adapters`` (the names it routes among), ``route(prompt) -> Routing``
@@ -22,6 +24,7 @@ those prefixes, and :func:`is_router_spec` is False for them.
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Protocol
@@ -53,18 +56,19 @@ class RouterKind:
     factory: RouterFactory
     usage: str  # e.g. "retrieval:KEYS[,k=3,T=0.05]"
     summary: str
+    data_free: bool = False  # reads nothing but the pool (no file): a server may open it from a request's spec
 
 
 _KINDS: dict[str, RouterKind] = {}
 
 
-def register_router(prefix: str, factory: RouterFactory, *, usage: str, summary: str) -> None:
-    """Register (or replace) the router kind ``prefix``."""
+def register_router(prefix: str, factory: RouterFactory, *, usage: str, summary: str, data_free: bool = False) -> None:
+    """Register (or replace) the router kind ``prefix`` (``data_free``: it reads no file, only the pool)."""
     if not prefix or ":" in prefix or "=" in prefix:
         raise ValueError(f"a router prefix must be non-empty without ':' or '=', got {prefix!r}")
     if prefix in ROUTING_MODES:
         raise ValueError(f"{prefix!r} is a per-token routing mode of a mix (loramux.token_routing), not a router prefix")
-    _KINDS[prefix] = RouterKind(prefix, factory, usage, summary)
+    _KINDS[prefix] = RouterKind(prefix, factory, usage, summary, data_free)
 
 
 def router_kinds() -> list[RouterKind]:
@@ -82,6 +86,33 @@ def _split(spec: str) -> tuple[str, str | None]:
 def is_router_spec(spec: str) -> bool:
     """Whether ``spec`` names a router (and not a mix like ``name=w,...`` or a routing mode like ``arrow``)."""
     return not is_routing_spec(str(spec)) and _split(str(spec))[0] in _KINDS
+
+
+def is_data_free_router_spec(spec: Any) -> bool:
+    """Whether ``spec`` names a router that reads no file (``pooled:arrow``, ``logo``): one a request may name."""
+    return isinstance(spec, str) and is_router_spec(spec) and _KINDS[_split(spec)[0]].data_free
+
+
+class RouterCache:
+    """Routers opened by spec, each once, and closed together (a server's data-free routers)."""
+
+    def __init__(self, pool: Any) -> None:
+        self.pool = pool
+        self._routers: dict[str, PromptRouter] = {}
+        self._lock = threading.Lock()
+
+    def get(self, spec: str) -> PromptRouter:
+        """The router ``spec`` names, opened on first use (a MixError for a bad spec)."""
+        with self._lock:
+            if spec not in self._routers:
+                self._routers[spec] = open_router(spec, self.pool)
+            return self._routers[spec]
+
+    def close(self) -> None:
+        with self._lock:
+            routers, self._routers = list(self._routers.values()), {}
+        for router in routers:
+            router.close()
 
 
 def open_router(spec: str, pool: Any) -> PromptRouter:
@@ -133,6 +164,12 @@ def _logo(arg: str | None, pool: Any) -> PromptRouter:
     return LogoRouter(pool, options=arg)
 
 
+def _pooled(arg: str | None, pool: Any) -> PromptRouter:
+    from loramux.router.pooled import PooledRouter
+
+    return PooledRouter(pool, spec=arg)
+
+
 def _file(arg: str | None, pool: Any) -> PromptRouter:
     from loramux.router.fixed import FixedMixRouter
 
@@ -151,8 +188,26 @@ register_router(
     _logo,
     usage="logo[:k=3,score=norm|entropy,layer=-1,module=attn_q]",
     summary="LoGo: the adapters' own output norms at one layer, no training, no samples",
+    data_free=True,
+)
+register_router(
+    "pooled",
+    _pooled,
+    usage="pooled:arrow|spectr[:k=3,weights=share|uniform]",
+    summary="per-token routing (Arrow, SpectR) over the prompt once, pooled into a fixed top-k mix: no samples, no training",
+    data_free=True,
 )
 register_router("file", _file, usage="file:MIX.json", summary="one fixed mix read from a file (loramux compose)")
 
 
-__all__ = ["PromptRouter", "RouterFactory", "RouterKind", "is_router_spec", "open_router", "register_router", "router_kinds"]
+__all__ = [
+    "RouterCache",
+    "is_data_free_router_spec",
+    "PromptRouter",
+    "RouterFactory",
+    "RouterKind",
+    "is_router_spec",
+    "open_router",
+    "register_router",
+    "router_kinds",
+]

@@ -24,6 +24,7 @@ from starlette.routing import Match
 
 from loramux import __version__
 from loramux.errors import LoramuxError
+from loramux.router.registry import RouterCache
 from loramux.server import metrics
 from loramux.server.bodies import RequestDefaults
 from loramux.server.cors import CORS
@@ -54,7 +55,12 @@ class ServerState:
         return RequestDefaults(max_tokens=s.n_predict, temperature=s.temperature, seed=s.seed)
 
 
-def pool_state(settings: ServeSettings, pool, router=None) -> ServerState:
+POOLED_SPECS = tuple(f"pooled:{mode}" for mode in ROUTING_MODES)  # the data-free routers /v1/models lists
+
+
+def pool_state(settings: ServeSettings, pool, router=None, spec_routers: RouterCache | None = None) -> ServerState:
+    """The routes' state over ``pool``: ``router`` answers ``model: "auto"``; ``spec_routers`` opens the
+    data-free routers a request names (``mix``/``model``: ``pooled:arrow``, ``logo``)."""
     lora = LoraTable()
     for name in pool.names:
         lora.add(name)
@@ -69,6 +75,8 @@ def pool_state(settings: ServeSettings, pool, router=None) -> ServerState:
         base_names=("base", pool.base_path.name, pool.base_path.stem, *settings.aliases),
         routing_modes=ROUTING_MODES if pool.native else (),
         unknown_model=settings.unknown_model,
+        spec_router=spec_routers.get if spec_routers is not None else None,
+        router_specs=POOLED_SPECS if pool.native else (),
     )
     return ServerState(settings=settings, pool=pool, selector=selector, lora=lora)
 

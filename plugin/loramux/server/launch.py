@@ -7,6 +7,7 @@ import warnings
 
 from fastapi import FastAPI
 
+from loramux.router.registry import RouterCache
 from loramux.server.app import create_app, pool_state
 from loramux.server.settings import ServeSettings, SettingsError
 
@@ -50,7 +51,8 @@ def build_pool_app(settings: ServeSettings) -> FastAPI:
         for w in caught:
             print(f"loramux serve: {w.message}", file=sys.stderr)
         router = open_router(settings, pool)
-        state = pool_state(settings, pool, router)
+        spec_routers = RouterCache(pool)
+        state = pool_state(settings, pool, router, spec_routers)
     except BaseException:
         pool.close()
         raise
@@ -58,6 +60,7 @@ def build_pool_app(settings: ServeSettings) -> FastAPI:
     def close() -> None:
         if router is not None:
             router.close()
+        spec_routers.close()
         pool.close()
 
     return create_app(state, on_close=close)
