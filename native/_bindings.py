@@ -38,6 +38,9 @@ LORAMUX_MAX_SLOTS = 4096  # slot ids of one pool: 0..LORAMUX_MAX_SLOTS-1
 LORAMUX_ROUTE_FIXED = 0
 LORAMUX_ROUTE_ARROW = 1
 LORAMUX_ROUTE_SPECTR = 2
+LORAMUX_ROUTE_LOGO = 3  # LoGo, raw (c_e = 1); the fused CPU op only
+LORAMUX_ROUTE_LOGO_SPECTRAL = 4  # LoGo, c_e = ||D_e||_2
+LORAMUX_ROUTE_LOGO_FROBENIUS = 5  # LoGo, c_e = ||D_e||_F
 
 # name -> (argtypes, restype), in the order of loramux.h
 _PROTOTYPES: dict[str, tuple[list[Any], Any]] = {

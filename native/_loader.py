@@ -27,7 +27,7 @@ HERE = Path(__file__).resolve().parent
 ENV_LIB_DIR = "LORAMUX_NATIVE_LIB_DIR"
 ENV_SWITCH = "LORAMUX_NATIVE"
 LLAMA_ENV = "LLAMA_CPP_LIB_PATH"
-API_VERSION = 5  # LORAMUX_API_VERSION in native/include/loramux.h (tests/test_native_abi.py checks)
+API_VERSION = 6  # LORAMUX_API_VERSION in native/include/loramux.h (tests/test_native_abi.py checks)
 
 
 def library_file_names() -> tuple[str, ...]:

@@ -23,12 +23,18 @@ import numpy as np
 
 from loramux.errors import LoramuxError, MixError, RuntimeLoadError
 from loramux.native import _bindings as B
-from loramux.token_routing import ROUTING_MODES
+from loramux.token_routing import LOGO_NATIVE_MODES
 
 MixInput = Mapping[str, float] | Iterable[tuple[str, float]] | None
 
-# routing mode names (loramux.token_routing's table) -> enum loramux_route_mode
-ROUTE_MODES = dict(zip(ROUTING_MODES, (B.LORAMUX_ROUTE_ARROW, B.LORAMUX_ROUTE_SPECTR)))
+# routing mode names (TokenRouting.native_args: arrow, spectr, and LoGo per calibration) -> enum loramux_route_mode
+ROUTE_MODES = {
+    "arrow": B.LORAMUX_ROUTE_ARROW,
+    "spectr": B.LORAMUX_ROUTE_SPECTR,
+    LOGO_NATIVE_MODES["none"]: B.LORAMUX_ROUTE_LOGO,
+    LOGO_NATIVE_MODES["spectral"]: B.LORAMUX_ROUTE_LOGO_SPECTRAL,
+    LOGO_NATIVE_MODES["frobenius"]: B.LORAMUX_ROUTE_LOGO_FROBENIUS,
+}
 
 
 @dataclass(frozen=True)
@@ -79,6 +85,7 @@ class SeqMixer:
         if len(set(names)) != len(names):
             raise LoramuxError(f"adapter names must be unique, got {names}")
         self._ctx = ctx_ptr
+        self.device_form = bool(device_form)  # LoGo routing needs the fused CPU op (False)
         self._slots: list[str | None] = []  # slot id -> name (None: empty)
         self._ids: dict[str, int] = {}
         self._closed = True
@@ -247,9 +254,11 @@ class SeqMixer:
     # --- per-token routing -------------------------------------------------------------------
     def set_routing(self, seq_id: int, mode: str, k: int, temperature: float = 1.0) -> None:
         """Route every token of ``seq_id`` per adapted weight inside the graph: ``mode`` "arrow"
-        (top-``k`` of ``|x . v_e|``, weights ``softmax(s / temperature)``) or "spectr" (top-``k`` of
-        ``||Q_e^T x|| / sqrt(r_e)``, weights ``1/k``; ``temperature`` ignored), over every registered adapter
-        that adapts the weight. :meth:`set` or :meth:`clear` end it."""
+        (top-``k`` of ``|x . v_e|``, weights ``softmax(s / temperature)``), "spectr" (top-``k`` of
+        ``||Q_e^T x|| / sqrt(r_e)``, weights ``1/k``; ``temperature`` ignored) or LoGo "logo", "logo-spectral",
+        "logo-frobenius" (top-``k`` of ``||D_e x|| / c_e``, ``c_e`` 1, ``||D_e||_2`` or ``||D_e||_F``, weights
+        ``s / sum(s)``; ``temperature`` ignored; the fused CPU op only: MixError on the device form), over every
+        registered adapter that adapts the weight. :meth:`set` or :meth:`clear` end it."""
         self._check_open()
         if mode not in ROUTE_MODES:
             raise MixError(f"sequence {seq_id}: routing mode {mode!r} is not one of {', '.join(ROUTE_MODES)}")

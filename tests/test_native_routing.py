@@ -107,23 +107,14 @@ def _set_routes(mixer) -> None:
             mixer.set_routing(s, route[0], route[1], route[2] or 1.0)
 
 
-def _worker_capture(out: Path, adapter_dir: Path, form: str) -> None:
+def capture_callback(wanted: dict[str, tuple[str, str]], n_rows: int, got: dict[str, np.ndarray], errors: list[str]):
+    """A ggml eval callback that stores, once each, the ``wanted`` tensors of ``n_rows`` rows into ``got``
+    (``"module|what|key"``: the fused op's x and term, or the device form's routed x and u) and its own
+    exceptions into ``errors``."""
     import llama_cpp as lc
 
-    from loramux.base_model import default_base_model
-    from loramux.llama_batch import TokenBatch, new_context
-    from loramux.native.mixer import SeqMixer
     from loramux.probe import _GgmlTensor, _tensor_get_function
 
-    model = lc.llama_model_load_from_file(str(default_base_model()).encode(), lc.llama_model_default_params())
-    vocab = lc.llama_model_get_vocab(model)
-    adapters = {n: lc.llama_adapter_lora_init(model, str(adapter_dir / f"{n}.gguf").encode()) for n in POOL}
-    prompts = [_tokenize(lc, vocab, p) for p in PROMPTS]
-    rows_seq = np.array([s for s, p in enumerate(prompts) for _ in p], dtype=np.int32)
-    rows_pos = np.array([i for p in prompts for i in range(len(p))], dtype=np.int32)
-    n_rows, wanted = len(rows_seq), _wanted(form)
-    got: dict[str, np.ndarray] = {}
-    errors: list[str] = []
     get = _tensor_get_function()
 
     def on_tensor(ptr, ask, _user):
@@ -142,12 +133,22 @@ def _worker_capture(out: Path, adapter_dir: Path, form: str) -> None:
             errors.append(repr(exc))
         return True
 
-    callback = lc.ggml_backend_sched_eval_callback(on_tensor)
-    ctx = new_context(model, n_ctx=1024, n_seq_max=4, n_threads=1, kv_unified=True, cb_eval=callback)
-    mixer = SeqMixer(ctx, adapters, max_active=MAX_ACTIVE, device_form=form == "mul_mat_id")
-    _set_routes(mixer)
-    refusal = _start_record(mixer)
-    batch = TokenBatch(n_rows)
+    return lc.ggml_backend_sched_eval_callback(on_tensor)
+
+
+def prompt_rows(prompts: list[list[int]]) -> tuple[np.ndarray, np.ndarray]:
+    """(sequence, position) of every token row of one batch holding ``prompts`` (sequence s = prompt s)."""
+    rows_seq = np.array([s for s, p in enumerate(prompts) for _ in p], dtype=np.int32)
+    rows_pos = np.array([i for p in prompts for i in range(len(p))], dtype=np.int32)
+    return rows_seq, rows_pos
+
+
+def decode_prompts(ctx, prompts: list[list[int]]) -> None:
+    """Decode ``prompts`` in one batch, sequence s = prompt s (rows as :func:`prompt_rows`)."""
+    from loramux.llama_batch import TokenBatch
+
+    rows_seq, rows_pos = prompt_rows(prompts)
+    batch = TokenBatch(len(rows_seq))
     batch.set(
         [prompts[s][i] for s, i in zip(rows_seq, rows_pos)],
         rows_pos,
@@ -155,6 +156,28 @@ def _worker_capture(out: Path, adapter_dir: Path, form: str) -> None:
         [i == len(prompts[s]) - 1 for s, i in zip(rows_seq, rows_pos)],
     )
     batch.decode(ctx)
+
+
+def _worker_capture(out: Path, adapter_dir: Path, form: str) -> None:
+    import llama_cpp as lc
+
+    from loramux.base_model import default_base_model
+    from loramux.llama_batch import new_context
+    from loramux.native.mixer import SeqMixer
+
+    model = lc.llama_model_load_from_file(str(default_base_model()).encode(), lc.llama_model_default_params())
+    vocab = lc.llama_model_get_vocab(model)
+    adapters = {n: lc.llama_adapter_lora_init(model, str(adapter_dir / f"{n}.gguf").encode()) for n in POOL}
+    prompts = [_tokenize(lc, vocab, p) for p in PROMPTS]
+    rows_seq, rows_pos = prompt_rows(prompts)
+    got: dict[str, np.ndarray] = {}
+    errors: list[str] = []
+    callback = capture_callback(_wanted(form), len(rows_seq), got, errors)
+    ctx = new_context(model, n_ctx=1024, n_seq_max=4, n_threads=1, kv_unified=True, cb_eval=callback)
+    mixer = SeqMixer(ctx, adapters, max_active=MAX_ACTIVE, device_form=form == "mul_mat_id")
+    _set_routes(mixer)
+    refusal = _start_record(mixer)
+    decode_prompts(ctx, prompts)
     arrays = {"rows_seq": rows_seq, "rows_pos": rows_pos, "errors": np.array(errors or [""]), "record_refusal": np.array(refusal)} | got
     if not refusal:
         _save_record(arrays, mixer)
@@ -175,13 +198,15 @@ def _start_record(mixer) -> str:
     return ""
 
 
-def _save_record(arrays: dict, mixer) -> None:
-    rows = [c for c in mixer.take_choices() if c.module in MODULES]
-    arrays["rec_module"] = np.array([c.module for c in rows])
-    arrays["rec_key"] = np.array([[c.seq_id, c.pos] for c in rows], dtype=np.int32).reshape(-1, 2)
-    arrays["rec_ids"] = np.array([",".join(c.adapters) for c in rows])
-    arrays["rec_w"] = np.array([list(c.weights) + [0.0] * (MAX_ACTIVE - len(c.weights)) for c in rows], dtype=np.float64).reshape(
-        -1, MAX_ACTIVE
+def _save_record(arrays: dict, mixer, modules=MODULES, prefix: str = "rec") -> None:
+    """The record's rows of ``modules`` (all when None) into ``arrays`` as PREFIX_module, _key, _ids, _w."""
+    rows = [c for c in mixer.take_choices() if modules is None or c.module in modules]
+    width = mixer.max_active
+    arrays[f"{prefix}_module"] = np.array([c.module for c in rows])
+    arrays[f"{prefix}_key"] = np.array([[c.seq_id, c.pos] for c in rows], dtype=np.int32).reshape(-1, 2)
+    arrays[f"{prefix}_ids"] = np.array([",".join(c.adapters) for c in rows])
+    arrays[f"{prefix}_w"] = np.array([list(c.weights) + [0.0] * (width - len(c.weights)) for c in rows], dtype=np.float64).reshape(
+        -1, width
     )
 
 

@@ -179,7 +179,7 @@ def test_server_selection_and_settings_take_the_modes():
     from loramux.token_routing import ROUTING_MODES
 
     sel = MixSelector(model_id="loramux", adapters=lambda: ["navigate"], mixes={}, lora=LoraTable(), routing_modes=ROUTING_MODES)
-    assert sel.models() == ["loramux", "navigate", "arrow", "spectr"]
+    assert sel.models() == ["loramux", "navigate", "arrow", "spectr", "logo-token"]
     for body, mix, source in [
         ({"model": "arrow"}, Mix.arrow(), "routed"),
         ({"model": "arrow:k=2,T=0.5"}, Mix.arrow(k=2, temperature=0.5), "routed"),

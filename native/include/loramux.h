@@ -24,7 +24,7 @@
 extern "C" {
 #endif
 
-#define LORAMUX_API_VERSION 5
+#define LORAMUX_API_VERSION 6
 
 // Highest number of adapter slots of one pool (slot ids 0..LORAMUX_MAX_SLOTS-1).
 #define LORAMUX_MAX_SLOTS 4096
@@ -50,6 +50,10 @@ enum loramux_route_mode {
     LORAMUX_ROUTE_FIXED  = 0, // the sequence's fixed mix, or none (the base model)
     LORAMUX_ROUTE_ARROW  = 1, // per token and adapted weight: top-k of |x . v_e|, weights softmax(s / T)
     LORAMUX_ROUTE_SPECTR = 2, // per token and adapted weight: top-k of ||Q_e^T x|| / sqrt(r_e), weights 1/k
+    // LoGo (fused CPU op only): per token and adapted weight, top-k of ||D_e x|| / c_e, weights s / sum(s)
+    LORAMUX_ROUTE_LOGO           = 3, // c_e = 1 (LoGo's raw signal)
+    LORAMUX_ROUTE_LOGO_SPECTRAL  = 4, // c_e = ||D_e||_2 (the delta's largest singular value)
+    LORAMUX_ROUTE_LOGO_FROBENIUS = 5, // c_e = ||D_e||_F
 };
 
 // LORAMUX_API_VERSION of the library.
@@ -155,8 +159,14 @@ LLAMA_API int32_t loramux_get_seq_mix(
 //   LORAMUX_ROUTE_ARROW:  scores |x . v_e|, v_e the top right singular vector of the adapter's delta
 //                         (alpha/r B A); weights softmax(s / temperature) over the top k (temperature > 0);
 //   LORAMUX_ROUTE_SPECTR: scores ||Q_e^T x|| / sqrt(r_e), Q_e an orthonormal basis of the delta's row space, r_e its rank;
-//                         weights 1/k (temperature is ignored).
-// The prototypes are computed exactly at registration. Replaces the sequence's fixed mix;
+//                         weights 1/k (temperature is ignored);
+//   LORAMUX_ROUTE_LOGO, _LOGO_SPECTRAL, _LOGO_FROBENIUS: scores ||D_e x|| / c_e, D_e = the delta (alpha/r B A, or
+//                         alpha/sqrt(r) for rsLoRA: the adapter's scale as llama.cpp applies it), c_e = 1, ||D_e||_2
+//                         or ||D_e||_F (0 for a zero delta: it scores 0); weights s / sum(s) over the top k
+//                         (temperature is ignored). The fused CPU op only: LORAMUX_ERR_BAD_ARG when the pool uses
+//                         the device form (LORAMUX_REGISTER_MUL_MAT_ID or device buffers), and a slot change that
+//                         would put a LoGo sequence's pool on the device form is refused the same way.
+// The prototypes, bases and LoGo's B^T B and c_e are computed exactly at registration. Replaces the sequence's fixed mix;
 // loramux_set_seq_mix or loramux_clear_seq_mix (or mode LORAMUX_ROUTE_FIXED) end the routing.
 LLAMA_API int32_t loramux_set_seq_routing(
         struct llama_context * ctx,

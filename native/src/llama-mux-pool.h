@@ -21,12 +21,14 @@ struct llama_adapter_lora;
 // Each adapter's alpha/r is folded into its B; ranks below r_max are zero-padded; the last slice
 // (index n_sub) is all zeros: empty slots select it.
 //
-// Per-token routing (Arrow, SpectR) gates each token among the group's adapters from data computed
+// Per-token routing (Arrow, SpectR, LoGo) gates each token among the group's adapters from data computed
 // once at registration, exactly from the stacked A and scaled B of each adapter e (delta
 // D_e = scale_e B_e A_e; A_e = U_e S_e V_e^T from the eigen-decomposition of A_e A_e^T):
 //   Arrow prototype  v_e = the top right singular vector of D_e (unit, sign-free), score |x . v_e|;
 //   SpectR basis     Q_e = V_e (orthonormal row space of A_e = of D_e), score ||Q_e^T x|| / sqrt(r_e) = ||M_e A_e x||
-//                    with M_e = S_e^+ U_e^T (r x r), so the fused op reuses A_e x for the chosen adapters.
+//                    with M_e = S_e^+ U_e^T (r x r), so the fused op reuses A_e x for the chosen adapters;
+//   LoGo             score ||D_e x|| / c_e = sqrt(t^T G_e t) / c_e with t = A_e x and G_e = B_s^T B_s (r x r, B_s the
+//                    scaled B), c_e a calibration: 1, ||D_e||_2 or ||D_e||_F (fused CPU op only).
 struct llama_mux_module {
     ggml_tensor * a = nullptr;
     ggml_tensor * b = nullptr;
@@ -38,9 +40,13 @@ struct llama_mux_module {
     std::vector<int32_t> rank; // [n_sub] each stacked adapter's own rank (<= r_max)
     const struct llama_mux * mux = nullptr; // the pool (the fused op records its choices there)
 
-    // routing data, host copies (always): proto [n_sub][n_in] f32, gate_m [n_sub][r_max][r_max] f32
+    // routing data, host copies (always): proto [n_sub][n_in] f32, gate_m [n_sub][r_max][r_max] f32,
+    // logo_g [n_sub][r_max][r_max] f32 (G_e), logo_inv_c [n_sub][LLAMA_MUX_LOGO_N_CAL] f32 (1 / c_e per
+    // calibration, in the order of the LoGo modes; 0 where c_e = 0: a zero adapter scores 0)
     std::vector<float> proto;
     std::vector<float> gate_m;
+    std::vector<float> logo_g;
+    std::vector<float> logo_inv_c;
     // device form only: proto_t F32 [n_in, n_sub], basis_t F32 [n_in, r_max * n_sub] (Q_e zero-padded)
     ggml_tensor * proto_t = nullptr;
     ggml_tensor * basis_t = nullptr;
@@ -58,8 +64,17 @@ struct llama_mux_group {
     int32_t n_members = 0;        // slices holding an adapter
 };
 
-// Routing modes of a sequence (enum loramux_route_mode): fixed mix, Arrow, SpectR.
-enum llama_mux_route : int32_t { LLAMA_MUX_FIXED = 0, LLAMA_MUX_ARROW = 1, LLAMA_MUX_SPECTR = 2 };
+// Routing modes of a sequence (enum loramux_route_mode): fixed mix, Arrow, SpectR, LoGo with its
+// three calibrations (raw, spectral, Frobenius; the fused CPU op only).
+enum llama_mux_route : int32_t {
+    LLAMA_MUX_FIXED = 0, LLAMA_MUX_ARROW = 1, LLAMA_MUX_SPECTR = 2,
+    LLAMA_MUX_LOGO = 3, LLAMA_MUX_LOGO_SPECTRAL = 4, LLAMA_MUX_LOGO_FROBENIUS = 5,
+};
+constexpr int32_t LLAMA_MUX_LOGO_N_CAL = 3; // calibration index = mode - LLAMA_MUX_LOGO
+
+inline bool llama_mux_is_logo(int32_t mode) {
+    return mode >= LLAMA_MUX_LOGO && mode < LLAMA_MUX_LOGO + LLAMA_MUX_LOGO_N_CAL;
+}
 
 // Per-token choices of routed tokens, kept while recording is on: one segment per ubatch, with
 // ids/w [n_modules][n_tokens][k] (pool ids, -1 where nothing was written). set_input() starts a

@@ -1,10 +1,12 @@
-// llama-mux-route.cpp - per-token routing of loramux (Arrow, SpectR), compiled into libllama.
+// llama-mux-route.cpp - per-token routing of loramux (Arrow, SpectR, LoGo), compiled into libllama.
 //
 // A routed sequence has no fixed mix: at every adapted weight, each of its tokens scores the
 // adapters that adapt that weight (its group) against the weight's real input x, keeps the top k
 // and mixes them, the way a mixture-of-experts layer gates its experts:
 //   Arrow   score |x . v_e| (v_e: top right singular vector of the delta), weights softmax(s / T);
-//   SpectR  score ||Q_e^T x|| / sqrt(r_e) (Q_e: orthonormal row space of the delta, r_e its rank), weights 1/k.
+//   SpectR  score ||Q_e^T x|| / sqrt(r_e) (Q_e: orthonormal row space of the delta, r_e its rank), weights 1/k;
+//   LoGo    score ||D_e x|| / c_e (D_e = s_e B_e A_e the delta, c_e a calibration: 1, ||D_e||_2 or ||D_e||_F),
+//           weights s / sum(s) over the top k; the fused CPU op only (the device form refuses it).
 // The routing data is computed here once per adapter and weight at registration, exactly from A
 // and the scaled B (no power iteration); the fused CPU op gates inside its token loop, the device
 // form with ggml ops (mul_mat, argsort_top_k, get_rows, soft_max, then the two mul_mat_id).
@@ -109,11 +111,19 @@ static bool mux_row_space(const std::vector<float> & a, int64_t r, int64_t n_in,
     return true;
 }
 
+// LoGo's data of one delta D = B A (B scaled): B^T B (r x r, row-major), ||D||_2^2 and ||D||_F^2
+struct mux_delta_norms {
+    std::vector<double> btb;
+    double spectral2  = 0.0;
+    double frobenius2 = 0.0;
+};
+
 // The delta's top right singular vector. With V = A^T M^T (the row space above), D = B A =
 // (B A V) V^T, so the top right singular vector of D is V w for the top eigenvector w of the r x r
-// K = (A V)^T (B^T B) (A V), where A V = G M^T and G = A A^T. Returns the unit v = A^T (M^T w).
+// K = (A V)^T (B^T B) (A V), where A V = G M^T and G = A A^T. Returns the unit v = A^T (M^T w), and
+// in `norms` B^T B, ||D||_2^2 (K's top eigenvalue) and ||D||_F^2 = trace(B^T B A A^T).
 static bool mux_top_vector(const std::vector<float> & a, const std::vector<float> & b, const std::vector<double> & m,
-                           int64_t r, int64_t n_in, int64_t n_out, std::vector<double> & v) {
+                           int64_t r, int64_t n_in, int64_t n_out, std::vector<double> & v, mux_delta_norms & norms) {
     std::vector<double> g((size_t) r * r, 0.0);
     for (int64_t i = 0; i < r; ++i) {
         for (int64_t j = 0; j < r; ++j) {
@@ -134,7 +144,8 @@ static bool mux_top_vector(const std::vector<float> & a, const std::vector<float
             av[i * r + c] = sum;
         }
     }
-    std::vector<double> btb((size_t) r * r, 0.0); // B^T B
+    std::vector<double> & btb = norms.btb; // B^T B
+    btb.assign((size_t) r * r, 0.0);
     for (int64_t i = 0; i < r; ++i) {
         for (int64_t j = i; j < r; ++j) {
             double sum = 0.0;
@@ -142,6 +153,12 @@ static bool mux_top_vector(const std::vector<float> & a, const std::vector<float
                 sum += (double) b[o * r + i] * b[o * r + j];
             }
             btb[i * r + j] = btb[j * r + i] = sum;
+        }
+    }
+    norms.frobenius2 = 0.0; // trace(B^T B A A^T)
+    for (int64_t i = 0; i < r; ++i) {
+        for (int64_t j = 0; j < r; ++j) {
+            norms.frobenius2 += btb[i * r + j] * g[j * r + i];
         }
     }
     std::vector<double> tb((size_t) r * r, 0.0); // (B^T B) (A V)
@@ -169,6 +186,7 @@ static bool mux_top_vector(const std::vector<float> & a, const std::vector<float
         return false;
     }
     const int64_t top = std::max_element(values.begin(), values.end()) - values.begin();
+    norms.spectral2 = std::max(values[top], 0.0);
     // v = V w = A^T (M^T w)
     std::vector<double> z(r, 0.0);
     for (int64_t j = 0; j < r; ++j) {
@@ -195,8 +213,20 @@ bool llama_mux_route_prepare(llama_mux_module & m, int64_t n_sub, int64_t sub, c
                              const std::vector<float> & b_scaled, int64_t r, int64_t n_out) {
     const int64_t n_in = m.n_in, r_max = m.r_max;
     std::vector<double> mm, v;
-    if (!mux_row_space(a, r, n_in, mm) || !mux_top_vector(a, b_scaled, mm, r, n_in, n_out, v)) {
+    mux_delta_norms norms;
+    if (!mux_row_space(a, r, n_in, mm) || !mux_top_vector(a, b_scaled, mm, r, n_in, n_out, v, norms)) {
         return false;
+    }
+    // LoGo: G_e = B_s^T B_s, and 1 / c_e per calibration (1, ||D_e||_2, ||D_e||_F; 0 for a zero delta)
+    for (int64_t i = 0; i < r; ++i) {
+        for (int64_t j = 0; j < r; ++j) {
+            m.logo_g[((size_t) sub * r_max + i) * r_max + j] = (float) norms.btb[i * r + j];
+        }
+    }
+    const double cal[LLAMA_MUX_LOGO_N_CAL] = { 1.0, std::sqrt(norms.spectral2), std::sqrt(std::max(norms.frobenius2, 0.0)) };
+    for (int32_t c = 0; c < LLAMA_MUX_LOGO_N_CAL; ++c) {
+        const float inv = cal[c] > 0.0 ? (float) (1.0 / cal[c]) : 0.0f;
+        m.logo_inv_c[(size_t) sub * LLAMA_MUX_LOGO_N_CAL + c] = std::isfinite(inv) ? inv : 0.0f;
     }
     for (int64_t n = 0; n < n_in; ++n) {
         m.proto[(size_t) sub * n_in + n] = (float) v[n];
@@ -241,27 +271,35 @@ void llama_mux_route_token(const llama_mux_module & m, const llama_mux_cpu_args 
     const int32_t mode  = (int32_t) route_row[0];
     const int64_t k     = std::min<int64_t>((int64_t) route_row[1], grp.n_members);
     const float   inv_t = route_row[2];
+    const bool    logo  = llama_mux_is_logo(mode);
 
     thread_local std::vector<float>   score, t_all;
     thread_local std::vector<int32_t> order;
     score.resize(n_sub);
     order.resize(n_sub);
-    if (mode == LLAMA_MUX_SPECTR) {
+    if (mode != LLAMA_MUX_ARROW) {
         t_all.resize((size_t) n_sub * r_max);
     }
     for (int64_t e = 0; e < n_sub; ++e) {
         if (grp.members[e] < 0) {
             score[e] = -INFINITY; // a free slice is never chosen (k <= n_members)
-        } else if (mode == LLAMA_MUX_ARROW) {
+            continue;
+        }
+        if (mode == LLAMA_MUX_ARROW) {
             score[e] = std::fabs(llama_mux_dot_f32(m.proto.data() + (size_t) e * n_in, xin, n_in));
-        } else { // ||Q_e^T x|| / sqrt(r_e) = ||M_e (A_e x)|| (M_e per rank), and A_e x is kept for the chosen adapters
-            float * t = t_all.data() + (size_t) e * r_max;
-            llama_mux_a_times_x(args, e, xin, t);
-            double sq = 0.0;
-            for (int64_t i = 0; i < r_max; ++i) {
-                const double qi = llama_mux_dot_f32(m.gate_m.data() + ((size_t) e * r_max + i) * r_max, t, r_max);
-                sq += qi * qi;
-            }
+            continue;
+        }
+        float * t = t_all.data() + (size_t) e * r_max; // A_e x, kept for the chosen adapters
+        llama_mux_a_times_x(args, e, xin, t);
+        const float * mat = (logo ? m.logo_g : m.gate_m).data() + (size_t) e * r_max * r_max;
+        double sq = 0.0;
+        for (int64_t i = 0; i < r_max; ++i) {
+            const double qi = llama_mux_dot_f32(mat + (size_t) i * r_max, t, r_max);
+            sq += logo ? (double) t[i] * qi : qi * qi;
+        }
+        if (logo) { // ||D_e x|| / c_e = sqrt(t^T G_e t) / c_e
+            score[e] = (float) (std::sqrt(std::max(sq, 0.0)) * m.logo_inv_c[(size_t) e * LLAMA_MUX_LOGO_N_CAL + (mode - LLAMA_MUX_LOGO)]);
+        } else { // SpectR: ||Q_e^T x|| / sqrt(r_e) = ||M_e (A_e x)|| (M_e per rank)
             score[e] = (float) std::sqrt(sq);
         }
     }
@@ -272,9 +310,13 @@ void llama_mux_route_token(const llama_mux_module & m, const llama_mux_cpu_args 
     float w[LLAMA_MUX_MAX_RANK];
     float t[LLAMA_MUX_MAX_RANK];
     double total = 0.0;
-    for (int64_t j = 0; j < k; ++j) { // softmax over the top k (the first is the largest)
-        w[j] = mode == LLAMA_MUX_ARROW ? std::exp((score[order[j]] - score[order[0]]) * inv_t) : 1.0f;
+    for (int64_t j = 0; j < k; ++j) { // Arrow: softmax over the top k (the first is the largest); LoGo: s / sum(s)
+        w[j] = mode == LLAMA_MUX_ARROW ? std::exp((score[order[j]] - score[order[0]]) * inv_t) : logo ? score[order[j]] : 1.0f;
         total += w[j];
+    }
+    if (!(total > 0.0)) { // LoGo with every top score 0: each chosen term is 0 too (D_e x = 0 or D_e = 0)
+        std::fill(w, w + k, 1.0f);
+        total = (double) k;
     }
     for (int64_t j = 0; j < k; ++j) {
         w[j] = (float) (w[j] / total);

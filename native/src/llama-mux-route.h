@@ -1,11 +1,12 @@
-// llama-mux-route.h - per-token routing (Arrow, SpectR; llama-mux-route.cpp): the routing data
+// llama-mux-route.h - per-token routing (Arrow, SpectR, LoGo; llama-mux-route.cpp): the routing data
 // computed at registration, the fused CPU op's routed token, and the device form's gating ops.
 #pragma once
 
 #include "llama-mux-pool.h"
 
 // routing data of one adapter (sub) of module m from its A (row-major [r][n_in]) and scaled B
-// (row-major [n_out][r]); false when the eigen-decomposition did not converge
+// (row-major [n_out][r]) into m.proto, m.gate_m, m.logo_g and m.logo_inv_c (sized by the caller);
+// false when the eigen-decomposition did not converge
 bool llama_mux_route_prepare(llama_mux_module & m, int64_t n_sub, int64_t sub, const std::vector<float> & a,
                              const std::vector<float> & b_scaled, int64_t r, int64_t n_out);
 

@@ -104,6 +104,15 @@ void llm_graph_input_mux::set_route_rows(const llama_ubatch * ubatch, int o, con
         rt[(size_t) r * 4 + 0] = (float) mode;
         rt[(size_t) r * 4 + 1] = (float) mux->seq_rk[s];
         rt[(size_t) r * 4 + 2] = mux->seq_inv_t[s];
+        if (llama_mux_is_logo(mode)) { // the fused op only (refused on the device form): its routed pass adds 0 here
+            if (t_dev[o][0]) {
+                std::lock_guard<std::mutex> lock(mux->unapplied_mutex);
+                if (mux->unapplied.empty()) {
+                    mux->unapplied = "sequence " + std::to_string(s) + " routes with LoGo, which the device form (ggml_mul_mat_id) does not implement";
+                }
+            }
+            continue;
+        }
         dev[0][r] = 1.0f;
         dev[mode == LLAMA_MUX_ARROW ? 1 : 2][r] = 1.0f;
         dev[3][r] = mux->seq_inv_t[s];
@@ -867,7 +876,7 @@ struct mux_old_stacks {
     }
 };
 
-// a kept slot: its A, B, prototype, gate and basis rows copied from the current pool (ranks re-padded)
+// a kept slot: its A, B, prototype, gate, LoGo and basis rows copied from the current pool (ranks re-padded)
 static void mux_copy_slot(llama_mux_module & m, const mux_src & s, int64_t sub, int64_t n_out, mux_staging & a, mux_staging & b,
                           mux_old_stacks & old, std::vector<float> & tmp) {
     const llama_mux_module & o = *s.old;
@@ -890,7 +899,10 @@ static void mux_copy_slot(llama_mux_module & m, const mux_src & s, int64_t sub, 
     std::copy_n(o.proto.data() + (size_t) os * n_in, n_in, m.proto.data() + (size_t) sub * n_in);
     for (int64_t i = 0; i < s.r; ++i) {
         std::copy_n(o.gate_m.data() + (size_t) (os * oR + i) * oR, s.r, m.gate_m.data() + (size_t) (sub * R + i) * R);
+        std::copy_n(o.logo_g.data() + (size_t) (os * oR + i) * oR, s.r, m.logo_g.data() + (size_t) (sub * R + i) * R);
     }
+    std::copy_n(o.logo_inv_c.data() + (size_t) os * LLAMA_MUX_LOGO_N_CAL, LLAMA_MUX_LOGO_N_CAL,
+                m.logo_inv_c.data() + (size_t) sub * LLAMA_MUX_LOGO_N_CAL);
 }
 
 // a new slot: its A and alpha/r-scaled B read from the adapter, its routing data prepared
@@ -931,6 +943,8 @@ static int32_t mux_fill_stack(llama_mux & mux, const mux_plan & p, const std::ve
     const int64_t n_sub = mux.groups[p.group].n_sub;
     m.proto.assign((size_t) n_sub * p.n_in, 0.0f);
     m.gate_m.assign((size_t) n_sub * p.r_max * p.r_max, 0.0f);
+    m.logo_g.assign((size_t) n_sub * p.r_max * p.r_max, 0.0f);
+    m.logo_inv_c.assign((size_t) n_sub * LLAMA_MUX_LOGO_N_CAL, 0.0f);
     if (!m.cpu) {
         m.basis.assign((size_t) n_sub * p.r_max * p.n_in, 0.0f);
     }
@@ -957,6 +971,19 @@ static int32_t mux_fill_stack(llama_mux & mux, const mux_plan & p, const std::ve
         std::vector<float>().swap(m.basis); // only the device copy is used (and read back by the next change)
     }
     return LORAMUX_OK;
+}
+
+// why the pool cannot route with LoGo (the device form does not implement it), or empty
+static std::string mux_no_logo(const llama_mux & mux) {
+    if (mux.force_mul_mat_id) {
+        return "the pool was registered with LORAMUX_REGISTER_MUL_MAT_ID (the device form, ggml_mul_mat_id), which does not implement LoGo";
+    }
+    for (const auto & name : mux.module_names) {
+        if (!mux.modules.at(name).cpu) {
+            return "weight '" + name + "' uses the device form (ggml_mul_mat_id), which does not implement LoGo";
+        }
+    }
+    return "";
 }
 
 // the next pool: the current one (or none) with `changes` applied; set on ctx only when complete
@@ -1004,6 +1031,13 @@ static int32_t mux_rebuild(llama_context * ctx, const llama_mux * cur, int32_t k
         (rc = mux_alloc_stacks(*mux, plans)) != LORAMUX_OK) {
         return rc;
     }
+    const std::string no_logo = mux_no_logo(*mux); // a LoGo sequence keeps its routing only on the fused op
+    for (size_t seq = 0; seq < mux->seq_mode.size() && !no_logo.empty(); ++seq) {
+        if (llama_mux_is_logo(mux->seq_mode[seq])) {
+            return mux_fail(LORAMUX_ERR_BAD_ARG, "sequence " + std::to_string(seq) + " routes with LoGo, and in the changed pool " + no_logo +
+                                                     ": end its routing first");
+        }
+    }
     for (const auto & p : plans) {
         if ((rc = mux_fill_stack(*mux, p, by_name.at(p.name))) != LORAMUX_OK) {
             return rc;
@@ -1032,7 +1066,7 @@ struct mux_slot_rows {
     int32_t sub = -1; // the free slice of m's group it goes into
     int64_t r = 0;
     std::vector<uint8_t> a, b; // [r_max rows][n_in] and [r_max rows][n_out] (zero beyond r)
-    std::vector<float> proto, gate_m;
+    std::vector<float> proto, gate_m, logo_g, logo_inv_c;
 };
 
 // f32 values as bytes of type t (f16 or f32)
@@ -1082,11 +1116,14 @@ static int32_t mux_stage_rows(llama_mux_module & m, int32_t id, const std::strin
     one.n_in = n_in, one.r_max = R, one.cpu = true;
     one.proto.assign((size_t) n_in, 0.0f);
     one.gate_m.assign((size_t) R * R, 0.0f);
+    one.logo_g.assign((size_t) R * R, 0.0f);
+    one.logo_inv_c.assign((size_t) LLAMA_MUX_LOGO_N_CAL, 0.0f);
     if (!llama_mux_route_prepare(one, 1, 0, a, b_scaled, r, n_out)) {
         return mux_fail(LORAMUX_ERR_INTERNAL, mux_tensor_label(id, name) + ": the eigen-decomposition for its routing prototypes did not converge");
     }
     rows.m = &m, rows.r = r, rows.a = mux_bytes_of(m.a->type, at), rows.b = mux_bytes_of(m.b->type, bt);
     rows.proto = std::move(one.proto), rows.gate_m = std::move(one.gate_m);
+    rows.logo_g = std::move(one.logo_g), rows.logo_inv_c = std::move(one.logo_inv_c);
     return LORAMUX_OK;
 }
 
@@ -1152,6 +1189,8 @@ static int32_t mux_fill_in_place(llama_context * ctx, llama_mux & mux, int32_t i
         ggml_backend_tensor_set(m.b, rows.b.data(), (size_t) sub * rows.b.size(), rows.b.size());
         std::copy(rows.proto.begin(), rows.proto.end(), m.proto.begin() + (size_t) sub * n_in);
         std::copy(rows.gate_m.begin(), rows.gate_m.end(), m.gate_m.begin() + (size_t) sub * R * R);
+        std::copy(rows.logo_g.begin(), rows.logo_g.end(), m.logo_g.begin() + (size_t) sub * R * R);
+        std::copy(rows.logo_inv_c.begin(), rows.logo_inv_c.end(), m.logo_inv_c.begin() + (size_t) sub * LLAMA_MUX_LOGO_N_CAL);
         m.rank[sub] = (int32_t) rows.r;
         m.group = moved.at(m.group);
     }
@@ -1482,6 +1521,12 @@ int32_t loramux_get_seq_mix(const llama_context * ctx, llama_seq_id seq_id, int3
 // per-token routing and its record (the gating itself: llama-mux-route.cpp)
 //
 
+static constexpr bool mux_same(int32_t a, int32_t b) { return a == b; }
+static_assert(mux_same(LLAMA_MUX_ARROW, LORAMUX_ROUTE_ARROW) && mux_same(LLAMA_MUX_SPECTR, LORAMUX_ROUTE_SPECTR) &&
+                  mux_same(LLAMA_MUX_LOGO, LORAMUX_ROUTE_LOGO) && mux_same(LLAMA_MUX_LOGO_SPECTRAL, LORAMUX_ROUTE_LOGO_SPECTRAL) &&
+                  mux_same(LLAMA_MUX_LOGO_FROBENIUS, LORAMUX_ROUTE_LOGO_FROBENIUS),
+              "enum llama_mux_route follows enum loramux_route_mode");
+
 static int32_t mux_set_routing(llama_context * ctx, llama_seq_id seq_id, int32_t mode, int32_t k, float temperature) {
     llama_mux * mux = nullptr;
     const int32_t rc = mux_check_seq(ctx, seq_id, &mux);
@@ -1491,8 +1536,15 @@ static int32_t mux_set_routing(llama_context * ctx, llama_seq_id seq_id, int32_t
     if (mode == LORAMUX_ROUTE_FIXED) {
         return mux_set_mix(ctx, seq_id, 0, nullptr, nullptr);
     }
-    if (mode != LORAMUX_ROUTE_ARROW && mode != LORAMUX_ROUTE_SPECTR) {
-        return mux_fail(LORAMUX_ERR_BAD_ARG, "routing mode " + std::to_string(mode) + " is not LORAMUX_ROUTE_FIXED, _ARROW or _SPECTR");
+    if (mode != LORAMUX_ROUTE_ARROW && mode != LORAMUX_ROUTE_SPECTR && !llama_mux_is_logo(mode)) {
+        return mux_fail(LORAMUX_ERR_BAD_ARG, "routing mode " + std::to_string(mode) +
+                                                 " is not LORAMUX_ROUTE_FIXED, _ARROW, _SPECTR, _LOGO, _LOGO_SPECTRAL or _LOGO_FROBENIUS");
+    }
+    if (llama_mux_is_logo(mode)) {
+        const std::string why = mux_no_logo(*mux);
+        if (!why.empty()) {
+            return mux_fail(LORAMUX_ERR_BAD_ARG, "routing mode " + std::to_string(mode) + " (LoGo) for sequence " + std::to_string(seq_id) + ": " + why);
+        }
     }
     if (k < 1 || k > mux->k) {
         return mux_fail(LORAMUX_ERR_BAD_ARG, "routing top-k " + std::to_string(k) + " is outside [1, max_active = " + std::to_string(mux->k) + "]");

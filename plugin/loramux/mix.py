@@ -5,7 +5,7 @@ A mix ``{a: w_a, b: w_b}`` means the exact output-space sum of the adapters' del
 several adapters are set on a context with those scales. The empty mix is the base model.
 
 A mix may instead route per token (:mod:`loramux.token_routing`): ``Mix.arrow()``,
-``Mix.spectr()``, ``Mix.parse("arrow:k=2,T=0.5")``. Such a mix has no fixed weights (``len``
+``Mix.spectr()``, ``Mix.logo_token()``, ``Mix.parse("arrow:k=2,T=0.5")``, ``Mix.parse("logo-token:k=3,cal=spectral")``. Such a mix has no fixed weights (``len``
 0, ``to_dict()`` ``{}``): each token picks its own top-k among every adapter registered on the
 pool, inside the graph. It is never the base model (``bool(mix)`` is True, ``is_base`` False);
 :meth:`Mix.to_json` and ``str`` show its mode, and equality and hashing include it, so K/V
@@ -101,7 +101,7 @@ class Mix(Mapping[str, float]):
     @classmethod
     def parse(cls, text: str) -> "Mix":
         """Parse ``"name=w,name=w"`` (spaces around items are ignored; ``""`` or ``"base"`` is the empty mix),
-        or a routing mode: ``"arrow"``, ``"arrow:k=3,T=1"``, ``"spectr"``, ``"spectr:k=4"``."""
+        or a routing mode: ``"arrow"``, ``"arrow:k=3,T=1"``, ``"spectr"``, ``"spectr:k=4"``, ``"logo-token:k=3,cal=none"``."""
         if not isinstance(text, str):
             raise MixError(f"a mix string must be text, got {type(text).__name__}")
         stripped = text.strip()
@@ -146,6 +146,13 @@ class Mix(Mapping[str, float]):
     def spectr(cls, k: int = 4) -> "Mix":
         """SpectR per-token routing: each token's top-``k`` adapters by ``||Q_e^T x|| / sqrt(r_e)``, weights ``1/k``."""
         return cls(token_routing=TokenRouting("spectr", k))
+
+    @classmethod
+    def logo_token(cls, k: int = 3, calibration: str = "none") -> "Mix":
+        """LoGo per-token routing in the graph (spec ``logo-token:k=3,cal=none``): each token's top-``k`` adapters by
+        ``||D_e x|| / c_e`` (``calibration`` "none": ``c_e = 1``, "spectral": ``||D_e||_2``, "frobenius":
+        ``||D_e||_F``), weights ``s / sum(s)``. Not the LoGo prompt router (``--router logo``)."""
+        return cls(token_routing=TokenRouting("logo-token", k, None, calibration))
 
     @classmethod
     def coerce(cls, value: MixLike) -> "Mix":

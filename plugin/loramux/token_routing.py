@@ -1,4 +1,4 @@
-"""Per-token routing modes of a mix: Arrow and SpectR, chosen inside the graph for every token.
+"""Per-token routing modes of a mix: Arrow, SpectR and LoGo, chosen inside the graph for every token.
 
 A routed mix has no fixed weights: at every adapted base weight, every token of the sequence
 picks its own top-``k`` adapters among all the adapters registered on the pool (those that adapt
@@ -8,11 +8,17 @@ that weight), the way a mixture-of-experts layer gates its experts (``native/REA
   that weight), weights ``softmax(s / T)`` over the top k (defaults k=3, T=1);
 - ``spectr``: scores ``||Q_e^T x|| / sqrt(r_e)`` (``Q_e``: the delta's row space, ``r_e`` its rank; per rank, so that
   adapters of different ranks compete on equal terms: with one rank, SpectR's own choices), uniform weights ``1/k``
-  (default k=4; it takes no temperature).
+  (default k=4; it takes no temperature);
+- ``logo-token``: LoGo's signal from the graph, scores ``||D_e x|| / c_e`` (``D_e``: adapter e's delta at that weight,
+  its scale as llama.cpp applies it), weights ``s / sum(s)`` over the top k (default k=3, no temperature), with the
+  calibration ``cal``: ``none`` (``c_e = 1``, LoGo's raw signal; the default), ``spectral`` (``c_e = ||D_e||_2``) or
+  ``frobenius`` (``c_e = ||D_e||_F``). The fused CPU op only: a pool on the device form refuses it. (The spec
+  ``logo`` is LoGo the prompt *router*, :mod:`loramux.router.logo`, not this mode.)
 
 Spec strings (``--mix``, the server's ``mix`` and ``model``): ``arrow``, ``arrow:k=2,T=0.5``,
-``spectr``, ``spectr:k=3``. JSON form (:meth:`TokenRouting.to_json`): ``{"mode": "arrow", "k": 3,
-"temperature": 1.0}`` (``temperature`` is null for spectr). :class:`loramux.mix.Mix` carries one in
+``spectr``, ``spectr:k=3``, ``logo-token``, ``logo-token:k=2,cal=spectral``. JSON form
+(:meth:`TokenRouting.to_json`): ``{"mode": "arrow", "k": 3, "temperature": 1.0}`` (``temperature`` is
+null for spectr and logo-token; logo-token adds ``"calibration"``). :class:`loramux.mix.Mix` carries one in
 ``Mix.token_routing``; this module only parses and validates (it imports nothing heavy).
 """
 
@@ -24,15 +30,25 @@ from typing import Any, Literal, Mapping
 
 from loramux.errors import MixError
 
-ROUTING_MODES: tuple[str, ...] = ("arrow", "spectr")
-DEFAULT_K = {"arrow": 3, "spectr": 4}
-DEFAULT_TEMPERATURE = 1.0  # Arrow's; SpectR has none
+ROUTING_MODES: tuple[str, ...] = ("arrow", "spectr", "logo-token")
+DEFAULT_K = {"arrow": 3, "spectr": 4, "logo-token": 3}
+DEFAULT_TEMPERATURE = 1.0  # Arrow's; SpectR and LoGo have none
+CALIBRATIONS: tuple[str, ...] = ("none", "spectral", "frobenius")  # LoGo's c_e: 1, ||D_e||_2, ||D_e||_F
+DEFAULT_CALIBRATION = "none"
+# the SeqMixer mode (loramux.native.mixer.ROUTE_MODES, enum loramux_route_mode) of each LoGo calibration
+LOGO_NATIVE_MODES = {"none": "logo", "spectral": "logo-spectral", "frobenius": "logo-frobenius"}
 MAX_K = 64  # the same bound as the adapters of a fixed mix (loramux.mix.MAX_MIX_ADAPTERS)
-SPEC_USAGE = "arrow[:k=3,T=1] or spectr[:k=4]"
+SPEC_USAGE = "arrow[:k=3,T=1], spectr[:k=4] or logo-token[:k=3,cal=none|spectral|frobenius]"
+_OPTIONS = {"arrow": ("k", "T"), "spectr": ("k",), "logo-token": ("k", "cal")}
+_OPTION_HINT = {
+    "arrow": "k=N, T=X",
+    "spectr": "k=N (spectr takes no temperature)",
+    "logo-token": f"k=N, cal={'|'.join(CALIBRATIONS)} (logo-token takes no temperature)",
+}
 
 
 def is_routing_spec(text: Any) -> bool:
-    """Whether ``text`` is a routed-mix spec (``arrow``, ``spectr``, ``arrow:...``), not ``name=w,...``."""
+    """Whether ``text`` is a routed-mix spec (``arrow``, ``spectr``, ``logo-token``, ``arrow:...``), not ``name=w,...``."""
     return isinstance(text, str) and text.strip().partition(":")[0].strip() in ROUTING_MODES
 
 
@@ -44,15 +60,19 @@ def _format_float(x: float) -> str:
 
 @dataclass(frozen=True)
 class TokenRouting:
-    """A per-token routing mode: ``mode`` ("arrow" or "spectr"), top-``k``, Arrow's ``temperature``.
+    """A per-token routing mode: ``mode`` ("arrow", "spectr" or "logo-token"), top-``k``, Arrow's
+    ``temperature``, LoGo's ``calibration``.
 
-    ``k=None`` takes the mode's default (arrow 3, spectr 4); ``temperature=None`` takes Arrow's
-    default (1.0) and is the only value SpectR takes (its weights are uniform). Raises MixError
-    for anything else (unknown mode, k not a whole number in 1..64, T not finite and > 0)."""
+    ``k=None`` takes the mode's default (arrow 3, spectr 4, logo-token 3); ``temperature=None`` takes
+    Arrow's default (1.0) and is the only value SpectR and LoGo take; ``calibration=None`` takes LoGo's
+    default ("none") and is the only value Arrow and SpectR take. Raises MixError for anything else
+    (unknown mode, k not a whole number in 1..64, T not finite and > 0, calibration not one of
+    none, spectral, frobenius)."""
 
-    mode: Literal["arrow", "spectr"] = "arrow"
+    mode: Literal["arrow", "spectr", "logo-token"] = "arrow"
     k: int | None = None
     temperature: float | None = None
+    calibration: str | None = None
 
     def __post_init__(self) -> None:
         if self.mode not in ROUTING_MODES:
@@ -61,19 +81,33 @@ class TokenRouting:
         if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= MAX_K:
             raise MixError(f"k of {self.mode} must be a whole number from 1 to {MAX_K}, got {k!r}")
         object.__setattr__(self, "k", k)
+        self._check_calibration()
         t = self.temperature
-        if self.mode == "spectr":
+        if self.mode != "arrow":
             if t is not None:
-                raise MixError(f"spectr takes no temperature (its weights are uniform, 1/k), got T={t!r}; write spectr:k={k}")
+                why = "its weights are uniform, 1/k" if self.mode == "spectr" else "its weights are s / sum(s)"
+                raise MixError(f"{self.mode} takes no temperature ({why}), got T={t!r}; write {self._spec()}")
             return
         t = DEFAULT_TEMPERATURE if t is None else t
         if isinstance(t, bool) or not isinstance(t, (int, float)) or not math.isfinite(t) or t <= 0:
             raise MixError(f"the temperature T of arrow must be a finite number > 0, got {t!r}")
         object.__setattr__(self, "temperature", float(t))
 
+    def _check_calibration(self) -> None:
+        cal = self.calibration
+        if self.mode != "logo-token":
+            if cal is not None:
+                raise MixError(f"{self.mode} takes no calibration (LoGo's, logo-token:cal=...), got cal={cal!r}")
+            return
+        cal = DEFAULT_CALIBRATION if cal is None else cal
+        if cal not in CALIBRATIONS:
+            raise MixError(f"the calibration cal of logo-token must be one of {', '.join(CALIBRATIONS)}, got {cal!r}")
+        object.__setattr__(self, "calibration", cal)
+
     @classmethod
     def parse(cls, text: str) -> "TokenRouting":
-        """``arrow``, ``arrow:k=3,T=1``, ``spectr``, ``spectr:k=4`` (spaces around items ignored)."""
+        """``arrow``, ``arrow:k=3,T=1``, ``spectr``, ``spectr:k=4``, ``logo-token``, ``logo-token:k=3,cal=spectral``
+        (spaces around items ignored)."""
         head, sep, options = text.strip().partition(":")
         mode = head.strip()
         if mode not in ROUTING_MODES:
@@ -83,38 +117,50 @@ class TokenRouting:
         given: dict[str, str] = {}
         for item in options.split(",") if sep else []:
             key, eq, value = (s.strip() for s in item.partition("="))
-            allowed = ("k", "T") if mode == "arrow" else ("k",)
-            if not eq or key not in allowed:
-                hint = "k=N, T=X" if mode == "arrow" else "k=N (spectr takes no temperature)"
-                raise MixError(f"mix {text!r}: unknown option {item.strip()!r} for {mode}; its options are {hint}")
+            if not eq or key not in _OPTIONS[mode]:
+                raise MixError(f"mix {text!r}: unknown option {item.strip()!r} for {mode}; its options are {_OPTION_HINT[mode]}")
             if key in given:
                 raise MixError(f"mix {text!r}: option {key} is given twice")
             given[key] = value
         try:
-            return cls(mode, _parse_k(given.get("k")), _parse_t(given.get("T")))
+            return cls(mode, _parse_k(given.get("k")), _parse_t(given.get("T")), given.get("cal"))
         except MixError as exc:
             raise MixError(f"mix {text!r}: {exc}") from None
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> "TokenRouting":
-        """The inverse of :meth:`to_json`: ``{"mode": ..., "k": ..., "temperature": ...}`` (k and temperature optional)."""
-        unknown = sorted(set(data) - {"mode", "k", "temperature"})
+        """The inverse of :meth:`to_json`: ``{"mode": ..., "k": ..., "temperature": ..., "calibration": ...}``
+        (all but mode optional)."""
+        unknown = sorted(set(data) - {"mode", "k", "temperature", "calibration"})
         if unknown:
-            raise MixError(f"routed mix {dict(data)!r}: unknown key(s) {', '.join(unknown)}; keys are mode, k, temperature")
-        return cls(data.get("mode"), data.get("k"), data.get("temperature"))  # type: ignore[arg-type]
+            raise MixError(
+                f"routed mix {dict(data)!r}: unknown key(s) {', '.join(unknown)}; keys are mode, k, temperature, calibration (logo-token)"
+            )
+        return cls(data.get("mode"), data.get("k"), data.get("temperature"), data.get("calibration"))  # type: ignore[arg-type]
 
     def to_json(self) -> dict[str, Any]:
-        """``{"mode": ..., "k": ..., "temperature": ...}`` (temperature None for spectr)."""
-        return {"mode": self.mode, "k": self.k, "temperature": self.temperature}
+        """``{"mode": ..., "k": ..., "temperature": ...}`` (temperature None for spectr and logo-token), plus
+        ``"calibration"`` for logo-token."""
+        out: dict[str, Any] = {"mode": self.mode, "k": self.k, "temperature": self.temperature}
+        if self.mode == "logo-token":
+            out["calibration"] = self.calibration
+        return out
 
     def native_args(self) -> tuple[str, int, float]:
-        """``(mode, k, temperature)`` as ``SeqMixer.set_routing`` takes them (SpectR's temperature is unused)."""
-        return self.mode, int(self.k or 0), DEFAULT_TEMPERATURE if self.temperature is None else self.temperature
+        """``(mode, k, temperature)`` as ``SeqMixer.set_routing`` takes them: LoGo's mode names its calibration
+        (``logo``, ``logo-spectral``, ``logo-frobenius``); SpectR's and LoGo's temperature is unused."""
+        mode = LOGO_NATIVE_MODES[self.calibration or DEFAULT_CALIBRATION] if self.mode == "logo-token" else self.mode
+        return mode, int(self.k or 0), DEFAULT_TEMPERATURE if self.temperature is None else self.temperature
 
-    def __str__(self) -> str:
+    def _spec(self) -> str:
         if self.mode == "spectr":
             return f"spectr:k={self.k}"
+        if self.mode == "logo-token":
+            return f"logo-token:k={self.k},cal={self.calibration or DEFAULT_CALIBRATION}"
         return f"arrow:k={self.k},T={_format_float(self.temperature or DEFAULT_TEMPERATURE)}"
+
+    def __str__(self) -> str:
+        return self._spec()
 
 
 def _parse_k(value: str | None) -> int | None:
@@ -135,4 +181,15 @@ def _parse_t(value: str | None) -> float | None:
         raise MixError(f"the temperature T must be a finite number > 0, got {value!r}") from None
 
 
-__all__ = ["DEFAULT_K", "DEFAULT_TEMPERATURE", "MAX_K", "ROUTING_MODES", "SPEC_USAGE", "TokenRouting", "is_routing_spec"]
+__all__ = [
+    "CALIBRATIONS",
+    "DEFAULT_CALIBRATION",
+    "DEFAULT_K",
+    "DEFAULT_TEMPERATURE",
+    "LOGO_NATIVE_MODES",
+    "MAX_K",
+    "ROUTING_MODES",
+    "SPEC_USAGE",
+    "TokenRouting",
+    "is_routing_spec",
+]

@@ -1,5 +1,5 @@
-"""``--mix`` of run and chat: a fixed mix (``name=w,...``), a per-token routing mode (``arrow``, ``spectr``)
-or any router of the registry (``retrieval:KEYS``, ``logo``, ...)."""
+"""``--mix`` of run and chat: a fixed mix (``name=w,...``), a per-token routing mode (``arrow``, ``spectr``,
+``logo-token``) or any router of the registry (``retrieval:KEYS``, ``logo``, ...)."""
 
 from __future__ import annotations
 
@@ -18,8 +18,10 @@ def mix_help() -> str:
         f"a mix name=w,name=w (adapter names, finite |w| <= {MAX_ABS_WEIGHT:g}, at most {MAX_MIX_ADAPTERS} adapters), "
         f"'base', a per-token routing mode that lets every token pick its own top-k of all loaded adapters at every "
         f"adapted weight (native library; k <= --max-active): arrow[:k={DEFAULT_K['arrow']},T=1] (Arrow: each adapter's top "
-        f"singular direction, softmax weights at temperature T) or spectr[:k={DEFAULT_K['spectr']}] (SpectR: the token's "
-        f"projection on the adapter's row space, per rank; uniform weights), or a router that picks the mix of each prompt: {routers}"
+        f"singular direction, softmax weights at temperature T), spectr[:k={DEFAULT_K['spectr']}] (SpectR: the token's "
+        f"projection on the adapter's row space, per rank; uniform weights) or logo-token[:k={DEFAULT_K['logo-token']},"
+        f"cal=none|spectral|frobenius] (LoGo: the norm of each adapter's own output, over 1, its spectral or its "
+        f"Frobenius norm; weights in proportion; not on the device form), or a router that picks the mix of each prompt: {routers}"
     )
 
 

@@ -126,7 +126,7 @@ class EngineContext:
 
     def check_routable(self, mix: Mix) -> None:
         """Raise MixError (saying what to do) unless routed ``mix`` can run: the native library, a
-        registered pool, and top-k within the pool's max_active."""
+        registered pool, top-k within the pool's max_active, and LoGo only on the fused CPU op."""
         routing = mix.token_routing
         if routing is None:
             return
@@ -136,6 +136,12 @@ class EngineContext:
             raise MixError(
                 f"mix {mix} routes every token inside the graph, which needs loramux's native library; it is not in use "
                 f"({native.status().reason or 'turned off'}): use a fixed mix name=w,..., or build the library (native/README.md)"
+            )
+        if routing.mode == "logo-token" and self.mixer is not None and self.mixer.device_form:
+            raise MixError(
+                f"mix {mix}: LoGo routing runs only in the fused CPU op, and this pool uses the device form "
+                "(ggml_mul_mat_id, device_form=True), which does not implement it: use arrow or spectr here, "
+                "or open the pool without the device form"
             )
         max_active = self.routable_k
         if max_active == 0:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from loramux.token_routing import MAX_K, ROUTING_MODES
+from loramux.token_routing import CALIBRATIONS, MAX_K, ROUTING_MODES
 
 NUMBER = {"type": "number"}
 STRINGS = {"type": "array", "items": {"type": "string"}}
@@ -39,7 +39,8 @@ LORA_ENTRIES = {
 }
 
 ROUTED_MIX = {
-    "description": "per-token routing among every loaded adapter (temperature: Arrow only; null for spectr)",
+    "description": "per-token routing among every loaded adapter (temperature: Arrow only, null for spectr and logo-token; "
+    "calibration: logo-token only, none, spectral or frobenius)",
     "type": "object",
     "required": ["mode"],
     "additionalProperties": False,
@@ -47,12 +48,13 @@ ROUTED_MIX = {
         "mode": {"type": "string", "enum": list(ROUTING_MODES)},
         "k": {"type": "integer", "minimum": 1, "maximum": MAX_K},
         "temperature": {"type": ["number", "null"], "exclusiveMinimum": 0},
+        "calibration": {"type": ["string", "null"], "enum": [*CALIBRATIONS, None]},
     },
 }
 
 MIX = {
-    "description": '{adapter name: weight}, "name=w,name=w", a routing mode "arrow[:k=3,T=1]" or "spectr[:k=4]", '
-    'or {"mode": "arrow", "k": 3, "temperature": 1.0}',
+    "description": '{adapter name: weight}, "name=w,name=w", a routing mode "arrow[:k=3,T=1]", "spectr[:k=4]" or '
+    '"logo-token[:k=3,cal=none]", or {"mode": "arrow", "k": 3, "temperature": 1.0}',
     "oneOf": [{"type": "object", "additionalProperties": NUMBER}, ROUTED_MIX, {"type": "string"}],
 }
 
