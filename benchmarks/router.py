@@ -141,9 +141,9 @@ def median_ms(fn, repeats: int) -> float:
 
 
 def training_free_figures(pool, prompts: dict, repeats: int) -> dict:
-    """Per prompt: route latency of retrieval (two features) and LoGo, and LoGo's pass vs a plain prefill."""
+    """Per prompt: route latency of retrieval (two token features and a hidden state). LoGo's and the pooled
+    routers' passes are timed against a plain prefill by benchmarks/routing_pass.py."""
     from loramux.evaluate import load_rows
-    from loramux.router.logo import LogoRouter
     from loramux.router.retrieval import RetrievalRouter, build_keys, samples_by_adapter
 
     # latency does not depend on how many samples built a key: 20 per adapter for token_mean, 2 for hidden:-8
@@ -152,16 +152,9 @@ def training_free_figures(pool, prompts: dict, repeats: int) -> dict:
         f"retrieval {f}": RetrievalRouter(build_keys(pool, samples_by_adapter(rows, pool.names, n), feature=f), pool)
         for f, n in (("token_meanmax", 20), ("token_mean", 20), ("hidden:-8", 2))
     }
-    routers["logo"] = LogoRouter(pool)
-    out: dict = {}
-    for n, (text, n_tok) in prompts.items():
-        row = {name: median_ms(lambda r=r: r.route(text), repeats) for name, r in routers.items()}
-        ids = pool.tokenize(pool.chat_prompt([{"role": "user", "content": text}]), special=True)
-        probe = pool.probe()
-        row["plain_prefill"] = median_ms(lambda: probe.capture(ids, []), repeats)
-        row["logo_over_prefill"] = row["logo"] / row["plain_prefill"]
-        out[str(n)] = row
-    return out
+    return {
+        str(n): {name: median_ms(lambda r=r: r.route(text), repeats) for name, r in routers.items()} for n, (text, _) in prompts.items()
+    }
 
 
 def compose_figures(base: Path, repeats: int) -> dict:
@@ -321,10 +314,7 @@ def print_training_free(result: dict) -> None:
     print(f"\n{'prompt':>8} {'onnx route p50':>15} " + " ".join(f"{k:>22}" for k in next(iter(result["training_free"].values()))))
     for n, row in result["training_free"].items():
         onnx = result["prompts"][n]["route_ms"]["p50"]
-        print(
-            f"{result['prompts'][n]['tokens']:>5} tk {onnx:>12.3f} ms "
-            + " ".join(f"{v:>19.3f} {'x' if k == 'logo_over_prefill' else 'ms'}" for k, v in row.items())
-        )
+        print(f"{result['prompts'][n]['tokens']:>5} tk {onnx:>12.3f} ms " + " ".join(f"{v:>19.3f} ms" for v in row.values()))
     lh = result["lorahub_round"]
     print(
         f"LoraHub round ({lh['candidates']} candidates x {lh['examples']} examples, {lh['tokens_per_candidate']} tokens "

@@ -74,6 +74,21 @@ def write_adapter_variant(src: Path, out: Path, edit: Callable[[dict[str, tuple[
     return write_gguf_lora(out, planned, read_base_model(base or default_base_model()), header, outtype="f32")
 
 
+def lora_factors(gguf_path: Path, tensor: str):
+    """(A (r, in), B (out, r), k = alpha/r as llama.cpp scales it) of ``tensor`` in a GGUF adapter, or None when it
+    does not adapt it: the numpy side of the oracles."""
+    from loramux.converters.gguf_header import read_gguf_header
+    from loramux.converters.gguf_to_torch import dequantized_tensors
+    from loramux.converters.scale import llama_scaling
+
+    arrays = dequantized_tensors(gguf_path, {f"{tensor}.lora_a", f"{tensor}.lora_b"})
+    if len(arrays) < 2:
+        return None
+    a, b = arrays[f"{tensor}.lora_a"], arrays[f"{tensor}.lora_b"]
+    alpha = float(read_gguf_header(gguf_path).metadata.get("adapter.lora.alpha") or 0.0)
+    return a, b, llama_scaling(alpha, a.shape[0])
+
+
 def all_fixture_names() -> list[str]:
     return sorted(p.name for p in FIXTURES.iterdir() if p.is_dir()) if FIXTURES.is_dir() else []
 

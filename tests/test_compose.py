@@ -16,7 +16,7 @@ from loramux.engine.scoring import ScoreItem, mean_nll
 from loramux.errors import LoramuxError
 from loramux.mix import Mix
 
-from conftest import FIXTURES, GAP_FLOOR, load_rows, write_rows
+from conftest import FIXTURES, GAP_FLOOR, load_rows, lora_factors, write_rows
 from floors import MERGE_NLL_TOL
 from floors import SCORE_NLL_TOL as NLL_TOL
 from floors import SCORE_SAME_TOL as SAME_TOL
@@ -88,7 +88,6 @@ def test_the_mix_gguf_holds_exactly_the_mix(pool, tmp_path):
     adapter it gives the mix's logits within llama.cpp's floor, and a mix missing one adapter falls outside it."""
     from loramux.converters.gguf_to_torch import dequantized_tensors
     from loramux.converters.mix_gguf import write_mix_gguf
-    from loramux.router.logo import lora_factors
 
     mix = Mix({"boolean_expressions": 0.8, "dyck_languages": -0.5, "object_counting": 1.2})
     files = {n: pool.adapters[n].gguf_path for n in mix}

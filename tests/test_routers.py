@@ -131,63 +131,26 @@ def test_a_23rd_adapter_added_at_run_time_is_routed_to_without_retraining(base_m
         assert all(router.route(p).top1 != NEW_TASK for p in prompts)
 
 
-def test_a_logo_route_does_not_hold_up_a_running_stream(pool):
-    """LoGo's prefill runs on the probe's own context, beside the engine: a stream decoding meanwhile
-    never waits for the whole pass (borrowing the adapters costs it at most a step or two)."""
-    import threading
-    import time
+def test_logo_is_the_graphs_record_at_the_last_prompt_token(pool):
+    """LoGo's mix is the row the fused op recorded at the last layer's q projection and the last prompt token of a
+    teacher-forced pass under logo-token routing (its norms are checked against numpy in tests/test_native_logo.py);
+    the row at another layer (the control) is another mix."""
+    from loramux.router.registry import open_router
 
-    from loramux.router.logo import LogoRouter
-
-    router = LogoRouter(pool, options="k=2")
-    rows = load_rows("dev", {"navigate", "snarks", "hyperbaton"}, limit_per_task=4)
-    long_prompt = " ".join(r["input"] for r in rows)[:3000]
-    router.route(long_prompt)  # warm: the probe's context exists and holds its adapters
-    start = time.perf_counter()
-    router.route(long_prompt)
-    alone = time.perf_counter() - start
-    ban = {pool.token_eos(): -1e9, **{t: -1e9 for t in pool.tokenize("<|im_end|>", special=True)}}
-    stamps: list[float] = []
-
-    def stream() -> None:
-        for _ in pool.create_completion("Count: 1, 2, 3,", max_tokens=80, temperature=0, logit_bias=ban, stream=True):
-            stamps.append(time.perf_counter())
-
-    reader = threading.Thread(target=stream)
-    reader.start()
-    while len(stamps) < 10:
-        time.sleep(0.005)
-    t0 = time.perf_counter()
-    router.route(long_prompt)
-    t1 = time.perf_counter()
-    reader.join()
-    gaps = np.diff(stamps)
-    steady = float(np.median([g for a, g in zip(stamps, gaps) if a > t1 + 0.05] or gaps))
-    during = [g for a, g in zip(stamps, gaps) if t0 <= a + g and a <= t1]
-    assert alone > 8 * steady, f"the pass ({alone:.3f} s) is too short against a step ({steady:.3f} s) for a stall to show"
-    assert during and max(during) < alone / 2, f"a stream token waited {max(during):.3f} s during a {alone:.3f} s LoGo pass"
-
-
-def test_logo_scores_are_the_adapters_own_output_norms(pool):
-    from loramux.router.logo import LogoRouter, lora_factors
-
-    router = LogoRouter(pool, options="k=2")
     prompt = load_rows("dev", {"sports_understanding"}, limit_per_task=1)[0]["input"]
-    x = router.query(prompt)
-    scores = router.scores(prompt)
-    for name, score in scores.items():
-        a, b, k = lora_factors(pool.adapters[name].gguf_path, router.tensor)
-        assert score == pytest.approx(float(np.linalg.norm(k * (b @ (a @ x)))), rel=1e-5)
+    router = open_router("logo:k=2,cal=spectral", pool)
     routing = router.route(prompt)
-    top = sorted(scores, key=lambda n: -scores[n])[:2]
-    assert list(sorted(routing.mix)) == sorted(top)
-    assert routing.mix[top[0]] == pytest.approx(scores[top[0]] / (scores[top[0]] + scores[top[1]]))
-    # the pass really runs with the adapters set: the input of the last layer changes with them
-    assert not np.allclose(LogoRouter(pool, options="active=base").query(prompt), x)
-    entropy = LogoRouter(pool, options="score=entropy,k=1").route(prompt)
-    assert len(entropy.mix) == 1 and entropy.mix[entropy.top1] == 1.0
+    tokens = router.tokens(prompt)
+    rows = pool.token_choices(tokens, Mix.logo_token(k=2, calibration="spectral")).choices
+    last = {c.module: dict(zip(c.adapters, c.weights)) for c in rows if c.pos == len(tokens) - 1}
+    assert router.tensor == f"blk.{pool.n_layer - 1}.attn_q.weight"
+    assert dict(routing.mix) == pytest.approx(last[router.tensor]) and len(routing.mix) == 2
+    assert routing.top1 == max(last[router.tensor], key=last[router.tensor].get)
+    assert last["blk.0.attn_q.weight"] != pytest.approx(last[router.tensor])
     with pytest.raises(MixError, match="unknown option"):
-        LogoRouter(pool, options="kk=1")
+        open_router("logo:kk=1", pool)
+    with pytest.raises(MixError, match="max_active"):
+        open_router(f"logo:k={pool.max_active + 1}", pool)
 
 
 def test_registry_drives_eval_and_run(pool, keys, tmp_path, capsys):
@@ -304,7 +267,7 @@ def test_pooled_arrow_is_the_pooled_record_of_the_teacher_forced_prompt(pool):
         assert routing.mix[top[0]] == pytest.approx(want[i] / (want[i] + want[j]))
 
 
-@pytest.mark.parametrize("spec", ["pooled:spectr:k=0", "pooled:nope", "pooled:spectr,T=2", "pooled:arrow:z=1"])
+@pytest.mark.parametrize("spec", ["pooled:spectr:k=0", "pooled:nope", "pooled:spectr,T=2", "pooled:arrow:cal=spectral", "pooled:arrow:z=1"])
 def test_pooled_specs_are_checked(pool, spec):
     from loramux.router.registry import open_router
 

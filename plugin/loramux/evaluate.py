@@ -447,17 +447,21 @@ def evaluate(
 
     policy = make_policy(mode, ModeContext(pool=pool, rows=rows))
     caps = task_token_caps(pool, rows) if max_tokens is None else {}
+    routing_start = time.perf_counter()
     try:
-        reqs = [
-            PoolRequest(
-                messages=[{"role": "user", "content": str(row["input"])}],
-                mix=policy.mix_for(row),
-                max_tokens=max_tokens or caps[str(row["task"])],
-            )
-            for row in rows
-        ]
+        with progress_bar(desc=f"mixes {mode}", unit="row", total=len(rows)) as bar:
+            reqs = []
+            for row in rows:
+                mix = policy.mix_for(row)
+                reqs.append(
+                    PoolRequest(
+                        messages=[{"role": "user", "content": str(row["input"])}], mix=mix, max_tokens=max_tokens or caps[str(row["task"])]
+                    )
+                )
+                bar.update(1)
     finally:
         getattr(policy, "close", lambda: None)()
+    routing_seconds = round(time.perf_counter() - routing_start, 1)
     routed = reqs[0].mix if reqs and isinstance(reqs[0].mix, Mix) and reqs[0].mix.token_routing is not None else None
     if choice_rows and routed is None:
         raise MixError(f"token choices are recorded under per-token routing ({', '.join(ROUTING_MODES)}); mode {mode!r} is not one")
@@ -465,6 +469,7 @@ def evaluate(
     results, answers, paths = _answer_all(pool, rows, reqs, mode, window=None if batched else 1)
     extra = dict(policy.report())
     extra["seconds"] = round(time.perf_counter() - start, 1)
+    extra["routing_seconds"] = routing_seconds
     extra["paths"] = paths
     extra["base"] = Path(pool.base_path).name
     extra["adapters"] = list(pool.names)

@@ -28,8 +28,8 @@ narrow adapter over a long answer; BENCHMARKS.md).
 Spec: ``pooled:MODE[:options]`` (``:`` or ``,`` before the options), e.g. ``pooled:arrow``,
 ``pooled:arrow:k=1``, ``pooled:spectr:k=2,weights=uniform``. Options: ``k`` (adapters in the mix,
 default 3), ``weights`` (``share`` | ``uniform``), ``span`` (``content`` | ``all``), and the
-routing pass's own ``token_k`` (default: the mode's own k, capped by the pool's ``max_active``)
-and, for Arrow, ``T`` (default 1).
+routing pass's own ``token_k`` (default: the mode's own k, capped by the pool's ``max_active``),
+Arrow's ``T`` (default 1) and LoGo's ``cal`` (``pooled:logo-token:cal=spectral``; default ``none``).
 """
 
 from __future__ import annotations
@@ -42,7 +42,7 @@ from loramux.errors import MixError
 from loramux.mix import Mix
 from loramux.router.options import parse_options
 from loramux.router.selection import Routing
-from loramux.token_routing import DEFAULT_K, DEFAULT_TEMPERATURE, ROUTING_MODES, TokenRouting
+from loramux.token_routing import DEFAULT_K, ROUTING_MODES, TokenRouting
 
 DEFAULTS: dict[str, Any] = {
     "k": 3,
@@ -51,14 +51,15 @@ DEFAULTS: dict[str, Any] = {
     "at": "shared",
     "baseline": "template",
     "token_k": 0,
-    "T": DEFAULT_TEMPERATURE,
+    "T": 0.0,
+    "cal": "",
 }
 BASELINES = ("template", "none")
 EPS = 0.01  # a share of 1 %: an adapter the template's tokens never chose is not lifted without bound
 WEIGHTS = ("share", "uniform")
 SPANS = ("content", "all")
 AT = ("shared", "all")
-USAGE = "pooled:MODE[:k=3,weights=share|uniform,baseline=template|none,span=content|all,at=shared|all,token_k=N,T=1]"
+USAGE = "pooled:MODE[:k=3,weights=share|uniform,baseline=template|none,span=content|all,at=shared|all,token_k=N,T=1,cal=none]"
 LORA_A = ".lora_a"
 
 
@@ -124,9 +125,17 @@ def parse_spec(arg: str | None) -> tuple[str, dict[str, Any]]:
     if s["k"] < 1 or s["token_k"] < 0 or any(s[key] not in allowed for key, allowed in choices.items()):
         allowed = ", ".join(f"{key} in {'|'.join(v)}" for key, v in choices.items())
         raise MixError(f"pooled:{mode}: want k >= 1, token_k >= 0 (0: the mode's own), {allowed}; got {s}")
-    if mode != "arrow" and options and "T=" in options.replace(" ", ""):
-        raise MixError(f"pooled:{mode}: {mode} takes no temperature T (its weights are uniform)")
     return mode, s
+
+
+def pass_routing(mode: str, settings: dict[str, Any], max_active: int) -> TokenRouting:
+    """The per-token routing of the pass: the mode's own k (capped by ``max_active``) unless ``token_k``,
+    Arrow's ``T`` and LoGo's ``cal`` when given (TokenRouting refuses them for other modes)."""
+    token_k = settings["token_k"] or min(DEFAULT_K[mode], max_active)
+    try:
+        return TokenRouting(mode, token_k, settings["T"] or None, settings["cal"] or None)
+    except MixError as exc:
+        raise MixError(f"pooled:{mode}: {exc}") from None
 
 
 class PooledRouter:
@@ -136,10 +145,8 @@ class PooledRouter:
         mode, s = parse_spec(spec)
         if not pool.names:
             raise MixError(f"pooled:{mode} routes among the loaded adapters: load some first (--adapters)")
-        token_k = s["token_k"] or min(DEFAULT_K[mode], pool.max_active)
-        temperature = s["T"] if mode == "arrow" else None
         self.pool, self.settings = pool, s
-        self.routing = pool.resolve_mix(Mix(token_routing=TokenRouting(mode, token_k, temperature)))
+        self.routing = pool.resolve_mix(Mix(token_routing=pass_routing(mode, s, pool.max_active)))
         pool.path_for(self.routing)  # refused here when this pool cannot route (native library, max_active)
         self.spec = f"pooled:{mode}"
         self._shared: tuple[tuple[str, ...], frozenset[str]] | None = None  # (pool names, their shared weights)

@@ -10,7 +10,7 @@ Built in (each imported only when used, so this module imports nothing heavy):
 - ``retrieval:KEYS``: nearest adapters by cosine to the prompt's embedding, keys built by
   ``loramux router index`` (:mod:`loramux.router.retrieval`); options after the path:
   ``retrieval:KEYS,k=3,T=0.05`` or ``weights=uniform``;
-- ``logo`` / ``logo:k=3,score=norm``: LoGo, the adapters' own output norms at one layer
+- ``logo`` / ``logo:k=3,cal=spectral``: LoGo, the adapters' own output norms at one layer, from the graph
   (:mod:`loramux.router.logo`);
 - ``pooled:arrow`` / ``pooled:spectr[:k=3]``: per-token routing run once over the prompt and pooled into a
   fixed top-k mix, no samples, no training (:mod:`loramux.router.pooled`);
@@ -186,8 +186,8 @@ register_router(
 register_router(
     "logo",
     _logo,
-    usage="logo[:k=3,score=norm|entropy,layer=-1,module=attn_q]",
-    summary="LoGo: the adapters' own output norms at one layer, no training, no samples",
+    usage="logo[:k=3,cal=none|spectral|frobenius,layer=-1,module=attn_q]",
+    summary="LoGo: the adapters' own output norms at one layer, read from the graph, no training, no samples",
     data_free=True,
 )
 register_router(
