@@ -137,6 +137,22 @@ def test_model_auto_routes_and_reports_the_scores(client):
     assert out.model_extra["mix"] == routing["mix"] and out.model_extra["mix_source"] == "auto"
 
 
+def test_a_router_that_reads_no_file_is_named_by_model_or_mix(server, client):
+    """``model: "pooled:arrow"`` routes the prompt (one pass, no samples) and reports the routing as ``auto``
+    does; ``mix: "pooled:arrow"`` means the same; /v1/models lists it; a bad spec is a 400 naming the field."""
+    row = load_rows("dev", {"sports_understanding"}, limit_per_task=1)[0]
+    out = client.chat.completions.create(model="pooled:arrow", messages=chat(row["input"]), temperature=0, max_tokens=4)
+    routing = out.model_extra["routing"]
+    assert out.model_extra["mix_source"] == "router" and out.model_extra["mix"] == routing["mix"]
+    assert 1 <= len(routing["mix"]) <= 3 and set(routing["mix"]) <= set(ROUTER_TASKS + EXTRA)
+    body = {"messages": chat(row["input"]), "max_tokens": 4, "temperature": 0}
+    via_mix = httpx.post(f"{server}/v1/chat/completions", json={**body, "mix": "pooled:arrow"}, timeout=120).json()
+    assert via_mix["mix"] == routing["mix"] and via_mix["choices"][0]["message"]["content"] == out.choices[0].message.content
+    assert "pooled:arrow" in [m.id for m in client.models.list().data]
+    bad = httpx.post(f"{server}/v1/chat/completions", json={**body, "mix": "pooled:arrow:k=0"}, timeout=60)
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "mix" and "pooled:arrow" in bad.json()["error"]["message"]
+
+
 def test_a_llama_server_client_uses_the_lora_field_unchanged(server):
     listing = httpx.get(f"{server}/lora-adapters").json()
     assert all(set(a) == {"id", "path", "scale"} for a in listing)

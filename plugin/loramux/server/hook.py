@@ -39,10 +39,11 @@ from loramux.server.llama_fields import token_bias
 from loramux.server.openai_routes import UNKNOWN_MODEL_HEADER, json_body
 from loramux.server.selection import LoraTable, MixSelector, Selection
 from loramux.server.settings import ServeSettings, SettingsError
-from loramux.token_routing import ROUTING_MODES
 
 router = APIRouter()
 MIX_HEADER = "X-Loramux-Mix"
+
+UPSTREAM_ROUTING_MODES = ("arrow", "spectr")  # the routing modes the patched llama-server takes (native/patches/0002)
 
 
 def read_upstream_adapters(url: str) -> list[dict[str, Any]]:
@@ -135,7 +136,7 @@ def build_hook_app(settings: ServeSettings) -> FastAPI:
         mixes=settings.mixes,
         lora=table,
         route=route,
-        routing_modes=ROUTING_MODES if pool is not None else (),
+        routing_modes=UPSTREAM_ROUTING_MODES if pool is not None else (),
         unknown_model=settings.unknown_model,
     )
     state = ServerState(
