@@ -1,7 +1,8 @@
-"""Training-free routers on the real model and fixtures: the probe, retrieval, LoGo, the one registry.
+"""Training-free routers on the real model and fixtures: the probe, retrieval, LoGo, pooled routing, the one registry.
 
 Oracles: the probe's captured final norm times the (tied) output matrix gives llama.cpp's own
-logits; LoGo's scores are recomputed in numpy from the GGUF factors; retrieval's routing is checked
+logits; LoGo's mix and the pooled routers' shares are the native record of a teacher-forced pass
+(whose numbers tests/test_native_logo.py and test_native_routing.py check against numpy); retrieval's routing is checked
 against the task labels it never saw, and a 23rd adapter converted at run time is picked for its
 prompts with no retraining.
 """
