@@ -291,8 +291,8 @@ def test_logo_token_spec_round_trips():
 
     assert "logo-token" in ROUTING_MODES and "logo" not in ROUTING_MODES  # "logo" stays the prompt router
     for spec, k, cal in [
-        ("logo-token", 3, "none"),
-        ("logo-token:k=2,cal=spectral", 2, "spectral"),
+        ("logo-token", 3, "spectral"),  # the default calibration
+        ("logo-token:k=2,cal=none", 2, "none"),
         ("logo-token:cal=frobenius", 3, "frobenius"),
     ]:
         mix = Mix.parse(spec)
@@ -302,7 +302,7 @@ def test_logo_token_spec_round_trips():
         assert mix.to_json() == {"mode": "logo-token", "k": k, "temperature": None, "calibration": cal}
         assert Mix.coerce(mix.to_json()) == mix and TokenRouting.from_json(routing.to_json()) == routing
         assert routing.native_args() == (NATIVE[cal], k, 1.0)
-    assert Mix.logo_token() == Mix.parse("logo-token") and Mix.logo_token(2, "spectral") == Mix.parse("logo-token:k=2,cal=spectral")
+    assert Mix.logo_token() == Mix.parse("logo-token") and Mix.logo_token(2, "none") == Mix.parse("logo-token:k=2,cal=none")
     assert Mix.parse("logo-token:cal=spectral") != Mix.parse("logo-token:cal=frobenius")  # K/V is never shared across them
     assert Mix.arrow().to_json() == {"mode": "arrow", "k": 3, "temperature": 1.0}  # unchanged for the other modes
     assert TokenRouting("spectr").calibration is None

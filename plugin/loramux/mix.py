@@ -148,8 +148,8 @@ class Mix(Mapping[str, float]):
         return cls(token_routing=TokenRouting("spectr", k))
 
     @classmethod
-    def logo_token(cls, k: int = 3, calibration: str = "none") -> "Mix":
-        """LoGo per-token routing in the graph (spec ``logo-token:k=3,cal=none``): each token's top-``k`` adapters by
+    def logo_token(cls, k: int = 3, calibration: str = "spectral") -> "Mix":
+        """LoGo per-token routing in the graph (spec ``logo-token:k=3,cal=spectral``): each token's top-``k`` adapters by
         ``||D_e x|| / c_e`` (``calibration`` "none": ``c_e = 1``, "spectral": ``||D_e||_2``, "frobenius":
         ``||D_e||_F``), weights ``s / sum(s)``. Not the LoGo prompt router (``--router logo``)."""
         return cls(token_routing=TokenRouting("logo-token", k, None, calibration))

@@ -11,7 +11,8 @@ that weight), the way a mixture-of-experts layer gates its experts (``native/REA
   (default k=4; it takes no temperature);
 - ``logo-token``: LoGo's signal from the graph, scores ``||D_e x|| / c_e`` (``D_e``: adapter e's delta at that weight,
   its scale as llama.cpp applies it), weights ``s / sum(s)`` over the top k (default k=3, no temperature), with the
-  calibration ``cal``: ``none`` (``c_e = 1``, LoGo's raw signal; the default), ``spectral`` (``c_e = ||D_e||_2``) or
+  calibration ``cal``: ``none`` (``c_e = 1``, LoGo's raw signal), ``spectral`` (``c_e = ||D_e||_2``; the default, which
+  beat the raw signal on the dev split: BENCHMARKS.md) or
   ``frobenius`` (``c_e = ||D_e||_F``). The fused CPU op only: a pool on the device form refuses it. (The spec
   ``logo`` is LoGo the prompt *router*, :mod:`loramux.router.logo`, not this mode.)
 
@@ -34,7 +35,7 @@ ROUTING_MODES: tuple[str, ...] = ("arrow", "spectr", "logo-token")
 DEFAULT_K = {"arrow": 3, "spectr": 4, "logo-token": 3}
 DEFAULT_TEMPERATURE = 1.0  # Arrow's; SpectR and LoGo have none
 CALIBRATIONS: tuple[str, ...] = ("none", "spectral", "frobenius")  # LoGo's c_e: 1, ||D_e||_2, ||D_e||_F
-DEFAULT_CALIBRATION = "none"
+DEFAULT_CALIBRATION = "spectral"  # beats the raw signal on dev (BENCHMARKS.md: LoGo calibrations, benchmarks/logo_pools.py)
 # the SeqMixer mode (loramux.native.mixer.ROUTE_MODES, enum loramux_route_mode) of each LoGo calibration
 LOGO_NATIVE_MODES = {"none": "logo", "spectral": "logo-spectral", "frobenius": "logo-frobenius"}
 MAX_K = 64  # the same bound as the adapters of a fixed mix (loramux.mix.MAX_MIX_ADAPTERS)
@@ -65,7 +66,7 @@ class TokenRouting:
 
     ``k=None`` takes the mode's default (arrow 3, spectr 4, logo-token 3); ``temperature=None`` takes
     Arrow's default (1.0) and is the only value SpectR and LoGo take; ``calibration=None`` takes LoGo's
-    default ("none") and is the only value Arrow and SpectR take. Raises MixError for anything else
+    default ("spectral") and is the only value Arrow and SpectR take. Raises MixError for anything else
     (unknown mode, k not a whole number in 1..64, T not finite and > 0, calibration not one of
     none, spectral, frobenius)."""
 

@@ -12,7 +12,7 @@ that row is the mix.
 
 Calibration ``cal`` (``c_e``, folded in when the adapters are registered):
 
-- ``none``: LoGo's raw signal. In a pool of adapters trained alike it ranks the adapters by how
+- ``none``: LoGo's raw signal (the default is ``spectral``, which beat it on the dev split: BENCHMARKS.md). In a pool of adapters trained alike it ranks the adapters by how
   strongly the prompt draws them out; in a pool of different ranks, scales and learning rates the
   adapters with the largest deltas win every prompt (BENCHMARKS.md, "LoGo");
 - ``spectral``: ``c_e = ||D_e||_2``, the share of the adapter's largest possible gain that this input
@@ -40,9 +40,9 @@ from loramux.probe import layer_index
 from loramux.router.options import parse_options
 from loramux.router.pooled import chat_prompt_span
 from loramux.router.selection import Routing
-from loramux.token_routing import CALIBRATIONS
+from loramux.token_routing import CALIBRATIONS, DEFAULT_CALIBRATION
 
-DEFAULTS: dict[str, Any] = {"k": 3, "cal": "none", "layer": -1, "module": "attn_q", "template": "chat"}
+DEFAULTS: dict[str, Any] = {"k": 3, "cal": DEFAULT_CALIBRATION, "layer": -1, "module": "attn_q", "template": "chat"}
 TEMPLATES = ("chat", "raw")
 
 

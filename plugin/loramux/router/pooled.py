@@ -29,7 +29,7 @@ Spec: ``pooled:MODE[:options]`` (``:`` or ``,`` before the options), e.g. ``pool
 ``pooled:arrow:k=1``, ``pooled:spectr:k=2,weights=uniform``. Options: ``k`` (adapters in the mix,
 default 3), ``weights`` (``share`` | ``uniform``), ``span`` (``content`` | ``all``), and the
 routing pass's own ``token_k`` (default: the mode's own k, capped by the pool's ``max_active``),
-Arrow's ``T`` (default 1) and LoGo's ``cal`` (``pooled:logo-token:cal=spectral``; default ``none``).
+Arrow's ``T`` (default 1) and LoGo's ``cal`` (``pooled:logo-token:cal=none``; default ``spectral``).
 """
 
 from __future__ import annotations
@@ -59,7 +59,7 @@ EPS = 0.01  # a share of 1 %: an adapter the template's tokens never chose is no
 WEIGHTS = ("share", "uniform")
 SPANS = ("content", "all")
 AT = ("shared", "all")
-USAGE = "pooled:MODE[:k=3,weights=share|uniform,baseline=template|none,span=content|all,at=shared|all,token_k=N,T=1,cal=none]"
+USAGE = "pooled:MODE[:k=3,weights=share|uniform,baseline=template|none,span=content|all,at=shared|all,token_k=N,T=1,cal=spectral]"
 LORA_A = ".lora_a"
 
 
@@ -79,12 +79,13 @@ def chat_prompt_span(pool: Any, prompt: str, limit: int) -> PromptSpan:
     fmt = text.chat_format([{"role": "user", "content": prompt}])
     add_bos = not fmt.added_special
     tokens = text.tokenize(fmt.prompt, add_bos=add_bos)
-    at = fmt.prompt.rfind(prompt) if prompt else -1
-    if at < 0:  # the template changed the text: pool over every token
+    content = prompt if prompt in fmt.prompt else prompt.strip()  # a template may trim the message
+    at = fmt.prompt.rfind(content) if content else -1
+    if at < 0:  # the template rewrote the text: every token is the prompt's
         start, end = 0, len(tokens)
     else:
         start = len(text.tokenize(fmt.prompt[:at], add_bos=add_bos)) if at else int(add_bos)
-        end = len(text.tokenize(fmt.prompt[: at + len(prompt)], add_bos=add_bos))
+        end = len(text.tokenize(fmt.prompt[: at + len(content)], add_bos=add_bos))
     cut = max(0, len(tokens) - limit)
     return PromptSpan(tokens[cut:], max(0, start - cut), max(1, end - cut))
 
