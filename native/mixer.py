@@ -316,12 +316,15 @@ class SeqMixer:
         got = B.loramux_take_record(self._ctx, n, *cols, ids, w)
         if got != n:
             raise LoramuxError(f"loramux returned {got} record rows, expected {n}: {B.reason(got)}")
-        modules = self.module_names
-        return [self._choice(modules, cols, ids, w, i, k) for i in range(n)]
-
-    def _choice(self, modules, cols, ids, w, i: int, k: int) -> TokenChoice:
-        picked = [(self._slots[ids[i * k + j]], float(w[i * k + j])) for j in range(k) if ids[i * k + j] >= 0]
-        return TokenChoice(modules[cols[0][i]], int(cols[1][i]), int(cols[2][i]), tuple(n for n, _ in picked), tuple(x for _, x in picked))
+        modules, slots = self.module_names, self._slots
+        module, seq, pos = (np.ctypeslib.as_array(c)[:n].tolist() for c in cols)
+        id_rows = np.ctypeslib.as_array(ids).reshape(cap, k)[:n].tolist()
+        w_rows = np.ctypeslib.as_array(w).reshape(cap, k)[:n].tolist()
+        out = []
+        for m, q, p, row_ids, row_w in zip(module, seq, pos, id_rows, w_rows):
+            kept = [j for j, i in enumerate(row_ids) if i >= 0]
+            out.append(TokenChoice(modules[m], q, p, tuple(slots[row_ids[j]] for j in kept), tuple(row_w[j] for j in kept)))
+        return out
 
     def close(self) -> None:
         """Unregister the pool from the context (idempotent)."""
