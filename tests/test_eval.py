@@ -144,7 +144,7 @@ def test_eval_cli_writes_the_documented_json(tmp_path, base_model, capsys):
     assert all(set(v) >= {"accuracy", "n"} and v["n"] == 2 for v in data["tasks"].values())
     assert abs(data["macro_accuracy"] - sum(v["accuracy"] for v in data["tasks"].values()) / 2) < 1e-12
     assert abs(data["macro_accuracy_lenient"] - sum(v["accuracy_lenient"] for v in data["tasks"].values()) / 2) < 1e-12
-    assert len(data["rows"]) == 4
+    assert len(data["rows"]) == 4 and data["routing_seconds"] >= 0 and data["seconds"] > 0
     for r in data["rows"]:
         assert set(r) >= {"task", "id", "answer", "correct", "correct_lenient", "mix"}
         assert r["correct_lenient"] or not r["correct"]  # an exact match is a lenient match
