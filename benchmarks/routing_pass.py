@@ -13,25 +13,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
-import time
 import warnings
 from pathlib import Path
+
+from router import median_ms  # benchmarks/router.py (this folder is on sys.path when run as a script)
 
 ROOT = Path(__file__).resolve().parents[1]
 ADAPTERS = ROOT.parent / "shared" / "fixtures" / "smollm2-bbh-lora"
 DEV = ROOT.parent / "shared" / "data" / "bbh" / "dev.jsonl"
-SPECS = ("logo", "logo:cal=spectral", "pooled:arrow", "pooled:spectr", "pooled:logo-token:cal=spectral")
-
-
-def median_ms(fn, repeats: int) -> float:
-    fn()  # warm-up
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
+SPECS = ("logo:cal=none", "logo", "pooled:arrow", "pooled:spectr", "pooled:logo-token")  # logo: cal=spectral
 
 
 def prompts_near(pool, router, lengths: list[int]) -> dict[int, tuple[str, int]]:
