@@ -42,6 +42,12 @@ def file_sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+def adapted_weights(path: str | Path) -> frozenset[str]:
+    """The base weights (GGUF names, e.g. ``blk.3.attn_q.weight``) that the adapter file adapts."""
+    lora_a = _SUFFIXES[0]
+    return frozenset(t.name[: -len(lora_a)] for t in read_gguf_header(path).tensors if t.name.endswith(lora_a))
+
+
 def _kv(reader, key: str):
     import gguf
 

@@ -60,7 +60,6 @@ WEIGHTS = ("share", "uniform")
 SPANS = ("content", "all")
 AT = ("shared", "all")
 USAGE = "pooled:MODE[:k=3,weights=share|uniform,baseline=template|none,span=content|all,at=shared|all,token_k=N,T=1,cal=spectral]"
-LORA_A = ".lora_a"
 
 
 @dataclass(frozen=True)
@@ -92,12 +91,9 @@ def chat_prompt_span(pool: Any, prompt: str, limit: int) -> PromptSpan:
 
 def shared_weights(pool: Any) -> frozenset[str]:
     """The base weights (GGUF names) that every loaded adapter adapts: where all of them compete."""
-    from loramux.converters.gguf_header import read_gguf_header
+    from loramux.adapter_file import adapted_weights
 
-    adapted = []
-    for name in pool.names:
-        tensors = read_gguf_header(pool.adapters[name].gguf_path).tensors
-        adapted.append(frozenset(t.name[: -len(LORA_A)] for t in tensors if t.name.endswith(LORA_A)))
+    adapted = [adapted_weights(pool.adapters[name].gguf_path) for name in pool.names]
     return frozenset.intersection(*adapted) if adapted else frozenset()
 
 
