@@ -17,7 +17,7 @@ from __future__ import annotations
 import ctypes
 import re
 from dataclasses import dataclass
-from typing import Iterable, Mapping, Sequence
+from typing import Collection, Iterable, Mapping, Sequence
 
 import numpy as np
 
@@ -304,8 +304,9 @@ class SeqMixer:
         if rc != B.LORAMUX_OK:
             raise LoramuxError(f"loramux cannot record routing choices: {self._named(B.reason(rc))} (code {rc})")
 
-    def take_choices(self) -> list[TokenChoice]:
-        """The choices recorded since :meth:`record` or the last take (then cleared)."""
+    def take_choices(self, modules: Collection[str] | None = None) -> list[TokenChoice]:
+        """The choices recorded since :meth:`record` or the last take (then cleared); only those at the base
+        weights ``modules`` (GGUF names) when given (the others are read and dropped before any Python object is made)."""
         self._check_open()
         n = B.loramux_take_record(self._ctx, 0, None, None, None, None, None)
         if n < 0:
@@ -316,14 +317,16 @@ class SeqMixer:
         got = B.loramux_take_record(self._ctx, n, *cols, ids, w)
         if got != n:
             raise LoramuxError(f"loramux returned {got} record rows, expected {n}: {B.reason(got)}")
-        modules, slots = self.module_names, self._slots
-        module, seq, pos = (np.ctypeslib.as_array(c)[:n].tolist() for c in cols)
-        id_rows = np.ctypeslib.as_array(ids).reshape(cap, k)[:n].tolist()
-        w_rows = np.ctypeslib.as_array(w).reshape(cap, k)[:n].tolist()
+        names, slots = self.module_names, self._slots
+        module_ids = np.ctypeslib.as_array(cols[0])[:n]
+        rows = np.arange(n) if modules is None else np.flatnonzero(np.isin(module_ids, [i for i, m in enumerate(names) if m in modules]))
+        module, seq, pos = (np.ctypeslib.as_array(c)[rows].tolist() for c in cols)
+        id_rows = np.ctypeslib.as_array(ids).reshape(cap, k)[rows].tolist()
+        w_rows = np.ctypeslib.as_array(w).reshape(cap, k)[rows].tolist()
         out = []
         for m, q, p, row_ids, row_w in zip(module, seq, pos, id_rows, w_rows):
             kept = [j for j, i in enumerate(row_ids) if i >= 0]
-            out.append(TokenChoice(modules[m], q, p, tuple(slots[row_ids[j]] for j in kept), tuple(row_w[j] for j in kept)))
+            out.append(TokenChoice(names[m], q, p, tuple(slots[row_ids[j]] for j in kept), tuple(row_w[j] for j in kept)))
         return out
 
     def close(self) -> None:

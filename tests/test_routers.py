@@ -144,6 +144,8 @@ def test_logo_is_the_graphs_record_at_the_last_prompt_token(pool):
     tokens = router.tokens(prompt)
     rows = pool.token_choices(tokens, Mix.logo_token(k=2, calibration="spectral")).choices
     last = {c.module: dict(zip(c.adapters, c.weights)) for c in rows if c.pos == len(tokens) - 1}
+    kept = pool.token_choices(tokens, Mix.logo_token(k=2, calibration="spectral"), modules={router.tensor}).choices
+    assert list(kept) == [c for c in rows if c.module == router.tensor] and len(kept) == len(tokens)  # the record, filtered
     assert router.tensor == f"blk.{pool.n_layer - 1}.attn_q.weight"
     assert dict(routing.mix) == pytest.approx(last[router.tensor]) and len(routing.mix) == 2
     assert routing.top1 == max(last[router.tensor], key=last[router.tensor].get)

@@ -7,7 +7,7 @@ mix the pool resolves against its loaded adapters.
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any, Collection, Sequence
 
 import numpy as np
 
@@ -29,18 +29,20 @@ class TeacherForcing:
         self._check_open()
         return self._engine.logits(tokens, self.resolve_mix(mix), path=path)
 
-    def token_choices(self, prompt: str | Sequence[int], mix: MixLike) -> TokenChoiceReport:
+    def token_choices(self, prompt: str | Sequence[int], mix: MixLike, *, modules: Collection[str] | None = None) -> TokenChoiceReport:
         """What per-token routing chose for every token of ``prompt`` at every adapted weight.
 
         ``prompt`` (text, tokenized with BOS as :meth:`create_completion` does, or token ids, at
         most ``n_batch``) is teacher-forced alone in one batch under the routed ``mix`` (``"arrow"``,
         ``"spectr:k=3"``, ``Mix.arrow(k=2)``, ...) on the engine's thread, between two steps of the
         running requests, with the native record on. Needs the native library's fused CPU op (the
-        device form does not record) and loaded adapters; a fixed mix is a MixError."""
+        device form does not record) and loaded adapters; a fixed mix is a MixError. ``modules`` (GGUF base
+        weight names): keep only the choices at those weights (a router that reads a few weights skips
+        turning the rest of the record into objects)."""
         self._check_open()
         resolved = self.resolve_mix(mix)
         tokens = self.tokenize(prompt, add_bos=True) if isinstance(prompt, str) else [int(t) for t in prompt]
-        choices = self._engine.token_choices(tokens, resolved)
+        choices = self._engine.token_choices(tokens, resolved, None if modules is None else frozenset(modules))
         return TokenChoiceReport(resolved, tuple(tokens), tuple(self.piece(t) for t in tokens), tuple(choices))
 
     def score(self, items: Sequence[Any]) -> list[float]:

@@ -15,7 +15,7 @@ from __future__ import annotations
 import ctypes
 import os
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Collection, Mapping, Sequence
 
 import numpy as np
 
@@ -269,16 +269,17 @@ class EngineContext:
         self.decode()
         return np.stack([self.logits_row(i).copy() for i in range(len(tokens))])
 
-    def decode_recorded(self, seq_id: int, tokens: Sequence[int]) -> list["TokenChoice"]:
+    def decode_recorded(self, seq_id: int, tokens: Sequence[int], modules: Collection[str] | None = None) -> list["TokenChoice"]:
         """Decode ``tokens`` as routed sequence ``seq_id`` from position 0 in one batch, recording the
-        adapters every token chose at every adapted weight; the rows of ``seq_id``, in record order."""
+        adapters every token chose at every adapted weight; the rows of ``seq_id`` (at ``modules`` only,
+        when given), in record order."""
         if self.mixer is None:
             raise MixError("recording routing choices needs a registered pool: load adapters first")
         self.mixer.record(True)
         try:
             self.batch.set(tokens, range(len(tokens)), seq_id, True)  # logits on every row: the last layer computes every token
             self.decode()
-            return [c for c in self.mixer.take_choices() if c.seq_id == seq_id]
+            return [c for c in self.mixer.take_choices(modules) if c.seq_id == seq_id]
         finally:
             self.mixer.record(False)
 

@@ -28,14 +28,15 @@ class ForcedJobs:
         tokens = self._one_batch("logits()", tokens)
         return self.call(lambda: self._logits_job(tokens, mix, path))
 
-    def token_choices(self, tokens, mix: Mix) -> list:
+    def token_choices(self, tokens, mix: Mix, modules=None) -> list:
         """Teacher-force ``tokens`` alone in one batch under routed ``mix`` and return the
-        :class:`~loramux.native.mixer.TokenChoice` of every token at every adapted weight."""
+        :class:`~loramux.native.mixer.TokenChoice` of every token at every adapted weight (at the
+        base weights ``modules`` only, when given)."""
         tokens = self._one_batch("token_choices()", tokens)
         if mix.token_routing is None:
             raise MixError(f"token choices are recorded for routed mixes ({', '.join(ROUTING_MODES)}); {mix} is not one")
         self.cx.check_routable(mix)
-        return self.call(lambda: self._choices_job(tokens, mix))
+        return self.call(lambda: self._choices_job(tokens, mix, modules))
 
     def _one_batch(self, what: str, tokens) -> list[int]:
         tokens = [int(t) for t in tokens]
@@ -65,7 +66,7 @@ class ForcedJobs:
             losses += score_batch(self.cx, free, [items[i] for i in batch])
         return losses
 
-    def _choices_job(self, tokens: list[int], mix: Mix):
+    def _choices_job(self, tokens: list[int], mix: Mix, modules=None):
         free = [s for s in self._slots if not s.busy]
         if not free:
             return RETRY
@@ -75,7 +76,7 @@ class ForcedJobs:
         self.cx.set_context_mix(Mix())
         self.cx.set_seq_mix(slot.seq_id, mix)
         try:
-            return self.cx.decode_recorded(slot.seq_id, tokens)
+            return self.cx.decode_recorded(slot.seq_id, tokens, modules)
         finally:
             self.cx.set_seq_mix(slot.seq_id, Mix())
             self.cx.keep_prefix(slot.seq_id, 0)

@@ -78,7 +78,7 @@ class LogoRouter:
     def scores(self, prompt: str) -> dict[str, float]:
         """The top-k adapters' weights ``s / sum(s)`` at the router's base weight and the last prompt token."""
         tokens = self.tokens(prompt)
-        rows = [c for c in self.pool.token_choices(tokens, self.routing).choices if c.module == self.tensor]
+        rows = self.pool.token_choices(tokens, self.routing, modules={self.tensor}).choices
         last = [c for c in rows if c.pos == len(tokens) - 1]
         if not last:
             raise MixError(f"logo: no loaded adapter adapts {self.tensor}; choose another layer= or module=")

@@ -156,7 +156,8 @@ class PooledRouter:
         """Each adapter's score: its share of the prompt's per-token routing (the pooled record), over its
         share on the template's tokens (``baseline=template``)."""
         span = chat_prompt_span(self.pool, str(prompt), min(self.pool.n_batch, self.pool.n_ctx))
-        choices, weights = self.pool.token_choices(span.tokens, self.routing).choices, self._weights()
+        weights = self._weights()
+        choices = self.pool.token_choices(span.tokens, self.routing, modules=weights).choices
         start, end = (span.start, span.end) if self.settings["span"] == "content" else (0, len(span.tokens))
         shares = pooled_shares(choices, start, end, weights)
         if self.settings["baseline"] == "none":
