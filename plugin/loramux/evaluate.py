@@ -70,6 +70,11 @@ def normalize_answer(text: str) -> str:
     return " ".join(str(text).split()).lower()
 
 
+def exact_match(answer: str, target: str) -> bool:
+    """Whether ``answer`` equals ``target`` after :func:`normalize_answer` (``loramux eval``'s "exact" column)."""
+    return normalize_answer(answer) == normalize_answer(target)
+
+
 def _lenient_form(text: str) -> str:
     """:func:`normalize_answer`, then trailing ``. ! , ; :`` and quotes at either end dropped."""
     return normalize_answer(text).rstrip(_TRAILING).lstrip(_QUOTES)
@@ -110,7 +115,7 @@ def lenient_match(answer: str, target: str) -> bool:
       followed by its text); an empty answer (or one of punctuation only) matches only an empty
       target.
     """
-    if normalize_answer(answer) == normalize_answer(target):
+    if exact_match(answer, target):
         return True
     a, t = _lenient_form(answer), _lenient_form(target)
     if not a or not t:
@@ -488,7 +493,7 @@ def _answer_all(pool: Any, rows, reqs, mode: str, *, window: int | None):
     with progress_bar(desc=f"eval {mode}", unit="row", total=len(rows)) as bar:
         for i, out in pool.iter_results(reqs, window=window):
             row = rows[i]
-            ok = normalize_answer(out.text) == normalize_answer(row["target"])
+            ok = exact_match(out.text, row["target"])
             lenient = lenient_match(out.text, str(row["target"]))
             correct, answered = correct + ok, answered + 1
             paths[out.path] = paths.get(out.path, 0) + 1
@@ -518,6 +523,7 @@ __all__ = [
     "REQUIRED_KEYS",
     "TOKEN_MARGIN",
     "evaluate",
+    "exact_match",
     "lenient_match",
     "load_rows",
     "make_policy",

@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 
 from loramux.errors import LoramuxError
-from loramux.evaluate import lenient_match, normalize_answer
+from loramux.evaluate import exact_match, lenient_match
 from loramux.pool import AdapterPool
 
 # examples/ at the top of the source tree (plugin/loramux/cli/demo_cmd.py -> repository root).
@@ -78,7 +78,7 @@ def _mark(answer: str, item: dict) -> str:
 
 
 def _exact(answer: str, item: dict) -> bool:
-    return "expected" in item and normalize_answer(answer) == normalize_answer(item["expected"])
+    return "expected" in item and exact_match(answer, str(item["expected"]))
 
 
 def _counts(results: list, prompts: list[dict]) -> tuple[int, int]:
