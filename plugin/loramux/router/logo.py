@@ -38,7 +38,6 @@ from loramux.errors import MixError
 from loramux.mix import Mix
 from loramux.probe import layer_index
 from loramux.router.options import parse_options
-from loramux.router.pooled import chat_prompt_span
 from loramux.router.selection import Routing
 from loramux.token_routing import CALIBRATIONS, DEFAULT_CALIBRATION
 
@@ -73,7 +72,7 @@ class LogoRouter:
         limit = min(self.pool.n_batch, self.pool.n_ctx)
         if self.settings["template"] == "raw":
             return self.pool.tokenize(str(prompt), add_bos=True)[-limit:]
-        return chat_prompt_span(self.pool, str(prompt), limit).tokens
+        return self.pool.text.prompt_of(None, [{"role": "user", "content": str(prompt)}])[0][-limit:]
 
     def scores(self, prompt: str) -> dict[str, float]:
         """The top-k adapters' weights ``s / sum(s)`` at the router's base weight and the last prompt token."""
