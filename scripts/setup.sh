@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Set up loramux in ./.venv on a fresh machine (idempotent; fast when already done).
 #   bash scripts/setup.sh         runtime only (enough for `loramux demo`)
-#   bash scripts/setup.sh --dev   + torch/PEFT (oracles), onnx/onnxruntime, pytest
+#   bash scripts/setup.sh --dev   + torch/PEFT (oracles), onnx/onnxruntime, Ray, pytest, Chromium (apt-get)
 # llama.cpp is compiled once: loramux's patched libllama (pip install ., ~6 minutes on 2 cores the
 # first time). llama-cpp-python 0.3.36 is installed from its sdist without a library of its own
 # (LLAMA_BUILD=OFF, seconds): `import loramux` points it at the patched one, so exactly one
@@ -34,7 +34,14 @@ EXTRAS="[serve]"
 if [[ $DEV == 1 ]]; then
   # The CPU build of torch that this machine kind ships; a bare `torch` would pull a CUDA build.
   "$VENV/bin/python" -c "import torch" 2>/dev/null || "${PIP[@]}" install "torch==2.13.0"
-  EXTRAS="[serve,train,onnx,dev]"
+  EXTRAS="[serve,ray,train,onnx,dev]"
+  # The playground's browser test (tests/test_webui.py) drives Debian's Chromium through its driver.
+  if ! command -v chromedriver >/dev/null || ! command -v chromium >/dev/null; then
+    echo "loramux setup: installing Debian's chromium and chromium-driver (the browser test)"
+    SUDO=(); [[ $(id -u) != 0 ]] && SUDO=(sudo)
+    "${SUDO[@]}" apt-get install -y -q chromium chromium-driver >/dev/null \
+      || { "${SUDO[@]}" apt-get update -q >/dev/null && "${SUDO[@]}" apt-get install -y -q chromium chromium-driver >/dev/null; }
+  fi
 fi
 echo "loramux setup: installing loramux$EXTRAS"
 "${PIP[@]}" install ".$EXTRAS"
