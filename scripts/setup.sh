@@ -40,7 +40,8 @@ if [[ $DEV == 1 ]]; then
     echo "loramux setup: installing Debian's chromium and chromium-driver (the browser test)"
     SUDO=(); [[ $(id -u) != 0 ]] && SUDO=(sudo)
     "${SUDO[@]}" apt-get install -y -q chromium chromium-driver >/dev/null \
-      || { "${SUDO[@]}" apt-get update -q >/dev/null && "${SUDO[@]}" apt-get install -y -q chromium chromium-driver >/dev/null; }
+      || { "${SUDO[@]}" apt-get update -q >/dev/null && "${SUDO[@]}" apt-get install -y -q chromium chromium-driver >/dev/null; } \
+      || echo "loramux setup: WARNING: could not install chromium and chromium-driver; tests/test_webui.py needs them (apt-get install chromium chromium-driver)" >&2
   fi
 fi
 echo "loramux setup: installing loramux$EXTRAS"
