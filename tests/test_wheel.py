@@ -15,6 +15,7 @@ ROOT = Path(__file__).resolve().parents[1]
 # Source folder -> where its files land in the wheel (pyproject's [tool.scikit-build.wheel.packages]).
 PACKAGE_ROOTS = {"plugin/loramux": "loramux", "converters": "loramux/converters", "native": "loramux/native"}
 FORBIDDEN_PARTS = {"tests", ".venv", "venv", "build", "_skbuild", "CMakeFiles", "__pycache__", ".pytest_cache", "shared", ".git"}
+SHIPPED_SUFFIXES = (".py", ".html", ".js", ".css")  # modules, and the static files of loramux serve's page
 FORBIDDEN_SUFFIXES = (".pyc", ".o", ".obj", ".a", ".safetensors", ".gguf", ".jsonl", ".bin", ".onnx", ".onnx_adapter")
 
 
@@ -41,11 +42,11 @@ def _names(wheel: Path) -> list[str]:
 
 
 def _tracked_modules() -> dict[str, str]:
-    """Tracked .py files of the three package folders -> their path inside the wheel."""
+    """Tracked modules and shipped assets (the playground's page) of the three package folders -> their path inside the wheel."""
     listed = subprocess.run(["git", "ls-files", *PACKAGE_ROOTS], capture_output=True, text=True, cwd=ROOT, check=True).stdout.split()
     out = {}
     for path in listed:
-        if not path.endswith(".py"):
+        if not path.endswith(SHIPPED_SUFFIXES):
             continue
         for source, target in PACKAGE_ROOTS.items():
             if path.startswith(source + "/"):
@@ -83,5 +84,5 @@ def test_wheel_metadata_declares_the_command_and_the_extras(wheel):
         entry_points = zf.read(info.replace("METADATA", "entry_points.txt")).decode()
     assert "loramux = loramux.cli:main" in entry_points
     assert "Requires-Dist: llama-cpp-python==0.3.36" in metadata
-    for extra in ("train", "onnx", "dev"):
+    for extra in ("train", "onnx", "serve", "ray", "dev"):
         assert f"Provides-Extra: {extra}" in metadata

@@ -27,8 +27,12 @@ with this router in front) for throughput; --upstream for a llama-server you alr
 A "model" naming nothing here is answered as if none were given (header X-Loramux-Unknown-Model),
 as llama-server does; --unknown-model error answers 404, as vLLM does.
 
+Playground: open http://127.0.0.1:8080/ in a browser: up to four mixes answer one prompt side by side
+(docs/playground.md); --no-webui turns the page off.
+
 Endpoints: /v1/chat/completions, /v1/completions, /v1/models, /health, /metrics,
-/v1/adapters (GET list, POST {"path"} load, DELETE /v1/adapters/NAME unload), and llama-server's:
+/v1/adapters (GET list, POST {"path"} load, DELETE /v1/adapters/NAME unload),
+/v1/routing/tokens (per token, the adapter an arrow/spectr mix chose), and llama-server's:
 /completion, /completions, /chat/completions, /models, /tokenize, /detokenize, /apply-template,
 /props, /slots (--slots), /lora-adapters. Tools, response_format, logprobs, n, assistant prefill
 and llama-server's request fields: docs/serve.md says what each does, and what is refused.
@@ -82,7 +86,30 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     _engine_options(p)
     _client_options(p)
+    _ray_options(p)
     p.set_defaults(run=run)
+
+
+def _ray_options(p: argparse.ArgumentParser) -> None:
+    """Ray Serve: replicas of the engine, requests routed by adapter-set affinity (docs/scale.md)."""
+    p.add_argument(
+        "--ray",
+        action="store_true",
+        default=None,
+        help="serve on Ray Serve (local Ray, or the cluster of RAY_ADDRESS): an ingress and --replicas engine replicas, "
+        "each request sent to a replica that holds its adapter set (needs pip install 'loramux[ray]')",
+    )
+    p.add_argument("--replicas", type=int, default=None, help="engine replicas of --ray (default: 2)")
+    p.add_argument(
+        "--max-adapter-sets", type=int, default=None, help="adapter sets (affinity keys) each --ray replica keeps loaded (default: 8)"
+    )
+    p.add_argument(
+        "--affinity",
+        choices=("set", "top", "none"),
+        default=None,
+        help="the --ray affinity key: set (a hash of the mix's adapter set, the default), top (its heaviest adapter: fewer keys), "
+        "or none (no affinity: Serve's default routing, the baseline)",
+    )
 
 
 def _engine_options(p: argparse.ArgumentParser) -> None:
@@ -128,6 +155,13 @@ def _client_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--chat-template", default=None, metavar="JINJA", help="a Jinja chat template to use instead of the model's")
     p.add_argument("--chat-template-file", type=Path, default=None, metavar="FILE", help="the same, from a file")
     p.add_argument("--slots", action=argparse.BooleanOptionalAction, default=None, help="serve GET /slots (default: off, 501)")
+    p.add_argument(
+        "--webui",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="serve the playground page at / (default: on): a browser page that compares mixes side by side on one prompt, "
+        "through this server's API only; --no-webui turns it off (/ answers 404), as llama-server's flag does",
+    )
     p.add_argument("--verbose", action="store_true", default=None, help='every answer carries "__verbose": the prompt as read')
     p.add_argument(
         "--unknown-model",
@@ -173,8 +207,13 @@ def settings_from(args: argparse.Namespace):
             "max_active",
             "skip_embeddings",
             "llama_server",
+            "ray",
+            "replicas",
+            "max_adapter_sets",
+            "affinity",
             "unknown_model",
             "slots",
+            "webui",
             "verbose",
             "n_predict",
             "temperature",
@@ -206,6 +245,11 @@ def run(args: argparse.Namespace) -> int:
     except ImportError:
         raise LoramuxError("loramux serve needs the server extra: pip install 'loramux[serve]'") from None
     settings = settings_from(args)
+    if settings.ray:
+        from loramux.ray.app import run_local
+
+        run_local(settings)
+        return 0
     if settings.llama_server:
         from dataclasses import replace
 

@@ -3,7 +3,8 @@
 :func:`create_app` takes an open :class:`~loramux.AdapterPool` (the engine every request goes
 through) and the settings; routes come from :mod:`~loramux.server.openai_routes` and
 :mod:`~loramux.server.adapter_routes`. ``/health`` answers 200 once the model and adapters are
-loaded (the app exists only then) and needs no API key; every other route does when
+loaded (the app exists only then) and needs no API key, nor does the playground page at ``/``
+(:mod:`~loramux.server.webui_routes`; its API calls do); every other route does when
 ``--api-key`` is set (``Authorization: Bearer KEY``).
 """
 
@@ -47,6 +48,7 @@ class ServerState:
     http: metrics.HttpCounter = field(default_factory=metrics.HttpCounter)
     upstream: Any = None  # the hook's UpstreamClient
     upstream_pool: dict[str, Any] | None = None  # the hook: /props "loramux" of a patched upstream, None for stock
+    public_paths: tuple[str, ...] = OPEN_PATHS  # answered without the API key (/health; the playground's static files)
 
     @property
     def defaults(self) -> RequestDefaults:
@@ -99,9 +101,12 @@ def create_app(state: ServerState, *, routers=None, on_close=None) -> FastAPI:
     app.state.loramux = state
     _install_handlers(app, state)
     if routers is None:
-        from loramux.server import adapter_routes, llama_routes, openai_routes
+        from loramux.server import adapter_routes, llama_routes, openai_routes, routing_routes, webui_routes
 
-        routers = [openai_routes.router, llama_routes.router, adapter_routes.router]
+        routers = [openai_routes.router, llama_routes.router, adapter_routes.router, routing_routes.router]
+        if state.settings.webui:  # the playground at / (--no-webui: off)
+            routers.append(webui_routes.router)
+            state.public_paths = (*OPEN_PATHS, *webui_routes.PUBLIC_PATHS)
     for r in routers:
         app.include_router(r)
 
@@ -202,7 +207,7 @@ class AuthAndCount:
 
     def _authorized(self, request: Request) -> bool:
         key = self.state.settings.api_key
-        if not key or request.url.path in OPEN_PATHS:
+        if not key or request.url.path in self.state.public_paths:
             return True
         given = request.headers.get("authorization", "").encode()
         bare = request.headers.get("x-api-key", "").encode()  # Anthropic's header, which llama-server takes too

@@ -30,6 +30,7 @@ from loramux.server.llama_fields import token_bias
 from loramux.server.timings import AnswerClock
 
 router = APIRouter()
+PRESELECTED = "loramux.selection"  # ASGI scope key: the Selection an ingress in front made (loramux.ray)
 UNKNOWN_MODEL_HEADER = "X-Loramux-Unknown-Model"  # the model name a request gave that names nothing here (answered as no model)
 
 
@@ -88,7 +89,9 @@ async def submit(request: Request, body: dict[str, Any], *, chat: bool) -> Submi
     parsed = (chat_body if chat else completion_body)(body, state.defaults)
     parsed.request.request_id = request_id_of(request)
     # a router may run a forward pass (LoGo, hidden-state retrieval): off the event loop, so streams go on
-    selection = await run_in_threadpool(state.selector.select, body, lambda: prompt_text(parsed.request))
+    selection = request.scope.get(PRESELECTED)  # chosen by loramux.ray's ingress (never by a client: not a header)
+    if selection is None:
+        selection = await run_in_threadpool(state.selector.select, body, lambda: prompt_text(parsed.request))
     parsed.request.mix = selection.mix
     try:
         handles = state.pool.submit_choices(parsed.request, parsed.n, loop=asyncio.get_running_loop())
@@ -229,4 +232,4 @@ async def _sse(
         cancel_unfinished(handles)
 
 
-__all__ = ["UNKNOWN_MODEL_HEADER", "Submitted", "collect", "json_body", "merged", "router", "sse_event", "submit"]
+__all__ = ["PRESELECTED", "UNKNOWN_MODEL_HEADER", "Submitted", "collect", "json_body", "merged", "router", "sse_event", "submit"]

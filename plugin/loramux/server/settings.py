@@ -47,6 +47,10 @@ class ServeSettings:
     router: str | None = None  # a router spec of loramux.router.registry (a bare .onnx path too)
     upstream: str | None = None
     llama_server: bool = False  # serve the adapters through loramux's patched llama-server (a child) and the hook
+    ray: bool = False  # serve on Ray Serve: an ingress and --replicas engine replicas, routed by adapter-set affinity
+    replicas: int = 2  # engine replicas of --ray
+    max_adapter_sets: int = 8  # affinity keys each --ray replica keeps loaded (Serve's max_num_models_per_replica)
+    affinity: str = "set"  # the --ray affinity key: "set" (hash of the adapter set), "top" (the heaviest adapter), "none"
     host: str = "127.0.0.1"  # one address, or several separated by commas (llama-server's --host a,b)
     port: int = 8080
     api_key: str | None = None
@@ -68,6 +72,7 @@ class ServeSettings:
     slots: bool = False  # GET /slots answers (llama-server's --slots); else 501
     verbose: bool = False  # every answer carries "__verbose" (the prompt as read), as llama-server's --verbose
     chat_template: str | None = None  # a Jinja chat template used instead of the base model's
+    webui: bool = True  # the playground page at / (--no-webui: off, as llama-server's flag)
 
     @property
     def hosts(self) -> list[str]:
@@ -101,9 +106,25 @@ class ServeSettings:
         for name in self.mixes:
             if name in ("auto", self.model_id, *ROUTING_MODES):
                 raise SettingsError(f"a named mix cannot be called {name!r} (reserved model name)")
+        if self.ray:
+            self._check_ray()
         if self.max_active < 1:
             raise SettingsError(f"--max-active {self.max_active} must be at least 1")
         return self
+
+    def _check_ray(self) -> None:
+        if self.upstream is not None or self.llama_server:
+            raise SettingsError("--ray runs loramux engines as Ray Serve replicas: give it --adapters, not --upstream or --llama-server")
+        if self.replicas < 1:
+            raise SettingsError(f"--replicas {self.replicas} must be at least 1")
+        if self.max_adapter_sets < 1:
+            raise SettingsError(f"--max-adapter-sets {self.max_adapter_sets} must be at least 1")
+        if self.affinity not in ("set", "top", "none"):
+            raise SettingsError(
+                f"--affinity {self.affinity!r}: choose set (a hash of the adapter set), top (the heaviest adapter) or none (no affinity)"
+            )
+        if len(self.hosts) != 1:
+            raise SettingsError(f"--ray listens on one address (Ray Serve's HTTP proxy), got --host {self.host}")
 
     def adapter_dirs(self) -> list[Path]:
         """The folders the adapter-management endpoint may load from (resolved, symlinks followed)."""
