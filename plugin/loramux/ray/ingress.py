@@ -18,17 +18,15 @@ from typing import Any, Sequence
 
 from fastapi import APIRouter, Request
 from fastapi.responses import PlainTextResponse
-from starlette.concurrency import run_in_threadpool
 
 from loramux.errors import LoramuxError
 from loramux.ray.affinity import AffinityKey, affinity_key
 from loramux.ray.asgi_call import Forwarded
 from loramux.ray.metrics import IngressCounters, merge_texts, render_families, with_label
 from loramux.ray.streaming import DROPPED_HEADERS, KEY_HEADER, REPLICA_HEADER, answer
-from loramux.server.bodies import chat_body, completion_body, prompt_text
 from loramux.server.errors import from_loramux
-from loramux.server.openai_routes import PRESELECTED, json_body, models
-from loramux.server.settings import ServeSettings, SettingsError
+from loramux.server.openai_routes import PRESELECTED, json_body, models, parse_and_select
+from loramux.server.settings import ServeSettings
 
 router = APIRouter()
 
@@ -42,54 +40,26 @@ class _ReplicaRouted:
         raise RouteOnReplica()
 
 
-def open_prompt_router(settings: ServeSettings, names: Sequence[str]):
-    """The trained router of ``--router`` (an ONNX file), run in the ingress: it needs no model."""
-    if settings.router is None:
-        return None
-    from loramux.router.registry import is_router_spec
-    from loramux.router.runtime import Router
-
-    spec = settings.router
-    if is_router_spec(spec):
-        kind, _, path = spec.partition(":")
-        if kind != "router":
-            raise SettingsError(
-                f"--router {spec}: under --ray the ingress runs model 'auto' and takes a trained router (.onnx) only; "
-                "LoGo and retrieval need the model (name them per request, or run loramux serve without --ray)"
-            )
-        spec = path
-    return Router.load(spec, base=settings.base, adapters=list(names))
-
-
 def ingress_state(settings: ServeSettings, names: Sequence[str]):
     """The server's state in the ingress: no pool; a selector over the adapters the replicas may load."""
     from loramux.base_model import default_base_model
     from loramux.native import available
-    from loramux.server.app import POOLED_SPECS, ServerState
-    from loramux.server.selection import LoraTable, MixSelector
-    from loramux.token_routing import ROUTING_MODES
+    from loramux.server.app import ServerState, mix_selector
+    from loramux.server.launch import open_trained_router
 
     for name, mix in settings.mixes.items():
         mix.check_known(names)
-    lora = LoraTable()
-    for name in sorted(names):
-        lora.add(name)
     base = Path(settings.base) if settings.base is not None else default_base_model()
-    prompt_router = open_prompt_router(settings, names)
-    native = available()
-    selector = MixSelector(
-        model_id=settings.model_id,
-        adapters=lambda: list(names),
-        mixes=settings.mixes,
-        lora=lora,
+    prompt_router = open_trained_router(settings, names, "under --ray")
+    selector = mix_selector(
+        settings,
+        lambda: sorted(names),
+        base,
         route=prompt_router.route if prompt_router is not None else None,
-        base_names=("base", base.name, base.stem, *settings.aliases),
-        routing_modes=ROUTING_MODES if native else (),
-        unknown_model=settings.unknown_model,
+        native=available(),
         spec_router=lambda spec: _ReplicaRouted(),
-        router_specs=POOLED_SPECS if native else (),
     )
-    return ServerState(settings=settings, pool=None, selector=selector, lora=lora), prompt_router
+    return ServerState(settings=settings, pool=None, selector=selector, lora=selector.lora), prompt_router
 
 
 class Ingress:
@@ -164,9 +134,8 @@ async def select(request: Request, body: dict[str, Any], *, chat: bool):
     """The request's mix as ``loramux serve`` selects it (None: a router that runs on the replica)."""
     state = request.app.state.loramux
     checked = {k: v for k, v in body.items() if k != "logit_bias"}  # texts in logit_bias need the tokenizer: the replica reads it
-    parsed = (chat_body if chat else completion_body)(checked, state.defaults)
     try:
-        selection = await run_in_threadpool(state.selector.select, body, lambda: prompt_text(parsed.request))
+        _, selection = await parse_and_select(request, checked, chat=chat)
     except RouteOnReplica:
         return None
     try:  # as the pool would refuse it: naming every adapter a replica may load, not those it holds now

@@ -15,7 +15,8 @@ import hmac
 import sys
 import traceback
 from dataclasses import dataclass, field
-from typing import Any
+from pathlib import Path
+from typing import Any, Callable
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -63,24 +64,41 @@ POOLED_SPECS = tuple(f"pooled:{mode}" for mode in ROUTING_MODES)  # the data-fre
 def pool_state(settings: ServeSettings, pool, router=None, spec_routers: RouterCache | None = None) -> ServerState:
     """The routes' state over ``pool``: ``router`` answers ``model: "auto"``; ``spec_routers`` opens the
     data-free routers a request names (``mix``/``model``: ``pooled:arrow``, ``logo``)."""
-    lora = LoraTable()
-    for name in pool.names:
-        lora.add(name)
     for name, mix in settings.mixes.items():
         pool.resolve_mix(mix)  # a named mix must name loaded adapters
-    selector = MixSelector(
+    selector = mix_selector(
+        settings,
+        lambda: pool.names,
+        pool.base_path,
+        route=router.route if router is not None else None,
+        native=pool.native,
+        spec_router=spec_routers.get if spec_routers is not None else None,
+    )
+    return ServerState(settings=settings, pool=pool, selector=selector, lora=selector.lora)
+
+
+def mix_selector(
+    settings: ServeSettings, adapters: Callable[[], list[str]], base_path: Path, *, route=None, native: bool, spec_router=None
+) -> MixSelector:
+    """How a request's mix is selected (:class:`~loramux.server.selection.MixSelector`) among ``adapters()``
+    (their llama-server lora ids in the order given now), the named mixes of ``settings`` and the base model at
+    ``base_path``; ``route`` answers ``model: "auto"``, ``spec_router`` opens a data-free router a request
+    names; ``native``: the per-token routing modes and data-free routers run here (the patched library)."""
+    lora = LoraTable()
+    for name in adapters():
+        lora.add(name)
+    return MixSelector(
         model_id=settings.model_id,
-        adapters=lambda: pool.names,
+        adapters=adapters,
         mixes=settings.mixes,
         lora=lora,
-        route=router.route if router is not None else None,
-        base_names=("base", pool.base_path.name, pool.base_path.stem, *settings.aliases),
-        routing_modes=ROUTING_MODES if pool.native else (),
+        route=route,
+        base_names=("base", base_path.name, base_path.stem, *settings.aliases),
+        routing_modes=ROUTING_MODES if native else (),
         unknown_model=settings.unknown_model,
-        spec_router=spec_routers.get if spec_routers is not None else None,
-        router_specs=POOLED_SPECS if pool.native else (),
+        spec_router=spec_router,
+        router_specs=POOLED_SPECS if native else (),
     )
-    return ServerState(settings=settings, pool=pool, selector=selector, lora=lora)
 
 
 def create_app(state: ServerState, *, routers=None, on_close=None) -> FastAPI:

@@ -35,10 +35,11 @@ from loramux.mix import Mix
 from loramux.server.app import ServerState, create_app
 from loramux.server.bodies import chat_body, completion_body, prompt_text
 from loramux.server.errors import APIError
+from loramux.server.launch import open_trained_router
 from loramux.server.llama_fields import token_bias
 from loramux.server.openai_routes import UNKNOWN_MODEL_HEADER, json_body
 from loramux.server.selection import LoraTable, MixSelector, Selection
-from loramux.server.settings import ServeSettings, SettingsError
+from loramux.server.settings import ServeSettings
 
 router = APIRouter()
 MIX_HEADER = "X-Loramux-Mix"
@@ -113,21 +114,8 @@ def build_hook_app(settings: ServeSettings) -> FastAPI:
     pool = read_upstream_pool(settings.upstream)
     table = upstream_table(listing)
     names = [n for n in table.names if n is not None]
-    route = None
-    if settings.router is not None:
-        from loramux.router.runtime import Router
-
-        prefix, sep, path = settings.router.partition(":")
-        if sep and prefix != "router":
-            raise SettingsError(
-                f"--router {settings.router}: in front of a llama-server only a trained router "
-                "(router:PATH.onnx) can route (retrieval and logo need the model in this process)"
-            )
-        loaded = Router.load(path if sep else settings.router, base=settings.base)
-        missing = sorted(set(loaded.adapters) - set(names))
-        if missing:
-            raise SettingsError(f"router {settings.router} routes to adapters the upstream does not serve: {', '.join(missing)}")
-        route = loaded.route
+    trained = open_trained_router(settings, names, "in front of a llama-server")
+    route = trained.route if trained is not None else None
     for name, mix in settings.mixes.items():
         Mix.coerce(mix).check_known(names)
     selector = MixSelector(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sys
 import warnings
+from typing import Sequence
 
 from fastapi import FastAPI
 
@@ -25,6 +26,27 @@ def open_router(settings: ServeSettings, pool):
         router.close()
         raise SettingsError(f"router {settings.router} routes to adapters that are not loaded: {', '.join(missing)}")
     return router
+
+
+def open_trained_router(settings: ServeSettings, names: Sequence[str], where: str):
+    """The trained router of ``--router`` (``router:PATH.onnx`` or a bare path) for a process that holds
+    no model (``where``: "in front of a llama-server", "under --ray"); it must route among ``names``."""
+    if settings.router is None:
+        return None
+    from loramux.router.runtime import Router
+
+    prefix, sep, path = settings.router.partition(":")
+    if sep and prefix != "router":
+        raise SettingsError(
+            f"--router {settings.router}: {where} only a trained router (router:PATH.onnx) can answer model 'auto' "
+            "(retrieval and logo need the model in this process: name a data-free router per request, or serve without the front end)"
+        )
+    loaded = Router.load(path if sep else settings.router, base=settings.base)
+    missing = sorted(set(loaded.adapters) - set(names))
+    if missing:
+        loaded.close()
+        raise SettingsError(f"router {settings.router} routes to adapters that are not served {where}: {', '.join(missing)}")
+    return loaded
 
 
 def build_pool_app(settings: ServeSettings) -> FastAPI:
@@ -66,4 +88,4 @@ def build_pool_app(settings: ServeSettings) -> FastAPI:
     return create_app(state, on_close=close)
 
 
-__all__ = ["build_pool_app", "open_router"]
+__all__ = ["build_pool_app", "open_router", "open_trained_router"]

@@ -27,6 +27,7 @@ from loramux.server import schema
 from loramux.server.bodies import ParsedBody, chat_body, completion_body, prompt_text
 from loramux.server.errors import APIError, from_loramux, request_id_of
 from loramux.server.llama_fields import token_bias
+from loramux.server.selection import Selection
 from loramux.server.timings import AnswerClock
 
 router = APIRouter()
@@ -81,18 +82,26 @@ class Submitted:
     headers: dict[str, str]
 
 
+async def parse_and_select(request: Request, body: dict[str, Any], *, chat: bool) -> tuple[ParsedBody, Selection]:
+    """``body`` parsed as a chat or completion request and its mix selected, set on the parsed request:
+    the one path every route that runs a request takes (generation, the routing record, loramux.ray's
+    ingress); errors as 4xx naming the field."""
+    state = request.app.state.loramux
+    parsed = (chat_body if chat else completion_body)(body, state.defaults)
+    parsed.request.request_id = request_id_of(request)
+    selection = request.scope.get(PRESELECTED)  # chosen by loramux.ray's ingress (never by a client: not a header)
+    if selection is None:  # a router may run a forward pass (LoGo, retrieval): off the event loop, so streams go on
+        selection = await run_in_threadpool(state.selector.select, body, lambda: prompt_text(parsed.request))
+    parsed.request.mix = selection.mix
+    return parsed, selection
+
+
 async def submit(request: Request, body: dict[str, Any], *, chat: bool) -> Submitted:
     """Parse ``body``, select its mix and submit it (``n`` handles for ``n`` choices); errors as 4xx."""
     state = request.app.state.loramux
     if body.get("logit_bias") is not None:  # llama-server's shapes (pairs, texts) as token ids
         body = body | {"logit_bias": token_bias(body["logit_bias"], lambda t: state.pool.text.tokenize(t, add_bos=False))}
-    parsed = (chat_body if chat else completion_body)(body, state.defaults)
-    parsed.request.request_id = request_id_of(request)
-    # a router may run a forward pass (LoGo, hidden-state retrieval): off the event loop, so streams go on
-    selection = request.scope.get(PRESELECTED)  # chosen by loramux.ray's ingress (never by a client: not a header)
-    if selection is None:
-        selection = await run_in_threadpool(state.selector.select, body, lambda: prompt_text(parsed.request))
-    parsed.request.mix = selection.mix
+    parsed, selection = await parse_and_select(request, body, chat=chat)
     try:
         handles = state.pool.submit_choices(parsed.request, parsed.n, loop=asyncio.get_running_loop())
     except LoramuxError as exc:
@@ -232,4 +241,15 @@ async def _sse(
         cancel_unfinished(handles)
 
 
-__all__ = ["PRESELECTED", "UNKNOWN_MODEL_HEADER", "Submitted", "collect", "json_body", "merged", "router", "sse_event", "submit"]
+__all__ = [
+    "PRESELECTED",
+    "UNKNOWN_MODEL_HEADER",
+    "Submitted",
+    "collect",
+    "json_body",
+    "merged",
+    "parse_and_select",
+    "router",
+    "sse_event",
+    "submit",
+]

@@ -24,9 +24,9 @@ from starlette.concurrency import run_in_threadpool
 
 from loramux.errors import LoramuxError
 from loramux.server import schema
-from loramux.server.bodies import chat_body, completion_body, prompt_text, text_field
+from loramux.server.bodies import text_field
 from loramux.server.errors import APIError, from_loramux
-from loramux.server.openai_routes import json_body
+from loramux.server.openai_routes import json_body, parse_and_select
 
 router = APIRouter()
 
@@ -89,8 +89,7 @@ async def routing_tokens(request: Request) -> dict[str, Any]:
     body = await json_body(request)
     answer = text_field(body.get("answer", ""), "answer")
     weights = _weight_kinds(body.get("weights"))
-    parsed = (chat_body if "messages" in body else completion_body)(body, state.defaults)
-    selection = await run_in_threadpool(state.selector.select, body, lambda: prompt_text(parsed.request))
+    parsed, selection = await parse_and_select(request, body, chat="messages" in body)
     if selection.mix.token_routing is None:
         param = "mix" if body.get("mix") is not None else "model"
         raise APIError(
@@ -100,7 +99,6 @@ async def routing_tokens(request: Request) -> dict[str, Any]:
             param=param,
             code="invalid_mix",
         )
-    parsed.request.mix = selection.mix
     try:
         report, n_prompt = await run_in_threadpool(_teacher_forced, state.pool, parsed.request, answer)
     except LoramuxError as exc:
