@@ -27,21 +27,11 @@ PUSH_EVERY_S = 0.5  # how often a replica sends its metrics to the board (when t
 
 def open_engine_app(settings: ServeSettings):
     """The pool (no adapters yet: keys load them) and the app of ``loramux serve`` over it."""
-    from loramux import AdapterPool
     from loramux.router.registry import RouterCache
     from loramux.server.app import create_app, pool_state
+    from loramux.server.launch import open_pool
 
-    pool = AdapterPool(
-        settings.base,
-        n_ctx=settings.n_ctx,
-        n_seq_max=settings.n_seq_max,
-        n_threads=settings.threads,
-        max_queue=settings.max_queue,
-        max_active=settings.max_active,
-        flash_attn=settings.flash_attn,
-    )
-    if settings.chat_template is not None:
-        pool.text.use_template(settings.chat_template)
+    pool = open_pool(settings)
     spec_routers = RouterCache(pool)
     # the ingress resolves named mixes, model "auto" and the API key; the replica runs what it selected
     state = pool_state(replace(settings, mixes={}, router=None, api_key=None, cors=[]), pool, None, spec_routers)

@@ -49,11 +49,10 @@ def open_trained_router(settings: ServeSettings, names: Sequence[str], where: st
     return loaded
 
 
-def build_pool_app(settings: ServeSettings) -> FastAPI:
-    """Load the base model and adapters, then the app (``/health`` is 200 from then on)."""
+def open_pool(settings: ServeSettings):
+    """The engine of ``settings`` (an :class:`~loramux.AdapterPool` over the base model, no adapters yet), with
+    its chat template when one is given: what ``loramux serve`` and each replica of ``--ray`` run."""
     from loramux import AdapterPool
-    from loramux.adapters import AdapterSkippedWarning
-    from loramux.progress import progress_bar
 
     pool = AdapterPool(
         settings.base,
@@ -67,6 +66,19 @@ def build_pool_app(settings: ServeSettings) -> FastAPI:
     try:
         if settings.chat_template is not None:
             pool.text.use_template(settings.chat_template)
+    except BaseException:
+        pool.close()
+        raise
+    return pool
+
+
+def build_pool_app(settings: ServeSettings) -> FastAPI:
+    """Load the base model and adapters, then the app (``/health`` is 200 from then on)."""
+    from loramux.adapters import AdapterSkippedWarning
+    from loramux.progress import progress_bar
+
+    pool = open_pool(settings)
+    try:
         with warnings.catch_warnings(record=True) as caught, progress_bar(desc="load adapters", unit="adapter") as bar:
             warnings.simplefilter("always", AdapterSkippedWarning)
             pool.load_adapters(settings.adapters, skip_embeddings=settings.skip_embeddings, progress=bar.update_to)
@@ -88,4 +100,4 @@ def build_pool_app(settings: ServeSettings) -> FastAPI:
     return create_app(state, on_close=close)
 
 
-__all__ = ["build_pool_app", "open_router", "open_trained_router"]
+__all__ = ["build_pool_app", "open_pool", "open_router", "open_trained_router"]
