@@ -98,6 +98,11 @@ def type_of(key: str):
     return str if key == "affinity" else int
 
 
+# Ray Serve's proxy checks (defaults 5 s ready, 10 s health; 3 misses and the proxy is killed, which ends
+# `loramux serve --ray` at start): longer on a local Ray, where the proxy shares a few cores with the engines
+SLOW_START_TIMEOUTS_S = {"RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S": 60, "RAY_SERVE_PROXY_HEALTH_CHECK_TIMEOUT_S": 60}
+
+
 def run_local(settings: ServeSettings) -> None:
     """``loramux serve --ray``: a local Ray (or the cluster of ``RAY_ADDRESS``), the app on
     ``--host``/``--port``, until SIGINT / SIGTERM."""
@@ -109,6 +114,9 @@ def run_local(settings: ServeSettings) -> None:
     from ray import serve
 
     local = not os.environ.get("RAY_ADDRESS")
+    if local:  # Ray Serve reads these in the processes ray.init starts: a busy small machine starts its proxy slowly
+        for name, seconds in SLOW_START_TIMEOUTS_S.items():
+            os.environ.setdefault(name, str(seconds))
     cpus = max(os.cpu_count() or 1, settings.replicas + 1)  # logical CPUs: every replica gets one
     own = {"num_cpus": cpus, "include_dashboard": False, "object_store_memory": OBJECT_STORE_BYTES}
     context = ray.init(**(own if local else {}), log_to_driver=False)
