@@ -50,6 +50,11 @@ class AdapterSets:
             self._keys.add(key)
             self.counters.key_loads += 1
 
+    def holds(self, key: str) -> bool:
+        """Whether ``key`` is held on this replica now (Serve loaded it and has not evicted it)."""
+        with self._lock:
+            return key in self._keys
+
     def acquire(self, key: str, names: Iterable[str]) -> tuple[str, ...]:
         """Hold ``names`` under ``key`` (loading the missing ones) and pin them for one request;
         :meth:`release` the returned names when it ends."""

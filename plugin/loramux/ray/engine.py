@@ -19,7 +19,7 @@ from typing import Any, AsyncIterator, Mapping
 
 from loramux.ray.adapter_sets import AdapterSets, HeldKey
 from loramux.ray.asgi_call import Forwarded, Start, asgi_stream
-from loramux.ray.metrics import merge_texts, render_families, replica_families
+from loramux.ray.metrics import replica_families
 from loramux.server.settings import ServeSettings
 
 PUSH_EVERY_S = 0.5  # how often a replica sends its metrics to the board (when they changed)
@@ -68,7 +68,7 @@ class EngineReplica:
         by it): first ``{"status", "headers", "replica", "hit"}``, then the answer's body pieces (server-sent
         events as they come)."""
         self._start_pusher()
-        hit = key in self.sets.snapshot().keys
+        hit = self.sets.holds(key)
         await self._hold(key)
         self.hits, self.misses = self.hits + hit, self.misses + (not hit)
         names = await asyncio.to_thread(self.sets.acquire, key, adapters)
@@ -85,8 +85,7 @@ class EngineReplica:
         """This replica's ``/metrics``: the engine's (as ``loramux serve``) and its adapter holdings."""
         from loramux.server import metrics
 
-        own = render_families(replica_families(self.sets.snapshot(), self.hits, self.misses))
-        return merge_texts([metrics.render(self.state).decode(), own])
+        return metrics.render(self.state, replica_families(self.sets.snapshot(), self.hits, self.misses)).decode()
 
     def replica(self) -> str:
         """This replica's id (as the ``X-Loramux-Replica`` header names it)."""

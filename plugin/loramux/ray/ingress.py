@@ -22,7 +22,7 @@ from fastapi.responses import PlainTextResponse
 from loramux.errors import LoramuxError
 from loramux.ray.affinity import AffinityKey, affinity_key
 from loramux.ray.asgi_call import Forwarded
-from loramux.ray.metrics import IngressCounters, merge_texts, render_families, with_label
+from loramux.ray.metrics import IngressCounters, merge_texts, with_label
 from loramux.ray.streaming import DROPPED_HEADERS, KEY_HEADER, REPLICA_HEADER, answer
 from loramux.server.errors import from_loramux
 from loramux.server.openai_routes import PRESELECTED, json_body, models, parse_and_select
@@ -119,7 +119,7 @@ async def prometheus(request: Request) -> PlainTextResponse:
     from loramux.server import metrics
 
     ing: Ingress = request.app.state.ray_ingress
-    texts = [metrics.render(ing.state).decode(), render_families(ing.counters.families())]
+    texts = [metrics.render(ing.state, ing.counters.families()).decode()]
     if ing.board is not None:
         replicas = await asyncio.wait_for(_board_texts(ing.board), timeout=10)
         texts += [with_label(text, "replica", rid) for rid, text in replicas.items()]

@@ -9,30 +9,13 @@ import re
 import threading
 import time
 from collections import Counter
-from typing import Iterator
 
-from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from loramux.ray.adapter_sets import SetCounters
 
 STALE_S = 30.0  # a replica that has not reported for this long (gone, restarted) is left out
 _SAMPLE = re.compile(r"^([A-Za-z_:][A-Za-z0-9_:]*)(\{(.*)\})?\s+(.*)$")
-
-
-class _Families:
-    def __init__(self, families: list) -> None:
-        self.families = families
-
-    def collect(self) -> Iterator:
-        yield from self.families
-
-
-def render_families(families: list) -> str:
-    """Prometheus text of ``families``."""
-    registry = CollectorRegistry(auto_describe=False)
-    registry.register(_Families(families))
-    return generate_latest(registry).decode()
 
 
 def replica_families(sets: SetCounters, hits: int, misses: int) -> list:
@@ -122,4 +105,4 @@ class Board:
         return {r: t for r, (at, t) in sorted(self._texts.items()) if now - at < STALE_S}
 
 
-__all__ = ["Board", "IngressCounters", "merge_texts", "render_families", "replica_families", "with_label"]
+__all__ = ["Board", "IngressCounters", "merge_texts", "replica_families", "with_label"]

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import threading
 from collections import Counter
-from typing import Any, Iterator
+from typing import Any, Iterable, Iterator
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
@@ -45,8 +45,9 @@ class HttpCounter:
 
 
 class _Collector:
-    def __init__(self, state: Any) -> None:
+    def __init__(self, state: Any, extra: Iterable = ()) -> None:
         self.state = state
+        self.extra = list(extra)
 
     def collect(self) -> Iterator:
         pool = self.state.pool
@@ -63,11 +64,13 @@ class _Collector:
             for (path, status), n in sorted(self.state.http.counts.items()):
                 http.add_metric([path, status], n)
         yield http
+        yield from self.extra
 
 
-def render(state: Any) -> bytes:
+def render(state: Any, extra: Iterable = ()) -> bytes:
+    """The server's metrics over ``state``, and the metric families ``extra`` (a front end's own counters)."""
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(_Collector(state))
+    registry.register(_Collector(state, extra))
     return generate_latest(registry)
 
 
