@@ -24,8 +24,8 @@ from dataclasses import dataclass
 from typing import Iterable
 
 from loramux.mix import Mix
+from loramux.server.settings import AFFINITY_MODES
 
-AFFINITY_MODES = ("set", "top", "none")
 NO_AFFINITY = "none"  # keys as for "set", but requests are not routed by them (Serve's default routing): the baseline
 BASE_KEY = "base"
 ALL_KEY = "all"

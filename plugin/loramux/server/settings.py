@@ -31,6 +31,7 @@ from loramux.token_routing import DEFAULT_K, ROUTING_MODES
 
 PATH_KEYS = ("base",)
 UNKNOWN_MODEL_POLICIES = ("base", "error")
+AFFINITY_MODES = ("set", "top", "none")  # --ray's affinity keys (loramux.ray.affinity says what each is)
 
 
 class SettingsError(LoramuxError, ValueError):
@@ -119,7 +120,7 @@ class ServeSettings:
             raise SettingsError(f"--replicas {self.replicas} must be at least 1")
         if self.max_adapter_sets < 1:
             raise SettingsError(f"--max-adapter-sets {self.max_adapter_sets} must be at least 1")
-        if self.affinity not in ("set", "top", "none"):
+        if self.affinity not in AFFINITY_MODES:
             raise SettingsError(
                 f"--affinity {self.affinity!r}: choose set (a hash of the adapter set), top (the heaviest adapter) or none (no affinity)"
             )
